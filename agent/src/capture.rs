@@ -1,0 +1,166 @@
+//! Loads the kernel programs, attaches them, and owns their maps.
+//!
+//! Every attachment is a BPF link owned by this process (nothing is pinned),
+//! so the kernel detaches the programs and frees the maps when the agent
+//! exits, however it exits. A restarted agent starts from a clean slate and
+//! attachments never pile up. See docs/ARCHITECTURE.md ("Agent restarts") for
+//! what that means for traffic while the agent is down.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use ambit_common::{ConnKey, Counter, EnrolledPod, IpKey, SockAddrKey, names};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, sk_lookup::SkLookupLinkId},
+};
+
+use crate::netns::Netns;
+
+/// The compiled kernel programs, built by agent/build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("loading the kernel programs failed: {0}; run `bpftool feature probe kernel` and check the kernel log (dmesg) for verifier output")]
+    Load(#[from] aya::EbpfError),
+    #[error("the kernel object has no {kind} `{name}`; the agent binary is inconsistent, rebuild it")]
+    Missing { kind: &'static str, name: &'static str },
+    #[error("program `{name}`: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map `{name}`: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("cannot open cgroup {path}: {source}; pass --cgroup a cgroup v2 directory")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+}
+
+/// The programs and the maps the agent writes when pods come and go.
+pub struct Capture {
+    ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, EnrolledPod>,
+    listeners: SockHash<MapData, IpKey>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// The map the proxy reads after each outbound accept().
+pub struct OrigDstTable {
+    map: Mutex<HashMap<MapData, ConnKey, SockAddrKey>>,
+}
+
+impl OrigDstTable {
+    /// Looks up and deletes the original destination of a captured connection.
+    pub fn take(&self, key: &ConnKey) -> Option<SockAddrKey> {
+        let mut map = self.map.lock().expect("orig-dst map lock");
+        let dst = map.get(key, 0).ok()?;
+        let _ = map.remove(key);
+        Some(dst)
+    }
+}
+
+impl Capture {
+    /// Loads the programs and attaches the cgroup ones under `cgroup`. They act
+    /// only for sockets of enrolled pods, which the ENROLLED map names.
+    pub fn attach(cgroup: &Path) -> Result<(Capture, OrigDstTable), CaptureError> {
+        let mut ebpf = Ebpf::load(PROGRAMS)?;
+        let cgroup_dir =
+            File::open(cgroup).map_err(|source| CaptureError::Cgroup { path: cgroup.to_path_buf(), source })?;
+        // Attached as BPF links (Linux >= 5.7), which always coexist with the
+        // other programs at this cgroup (a CNI's, another node's agent in the
+        // test bed); the link API takes no attach flags, hence `Single` (0).
+        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            program.load().map_err(|source| CaptureError::Program { name, source })?;
+            program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
+        let sock_ops: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
+        sock_ops.load().map_err(|source| CaptureError::Program { name: names::PROG_SOCK_OPS, source })?;
+        sock_ops
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|source| CaptureError::Program { name: names::PROG_SOCK_OPS, source })?;
+        let sk_lookup: &mut SkLookup = program(&mut ebpf, names::PROG_SK_LOOKUP)?;
+        sk_lookup.load().map_err(|source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source })?;
+
+        let orig_dst = OrigDstTable { map: Mutex::new(map(&mut ebpf, names::ORIG_DST_BY_CONN)?) };
+        let capture = Capture {
+            enrolled: map(&mut ebpf, names::ENROLLED)?,
+            listeners: map(&mut ebpf, names::INBOUND_LISTENERS)?,
+            counters: map(&mut ebpf, names::COUNTERS)?,
+            ebpf,
+        };
+        Ok((capture, orig_dst))
+    }
+
+    /// Starts capturing a pod: outbound by its netns cookie, inbound by
+    /// steering its IPs to `inbound` listeners inside its netns.
+    pub fn enrol(
+        &mut self,
+        netns: &Netns,
+        netns_cookie: u64,
+        pod: EnrolledPod,
+        inbound: &[(IpKey, &impl AsRawFd)],
+    ) -> Result<SkLookupLinkId, CaptureError> {
+        for (ip, listener) in inbound {
+            self.listeners
+                .insert(*ip, listener.as_raw_fd(), 0)
+                .map_err(|source| CaptureError::Map { name: names::INBOUND_LISTENERS, source })?;
+        }
+        self.enrolled
+            .insert(netns_cookie, pod, 0)
+            .map_err(|source| CaptureError::Map { name: names::ENROLLED, source })?;
+        let sk_lookup: &mut SkLookup = program(&mut self.ebpf, names::PROG_SK_LOOKUP)?;
+        sk_lookup.attach(netns).map_err(|source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source })
+    }
+
+    /// Stops capturing a pod. Connections already open keep running.
+    pub fn unenrol(&mut self, netns_cookie: u64, ips: &[IpKey], link: SkLookupLinkId) {
+        self.remove_entries(netns_cookie, ips);
+        if let Ok(sk_lookup) = program::<SkLookup>(&mut self.ebpf, names::PROG_SK_LOOKUP) {
+            if let Err(e) = sk_lookup.detach(link) {
+                tracing::warn!(error = %e, "detaching sk_lookup failed");
+            }
+        }
+    }
+
+    /// Removes a pod's map entries (a missing entry is not an error).
+    pub fn remove_entries(&mut self, netns_cookie: u64, ips: &[IpKey]) {
+        let _ = self.enrolled.remove(&netns_cookie);
+        for ip in ips {
+            let _ = self.listeners.remove(ip);
+        }
+    }
+
+    /// Kernel-side counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let total = self.counters.get(&(*c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+                (c.name(), total)
+            })
+            .collect()
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(CaptureError::Missing { kind: "program", name })
+}
+
+fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, CaptureError> {
+    let map = ebpf.take_map(name).ok_or(CaptureError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}

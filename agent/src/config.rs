@@ -1,0 +1,512 @@
+//! Standalone configuration: a directory of YAML files holding Kubernetes-shaped
+//! objects (`Namespace`, `Pod`). This is the embedded default and the source the
+//! test bed writes.
+//!
+//! Loading is per file and keeps the last good version: when a file fails to
+//! parse or validate, every error is reported with the file, the object and
+//! the field, and the file's previous objects stay in force. A bad edit never
+//! drops pods from the mesh.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+/// Label on a Namespace (all its pods) or a Pod (that pod only).
+pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
+/// Annotation on a Pod: path of its network namespace (the CNI's netns path).
+pub const NETNS_ANNOTATION: &str = "ambit.dev/netns";
+
+/// Value of [`DATAPLANE_MODE_LABEL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataplaneMode {
+    /// Captured and tunnelled by the node agent.
+    Ambient,
+    /// Explicitly left alone (opt-out on a pod in an ambient namespace).
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub dataplane_mode: Option<DataplaneMode>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    pub netns: Option<PathBuf>,
+    pub dataplane_mode: Option<DataplaneMode>,
+    /// The file the pod came from, for error messages.
+    pub source: PathBuf,
+}
+
+impl Pod {
+    /// `namespace/name`, the way operators refer to a pod.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One parsed object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+}
+
+impl Object {
+    fn key(&self) -> (&'static str, String) {
+        match self {
+            Object::Namespace(ns) => ("Namespace", ns.name.clone()),
+            Object::Pod(pod) => ("Pod", pod.id()),
+        }
+    }
+}
+
+/// What went wrong with a configuration file. Each variant names the file and,
+/// where there is one, the object and field, and says how to fix it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{file}: cannot read the file: {reason}")]
+    Read { file: PathBuf, reason: String },
+    #[error("{file}: document {doc}: not valid YAML: {reason}")]
+    Yaml { file: PathBuf, doc: usize, reason: String },
+    #[error("{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (Namespace or Pod)")]
+    MissingKind { file: PathBuf, doc: usize },
+    #[error("{file}: document {doc}: kind `{kind}` is not supported; use Namespace or Pod")]
+    UnknownKind { file: PathBuf, doc: usize, kind: String },
+    #[error("{file}: document {doc} ({object}): field `{field}`: {reason}")]
+    Field { file: PathBuf, doc: usize, object: String, field: String, reason: String },
+    #[error("{file}: {object} is also defined in {first}; remove one of the two (the one in {first} stays in force)")]
+    Duplicate { file: PathBuf, object: String, first: PathBuf },
+}
+
+impl ConfigError {
+    fn field(file: &Path, doc: usize, object: &str, field: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Field {
+            file: file.to_path_buf(),
+            doc,
+            object: object.to_string(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawMetadata {
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct RawNamespace {
+    metadata: RawMetadata,
+}
+
+#[derive(Deserialize)]
+struct RawPod {
+    metadata: RawMetadata,
+    spec: RawPodSpec,
+    #[serde(default)]
+    status: RawPodStatus,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPodSpec {
+    node_name: String,
+    #[serde(default = "default_service_account")]
+    service_account_name: String,
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+#[derive(Deserialize, Default)]
+struct RawPodStatus {
+    #[serde(rename = "podIPs", default)]
+    pod_ips: Vec<RawPodIp>,
+}
+
+#[derive(Deserialize)]
+struct RawPodIp {
+    ip: IpAddr,
+}
+
+/// Parses one file's text into objects, or every error it holds.
+pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, Vec<ConfigError>> {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let doc = index + 1;
+        let value = match Value::deserialize(document) {
+            Ok(Value::Null) => continue, // empty document, e.g. a trailing `---`
+            Ok(value) => value,
+            Err(e) => {
+                errors.push(ConfigError::Yaml { file: file.to_path_buf(), doc, reason: e.to_string() });
+                // The YAML stream cannot be resynchronised after a syntax error.
+                break;
+            }
+        };
+        match parse_object(file, doc, value) {
+            Ok(object) => objects.push(object),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() { Ok(objects) } else { Err(errors) }
+}
+
+fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigError> {
+    let kind = match value.get("kind") {
+        Some(Value::String(kind)) => kind.clone(),
+        _ => return Err(ConfigError::MissingKind { file: file.to_path_buf(), doc }),
+    };
+    let object_name = || {
+        let meta = value.get("metadata");
+        let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>");
+        match meta.and_then(|m| m.get("namespace")).and_then(Value::as_str) {
+            Some(ns) => format!("{kind} {ns}/{name}"),
+            None => format!("{kind} {name}"),
+        }
+    };
+    let describe = object_name();
+    match kind.as_str() {
+        "Namespace" => {
+            let raw: RawNamespace = deserialize(file, doc, &describe, value)?;
+            let dataplane_mode = dataplane_mode(file, doc, &describe, &raw.metadata.labels)?;
+            Ok(Object::Namespace(Namespace { name: raw.metadata.name, dataplane_mode }))
+        }
+        "Pod" => {
+            let raw: RawPod = deserialize(file, doc, &describe, value)?;
+            let dataplane_mode = dataplane_mode(file, doc, &describe, &raw.metadata.labels)?;
+            if raw.status.pod_ips.is_empty() {
+                return Err(ConfigError::field(
+                    file,
+                    doc,
+                    &describe,
+                    "status.podIPs",
+                    "a pod needs at least one IP, e.g. `status: {podIPs: [{ip: 10.244.1.5}]}`",
+                ));
+            }
+            let netns = match raw.metadata.annotations.get(NETNS_ANNOTATION) {
+                None => None,
+                Some(path) if Path::new(path).is_absolute() => Some(PathBuf::from(path)),
+                Some(path) => {
+                    return Err(ConfigError::field(
+                        file,
+                        doc,
+                        &describe,
+                        &format!("metadata.annotations.{NETNS_ANNOTATION}"),
+                        format!("`{path}` is not an absolute path; give the pod's netns path, e.g. /run/netns/<name>"),
+                    ));
+                }
+            };
+            Ok(Object::Pod(Pod {
+                namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
+                name: raw.metadata.name,
+                service_account: raw.spec.service_account_name,
+                node: raw.spec.node_name,
+                labels: raw.metadata.labels,
+                ips: raw.status.pod_ips.into_iter().map(|p| p.ip).collect(),
+                netns,
+                dataplane_mode,
+                source: file.to_path_buf(),
+            }))
+        }
+        _ => Err(ConfigError::UnknownKind { file: file.to_path_buf(), doc, kind }),
+    }
+}
+
+fn deserialize<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    doc: usize,
+    object: &str,
+    value: Value,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        ConfigError::field(file, doc, object, &field, e.into_inner().to_string())
+    })
+}
+
+fn dataplane_mode(
+    file: &Path,
+    doc: usize,
+    object: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Option<DataplaneMode>, ConfigError> {
+    match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+        None => Ok(None),
+        Some("ambient") => Ok(Some(DataplaneMode::Ambient)),
+        Some("none") => Ok(Some(DataplaneMode::None)),
+        Some(other) => Err(ConfigError::field(
+            file,
+            doc,
+            object,
+            &format!("metadata.labels.{DATAPLANE_MODE_LABEL}"),
+            format!("`{other}` is not a data-plane mode; use `ambient` or `none`"),
+        )),
+    }
+}
+
+/// Every namespace and pod currently in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Keyed by `namespace/name`.
+    pub pods: BTreeMap<String, Pod>,
+}
+
+/// The configuration directory and the last good objects of each file in it.
+pub struct ConfigDir {
+    dir: PathBuf,
+    last_good: BTreeMap<PathBuf, Vec<Object>>,
+}
+
+impl ConfigDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), last_good: BTreeMap::new() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the directory again. Files that fail keep their last good
+    /// objects; the errors come back alongside the snapshot.
+    pub fn reload(&mut self) -> (Snapshot, Vec<ConfigError>) {
+        let mut errors = Vec::new();
+        let files = match yaml_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                // Unreadable directory: keep everything as it was.
+                errors.push(ConfigError::Read { file: self.dir.clone(), reason: e.to_string() });
+                return (self.snapshot(&mut errors), errors);
+            }
+        };
+        self.last_good.retain(|path, _| files.contains(path));
+        for file in files {
+            let parsed = std::fs::read_to_string(&file)
+                .map_err(|e| vec![ConfigError::Read { file: file.clone(), reason: e.to_string() }])
+                .and_then(|text| parse_file(&file, &text));
+            match parsed {
+                Ok(objects) => {
+                    self.last_good.insert(file, objects);
+                }
+                Err(file_errors) => errors.extend(file_errors),
+            }
+        }
+        (self.snapshot(&mut errors), errors)
+    }
+
+    fn snapshot(&self, errors: &mut Vec<ConfigError>) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let mut first_seen: BTreeMap<(&'static str, String), &Path> = BTreeMap::new();
+        for (file, objects) in &self.last_good {
+            for object in objects {
+                let key = object.key();
+                if let Some(first) = first_seen.get(&key) {
+                    errors.push(ConfigError::Duplicate {
+                        file: file.clone(),
+                        object: format!("{} {}", key.0, key.1),
+                        first: first.to_path_buf(),
+                    });
+                    continue;
+                }
+                first_seen.insert(key, file);
+                match object {
+                    Object::Namespace(ns) => {
+                        snapshot.namespaces.insert(ns.name.clone(), ns.clone());
+                    }
+                    Object::Pod(pod) => {
+                        snapshot.pods.insert(pod.id(), pod.clone());
+                    }
+                }
+            }
+        }
+        snapshot
+    }
+}
+
+fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+        // Editors and atomic writers leave hidden temporary files; skip them.
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        if is_yaml && !hidden && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    ambit.dev/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cart
+  namespace: shop
+  labels: {app: cart}
+  annotations:
+    ambit.dev/netns: /run/netns/cart
+spec:
+  nodeName: node1
+  serviceAccountName: cart
+status:
+  podIPs:
+  - ip: 10.244.1.2
+"#;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        parse_file(Path::new("pods.yaml"), text).unwrap_err().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn parses_namespace_and_pod() {
+        let objects = parse_file(Path::new("a.yaml"), GOOD).unwrap();
+        assert_eq!(
+            objects[0],
+            Object::Namespace(Namespace { name: "shop".into(), dataplane_mode: Some(DataplaneMode::Ambient) })
+        );
+        let Object::Pod(pod) = &objects[1] else { panic!("expected a pod") };
+        assert_eq!(pod.id(), "shop/cart");
+        assert_eq!(pod.service_account, "cart");
+        assert_eq!(pod.node, "node1");
+        assert_eq!(pod.ips, vec!["10.244.1.2".parse::<IpAddr>().unwrap()]);
+        assert_eq!(pod.netns.as_deref(), Some(Path::new("/run/netns/cart")));
+        assert_eq!(pod.dataplane_mode, None);
+    }
+
+    #[test]
+    fn defaults_namespace_and_service_account() {
+        let text = "kind: Pod\nmetadata: {name: p}\nspec: {nodeName: n}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n";
+        let Object::Pod(pod) = &parse_file(Path::new("a.yaml"), text).unwrap()[0] else { panic!() };
+        assert_eq!((pod.namespace.as_str(), pod.service_account.as_str()), ("default", "default"));
+    }
+
+    #[test]
+    fn bad_ip_names_file_object_and_field() {
+        let text = GOOD.replace("10.244.1.2", "10.244.1.300");
+        let errors = errors_of(&text);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("pods.yaml: document 2 (Pod shop/cart): field `status.podIPs[0].ip`"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn missing_node_name_is_reported() {
+        let errors = errors_of(&GOOD.replace("  nodeName: node1\n", ""));
+        assert!(errors[0].contains("field `spec`") && errors[0].contains("nodeName"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let errors = errors_of(&GOOD.replace("serviceAccountName: cart", "serviceAccountName: [cart]"));
+        assert!(errors[0].contains("field `spec.serviceAccountName`"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn bad_dataplane_mode_says_which_values_work() {
+        let errors = errors_of(&GOOD.replace("dataplane-mode: ambient", "dataplane-mode: ambeint"));
+        assert!(errors[0].contains("metadata.labels.ambit.dev/dataplane-mode"), "{}", errors[0]);
+        assert!(errors[0].contains("use `ambient` or `none`"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn pod_without_ips_is_rejected() {
+        let errors = errors_of(&GOOD.replace("  podIPs:\n  - ip: 10.244.1.2\n", "  podIPs: []\n"));
+        assert!(errors[0].contains("field `status.podIPs`"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn relative_netns_path_is_rejected() {
+        let errors = errors_of(&GOOD.replace("/run/netns/cart", "netns/cart"));
+        assert!(errors[0].contains("metadata.annotations.ambit.dev/netns"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn unknown_and_missing_kinds() {
+        assert_eq!(
+            errors_of("kind: Deployment\nmetadata: {name: x}\n"),
+            vec!["pods.yaml: document 1: kind `Deployment` is not supported; use Namespace or Pod"]
+        );
+        assert!(errors_of("metadata: {name: x}\n")[0].contains("missing `kind`"));
+    }
+
+    #[test]
+    fn yaml_syntax_error_is_reported_with_document() {
+        let errors = errors_of("kind: Namespace\nmetadata: {name: [\n");
+        assert!(errors[0].starts_with("pods.yaml: document 1: not valid YAML"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn every_bad_document_is_reported() {
+        let text = format!("{GOOD}---\nkind: Nope\n---\nkind: Namespace\nmetadata: {{}}\n");
+        let errors = errors_of(&text);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[1].contains("document 4") && errors[1].contains("`metadata`"), "{}", errors[1]);
+    }
+
+    #[test]
+    fn bad_edit_keeps_last_good_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pods.yaml");
+        std::fs::write(&file, GOOD).unwrap();
+        let mut config = ConfigDir::new(dir.path());
+        let (good, errors) = config.reload();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(good.pods.len(), 1);
+
+        std::fs::write(&file, GOOD.replace("10.244.1.2", "not-an-ip")).unwrap();
+        let (after, errors) = config.reload();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(after, good, "the last good objects stay in force");
+
+        std::fs::remove_file(&file).unwrap();
+        let (empty, errors) = config.reload();
+        assert!(errors.is_empty());
+        assert!(empty.pods.is_empty(), "a deleted file takes its objects with it");
+    }
+
+    #[test]
+    fn duplicates_keep_the_first_and_report_the_second() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("b.yml"), GOOD.replace("node1", "node2")).unwrap();
+        std::fs::write(dir.path().join(".a.yaml.swp"), "garbage: [").unwrap();
+        let (snapshot, errors) = ConfigDir::new(dir.path()).reload();
+        assert_eq!(snapshot.pods["shop/cart"].node, "node1");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(matches!(&errors[0], ConfigError::Duplicate { object, .. } if object == "Namespace shop"));
+    }
+}

@@ -1,0 +1,180 @@
+//! Enrolment: brings the set of captured pods in line with the state store.
+//!
+//! Enrolling a pod opens its listeners inside its netns, registers it in the
+//! kernel maps, attaches `ambit_sk_lookup` to its netns, and starts its
+//! proxies. Unenrolling undoes that in reverse; connections already open run
+//! to their end. A pod that cannot be enrolled (its netns is not there yet,
+//! say) is retried at the next reconcile.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use ambit_common::{EnrolledPod, IpKey};
+use anyhow::Context as _;
+use aya::programs::sk_lookup::SkLookupLinkId;
+use tokio::task::JoinHandle;
+
+use crate::{
+    capture::Capture,
+    config::{NETNS_ANNOTATION, Pod},
+    netns::{Netns, netns_cookie},
+    proxy::{INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, inbound, outbound},
+    state::State,
+};
+
+/// The parts of a pod that, when changed, need a fresh enrolment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct EnrolmentSpec {
+    netns: Option<PathBuf>,
+    ips: Vec<IpAddr>,
+}
+
+impl From<&Pod> for EnrolmentSpec {
+    fn from(pod: &Pod) -> Self {
+        Self { netns: pod.netns.clone(), ips: pod.ips.clone() }
+    }
+}
+
+struct ActivePod {
+    spec: EnrolmentSpec,
+    netns_cookie: u64,
+    inbound_ips: Vec<IpKey>,
+    sk_lookup: SkLookupLinkId,
+    proxies: Vec<JoinHandle<()>>,
+}
+
+pub struct Enrolments {
+    node: String,
+    capture: Capture,
+    ctx: Arc<ProxyContext>,
+    active: BTreeMap<String, ActivePod>,
+    /// Pods that failed, with the error last logged, so a retry that fails
+    /// the same way does not log again.
+    failed: BTreeMap<String, String>,
+}
+
+impl Enrolments {
+    pub fn new(node: String, capture: Capture, ctx: Arc<ProxyContext>) -> Self {
+        Self { node, capture, ctx, active: BTreeMap::new(), failed: BTreeMap::new() }
+    }
+
+    pub fn enrolled(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn capture(&self) -> &Capture {
+        &self.capture
+    }
+
+    pub fn reconcile(&mut self, state: &State) {
+        let node = self.node.clone();
+        let desired: BTreeMap<String, &Pod> = state.pods_to_enrol(&node).map(|p| (p.id(), p)).collect();
+        let stale: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(id, active)| desired.get(*id).is_none_or(|pod| EnrolmentSpec::from(*pod) != active.spec))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            self.unenrol(&id);
+        }
+        self.failed.retain(|id, _| desired.contains_key(id));
+        for (id, pod) in desired {
+            if self.active.contains_key(&id) {
+                continue;
+            }
+            match self.enrol(pod) {
+                Ok(active) => {
+                    tracing::info!(pod = %id, ips = ?pod.ips, netns_cookie = active.netns_cookie, "pod enrolled");
+                    self.failed.remove(&id);
+                    self.active.insert(id, active);
+                }
+                Err(e) => {
+                    let message = format!("{e:#}");
+                    if self.failed.get(&id) != Some(&message) {
+                        tracing::error!(pod = %id, error = %message, "cannot enrol pod; will retry");
+                        self.failed.insert(id, message);
+                    }
+                }
+            }
+        }
+    }
+
+    fn enrol(&mut self, pod: &Pod) -> anyhow::Result<ActivePod> {
+        let path = pod.netns.as_ref().with_context(|| {
+            format!(
+                "{}: pod {}: metadata.annotations.{NETNS_ANNOTATION} is missing; give the path of the pod's network namespace",
+                pod.source.display(),
+                pod.id()
+            )
+        })?;
+        let netns = Netns::open(path).with_context(|| format!("open netns {}", path.display()))?;
+        let outbound_v4 = netns
+            .listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))
+            .with_context(|| format!("outbound listener 127.0.0.1:{OUTBOUND_PORT} in {}", path.display()))?;
+        // IPv6 may be disabled in the pod; then pure IPv6 is not captured, and
+        // the kernel program counts every such connect().
+        let outbound_v6 = match netns.listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT)) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(pod = %pod.id(), error = %e, "no IPv6 outbound listener; IPv6 destinations of this pod are not captured");
+                None
+            }
+        };
+        let netns_cookie = netns_cookie(&outbound_v4).context("read the pod's netns cookie")?;
+        let mut inbound_listeners = Vec::new();
+        for ip in &pod.ips {
+            let listener = netns.listen(SocketAddr::new(*ip, INBOUND_PORT)).with_context(|| {
+                format!("inbound listener {ip}:{INBOUND_PORT}: is {ip} (status.podIPs) configured in {}?", path.display())
+            })?;
+            inbound_listeners.push((IpKey::from(*ip), listener));
+        }
+        let registration = EnrolledPod {
+            outbound_port_v4: OUTBOUND_PORT,
+            outbound_port_v6: if outbound_v6.is_some() { OUTBOUND_PORT } else { 0 },
+            _pad: 0,
+        };
+        let inbound: Vec<_> = inbound_listeners.iter().map(|(ip, l)| (*ip, l)).collect();
+        let sk_lookup = match self.capture.enrol(&netns, netns_cookie, registration, &inbound) {
+            Ok(link) => link,
+            Err(e) => {
+                // Leave nothing half-registered behind.
+                self.capture.remove_entries(netns_cookie, &inbound_listeners.iter().map(|(ip, _)| *ip).collect::<Vec<_>>());
+                return Err(e.into());
+            }
+        };
+
+        let pod_ctx = Arc::new(PodContext { id: pod.id(), netns, netns_cookie });
+        let mut proxies = vec![tokio::spawn(outbound::serve(outbound_v4, pod_ctx.clone(), self.ctx.clone()))];
+        if let Some(listener) = outbound_v6 {
+            proxies.push(tokio::spawn(outbound::serve(listener, pod_ctx.clone(), self.ctx.clone())));
+        }
+        let inbound_ips = inbound_listeners.iter().map(|(ip, _)| *ip).collect();
+        for (_, listener) in inbound_listeners {
+            proxies.push(tokio::spawn(inbound::serve(listener, pod_ctx.clone(), self.ctx.clone())));
+        }
+        Ok(ActivePod { spec: pod.into(), netns_cookie, inbound_ips, sk_lookup, proxies })
+    }
+
+    fn unenrol(&mut self, id: &str) {
+        let Some(active) = self.active.remove(id) else { return };
+        self.capture.unenrol(active.netns_cookie, &active.inbound_ips, active.sk_lookup);
+        // Dropping the accept loops closes the listeners.
+        for task in active.proxies {
+            task.abort();
+        }
+        tracing::info!(pod = %id, "pod unenrolled");
+    }
+
+    /// Unenrols every pod (on shutdown).
+    pub fn clear(&mut self) {
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        for id in ids {
+            self.unenrol(&id);
+        }
+    }
+}

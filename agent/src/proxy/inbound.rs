@@ -1,0 +1,59 @@
+//! Inbound: a connection to one of the pod's addresses was steered by
+//! `ambit_sk_lookup` to this listener (podIP:15006). The accepted socket's
+//! local address is the original destination, untouched. The proxy delivers
+//! the connection to the app by connecting to that address from inside the
+//! pod; `ambit_sk_lookup` lets that connection through because its source
+//! and destination are the same address.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, accept_backoff, relay};
+
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((client, client_addr)) => {
+                tokio::spawn(handle(client, client_addr, pod.clone(), ctx.clone()));
+            }
+            Err(e) => accept_backoff(e, &pod.id).await,
+        }
+    }
+}
+
+async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    let started = Instant::now();
+    let orig_dst = match client.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            tracing::warn!(pod = %pod.id, error = %e, "inbound connection vanished before it could be read");
+            return;
+        }
+    };
+    let log = ConnectionLog {
+        direction: Direction::Inbound,
+        src_workload: ctx.workload_at(client_addr.ip()),
+        src_addr: client_addr,
+        dst_workload: Some(pod.id.clone()),
+        dst_addr: orig_dst,
+        started,
+    };
+    // Delivering to one of the agent's own ports would connect the agent to
+    // itself, forever.
+    if [INBOUND_PORT, OUTBOUND_PORT].contains(&orig_dst.port()) {
+        relay::reset(&client);
+        log.finish(0, 0, Some(&"destination is an ambit listener port; refusing to loop"));
+        return;
+    }
+    let app = match pod.connect(orig_dst).await {
+        Ok(app) => app,
+        Err(e) => {
+            relay::reset(&client);
+            log.finish(0, 0, Some(&format_args!("deliver to {orig_dst}: {e}")));
+            return;
+        }
+    };
+    let outcome = relay::relay(client, app).await;
+    log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
+}

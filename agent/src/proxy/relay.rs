@@ -1,0 +1,124 @@
+//! Bidirectional byte relay between two TCP connections.
+//!
+//! Each direction copies until its reader reaches end of stream, then shuts
+//! down the other side's write half, so a half-close travels through the
+//! tunnel and the other direction keeps flowing. If either side fails (a reset
+//! or another error), both sockets are closed with a reset, so the failure
+//! reaches both peers instead of looking like a clean end of stream. Writes
+//! are awaited before the next read: a slow reader slows the writer
+//! (backpressure) and memory stays at one buffer per direction.
+
+use std::{io, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Copy buffer per direction.
+const BUFFER_SIZE: usize = 64 * 1024;
+
+/// What a finished relay moved, and how it ended.
+#[derive(Debug)]
+pub struct RelayOutcome {
+    /// Bytes read from `a` and written to `b`.
+    pub a_to_b: u64,
+    /// Bytes read from `b` and written to `a`.
+    pub b_to_a: u64,
+    /// `None` when both directions reached end of stream.
+    pub error: Option<io::Error>,
+}
+
+pub async fn relay(mut a: TcpStream, mut b: TcpStream) -> RelayOutcome {
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
+    let mut a_to_b = 0u64;
+    let mut b_to_a = 0u64;
+    let forward = copy_then_shutdown(&mut a_read, &mut b_write, &mut a_to_b);
+    let backward = copy_then_shutdown(&mut b_read, &mut a_write, &mut b_to_a);
+    // try_join: the first error stops the other direction at once.
+    let error = tokio::try_join!(forward, backward).err();
+    if error.is_some() {
+        reset(&a);
+        reset(&b);
+    }
+    RelayOutcome { a_to_b, b_to_a, error }
+}
+
+async fn copy_then_shutdown<R, W>(reader: &mut R, writer: &mut W, copied: &mut u64) -> io::Result<()>
+where
+    R: AsyncReadExt + Unpin,
+    W: AsyncWriteExt + Unpin,
+{
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            // End of stream from this side: pass the half-close on.
+            return writer.shutdown().await;
+        }
+        writer.write_all(&buf[..n]).await?;
+        *copied += n as u64;
+    }
+}
+
+/// Makes the coming close send RST instead of FIN.
+pub fn reset(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A connected pair of real loopback sockets.
+    async fn pair(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), server.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn carries_every_byte_both_ways_and_half_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut app, tunnel_a) = pair(&listener).await;
+        let (tunnel_b, mut peer) = pair(&listener).await;
+        let relay = tokio::spawn(relay(tunnel_a, tunnel_b));
+
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            app.write_all(&sent).await.unwrap();
+            app.shutdown().await.unwrap(); // half-close: the reply must still arrive
+            let mut reply = Vec::new();
+            app.read_to_end(&mut reply).await.unwrap();
+            reply
+        });
+        let mut received = Vec::new();
+        peer.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, payload);
+        peer.write_all(b"done").await.unwrap();
+        drop(peer);
+
+        assert_eq!(writer.await.unwrap(), b"done");
+        let outcome = relay.await.unwrap();
+        assert!(outcome.error.is_none(), "{:?}", outcome.error);
+        assert_eq!((outcome.a_to_b, outcome.b_to_a), (payload.len() as u64, 4));
+    }
+
+    #[tokio::test]
+    async fn reset_on_one_side_resets_the_other() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut app, tunnel_a) = pair(&listener).await;
+        let (tunnel_b, peer) = pair(&listener).await;
+        let relay = tokio::spawn(relay(tunnel_a, tunnel_b));
+        reset(&peer);
+        drop(peer);
+        let outcome = relay.await.unwrap();
+        assert!(outcome.error.is_some());
+        let mut buf = [0u8; 1];
+        let err = app.read(&mut buf).await.expect_err("the app must see the reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+}

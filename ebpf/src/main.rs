@@ -1,0 +1,259 @@
+//! ambit's kernel programs: capture the TCP traffic of enrolled pods and hand
+//! it to the pod's listeners, which the node agent opens inside the pod's
+//! network namespace. See docs/ARCHITECTURE.md for the whole path.
+//!
+//! - `ambit_connect4`/`ambit_connect6` (cgroup/connect4, connect6): outbound.
+//! - `ambit_sock_ops` (sock_ops): re-keys the original destination by 4-tuple.
+//! - `ambit_sk_lookup` (sk_lookup, per pod netns): inbound.
+//!
+//! Every program returns "allow": capture redirects, it never drops. When a
+//! map update fails the connection goes on uncaptured and a counter says so.
+#![no_std]
+#![no_main]
+
+use core::ptr::{read_volatile, write_volatile};
+
+use ambit_common::{
+    AGENT_SOCKET_MARK, ConnKey, Counter, EnrolledPod, HBONE_PORT, IpKey, MAX_PODS,
+    ORIG_DST_CAPACITY, OrigDst, SockAddrKey,
+};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action::SK_PASS},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+/// cgroup/connect programs: 1 lets the connect() proceed.
+const CONNECT_ALLOW: i32 = 1;
+
+/// Enrolled pods of this node, keyed by network-namespace cookie.
+#[map(name = "ENROLLED")]
+static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::with_max_entries(MAX_PODS, 0);
+
+/// Original destination of a captured connect(), keyed by socket cookie.
+#[map(name = "ORIG_DST_BY_COOKIE")]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+/// Original destination keyed by (netns cookie, 4-tuple); the agent reads and
+/// deletes the entry after accept().
+#[map(name = "ORIG_DST_BY_CONN")]
+static ORIG_DST_BY_CONN: LruHashMap<ConnKey, SockAddrKey> =
+    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+/// Plaintext inbound listener of each enrolled pod IP.
+#[map(name = "INBOUND_LISTENERS")]
+static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::with_max_entries(MAX_PODS * 2, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // connect4 may read only the IPv4 fields, connect6 only the IPv6 ones.
+    let ip = IpKey::from_ipv4_be(unsafe { read_volatile(&raw const (*sa).user_ip4) });
+    if let Some(listener_port) = capture_connect(&ctx, ip, false) {
+        unsafe {
+            write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes([127, 0, 0, 1]));
+            write_volatile(&raw mut (*sa).user_port, u32::from(listener_port.to_be()));
+        }
+        count(Counter::Connect4Captured);
+    }
+    CONNECT_ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let ip = IpKey::from_ipv6_be(unsafe { read_ip6(&raw const (*sa).user_ip6) });
+    if let Some(listener_port) = capture_connect(&ctx, ip, true) {
+        // An IPv4-mapped destination goes to the IPv4 listener, reachable
+        // from a v6 socket as ::ffff:127.0.0.1.
+        let loopback = if ip.ipv4_octets().is_some() {
+            [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])]
+        } else {
+            [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
+        };
+        unsafe {
+            let words = (&raw mut (*sa).user_ip6).cast::<u32>();
+            write_volatile(words, loopback[0]);
+            write_volatile(words.add(1), loopback[1]);
+            write_volatile(words.add(2), loopback[2]);
+            write_volatile(words.add(3), loopback[3]);
+            write_volatile(&raw mut (*sa).user_port, u32::from(listener_port.to_be()));
+        }
+        count(Counter::Connect6Captured);
+    }
+    CONNECT_ALLOW
+}
+
+/// Decides whether a connect() to `ip` is captured and, if so, records the
+/// original destination and returns the pod's outbound listener port.
+#[inline(always)]
+fn capture_connect(ctx: &SockAddrContext, ip: IpKey, v6_socket: bool) -> Option<u16> {
+    let sa = ctx.sock_addr;
+    // Read context fields up front with volatile loads: the verifier rejects
+    // context loads through a pointer the compiler has offset and carried
+    // across branches.
+    let (protocol, user_port, sk) = unsafe {
+        (
+            read_volatile(&raw const (*sa).protocol),
+            read_volatile(&raw const (*sa).user_port),
+            read_volatile(&raw const (*sa).__bindgen_anon_1.sk),
+        )
+    };
+    if protocol != IPPROTO_TCP || ip.is_loopback() {
+        return None;
+    }
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let pod = unsafe { ENROLLED.get(&netns_cookie) }?;
+    // The agent's own sockets inside the pod carry its mark: never capture
+    // them, or the agent's forwarded connection would loop back to itself.
+    if sk.is_null() || unsafe { read_volatile(&raw const (*sk).mark) } == AGENT_SOCKET_MARK {
+        return None;
+    }
+    let to_v4 = !v6_socket || ip.ipv4_octets().is_some();
+    let listener_port = if to_v4 { pod.outbound_port_v4 } else { pod.outbound_port_v6 };
+    if listener_port == 0 {
+        count(Counter::Connect6NoListener);
+        return None;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst {
+        netns_cookie,
+        dst: SockAddrKey { ip, port: u16::from_be(user_port as u16) },
+        _pad: [0; 6],
+    };
+    if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        count(Counter::MapUpdateFailed);
+        return None;
+    }
+    Some(listener_port)
+}
+
+#[sock_ops]
+pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        rekey_orig_dst(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn rekey_orig_dst(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }) else {
+        return;
+    };
+    let orig = *orig;
+    // Read every context field up front with volatile loads: the verifier
+    // rejects context loads through a pointer that the compiler has offset
+    // and carried across branches.
+    let ops = ctx.ops;
+    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port) = unsafe {
+        (
+            read_volatile(&raw const (*ops).family),
+            read_volatile(&raw const (*ops).local_ip4),
+            read_volatile(&raw const (*ops).remote_ip4),
+            read_ip6(&raw const (*ops).local_ip6),
+            read_ip6(&raw const (*ops).remote_ip6),
+            read_volatile(&raw const (*ops).local_port),
+            read_volatile(&raw const (*ops).remote_port),
+        )
+    };
+    let (local_ip, remote_ip) = match family {
+        AF_INET => (IpKey::from_ipv4_be(local_ip4), IpKey::from_ipv4_be(remote_ip4)),
+        AF_INET6 => (IpKey::from_ipv6_be(local_ip6), IpKey::from_ipv6_be(remote_ip6)),
+        _ => return,
+    };
+    // local_port is in host order; remote_port holds the network-order port
+    // in its upper 16 bits on little-endian machines.
+    let local = SockAddrKey { ip: local_ip, port: local_port as u16 };
+    let remote = SockAddrKey { ip: remote_ip, port: u16::from_be((remote_port >> 16) as u16) };
+    let key = ConnKey::new(orig.netns_cookie, local, remote);
+    if ORIG_DST_BY_CONN.insert(&key, &orig.dst, 0).is_err() {
+        count(Counter::MapUpdateFailed);
+    } else {
+        count(Counter::OrigDstStored);
+    }
+    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+}
+
+/// Reads an IPv6 address field of a context struct word by word (the
+/// verifier allows only 4-byte loads there).
+#[inline(always)]
+unsafe fn read_ip6(field: *const [u32; 4]) -> [u32; 4] {
+    let words = field.cast::<u32>();
+    unsafe {
+        [
+            read_volatile(words),
+            read_volatile(words.add(1)),
+            read_volatile(words.add(2)),
+            read_volatile(words.add(3)),
+        ]
+    }
+}
+
+#[sk_lookup]
+pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
+    steer_inbound(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn steer_inbound(ctx: &SkLookupContext) {
+    let l = ctx.lookup;
+    let (family, protocol, local_port, local_ip4, remote_ip4, local_ip6, remote_ip6) = unsafe {
+        (
+            read_volatile(&raw const (*l).family),
+            read_volatile(&raw const (*l).protocol),
+            read_volatile(&raw const (*l).local_port),
+            read_volatile(&raw const (*l).local_ip4),
+            read_volatile(&raw const (*l).remote_ip4),
+            read_ip6(&raw const (*l).local_ip6),
+            read_ip6(&raw const (*l).remote_ip6),
+        )
+    };
+    if protocol != IPPROTO_TCP || local_port == u32::from(HBONE_PORT) {
+        return;
+    }
+    let (local, remote) = match family {
+        AF_INET => (IpKey::from_ipv4_be(local_ip4), IpKey::from_ipv4_be(remote_ip4)),
+        AF_INET6 => (IpKey::from_ipv6_be(local_ip6), IpKey::from_ipv6_be(remote_ip6)),
+        _ => return,
+    };
+    // A connection from the pod's own address to itself never crossed the
+    // pod boundary: it is either the app talking to itself (already captured
+    // on the way out) or the agent delivering a captured connection.
+    if local == remote {
+        return;
+    }
+    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0).is_ok() {
+        count(Counter::InboundSteered);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

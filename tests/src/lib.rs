@@ -1,1 +1,435 @@
+//! ambit's test bed: simulated nodes and pods on one Linux machine.
+//!
+//! - a **fabric** netns holds a bridge joining the nodes (the "network
+//!   between nodes"); each **node** is a netns with an uplink `eth0` on the
+//!   fabric (10.100.0.N/24) and a pod bridge `cbr0` (10.244.N.1/24), routing to
+//!   the other nodes' pod ranges;
+//! - each **pod** is a netns with `eth0` (10.244.N.K/24) on its node's
+//!   bridge, plus a cgroup of its own, so processes started "in the pod" have
+//!   the pod's network and cgroup, as in Kubernetes;
+//! - the run's cgroups sit under one directory made for the run,
+//!   `<cgroup2>/ambit-<pid>-<n>/<node>/`, and each node's agent attaches its
+//!   programs at its node's directory, never higher;
+//! - the standalone configuration the agents read is written from the bed's
+//!   model of namespaces and pods.
+//!
+//! Every name carries the run id (`<pid>-<n>`), so runs can coexist. Dropping
+//! the [`Bed`] kills its processes and removes every netns and cgroup, also
+//! when a test panics; [`leftovers`] finds anything a killed run left, and
+//! [`Bed::new`] removes what dead runs left behind.
+//!
+//! Processes are placed in a pod with `pre_exec` (setns + cgroup.procs), the
+//! only unsafe code here.
 
+mod agent;
+mod cleanup;
+mod prereq;
+
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    net::Ipv4Addr,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use agent::{Agent, ConnectionRecord};
+pub use cleanup::{leftovers, remove_stale};
+pub use prereq::{bed_or_skip, missing_prerequisites};
+
+/// Prefix of every resource the bed creates.
+pub const PREFIX: &str = "ambit-";
+const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
+
+static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A simulated node.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    /// 1-based; picks the node's address ranges.
+    pub index: u8,
+    /// Name of the node's netns (for `ip -n`).
+    pub netns: String,
+    /// The node's address on the fabric.
+    pub ip: Ipv4Addr,
+    /// Where this node's agent attaches its cgroup programs.
+    pub cgroup: PathBuf,
+}
+
+/// A simulated pod.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub service_account: String,
+    /// Name of the pod's netns.
+    pub netns: String,
+    pub cgroup: PathBuf,
+    /// Labels written into the pod's YAML.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Pod {
+    /// `namespace/name`, as the agent logs it.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.netns)
+    }
+
+    /// A command that will run inside this pod (its netns and cgroup).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        enter(&mut cmd, &self.netns_path(), Some(&self.cgroup)).expect("pod netns and cgroup exist");
+        cmd
+    }
+}
+
+/// The whole simulated cluster of one test.
+pub struct Bed {
+    run: String,
+    run_cgroup: PathBuf,
+    fabric: String,
+    nodes: Vec<Node>,
+    namespaces: BTreeMap<String, Option<String>>,
+    pods: Vec<Pod>,
+    dir: tempfile::TempDir,
+    children: Mutex<Vec<Child>>,
+}
+
+impl Bed {
+    /// Creates the fabric and the named nodes.
+    pub fn new(node_names: &[&str]) -> Result<Bed> {
+        if let Some(missing) = missing_prerequisites() {
+            bail!("the test bed cannot run here: {missing}");
+        }
+        remove_stale();
+        let run = format!("{}-{}", std::process::id(), RUN_COUNTER.fetch_add(1, Ordering::SeqCst));
+        let run_cgroup = prereq::cgroup2_mount()?.join(format!("{PREFIX}{run}"));
+        std::fs::create_dir(&run_cgroup).with_context(|| format!("create {}", run_cgroup.display()))?;
+        let dir = tempfile::Builder::new().prefix(&format!("{PREFIX}{run}-")).tempdir()?;
+        std::fs::create_dir(dir.path().join("config"))?;
+        let mut bed = Bed {
+            fabric: format!("{PREFIX}{run}-fabric"),
+            run,
+            run_cgroup,
+            nodes: Vec::new(),
+            namespaces: BTreeMap::new(),
+            pods: Vec::new(),
+            dir,
+            children: Mutex::new(Vec::new()),
+        };
+        ip(&["netns", "add", &bed.fabric])?;
+        ip_in(&bed.fabric, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(&bed.fabric, &["link", "set", "br0", "up"])?;
+        for name in node_names {
+            bed.add_node(name)?;
+        }
+        for a in &bed.nodes {
+            for b in bed.nodes.iter().filter(|b| b.index != a.index) {
+                let range = format!("10.244.{}.0/24", b.index);
+                ip_in(&a.netns, &["route", "add", &range, "via", &b.ip.to_string()])?;
+            }
+        }
+        Ok(bed)
+    }
+
+    fn add_node(&mut self, name: &str) -> Result<()> {
+        let index = u8::try_from(self.nodes.len() + 1)?;
+        let netns = format!("{PREFIX}{}-{name}", self.run);
+        let node_ip = Ipv4Addr::new(10, 100, 0, index);
+        let cgroup = self.run_cgroup.join(name);
+        std::fs::create_dir(&cgroup)?;
+        ip(&["netns", "add", &netns])?;
+        let uplink = format!("n{index}");
+        ip_in(&self.fabric, &["link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip_in(&self.fabric, &["link", "set", &uplink, "master", "br0", "up"])?;
+        ip_in(&netns, &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        ip_in(&netns, &["link", "set", "eth0", "up"])?;
+        ip_in(&netns, &["link", "set", "lo", "up"])?;
+        ip_in(&netns, &["link", "add", "cbr0", "type", "bridge"])?;
+        ip_in(&netns, &["addr", "add", &format!("10.244.{index}.1/24"), "dev", "cbr0"])?;
+        ip_in(&netns, &["link", "set", "cbr0", "up"])?;
+        run_ok(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        self.nodes.push(Node { name: name.to_string(), index, netns, ip: node_ip, cgroup });
+        Ok(())
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn pod(&self, id: &str) -> &Pod {
+        self.pods.iter().find(|p| p.id() == id).unwrap_or_else(|| panic!("no pod {id}"))
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// The standalone configuration directory the agents watch.
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    /// A scratch directory that lives as long as the bed.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Declares a namespace; `ambient` sets its data-plane-mode label.
+    pub fn namespace(&mut self, name: &str, ambient: bool) -> Result<()> {
+        self.set_namespace_mode(name, ambient.then_some("ambient"))
+    }
+
+    /// Sets (or removes, with `None`) a namespace's data-plane-mode label and
+    /// rewrites its configuration file.
+    pub fn set_namespace_mode(&mut self, name: &str, mode: Option<&str>) -> Result<()> {
+        self.namespaces.insert(name.to_string(), mode.map(str::to_string));
+        let labels = match mode {
+            Some(mode) => format!("\n  labels:\n    {DATAPLANE_MODE_LABEL}: {mode}"),
+            None => String::new(),
+        };
+        let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n");
+        self.write_config(&format!("namespace-{name}.yaml"), &yaml)
+    }
+
+    /// Creates a pod on `node` in `namespace` (declared before), with its
+    /// netns, address, cgroup and configuration file.
+    pub fn add_pod(&mut self, node: &str, namespace: &str, name: &str) -> Result<Pod> {
+        if !self.namespaces.contains_key(namespace) {
+            bail!("declare namespace {namespace} before adding pods to it");
+        }
+        let node = self.node(node).clone();
+        let k = self.pods.iter().filter(|p| p.node == node.name).count() + 2;
+        let netns = format!("{PREFIX}{}-{namespace}-{name}", self.run);
+        let pod = Pod {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            node: node.name.clone(),
+            ip: Ipv4Addr::new(10, 244, node.index, u8::try_from(k)?),
+            service_account: name.to_string(),
+            netns: netns.clone(),
+            cgroup: node.cgroup.join(format!("pod-{namespace}-{name}")),
+            labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+        };
+        std::fs::create_dir(&pod.cgroup)?;
+        ip(&["netns", "add", &netns])?;
+        let host_side = format!("vp{k}");
+        ip_in(&node.netns, &["link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip_in(&node.netns, &["link", "set", &host_side, "master", "cbr0", "up"])?;
+        ip_in(&netns, &["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
+        ip_in(&netns, &["link", "set", "eth0", "up"])?;
+        ip_in(&netns, &["link", "set", "lo", "up"])?;
+        ip_in(&netns, &["route", "add", "default", "via", &format!("10.244.{}.1", node.index)])?;
+        self.pods.push(pod.clone());
+        self.write_pod(&pod)?;
+        Ok(pod)
+    }
+
+    /// Sets or removes a label on a pod and rewrites its configuration file.
+    pub fn set_pod_label(&mut self, id: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let pod = self.pods.iter_mut().find(|p| p.id() == id).with_context(|| format!("no pod {id}"))?;
+        match value {
+            Some(v) => pod.labels.insert(key.to_string(), v.to_string()),
+            None => pod.labels.remove(key),
+        };
+        let pod = pod.clone();
+        self.write_pod(&pod)
+    }
+
+    fn write_pod(&self, pod: &Pod) -> Result<()> {
+        let labels: String = pod.labels.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\n  annotations:\n    ambit.dev/netns: {netns}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIPs:\n  - ip: {ip}\n",
+            name = pod.name,
+            ns = pod.namespace,
+            netns = pod.netns_path().display(),
+            node = pod.node,
+            sa = pod.service_account,
+            ip = pod.ip,
+        );
+        self.write_config(&format!("pod-{}-{}.yaml", pod.namespace, pod.name), &yaml)
+    }
+
+    /// Writes a file into the configuration directory atomically (a hidden
+    /// temporary file, then a rename), as a careful operator would.
+    pub fn write_config(&self, file: &str, contents: &str) -> Result<()> {
+        let tmp = self.config_dir().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, contents)?;
+        std::fs::rename(&tmp, self.config_dir().join(file))?;
+        Ok(())
+    }
+
+    /// Starts the agent of `node`: inside the node's netns, in a cgroup
+    /// below the one it attaches to (so its own sockets meet its programs,
+    /// as on a real node), logging JSON to a file.
+    pub fn start_agent(&self, node: &str) -> Result<Agent> {
+        self.start_agent_attached_at(node, &self.node(node).cgroup)
+    }
+
+    /// Like [`Bed::start_agent`], with another `--cgroup` (to test bad ones).
+    pub fn start_agent_attached_at(&self, node: &str, attach: &Path) -> Result<Agent> {
+        let node = self.node(node);
+        let cgroup = node.cgroup.join("agent");
+        if !cgroup.exists() {
+            std::fs::create_dir(&cgroup)?;
+        }
+        Agent::start(node, &cgroup, attach, &self.config_dir(), self.dir.path())
+    }
+
+    /// Starts a long-running process in a pod; the bed kills it on drop.
+    pub fn spawn(&self, pod: &str, program: &str, args: &[&str]) -> Result<()> {
+        let mut cmd = self.pod(pod).command(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("start {program} in {pod}"))?;
+        self.children.lock().expect("children lock").push(child);
+        Ok(())
+    }
+
+    /// Runs a command in a pod to completion.
+    pub fn run(&self, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
+        let output = self.pod(pod).command(program).args(args).stdin(Stdio::null()).output()
+            .with_context(|| format!("run {program} in {pod}"))?;
+        Ok(output)
+    }
+
+    /// Runs a command in a pod and returns its stdout; fails on a non-zero exit.
+    pub fn run_ok(&self, pod: &str, program: &str, args: &[&str]) -> Result<String> {
+        let output = self.run(pod, program, args)?;
+        if !output.status.success() {
+            bail!(
+                "{program} {args:?} in {pod} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Starts a threaded HTTP file server (Python's http.server, with a
+    /// listen backlog large enough for hundreds of concurrent clients) in a
+    /// pod, serving `dir` on `port`, and waits until it listens. `log`
+    /// receives its access log, which names each client's address.
+    pub fn http_server(&self, pod: &str, port: u16, dir: &Path, log: &Path) -> Result<()> {
+        const SERVER: &str = "import functools, http.server, sys\n\
+            class Server(http.server.ThreadingHTTPServer):\n    request_queue_size = 1024\n\
+            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])\n\
+            Server((sys.argv[2], int(sys.argv[1])), handler).serve_forever()\n";
+        let p = self.pod(pod);
+        let mut cmd = p.command("python3");
+        cmd.args(["-c", SERVER, &port.to_string(), &p.ip.to_string()])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(log)?);
+        self.children.lock().expect("children lock").push(cmd.spawn()?);
+        self.wait_listening(pod, port)
+    }
+
+    /// Starts an iperf3 server in a pod and waits until it listens.
+    pub fn iperf3_server(&self, pod: &str, port: u16) -> Result<()> {
+        self.spawn(pod, "iperf3", &["-s", "-p", &port.to_string()])?;
+        self.wait_listening(pod, port)
+    }
+
+    /// Waits until something in the pod listens on TCP `port` (checked with
+    /// `ss` inside the pod, so the check itself makes no connection).
+    pub fn wait_listening(&self, pod: &str, port: u16) -> Result<()> {
+        let filter = format!("sport = :{port}");
+        wait_until(Duration::from_secs(10), &format!("{pod} listening on {port}"), || {
+            Ok(!self.run_ok(pod, "ss", &["-Hltn", &filter])?.trim().is_empty())
+        })
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for mut child in self.children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        cleanup::remove_run(&self.run);
+    }
+}
+
+/// Polls `check` until it returns true, failing after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() > deadline {
+            match last_error {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Makes `cmd` start inside a netns and, if given, a cgroup. The fds are
+/// opened here and only used by raw syscalls after fork.
+fn enter(cmd: &mut Command, netns: &Path, cgroup: Option<&Path>) -> Result<()> {
+    let netns_fd = File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+    let procs = cgroup
+        .map(|c| OpenOptions::new().write(true).open(c.join("cgroup.procs")))
+        .transpose()
+        .context("open cgroup.procs")?;
+    // SAFETY: the closure runs in the child between fork and exec. It only
+    // makes two syscalls (write to cgroup.procs, setns) on fds opened before
+    // the fork, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // "0" moves the writing process itself.
+                nix::unistd::write(procs, b"0")?;
+            }
+            nix::sched::setns(&netns_fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run_ok(Command::new("ip").args(args))
+}
+
+fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
+    run_ok(Command::new("ip").arg("-n").arg(netns).args(args))
+}
+
+fn run_ok(cmd: &mut Command) -> Result<()> {
+    let output = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
+    if !output.status.success() {
+        bail!("{cmd:?} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}

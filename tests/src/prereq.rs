@@ -1,0 +1,65 @@
+//! What the bed needs from the machine, and the rule for when it is missing:
+//! skip loudly on a developer machine, fail in CI (CI=true).
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+
+use crate::{Bed, agent::agent_binary};
+
+/// Commands the bed and the tests run; `cargo xtask setup` installs them.
+const TOOLS: &[&str] = &["ip", "ss", "python3", "curl", "iperf3", "bpftool", "sha256sum"];
+
+/// Why the bed cannot run here, or `None` when it can.
+pub fn missing_prerequisites() -> Option<String> {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root (network namespaces, cgroups and BPF need it)".to_string());
+    }
+    if cgroup2_mount().is_err() {
+        missing.push("a cgroup v2 mount".to_string());
+    }
+    for tool in TOOLS {
+        if !on_path(tool) {
+            missing.push(format!("the `{tool}` command (run `cargo xtask setup`)"));
+        }
+    }
+    let agent = agent_binary();
+    if !agent.exists() {
+        missing.push(format!("the agent binary at {} (run `cargo xtask test`, which builds it)", agent.display()));
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// A bed with the given nodes, or `None` (after saying why) when this
+/// machine cannot run one and this is not CI. In CI it panics instead: an
+/// end-to-end test must never pass by skipping there.
+pub fn bed_or_skip(nodes: &[&str]) -> Option<Bed> {
+    if let Some(missing) = missing_prerequisites() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true, and the end-to-end test bed cannot run: missing {missing}");
+        }
+        eprintln!("SKIPPED end-to-end test (not CI): missing {missing}");
+        return None;
+    }
+    Some(Bed::new(nodes).expect("create the test bed"))
+}
+
+/// Where cgroup v2 is mounted, read from /proc/self/mountinfo (it differs
+/// between machines: /sys/fs/cgroup, /sys/fs/cgroup/unified, ...).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let mount_point = before.split_whitespace().nth(4)?;
+            (after.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+}

@@ -1,0 +1,446 @@
+//! End-to-end tests of the data path: real kernel programs, real agents, real
+//! network namespaces, and real clients (curl, iperf3, Python's socket API).
+//!
+//! Each test builds its own bed: nodes `n1` and `n2`, the ambient namespace
+//! `shop`, and the plain namespace `legacy`.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use ambit_testbed::{Agent, Bed, ConnectionRecord, bed_or_skip, wait_until};
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+
+const HTTP_PORT: u16 = 8080;
+const IPERF_PORT: u16 = 5201;
+const BIG_FILE_BYTES: usize = 32 * 1024 * 1024;
+
+/// A bed with nodes n1, n2 and the namespaces `shop` (ambient) and `legacy`.
+fn bed() -> Option<Bed> {
+    let mut bed = bed_or_skip(&["n1", "n2"])?;
+    bed.namespace("shop", true).unwrap();
+    bed.namespace("legacy", false).unwrap();
+    Some(bed)
+}
+
+fn agent(bed: &Bed, node: &str) -> Agent {
+    let mut agent = bed.start_agent(node).unwrap();
+    agent.wait_ready().unwrap();
+    agent
+}
+
+/// A directory with `index.html` and a random `big.bin`; returns the
+/// directory and big.bin's SHA-256.
+fn web_root(bed: &Bed, big_bytes: usize) -> (PathBuf, String) {
+    let dir = bed.scratch().join("www");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.html"), "hello from the web pod\n").unwrap();
+    // xorshift: incompressible, different in every byte position.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..big_bytes)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(dir.join("big.bin"), &data).unwrap();
+    let sum = sha256(&dir.join("big.bin"));
+    (dir, sum)
+}
+
+fn sha256(file: &Path) -> String {
+    let out = Command::new("sha256sum").arg(file).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+fn curl(bed: &Bed, from: &str, url: &str) -> Result<String> {
+    bed.run_ok(from, "curl", &["-sS", "--fail", "--max-time", "20", url])
+}
+
+/// Downloads `url` in pod `from` to a file and returns the file's SHA-256.
+fn curl_sha256(bed: &Bed, from: &str, url: &str) -> String {
+    let out = bed.scratch().join(format!("download-{}", from.replace('/', "-")));
+    bed.run_ok(from, "curl", &["-sS", "--fail", "--max-time", "60", "-o", out.to_str().unwrap(), url]).unwrap();
+    sha256(&out)
+}
+
+/// Runs an iperf3 client in `from` for 2 seconds; returns bytes received.
+fn iperf3(bed: &Bed, from: &str, server_ip: &str, reverse: bool) -> u64 {
+    let port = IPERF_PORT.to_string();
+    let mut args = vec!["-c", server_ip, "-p", &port, "-t", "2", "-J"];
+    if reverse {
+        args.push("-R");
+    }
+    let out = bed.run_ok(from, "iperf3", &args).unwrap();
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(report.get("error").is_none(), "iperf3 error: {}", report["error"]);
+    report["end"]["sum_received"]["bytes"].as_u64().unwrap()
+}
+
+/// The kernel counters the agent logs when it stops.
+fn stop_and_read_counters(agent: &mut Agent) -> Vec<(String, u64)> {
+    assert!(agent.stop().unwrap().success(), "graceful stop exits 0");
+    let line = agent
+        .lines()
+        .into_iter()
+        .find(|l| l["message"] == "kernel capture counters")
+        .expect("counters are logged on stop");
+    line["counters"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+fn counter(counters: &[(String, u64)], name: &str) -> u64 {
+    counters.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap()
+}
+
+fn involving(records: &[ConnectionRecord], ip: &str) -> Vec<ConnectionRecord> {
+    records.iter().filter(|r| r.src_addr.starts_with(&format!("{ip}:")) || r.dst_addr.starts_with(&format!("{ip}:"))).cloned().collect()
+}
+
+#[test]
+fn outbound_to_other_node_is_captured_and_delivered_intact() {
+    let Some(mut bed) = bed() else { return };
+    let client = bed.add_pod("n1", "shop", "client").unwrap();
+    let web = bed.add_pod("n2", "legacy", "web").unwrap();
+    let mut n1 = agent(&bed, "n1");
+    let n2 = agent(&bed, "n2");
+    n1.wait_pod_event("pod enrolled", "shop/client", 0).unwrap();
+
+    let (root, big_sum) = web_root(&bed, BIG_FILE_BYTES);
+    let access_log = bed.scratch().join("web-access.log");
+    bed.http_server("legacy/web", HTTP_PORT, &root, &access_log).unwrap();
+    bed.iperf3_server("legacy/web", IPERF_PORT).unwrap();
+    let base = format!("http://{}:{HTTP_PORT}", web.ip);
+
+    assert_eq!(curl(&bed, "shop/client", &format!("{base}/index.html")).unwrap(), "hello from the web pod\n");
+    assert_eq!(curl_sha256(&bed, "shop/client", &format!("{base}/big.bin")), big_sum, "32 MiB arrives intact");
+    let uploaded = iperf3(&bed, "shop/client", &web.ip.to_string(), false);
+    let downloaded = iperf3(&bed, "shop/client", &web.ip.to_string(), true);
+    assert!(uploaded > 1_000_000 && downloaded > 1_000_000, "iperf3 moved {uploaded} up, {downloaded} down");
+
+    // An IPv6 socket dialling the IPv4-mapped address goes through connect6.
+    let mapped = format!(
+        "import socket; s = socket.socket(socket.AF_INET6); s.connect(('::ffff:{}', {HTTP_PORT})); \
+         s.sendall(b'GET /index.html HTTP/1.0\\r\\n\\r\\n'); print(s.makefile('rb').read().decode())",
+        web.ip
+    );
+    let reply = bed.run_ok("shop/client", "python3", &["-c", &mapped]).unwrap();
+    assert!(reply.contains("hello from the web pod"), "{reply}");
+
+    let dst = format!("{}:{HTTP_PORT}", web.ip);
+    let http = n1.wait_connections(3, |c| c.dst_addr == dst && c.error.is_none()).unwrap();
+    for record in &http {
+        assert_eq!(record.direction, "outbound");
+        assert_eq!(record.src_workload, "shop/client", "the agent names the source pod");
+        assert_eq!(record.dst_workload, "legacy/web");
+        assert!(record.src_addr.starts_with(&format!("{}:", client.ip)), "leaves from the pod's own IP: {record:?}");
+    }
+    assert!(http.iter().any(|r| r.bytes_received >= BIG_FILE_BYTES as u64), "{http:?}");
+    let iperf_dst = format!("{}:{IPERF_PORT}", web.ip);
+    let iperf = n1.wait_connections(4, |c| c.dst_addr == iperf_dst).unwrap();
+    assert!(iperf.iter().map(|r| r.bytes_sent).sum::<u64>() >= uploaded, "{iperf:?}");
+    assert!(iperf.iter().map(|r| r.bytes_received).sum::<u64>() >= downloaded, "{iperf:?}");
+
+    // The web pod is not enrolled: node 2's agent saw nothing, and the server
+    // saw the client pod's real address.
+    assert!(n2.connections().is_empty(), "{:?}", n2.connections());
+    let log = std::fs::read_to_string(&access_log).unwrap();
+    assert!(log.lines().all(|l| l.starts_with(&client.ip.to_string())), "{log}");
+}
+
+#[test]
+fn inbound_from_plain_pod_is_captured_with_original_destination() {
+    let Some(mut bed) = bed() else { return };
+    let caller = bed.add_pod("n1", "legacy", "caller").unwrap();
+    let api = bed.add_pod("n2", "shop", "api").unwrap();
+    let n1 = agent(&bed, "n1");
+    let mut n2 = agent(&bed, "n2");
+    n2.wait_pod_event("pod enrolled", "shop/api", 0).unwrap();
+    let (root, big_sum) = web_root(&bed, BIG_FILE_BYTES);
+    bed.http_server("shop/api", HTTP_PORT, &root, &bed.scratch().join("api.log")).unwrap();
+    bed.iperf3_server("shop/api", IPERF_PORT).unwrap();
+
+    let base = format!("http://{}:{HTTP_PORT}", api.ip);
+    assert_eq!(curl(&bed, "legacy/caller", &format!("{base}/index.html")).unwrap(), "hello from the web pod\n");
+    assert_eq!(curl_sha256(&bed, "legacy/caller", &format!("{base}/big.bin")), big_sum);
+    let uploaded = iperf3(&bed, "legacy/caller", &api.ip.to_string(), false);
+    assert!(uploaded > 1_000_000);
+
+    let dst = format!("{}:{HTTP_PORT}", api.ip);
+    let records = n2.wait_connections(2, |c| c.dst_addr == dst).unwrap();
+    for record in &records {
+        assert_eq!(record.direction, "inbound");
+        assert_eq!(record.dst_workload, "shop/api", "original destination preserved: {record:?}");
+        assert_eq!(record.src_workload, "legacy/caller");
+        assert!(record.src_addr.starts_with(&format!("{}:", caller.ip)), "{record:?}");
+        assert!(record.error.is_none(), "{record:?}");
+    }
+    assert!(records.iter().any(|r| r.bytes_received >= BIG_FILE_BYTES as u64));
+    let iperf_dst = format!("{}:{IPERF_PORT}", api.ip);
+    let iperf = n2.wait_connections(2, |c| c.dst_addr == iperf_dst).unwrap();
+    assert!(iperf.iter().map(|r| r.bytes_sent).sum::<u64>() >= uploaded);
+    assert!(n1.connections().is_empty(), "the caller is not enrolled: {:?}", n1.connections());
+}
+
+#[test]
+fn plain_pods_are_not_touched() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "enrolled-a").unwrap();
+    bed.add_pod("n2", "shop", "enrolled-b").unwrap();
+    let a = bed.add_pod("n1", "legacy", "a").unwrap();
+    let b = bed.add_pod("n2", "legacy", "b").unwrap();
+    let mut n1 = agent(&bed, "n1");
+    let mut n2 = agent(&bed, "n2");
+    n1.wait_pod_event("pod enrolled", "shop/enrolled-a", 0).unwrap();
+    n2.wait_pod_event("pod enrolled", "shop/enrolled-b", 0).unwrap();
+    let (root, _) = web_root(&bed, 1024);
+    let access_log = bed.scratch().join("b.log");
+    bed.http_server("legacy/b", HTTP_PORT, &root, &access_log).unwrap();
+
+    for _ in 0..5 {
+        curl(&bed, "legacy/a", &format!("http://{}:{HTTP_PORT}/index.html", b.ip)).unwrap();
+    }
+    let log = std::fs::read_to_string(&access_log).unwrap();
+    assert_eq!(log.lines().filter(|l| l.starts_with(&a.ip.to_string())).count(), 5, "{log}");
+    for agent in [&mut n1, &mut n2] {
+        let counters = stop_and_read_counters(agent);
+        assert!(involving(&agent.connections(), &a.ip.to_string()).is_empty());
+        assert!(involving(&agent.connections(), &b.ip.to_string()).is_empty());
+        assert_eq!(counter(&counters, "connect4_captured"), 0, "{counters:?}");
+        assert_eq!(counter(&counters, "inbound_steered"), 0, "{counters:?}");
+    }
+}
+
+#[test]
+fn agent_traffic_does_not_loop() {
+    // Same node, both pods enrolled: the agent's own connections (outbound
+    // to the server, then delivery to the app) pass the programs attached
+    // above the agent's cgroup and must not be captured again.
+    let Some(mut bed) = bed() else { return };
+    let _client = bed.add_pod("n1", "shop", "client").unwrap();
+    let server = bed.add_pod("n1", "shop", "server").unwrap();
+    let mut n1 = agent(&bed, "n1");
+    n1.wait_pod_event("pod enrolled", "shop/server", 0).unwrap();
+    n1.wait_pod_event("pod enrolled", "shop/client", 0).unwrap();
+    let (root, _) = web_root(&bed, 1024);
+    bed.http_server("shop/server", HTTP_PORT, &root, &bed.scratch().join("server.log")).unwrap();
+
+    for _ in 0..5 {
+        curl(&bed, "shop/client", &format!("http://{}:{HTTP_PORT}/index.html", server.ip)).unwrap();
+    }
+    // Nothing listens on port 9: the failure must come back once, not loop.
+    let refused = bed.run("shop/client", "curl", &["-sS", "--max-time", "10", &format!("http://{}:9/", server.ip)]).unwrap();
+    assert!(!refused.status.success());
+
+    let dst = format!("{}:{HTTP_PORT}", server.ip);
+    n1.wait_connections(5, |c| c.direction == "outbound" && c.dst_addr == dst).unwrap();
+    n1.wait_connections(5, |c| c.direction == "inbound" && c.dst_addr == dst).unwrap();
+    let counters = stop_and_read_counters(&mut n1);
+    assert_eq!(counter(&counters, "connect4_captured"), 6, "{counters:?}\n{}", n1.log_text());
+    assert_eq!(counter(&counters, "inbound_steered"), 6, "{counters:?}");
+    let records = n1.connections();
+    assert_eq!(records.iter().filter(|c| c.direction == "outbound").count(), 6, "{records:#?}");
+    assert_eq!(records.iter().filter(|c| c.direction == "inbound").count(), 6, "{records:#?}");
+    let delivery_failure = records.iter().find(|c| c.direction == "inbound" && c.dst_addr.ends_with(":9")).unwrap();
+    assert!(delivery_failure.error.as_deref().unwrap_or_default().contains("refused"), "{delivery_failure:?}");
+}
+
+#[test]
+fn enrol_and_unenrol_at_run_time() {
+    let Some(mut bed) = bed() else { return };
+    bed.set_namespace_mode("shop", None).unwrap();
+    bed.add_pod("n1", "shop", "app").unwrap();
+    let web = bed.add_pod("n2", "legacy", "web").unwrap();
+    let mut n1 = agent(&bed, "n1");
+    let (root, _) = web_root(&bed, 1024);
+    bed.http_server("legacy/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
+    let url = format!("http://{}:{HTTP_PORT}/index.html", web.ip);
+    let captured = |agent: &Agent| agent.connections().iter().filter(|c| c.src_workload == "shop/app").count();
+
+    curl(&bed, "shop/app", &url).unwrap();
+    assert_eq!(captured(&n1), 0, "namespace not ambient yet");
+
+    bed.set_namespace_mode("shop", Some("ambient")).unwrap();
+    n1.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
+    curl(&bed, "shop/app", &url).unwrap();
+    n1.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
+
+    // A broken edit is reported with file and field; capture goes on.
+    bed.write_config("namespace-shop.yaml", "kind: Namespace\nmetadata:\n  name: shop\n  labels:\n    ambit.dev/dataplane-mode: ambiant\n").unwrap();
+    let error = n1
+        .wait_for("configuration error", Duration::from_secs(10), |l| l["message"].as_str().unwrap_or("").starts_with("configuration error"))
+        .unwrap();
+    let text = error["error"].as_str().unwrap();
+    assert!(text.contains("namespace-shop.yaml") && text.contains("metadata.labels.ambit.dev/dataplane-mode"), "{text}");
+    curl(&bed, "shop/app", &url).unwrap();
+    n1.wait_connections(2, |c| c.src_workload == "shop/app").unwrap();
+
+    // The pod's own label opts it out.
+    bed.set_namespace_mode("shop", Some("ambient")).unwrap();
+    bed.set_pod_label("shop/app", "ambit.dev/dataplane-mode", Some("none")).unwrap();
+    n1.wait_pod_event("pod unenrolled", "shop/app", 0).unwrap();
+    curl(&bed, "shop/app", &url).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(captured(&n1), 2, "opted-out pod is not captured: {:?}", n1.connections());
+}
+
+/// Kernel object ids held by one agent process.
+#[derive(Debug, Default)]
+struct BpfObjects {
+    programs: BTreeSet<u64>,
+    maps: BTreeSet<u64>,
+}
+
+fn bpftool(args: &[&str]) -> Value {
+    let out = Command::new("bpftool").arg("-j").args(args).output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// Reads the BPF objects a process holds from /proc/<pid>/fdinfo: program
+/// and link fds carry `prog_id`, map fds `map_id`.
+fn objects_of(pid: u32) -> BpfObjects {
+    let mut objects = BpfObjects::default();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
+        let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in info.lines() {
+            let id = |prefix: &str| line.strip_prefix(prefix).and_then(|v| v.trim().parse::<u64>().ok());
+            if let Some(id) = id("prog_id:") {
+                objects.programs.insert(id);
+            } else if let Some(id) = id("map_id:") {
+                objects.maps.insert(id);
+            }
+        }
+    }
+    objects
+}
+
+fn exists(kind: &str, id: u64) -> bool {
+    Command::new("bpftool").args([kind, "show", "id", &id.to_string()]).output().unwrap().status.success()
+}
+
+/// Attachments at a cgroup, as `attach_type` names.
+fn cgroup_attachments(cgroup: &Path) -> Vec<String> {
+    let mut types: Vec<String> = bpftool(&["cgroup", "show", cgroup.to_str().unwrap()])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| a["attach_type"].as_str().unwrap_or_default().to_string())
+        .collect();
+    types.sort();
+    types
+}
+
+/// netns links (sk_lookup) using one of `programs`.
+fn netns_links(programs: &BTreeSet<u64>) -> usize {
+    bpftool(&["link", "show"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|l| l["type"] == "netns" && l["prog_id"].as_u64().is_some_and(|id| programs.contains(&id)))
+        .count()
+}
+
+#[test]
+fn agent_restart_resumes_capture_without_leftovers_or_duplicates() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "app").unwrap();
+    let web = bed.add_pod("n2", "legacy", "web").unwrap();
+    let (root, _) = web_root(&bed, 1024);
+    bed.http_server("legacy/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
+    let url = format!("http://{}:{HTTP_PORT}/index.html", web.ip);
+    let cgroup = bed.node("n1").cgroup.clone();
+    let expected_attachments = vec!["cgroup_inet4_connect", "cgroup_inet6_connect", "cgroup_sock_ops"];
+
+    let mut first = agent(&bed, "n1");
+    first.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
+    curl(&bed, "shop/app", &url).unwrap();
+    first.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
+    let before = objects_of(first.pid());
+    assert_eq!(before.programs.len(), 4, "{before:?}");
+    assert_eq!(cgroup_attachments(&cgroup), expected_attachments);
+    assert_eq!(netns_links(&before.programs), 1);
+
+    // Crash: no clean-up code runs, yet the kernel drops everything, because
+    // every attachment is a link owned by the process.
+    first.kill().unwrap();
+    wait_until(Duration::from_secs(10), "programs and maps of the killed agent to go", || {
+        Ok(!before.programs.iter().any(|id| exists("prog", *id)) && !before.maps.iter().any(|id| exists("map", *id)))
+    })
+    .unwrap();
+    assert!(cgroup_attachments(&cgroup).is_empty());
+
+    let mut second = agent(&bed, "n1");
+    second.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
+    curl(&bed, "shop/app", &url).unwrap();
+    second.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
+    let after = objects_of(second.pid());
+    assert_eq!(after.programs.len(), 4, "{after:?}");
+    assert_eq!(cgroup_attachments(&cgroup), expected_attachments, "no duplicate attachments");
+    assert_eq!(netns_links(&after.programs), 1, "one sk_lookup link per enrolled pod");
+
+    // Graceful stop leaves nothing either.
+    assert!(second.stop().unwrap().success());
+    assert!(cgroup_attachments(&cgroup).is_empty());
+    assert!(!after.programs.iter().any(|id| exists("prog", *id)));
+}
+
+#[test]
+fn two_hundred_concurrent_connections_through_one_pod() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "client").unwrap();
+    let web = bed.add_pod("n2", "shop", "web").unwrap();
+    let mut n1 = agent(&bed, "n1");
+    let mut n2 = agent(&bed, "n2");
+    n1.wait_pod_event("pod enrolled", "shop/client", 0).unwrap();
+    n2.wait_pod_event("pod enrolled", "shop/web", 0).unwrap();
+    let file_bytes = 256 * 1024;
+    let (root, sum) = web_root(&bed, file_bytes);
+    bed.http_server("shop/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
+
+    let out_dir = bed.scratch().join("parallel");
+    std::fs::create_dir(&out_dir).unwrap();
+    let url = format!("http://{}:{HTTP_PORT}/big.bin?n=[1-200]", web.ip);
+    let output = format!("{}/#1", out_dir.display());
+    bed.run_ok(
+        "shop/client",
+        "curl",
+        &["-sS", "--fail", "--parallel", "--parallel-immediate", "--parallel-max", "200", "--max-time", "60", "-o", &output, &url],
+    )
+    .context("200 parallel downloads")
+    .unwrap();
+    for n in 1..=200 {
+        assert_eq!(sha256(&out_dir.join(n.to_string())), sum, "download {n}");
+    }
+    let dst = format!("{}:{HTTP_PORT}", web.ip);
+    let outbound = n1.wait_connections(200, |c| c.dst_addr == dst).unwrap();
+    assert!(outbound.iter().all(|c| c.error.is_none() && c.bytes_received >= file_bytes as u64));
+    let inbound = n2.wait_connections(200, |c| c.dst_addr == dst).unwrap();
+    assert!(inbound.iter().all(|c| c.error.is_none() && c.src_workload == "shop/client"));
+}
+
+#[test]
+fn agent_refuses_to_start_without_a_cgroup_v2_directory() {
+    let Some(bed) = bed() else { return };
+    let not_a_cgroup = bed.scratch().to_path_buf();
+    let mut agent = bed.start_agent_attached_at("n1", &not_a_cgroup).unwrap();
+    let status = agent.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(!status.success());
+    let log = agent.log_text();
+    assert!(log.contains("this node cannot run ambit") && log.contains("must be a cgroup v2 directory"), "{log}");
+}

@@ -35,7 +35,10 @@ struct EnrolmentSpec {
 
 impl From<&Pod> for EnrolmentSpec {
     fn from(pod: &Pod) -> Self {
-        Self { netns: pod.netns.clone(), ips: pod.ips.clone() }
+        Self {
+            netns: pod.netns.clone(),
+            ips: pod.ips.clone(),
+        }
     }
 }
 
@@ -59,7 +62,13 @@ pub struct Enrolments {
 
 impl Enrolments {
     pub fn new(node: String, capture: Capture, ctx: Arc<ProxyContext>) -> Self {
-        Self { node, capture, ctx, active: BTreeMap::new(), failed: BTreeMap::new() }
+        Self {
+            node,
+            capture,
+            ctx,
+            active: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
     }
 
     pub fn enrolled(&self) -> usize {
@@ -72,11 +81,16 @@ impl Enrolments {
 
     pub fn reconcile(&mut self, state: &State) {
         let node = self.node.clone();
-        let desired: BTreeMap<String, &Pod> = state.pods_to_enrol(&node).map(|p| (p.id(), p)).collect();
+        let desired: BTreeMap<String, &Pod> =
+            state.pods_to_enrol(&node).map(|p| (p.id(), p)).collect();
         let stale: Vec<String> = self
             .active
             .iter()
-            .filter(|(id, active)| desired.get(*id).is_none_or(|pod| EnrolmentSpec::from(*pod) != active.spec))
+            .filter(|(id, active)| {
+                desired
+                    .get(*id)
+                    .is_none_or(|pod| EnrolmentSpec::from(*pod) != active.spec)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -115,10 +129,17 @@ impl Enrolments {
         let netns = Netns::open(path).with_context(|| format!("open netns {}", path.display()))?;
         let outbound_v4 = netns
             .listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))
-            .with_context(|| format!("outbound listener 127.0.0.1:{OUTBOUND_PORT} in {}", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "outbound listener 127.0.0.1:{OUTBOUND_PORT} in {}",
+                    path.display()
+                )
+            })?;
         // IPv6 may be disabled in the pod; then pure IPv6 is not captured, and
         // the kernel program counts every such connect().
-        let outbound_v6 = match netns.listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT)) {
+        let outbound_v6 = match netns
+            .listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))
+        {
             Ok(listener) => Some(listener),
             Err(e) => {
                 tracing::warn!(pod = %pod.id(), error = %e, "no IPv6 outbound listener; IPv6 destinations of this pod are not captured");
@@ -135,34 +156,72 @@ impl Enrolments {
         }
         let registration = EnrolledPod {
             outbound_port_v4: OUTBOUND_PORT,
-            outbound_port_v6: if outbound_v6.is_some() { OUTBOUND_PORT } else { 0 },
+            outbound_port_v6: if outbound_v6.is_some() {
+                OUTBOUND_PORT
+            } else {
+                0
+            },
             _pad: 0,
         };
         let inbound: Vec<_> = inbound_listeners.iter().map(|(ip, l)| (*ip, l)).collect();
-        let sk_lookup = match self.capture.enrol(&netns, netns_cookie, registration, &inbound) {
+        let sk_lookup = match self
+            .capture
+            .enrol(&netns, netns_cookie, registration, &inbound)
+        {
             Ok(link) => link,
             Err(e) => {
                 // Leave nothing half-registered behind.
-                self.capture.remove_entries(netns_cookie, &inbound_listeners.iter().map(|(ip, _)| *ip).collect::<Vec<_>>());
+                self.capture.remove_entries(
+                    netns_cookie,
+                    &inbound_listeners
+                        .iter()
+                        .map(|(ip, _)| *ip)
+                        .collect::<Vec<_>>(),
+                );
                 return Err(e.into());
             }
         };
 
-        let pod_ctx = Arc::new(PodContext { id: pod.id(), netns, netns_cookie });
-        let mut proxies = vec![tokio::spawn(outbound::serve(outbound_v4, pod_ctx.clone(), self.ctx.clone()))];
+        let pod_ctx = Arc::new(PodContext {
+            id: pod.id(),
+            netns,
+            netns_cookie,
+        });
+        let mut proxies = vec![tokio::spawn(outbound::serve(
+            outbound_v4,
+            pod_ctx.clone(),
+            self.ctx.clone(),
+        ))];
         if let Some(listener) = outbound_v6 {
-            proxies.push(tokio::spawn(outbound::serve(listener, pod_ctx.clone(), self.ctx.clone())));
+            proxies.push(tokio::spawn(outbound::serve(
+                listener,
+                pod_ctx.clone(),
+                self.ctx.clone(),
+            )));
         }
         let inbound_ips = inbound_listeners.iter().map(|(ip, _)| *ip).collect();
         for (_, listener) in inbound_listeners {
-            proxies.push(tokio::spawn(inbound::serve(listener, pod_ctx.clone(), self.ctx.clone())));
+            proxies.push(tokio::spawn(inbound::serve(
+                listener,
+                pod_ctx.clone(),
+                self.ctx.clone(),
+            )));
         }
-        Ok(ActivePod { spec: pod.into(), netns_cookie, inbound_ips, sk_lookup, proxies })
+        Ok(ActivePod {
+            spec: pod.into(),
+            netns_cookie,
+            inbound_ips,
+            sk_lookup,
+            proxies,
+        })
     }
 
     fn unenrol(&mut self, id: &str) {
-        let Some(active) = self.active.remove(id) else { return };
-        self.capture.unenrol(active.netns_cookie, &active.inbound_ips, active.sk_lookup);
+        let Some(active) = self.active.remove(id) else {
+            return;
+        };
+        self.capture
+            .unenrol(active.netns_cookie, &active.inbound_ips, active.sk_lookup);
         // Dropping the accept loops closes the listeners.
         for task in active.proxies {
             task.abort();

@@ -25,7 +25,11 @@ use crate::{
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
-#[command(name = "ambit-agent", version, about = "ambit node agent: eBPF capture and per-pod tunnel")]
+#[command(
+    name = "ambit-agent",
+    version,
+    about = "ambit node agent: eBPF capture and per-pod tunnel"
+)]
 struct Args {
     /// Name of this node; the agent enrols the pods whose spec.nodeName matches.
     #[arg(long, env = "AMBIT_NODE")]
@@ -63,10 +67,16 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
 }
 
@@ -83,7 +93,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     if !args.config_dir.is_dir() {
-        bail!("--config-dir {}: not a directory; create it or point at the standalone configuration", args.config_dir.display());
+        bail!(
+            "--config-dir {}: not a directory; create it or point at the standalone configuration",
+            args.config_dir.display()
+        );
     }
 
     let (capture, orig_dst) = Capture::attach(&args.cgroup)?;
@@ -93,7 +106,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (snapshot, errors) = config.reload();
     report(&errors);
     let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(State::new(snapshot)));
-    let ctx = Arc::new(ProxyContext { orig_dst, state: state_rx.clone() });
+    let ctx = Arc::new(ProxyContext {
+        orig_dst,
+        state: state_rx.clone(),
+    });
     let mut enrolments = Enrolments::new(args.node.clone(), capture, ctx);
     enrolments.reconcile(&state_rx.borrow());
 
@@ -123,8 +139,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     tracing::info!("shutting down");
-    let counters: Vec<String> =
-        enrolments.capture().counters().iter().map(|(name, value)| format!("{name}={value}")).collect();
+    let counters: Vec<String> = enrolments
+        .capture()
+        .counters()
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
     tracing::info!(counters = %counters.join(" "), "kernel capture counters");
     enrolments.clear();
     drop(enrolments); // detaches every program

@@ -14,9 +14,15 @@ pub struct State {
 
 impl State {
     pub fn new(snapshot: Snapshot) -> Self {
-        let workload_by_ip =
-            snapshot.pods.values().flat_map(|pod| pod.ips.iter().map(|ip| (*ip, pod.id()))).collect();
-        Self { snapshot, workload_by_ip }
+        let workload_by_ip = snapshot
+            .pods
+            .values()
+            .flat_map(|pod| pod.ips.iter().map(|ip| (*ip, pod.id())))
+            .collect();
+        Self {
+            snapshot,
+            workload_by_ip,
+        }
     }
 
     /// `namespace/name` of the pod that owns `ip`, if the mesh knows it.
@@ -39,7 +45,10 @@ impl State {
 
     /// The ambient pods scheduled on `node`.
     pub fn pods_to_enrol<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.snapshot.pods.values().filter(move |pod| pod.node == node && self.is_ambient(pod))
+        self.snapshot
+            .pods
+            .values()
+            .filter(move |pod| pod.node == node && self.is_ambient(pod))
     }
 }
 
@@ -66,22 +75,31 @@ mod tests {
     fn enrolment_follows_namespace_then_pod_label() {
         let mut snapshot = Snapshot::default();
         for (name, mode) in [("shop", Some(DataplaneMode::Ambient)), ("legacy", None)] {
-            snapshot.namespaces.insert(name.into(), Namespace { name: name.into(), dataplane_mode: mode });
+            snapshot.namespaces.insert(
+                name.into(),
+                Namespace {
+                    name: name.into(),
+                    dataplane_mode: mode,
+                },
+            );
         }
         for p in [
-            pod("shop", "a", "n1", None),                           // ambient via namespace
-            pod("shop", "bb", "n1", Some(DataplaneMode::None)),     // opted out
-            pod("legacy", "ccc", "n1", None),                       // plain namespace
+            pod("shop", "a", "n1", None), // ambient via namespace
+            pod("shop", "bb", "n1", Some(DataplaneMode::None)), // opted out
+            pod("legacy", "ccc", "n1", None), // plain namespace
             pod("legacy", "dddd", "n1", Some(DataplaneMode::Ambient)), // opted in
-            pod("shop", "eeeee", "n2", None),                       // other node
-            pod("nowhere", "ffffff", "n1", None),                   // namespace not declared
+            pod("shop", "eeeee", "n2", None), // other node
+            pod("nowhere", "ffffff", "n1", None), // namespace not declared
         ] {
             snapshot.pods.insert(p.id(), p);
         }
         let state = State::new(snapshot);
         let enrolled: Vec<String> = state.pods_to_enrol("n1").map(Pod::id).collect();
         assert_eq!(enrolled, vec!["legacy/dddd", "shop/a"]);
-        assert_eq!(state.workload_at("10.0.0.5".parse().unwrap()), Some("shop/eeeee"));
+        assert_eq!(
+            state.workload_at("10.0.0.5".parse().unwrap()),
+            Some("shop/eeeee")
+        );
         assert_eq!(state.workload_at("10.9.9.9".parse().unwrap()), None);
     }
 }

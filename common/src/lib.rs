@@ -52,7 +52,9 @@ impl IpKey {
 
     pub const fn from_ipv4_octets(b: [u8; 4]) -> Self {
         Self {
-            octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]],
+            octets: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+            ],
         }
     }
 
@@ -75,8 +77,18 @@ impl IpKey {
     /// The IPv4 address if this is an IPv4-mapped key.
     pub const fn ipv4_octets(&self) -> Option<[u8; 4]> {
         let o = &self.octets;
-        if o[0] == 0 && o[1] == 0 && o[2] == 0 && o[3] == 0 && o[4] == 0 && o[5] == 0 && o[6] == 0
-            && o[7] == 0 && o[8] == 0 && o[9] == 0 && o[10] == 0xff && o[11] == 0xff
+        if o[0] == 0
+            && o[1] == 0
+            && o[2] == 0
+            && o[3] == 0
+            && o[4] == 0
+            && o[5] == 0
+            && o[6] == 0
+            && o[7] == 0
+            && o[8] == 0
+            && o[9] == 0
+            && o[10] == 0xff
+            && o[11] == 0xff
         {
             Some([o[12], o[13], o[14], o[15]])
         } else {
@@ -149,7 +161,12 @@ pub struct ConnKey {
 
 impl ConnKey {
     pub const fn new(netns_cookie: u64, src: SockAddrKey, dst: SockAddrKey) -> Self {
-        Self { netns_cookie, src, dst, _pad: [0; 4] }
+        Self {
+            netns_cookie,
+            src,
+            dst,
+            _pad: [0; 4],
+        }
     }
 }
 
@@ -218,7 +235,9 @@ mod convert {
         fn from(ip: IpAddr) -> Self {
             match ip {
                 IpAddr::V4(v4) => IpKey::from_ipv4_octets(v4.octets()),
-                IpAddr::V6(v6) => IpKey { octets: v6.octets() },
+                IpAddr::V6(v6) => IpKey {
+                    octets: v6.octets(),
+                },
             }
         }
     }
@@ -243,7 +262,10 @@ mod convert {
                 },
                 v4 => v4,
             };
-            SockAddrKey { ip: ip.into(), port: addr.port() }
+            SockAddrKey {
+                ip: ip.into(),
+                port: addr.port(),
+            }
         }
     }
 
@@ -277,14 +299,18 @@ mod tests {
         let key = IpKey::from_ipv4_be(word);
         assert_eq!(key, IpKey::from("10.1.2.3".parse::<IpAddr>().unwrap()));
         assert_eq!(IpAddr::from(key), "10.1.2.3".parse::<IpAddr>().unwrap());
-        assert_eq!(&key.octets[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(
+            &key.octets[..12],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+        );
     }
 
     #[test]
     fn ipv6_from_kernel_words_matches_std() {
         let ip: std::net::Ipv6Addr = "fd00:1::2".parse().unwrap();
         let o = ip.octets();
-        let words = [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]));
+        let words = [0, 1, 2, 3]
+            .map(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]));
         assert_eq!(IpKey::from_ipv6_be(words), IpKey::from(IpAddr::V6(ip)));
     }
 
@@ -298,8 +324,19 @@ mod tests {
 
     #[test]
     fn loopback_detection() {
-        for (addr, want) in [("127.0.0.1", true), ("127.9.9.9", true), ("::1", true), ("10.0.0.1", false), ("::2", false), ("::", false)] {
-            assert_eq!(IpKey::from(addr.parse::<IpAddr>().unwrap()).is_loopback(), want, "{addr}");
+        for (addr, want) in [
+            ("127.0.0.1", true),
+            ("127.9.9.9", true),
+            ("::1", true),
+            ("10.0.0.1", false),
+            ("::2", false),
+            ("::", false),
+        ] {
+            assert_eq!(
+                IpKey::from(addr.parse::<IpAddr>().unwrap()).is_loopback(),
+                want,
+                "{addr}"
+            );
         }
     }
 

@@ -85,7 +85,12 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
         // An IPv4-mapped destination goes to the IPv4 listener, reachable
         // from a v6 socket as ::ffff:127.0.0.1.
         let loopback = if ip.ipv4_octets().is_some() {
-            [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])]
+            [
+                0,
+                0,
+                u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+                u32::from_ne_bytes([127, 0, 0, 1]),
+            ]
         } else {
             [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
         };
@@ -128,7 +133,11 @@ fn capture_connect(ctx: &SockAddrContext, ip: IpKey, v6_socket: bool) -> Option<
         return None;
     }
     let to_v4 = !v6_socket || ip.ipv4_octets().is_some();
-    let listener_port = if to_v4 { pod.outbound_port_v4 } else { pod.outbound_port_v6 };
+    let listener_port = if to_v4 {
+        pod.outbound_port_v4
+    } else {
+        pod.outbound_port_v6
+    };
     if listener_port == 0 {
         count(Counter::Connect6NoListener);
         return None;
@@ -136,7 +145,10 @@ fn capture_connect(ctx: &SockAddrContext, ip: IpKey, v6_socket: bool) -> Option<
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst {
         netns_cookie,
-        dst: SockAddrKey { ip, port: u16::from_be(user_port as u16) },
+        dst: SockAddrKey {
+            ip,
+            port: u16::from_be(user_port as u16),
+        },
         _pad: [0; 6],
     };
     if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
@@ -177,14 +189,26 @@ fn rekey_orig_dst(ctx: &SockOpsContext) {
         )
     };
     let (local_ip, remote_ip) = match family {
-        AF_INET => (IpKey::from_ipv4_be(local_ip4), IpKey::from_ipv4_be(remote_ip4)),
-        AF_INET6 => (IpKey::from_ipv6_be(local_ip6), IpKey::from_ipv6_be(remote_ip6)),
+        AF_INET => (
+            IpKey::from_ipv4_be(local_ip4),
+            IpKey::from_ipv4_be(remote_ip4),
+        ),
+        AF_INET6 => (
+            IpKey::from_ipv6_be(local_ip6),
+            IpKey::from_ipv6_be(remote_ip6),
+        ),
         _ => return,
     };
     // local_port is in host order; remote_port holds the network-order port
     // in its upper 16 bits on little-endian machines.
-    let local = SockAddrKey { ip: local_ip, port: local_port as u16 };
-    let remote = SockAddrKey { ip: remote_ip, port: u16::from_be((remote_port >> 16) as u16) };
+    let local = SockAddrKey {
+        ip: local_ip,
+        port: local_port as u16,
+    };
+    let remote = SockAddrKey {
+        ip: remote_ip,
+        port: u16::from_be((remote_port >> 16) as u16),
+    };
     let key = ConnKey::new(orig.netns_cookie, local, remote);
     if ORIG_DST_BY_CONN.insert(&key, &orig.dst, 0).is_err() {
         count(Counter::MapUpdateFailed);
@@ -233,8 +257,14 @@ fn steer_inbound(ctx: &SkLookupContext) {
         return;
     }
     let (local, remote) = match family {
-        AF_INET => (IpKey::from_ipv4_be(local_ip4), IpKey::from_ipv4_be(remote_ip4)),
-        AF_INET6 => (IpKey::from_ipv6_be(local_ip6), IpKey::from_ipv6_be(remote_ip6)),
+        AF_INET => (
+            IpKey::from_ipv4_be(local_ip4),
+            IpKey::from_ipv4_be(remote_ip4),
+        ),
+        AF_INET6 => (
+            IpKey::from_ipv6_be(local_ip6),
+            IpKey::from_ipv6_be(remote_ip6),
+        ),
         _ => return,
     };
     // A connection from the pod's own address to itself never crossed the

@@ -16,7 +16,10 @@ pub fn remove_run(run: &str) {
             remove_cgroup_tree(&run_cgroup);
         }
     }
-    for netns in netns_names().into_iter().filter(|n| n.starts_with(&format!("{prefix}-"))) {
+    for netns in netns_names()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+    {
         let _ = Command::new("ip").args(["netns", "del", &netns]).status();
     }
 }
@@ -41,7 +44,11 @@ pub fn remove_stale() {
     let mut runs: Vec<String> = netns_names().iter().filter_map(|n| run_of(n)).collect();
     if let Ok(root) = cgroup2_mount() {
         if let Ok(entries) = std::fs::read_dir(root) {
-            runs.extend(entries.flatten().filter_map(|e| run_of(&e.file_name().to_string_lossy())));
+            runs.extend(
+                entries
+                    .flatten()
+                    .filter_map(|e| run_of(&e.file_name().to_string_lossy())),
+            );
         }
     }
     runs.sort();
@@ -61,21 +68,31 @@ fn run_of(name: &str) -> Option<String> {
     let mut parts = rest.splitn(3, '-');
     let pid = parts.next()?;
     let n = parts.next()?;
-    (pid.chars().all(|c| c.is_ascii_digit()) && n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty())
-        .then(|| format!("{pid}-{n}"))
+    (pid.chars().all(|c| c.is_ascii_digit())
+        && n.chars().all(|c| c.is_ascii_digit())
+        && !n.is_empty())
+    .then(|| format!("{pid}-{n}"))
 }
 
 fn netns_names() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// Everything of ambit's still on the machine: bed netns and cgroups, and
 /// loaded kernel programs. Empty after a clean test run.
 pub fn leftovers() -> Vec<String> {
-    let mut found: Vec<String> =
-        netns_names().into_iter().filter(|n| n.starts_with(PREFIX)).map(|n| format!("netns {n}")).collect();
+    let mut found: Vec<String> = netns_names()
+        .into_iter()
+        .filter(|n| n.starts_with(PREFIX))
+        .map(|n| format!("netns {n}"))
+        .collect();
     if let Ok(root) = cgroup2_mount() {
         if let Ok(entries) = std::fs::read_dir(&root) {
             found.extend(
@@ -86,12 +103,16 @@ pub fn leftovers() -> Vec<String> {
             );
         }
     }
-    if let Ok(output) = Command::new("bpftool").args(["-j", "prog", "show"]).output() {
+    if let Ok(output) = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+    {
         if let Ok(serde_json::Value::Array(progs)) = serde_json::from_slice(&output.stdout) {
             found.extend(progs.iter().filter_map(|p| {
                 let name = p.get("name")?.as_str()?;
                 let id = p.get("id")?;
-                name.starts_with("ambit_").then(|| format!("BPF program {name} (id {id})"))
+                name.starts_with("ambit_")
+                    .then(|| format!("BPF program {name} (id {id})"))
             }));
         }
     }

@@ -9,7 +9,10 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, accept_backoff, relay};
+use super::{
+    ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
+    accept_backoff, relay,
+};
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
@@ -22,7 +25,12 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
     }
 }
 
-async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+async fn handle(
+    client: TcpStream,
+    client_addr: SocketAddr,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
     let started = Instant::now();
     let orig_dst = match client.local_addr() {
         Ok(addr) => addr,
@@ -43,7 +51,11 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>
     // itself, forever.
     if [INBOUND_PORT, OUTBOUND_PORT].contains(&orig_dst.port()) {
         relay::reset(&client);
-        log.finish(0, 0, Some(&"destination is an ambit listener port; refusing to loop"));
+        log.finish(
+            0,
+            0,
+            Some(&"destination is an ambit listener port; refusing to loop"),
+        );
         return;
     }
     let app = match pod.connect(orig_dst).await {
@@ -55,5 +67,9 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>
         }
     };
     let outcome = relay::relay(client, app).await;
-    log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
+    log.finish(
+        outcome.a_to_b,
+        outcome.b_to_a,
+        outcome.error.as_ref().map(|e| e as _),
+    );
 }

@@ -49,7 +49,10 @@ impl PodContext {
         let socket = self.netns.tcp_socket(dst)?;
         match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
             Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )),
         }
     }
 }

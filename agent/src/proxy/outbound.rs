@@ -70,5 +70,9 @@ async fn handle(
         log.src_addr = local;
     }
     let outcome = relay::relay(app, upstream).await;
-    log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
+    log.finish(
+        outcome.a_to_b,
+        outcome.b_to_a,
+        outcome.error.as_ref().map(|e| e as _),
+    );
 }

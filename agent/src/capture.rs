@@ -163,10 +163,10 @@ impl Capture {
     /// Stops capturing a pod. Connections already open keep running.
     pub fn unenrol(&mut self, netns_cookie: u64, ips: &[IpKey], link: SkLookupLinkId) {
         self.remove_entries(netns_cookie, ips);
-        if let Ok(sk_lookup) = program::<SkLookup>(&mut self.ebpf, names::PROG_SK_LOOKUP) {
-            if let Err(e) = sk_lookup.detach(link) {
-                tracing::warn!(error = %e, "detaching sk_lookup failed");
-            }
+        if let Ok(sk_lookup) = program::<SkLookup>(&mut self.ebpf, names::PROG_SK_LOOKUP)
+            && let Err(e) = sk_lookup.detach(link)
+        {
+            tracing::warn!(error = %e, "detaching sk_lookup failed");
         }
     }
 

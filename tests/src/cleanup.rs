@@ -42,14 +42,14 @@ fn remove_cgroup_tree(dir: &Path) {
 /// binary killed by a signal cannot run its destructors).
 pub fn remove_stale() {
     let mut runs: Vec<String> = netns_names().iter().filter_map(|n| run_of(n)).collect();
-    if let Ok(root) = cgroup2_mount() {
-        if let Ok(entries) = std::fs::read_dir(root) {
-            runs.extend(
-                entries
-                    .flatten()
-                    .filter_map(|e| run_of(&e.file_name().to_string_lossy())),
-            );
-        }
+    if let Ok(root) = cgroup2_mount()
+        && let Ok(entries) = std::fs::read_dir(root)
+    {
+        runs.extend(
+            entries
+                .flatten()
+                .filter_map(|e| run_of(&e.file_name().to_string_lossy())),
+        );
     }
     runs.sort();
     runs.dedup();
@@ -93,28 +93,27 @@ pub fn leftovers() -> Vec<String> {
         .filter(|n| n.starts_with(PREFIX))
         .map(|n| format!("netns {n}"))
         .collect();
-    if let Ok(root) = cgroup2_mount() {
-        if let Ok(entries) = std::fs::read_dir(&root) {
-            found.extend(
-                entries
-                    .flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
-                    .map(|e| format!("cgroup {}", e.path().display())),
-            );
-        }
+    if let Ok(root) = cgroup2_mount()
+        && let Ok(entries) = std::fs::read_dir(&root)
+    {
+        found.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
+                .map(|e| format!("cgroup {}", e.path().display())),
+        );
     }
     if let Ok(output) = Command::new("bpftool")
         .args(["-j", "prog", "show"])
         .output()
+        && let Ok(serde_json::Value::Array(progs)) = serde_json::from_slice(&output.stdout)
     {
-        if let Ok(serde_json::Value::Array(progs)) = serde_json::from_slice(&output.stdout) {
-            found.extend(progs.iter().filter_map(|p| {
-                let name = p.get("name")?.as_str()?;
-                let id = p.get("id")?;
-                name.starts_with("ambit_")
-                    .then(|| format!("BPF program {name} (id {id})"))
-            }));
-        }
+        found.extend(progs.iter().filter_map(|p| {
+            let name = p.get("name")?.as_str()?;
+            let id = p.get("id")?;
+            name.starts_with("ambit_")
+                .then(|| format!("BPF program {name} (id {id})"))
+        }));
     }
     found
 }

@@ -57,7 +57,7 @@ impl Totals {
         let Some(summary) = line.strip_prefix("test result: ") else {
             return;
         };
-        for part in summary.split(|c| c == ';' || c == '.') {
+        for part in summary.split([';', '.']) {
             let mut words = part.split_whitespace();
             if let (Some(n), Some(kind)) = (
                 words.next().and_then(|n| n.parse::<u64>().ok()),

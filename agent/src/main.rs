@@ -2,23 +2,15 @@
 //! node's ambient pods, and proxies their traffic. See docs/ARCHITECTURE.md.
 #![deny(unsafe_code)]
 
-mod capture;
-mod config;
-mod enrolment;
-mod netns;
-mod probe;
-mod proxy;
-mod state;
-mod watch;
-
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{
-    capture::Capture, config::ConfigDir, enrolment::Enrolments, proxy::ProxyContext, state::State,
+use ambit_agent::{
+    capture::Capture, config, config::ConfigDir, enrolment::Enrolments, netns, probe,
+    proxy::ProxyContext, state::State, watch,
 };
 
 /// How often pods that failed to enrol are retried.

@@ -1,0 +1,257 @@
+//! The certificate manager: one entry per identity used by a pod on this
+//! node. Each entry fetches its SVID as soon as the first pod needs it (ahead
+//! of that pod's first connection), renews it at half its lifetime, backs off
+//! exponentially when the provider fails, keeps serving the current
+//! certificate for as long as it is valid, and is dropped, key and all, when
+//! the last pod using it leaves the node.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+
+use super::{Identity, IdentityProvider, Svid};
+
+const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+struct Entry {
+    users: BTreeSet<String>,
+    svid: watch::Receiver<Option<Arc<Svid>>>,
+    refresher: JoinHandle<()>,
+}
+
+pub struct CertManager {
+    provider: Arc<dyn IdentityProvider>,
+    entries: Mutex<BTreeMap<Identity, Entry>>,
+}
+
+impl CertManager {
+    pub fn new(provider: Arc<dyn IdentityProvider>) -> Self {
+        Self {
+            provider,
+            entries: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Registers `pod` as a user of `identity`, starting the fetch if it is
+    /// the first, and returns a view of the identity's current SVID.
+    pub fn acquire(&self, identity: &Identity, pod: &str) -> watch::Receiver<Option<Arc<Svid>>> {
+        let mut entries = self.entries.lock().expect("cert manager lock");
+        let entry = entries.entry(identity.clone()).or_insert_with(|| {
+            let (tx, rx) = watch::channel(None);
+            let refresher = tokio::spawn(refresh(self.provider.clone(), identity.clone(), tx));
+            Entry {
+                users: BTreeSet::new(),
+                svid: rx,
+                refresher,
+            }
+        });
+        entry.users.insert(pod.to_string());
+        entry.svid.clone()
+    }
+
+    /// `pod` no longer uses `identity`; the last user takes the entry with it.
+    pub fn release(&self, identity: &Identity, pod: &str) {
+        let mut entries = self.entries.lock().expect("cert manager lock");
+        if let Some(entry) = entries.get_mut(identity) {
+            entry.users.remove(pod);
+            if entry.users.is_empty() {
+                entry.refresher.abort();
+                entries.remove(identity);
+                tracing::info!(%identity, "identity no longer used on this node; certificate and key dropped");
+            }
+        }
+    }
+
+    /// Every identity held, with its current SVID if it has one.
+    pub fn held(&self) -> Vec<(Identity, Option<Arc<Svid>>)> {
+        let entries = self.entries.lock().expect("cert manager lock");
+        entries
+            .iter()
+            .map(|(id, e)| (id.clone(), e.svid.borrow().clone()))
+            .collect()
+    }
+}
+
+impl Drop for CertManager {
+    fn drop(&mut self) {
+        if let Ok(entries) = self.entries.lock() {
+            for entry in entries.values() {
+                entry.refresher.abort();
+            }
+        }
+    }
+}
+
+async fn refresh(
+    provider: Arc<dyn IdentityProvider>,
+    identity: Identity,
+    tx: watch::Sender<Option<Arc<Svid>>>,
+) {
+    let mut backoff = INITIAL_BACKOFF;
+    loop {
+        match provider.fetch(&identity).await {
+            Ok(svid) => {
+                tracing::info!(
+                    %identity,
+                    serial = %svid.serial,
+                    valid_for_secs = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+                    "certificate obtained"
+                );
+                let refresh_at = svid.refresh_at();
+                tx.send_replace(Some(Arc::new(svid)));
+                backoff = INITIAL_BACKOFF;
+                sleep_until(refresh_at).await;
+            }
+            Err(error) => {
+                let current = tx.borrow().clone();
+                match current.filter(|svid| svid.is_valid_at(SystemTime::now())) {
+                    Some(svid) => tracing::warn!(
+                        %identity,
+                        %error,
+                        serial = %svid.serial,
+                        expires_in_secs = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "certificate renewal failed; the current certificate stays in use until it expires"
+                    ),
+                    None => tracing::error!(
+                        %identity,
+                        %error,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "no valid certificate; connections for this identity fail until one is issued"
+                    ),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: SystemTime) {
+    if let Ok(wait) = at.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::identity::{IdentityError, ProviderFuture, ca::CertificateAuthority};
+
+    /// A provider in front of a real in-memory CA that can be switched off.
+    struct FlakyCa {
+        ca: CertificateAuthority,
+        ttl: Duration,
+        up: AtomicBool,
+        calls: AtomicUsize,
+    }
+
+    impl IdentityProvider for FlakyCa {
+        fn fetch<'a>(&'a self, identity: &'a Identity) -> ProviderFuture<'a> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                if !self.up.load(Ordering::SeqCst) {
+                    return Err(IdentityError::Unreachable {
+                        addr: "test".into(),
+                        reason: "switched off".into(),
+                    });
+                }
+                let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+                let cert = self.ca.issue(identity, &key, self.ttl).unwrap();
+                let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+                Ok(Svid::from_chain(identity, vec![cert], key, "cluster.local").unwrap())
+            })
+        }
+    }
+
+    fn flaky(ttl: Duration) -> Arc<FlakyCa> {
+        Arc::new(FlakyCa {
+            ca: CertificateAuthority::create("cluster.local").unwrap(),
+            ttl,
+            up: AtomicBool::new(true),
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    async fn next_serial(rx: &mut watch::Receiver<Option<Arc<Svid>>>) -> String {
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        rx.borrow().as_ref().unwrap().serial.clone()
+    }
+
+    #[tokio::test]
+    async fn fetches_ahead_and_renews_at_half_life() {
+        let ca = flaky(Duration::from_secs(4));
+        let manager = CertManager::new(ca.clone());
+        let id = Identity::new("cluster.local", "shop", "cart");
+        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let first_serial = next_serial(&mut rx).await;
+        let first = rx.borrow().clone().unwrap();
+        let second_serial = next_serial(&mut rx).await;
+        let renewed = SystemTime::now();
+        assert_ne!(first_serial, second_serial);
+        // Certificate times have one-second resolution; allow for it.
+        assert!(
+            renewed + Duration::from_millis(100) >= first.refresh_at(),
+            "renewed before half-life"
+        );
+        assert!(renewed < first.not_after, "renewed before expiry");
+    }
+
+    #[tokio::test]
+    async fn one_entry_per_identity_dropped_with_its_last_user() {
+        let ca = flaky(Duration::from_secs(60));
+        let manager = CertManager::new(ca.clone());
+        let id = Identity::new("cluster.local", "shop", "cart");
+        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let _ = manager.acquire(&id, "shop/cart-2");
+        next_serial(&mut rx).await;
+        assert_eq!(manager.held().len(), 1);
+        assert_eq!(
+            ca.calls.load(Ordering::SeqCst),
+            1,
+            "two pods, one identity, one fetch"
+        );
+        manager.release(&id, "shop/cart-1");
+        assert_eq!(manager.held().len(), 1);
+        manager.release(&id, "shop/cart-2");
+        assert!(manager.held().is_empty());
+    }
+
+    #[tokio::test]
+    async fn keeps_the_valid_certificate_while_the_ca_is_down_and_backs_off() {
+        let ca = flaky(Duration::from_secs(2));
+        let manager = CertManager::new(ca.clone());
+        let id = Identity::new("cluster.local", "shop", "cart");
+        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let serial = next_serial(&mut rx).await;
+        ca.up.store(false, Ordering::SeqCst);
+        let calls_before = ca.calls.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        let current = rx.borrow().clone().unwrap();
+        assert_eq!(
+            current.serial, serial,
+            "still serving the certificate it has"
+        );
+        let retries = ca.calls.load(Ordering::SeqCst) - calls_before;
+        assert!(
+            (1..=4).contains(&retries),
+            "{retries} retries in ~0.9 s of outage: exponential, not a busy loop"
+        );
+        ca.up.store(true, Ordering::SeqCst);
+        assert_ne!(
+            next_serial(&mut rx).await,
+            serial,
+            "renewed once the CA is back"
+        );
+    }
+}

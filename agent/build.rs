@@ -4,10 +4,7 @@ fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let ebpf_dir = root.join("ebpf");
     // aya-build watches the ebpf crate; the shared types live in common/.
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("common/src").display()
-    );
+    println!("cargo:rerun-if-changed={}", root.join("common/src").display());
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "ambit-ebpf",

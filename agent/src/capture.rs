@@ -31,28 +31,14 @@ pub enum CaptureError {
         "loading the kernel programs failed: {0}; run `bpftool feature probe kernel` and check the kernel log (dmesg) for verifier output"
     )]
     Load(#[from] aya::EbpfError),
-    #[error(
-        "the kernel object has no {kind} `{name}`; the agent binary is inconsistent, rebuild it"
-    )]
-    Missing {
-        kind: &'static str,
-        name: &'static str,
-    },
+    #[error("the kernel object has no {kind} `{name}`; the agent binary is inconsistent, rebuild it")]
+    Missing { kind: &'static str, name: &'static str },
     #[error("program `{name}`: {source}")]
-    Program {
-        name: &'static str,
-        source: aya::programs::ProgramError,
-    },
+    Program { name: &'static str, source: aya::programs::ProgramError },
     #[error("map `{name}`: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error("cannot open cgroup {path}: {source}; pass --cgroup a cgroup v2 directory")]
-    Cgroup {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Cgroup { path: PathBuf, source: std::io::Error },
 }
 
 /// The programs and the maps the agent writes when pods come and go.
@@ -83,42 +69,27 @@ impl Capture {
     /// only for sockets of enrolled pods, which the ENROLLED map names.
     pub fn attach(cgroup: &Path) -> Result<(Capture, OrigDstTable), CaptureError> {
         let mut ebpf = Ebpf::load(PROGRAMS)?;
-        let cgroup_dir = File::open(cgroup).map_err(|source| CaptureError::Cgroup {
-            path: cgroup.to_path_buf(),
-            source,
-        })?;
+        let cgroup_dir =
+            File::open(cgroup).map_err(|source| CaptureError::Cgroup { path: cgroup.to_path_buf(), source })?;
         // Attached as BPF links (Linux >= 5.7), which always coexist with the
         // other programs at this cgroup (a CNI's, another node's agent in the
         // test bed); the link API takes no attach flags, hence `Single` (0).
         for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| CaptureError::Program { name, source })?;
+            program.load().map_err(|source| CaptureError::Program { name, source })?;
             program
                 .attach(&cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|source| CaptureError::Program { name, source })?;
         }
         let sock_ops: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
-        sock_ops.load().map_err(|source| CaptureError::Program {
-            name: names::PROG_SOCK_OPS,
-            source,
-        })?;
+        sock_ops.load().map_err(|source| CaptureError::Program { name: names::PROG_SOCK_OPS, source })?;
         sock_ops
             .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| CaptureError::Program {
-                name: names::PROG_SOCK_OPS,
-                source,
-            })?;
+            .map_err(|source| CaptureError::Program { name: names::PROG_SOCK_OPS, source })?;
         let sk_lookup: &mut SkLookup = program(&mut ebpf, names::PROG_SK_LOOKUP)?;
-        sk_lookup.load().map_err(|source| CaptureError::Program {
-            name: names::PROG_SK_LOOKUP,
-            source,
-        })?;
+        sk_lookup.load().map_err(|source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source })?;
 
-        let orig_dst = OrigDstTable {
-            map: Mutex::new(map(&mut ebpf, names::ORIG_DST_BY_CONN)?),
-        };
+        let orig_dst = OrigDstTable { map: Mutex::new(map(&mut ebpf, names::ORIG_DST_BY_CONN)?) };
         let capture = Capture {
             enrolled: map(&mut ebpf, names::ENROLLED)?,
             listeners: map(&mut ebpf, names::INBOUND_LISTENERS)?,
@@ -140,24 +111,13 @@ impl Capture {
         for (ip, listener) in inbound {
             self.listeners
                 .insert(*ip, listener.as_raw_fd(), 0)
-                .map_err(|source| CaptureError::Map {
-                    name: names::INBOUND_LISTENERS,
-                    source,
-                })?;
+                .map_err(|source| CaptureError::Map { name: names::INBOUND_LISTENERS, source })?;
         }
         self.enrolled
             .insert(netns_cookie, pod, 0)
-            .map_err(|source| CaptureError::Map {
-                name: names::ENROLLED,
-                source,
-            })?;
+            .map_err(|source| CaptureError::Map { name: names::ENROLLED, source })?;
         let sk_lookup: &mut SkLookup = program(&mut self.ebpf, names::PROG_SK_LOOKUP)?;
-        sk_lookup
-            .attach(netns)
-            .map_err(|source| CaptureError::Program {
-                name: names::PROG_SK_LOOKUP,
-                source,
-            })
+        sk_lookup.attach(netns).map_err(|source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source })
     }
 
     /// Stops capturing a pod. Connections already open keep running.
@@ -183,11 +143,7 @@ impl Capture {
         Counter::ALL
             .iter()
             .map(|c| {
-                let total = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0);
+                let total = self.counters.get(&(*c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
                 (c.name(), total)
             })
             .collect()
@@ -198,20 +154,13 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, C
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {
-    ebpf.program_mut(name)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(CaptureError::Missing {
-            kind: "program",
-            name,
-        })
+    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(CaptureError::Missing { kind: "program", name })
 }
 
 fn map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, CaptureError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(CaptureError::Missing { kind: "map", name })?;
+    let map = ebpf.take_map(name).ok_or(CaptureError::Missing { kind: "map", name })?;
     T::try_from(map).map_err(|source| CaptureError::Map { name, source })
 }

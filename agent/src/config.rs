@@ -80,47 +80,19 @@ pub enum ConfigError {
     #[error("{file}: cannot read the file: {reason}")]
     Read { file: PathBuf, reason: String },
     #[error("{file}: document {doc}: not valid YAML: {reason}")]
-    Yaml {
-        file: PathBuf,
-        doc: usize,
-        reason: String,
-    },
-    #[error(
-        "{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (Namespace or Pod)"
-    )]
+    Yaml { file: PathBuf, doc: usize, reason: String },
+    #[error("{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (Namespace or Pod)")]
     MissingKind { file: PathBuf, doc: usize },
     #[error("{file}: document {doc}: kind `{kind}` is not supported; use Namespace or Pod")]
-    UnknownKind {
-        file: PathBuf,
-        doc: usize,
-        kind: String,
-    },
+    UnknownKind { file: PathBuf, doc: usize, kind: String },
     #[error("{file}: document {doc} ({object}): field `{field}`: {reason}")]
-    Field {
-        file: PathBuf,
-        doc: usize,
-        object: String,
-        field: String,
-        reason: String,
-    },
-    #[error(
-        "{file}: {object} is also defined in {first}; remove one of the two (the one in {first} stays in force)"
-    )]
-    Duplicate {
-        file: PathBuf,
-        object: String,
-        first: PathBuf,
-    },
+    Field { file: PathBuf, doc: usize, object: String, field: String, reason: String },
+    #[error("{file}: {object} is also defined in {first}; remove one of the two (the one in {first} stays in force)")]
+    Duplicate { file: PathBuf, object: String, first: PathBuf },
 }
 
 impl ConfigError {
-    fn field(
-        file: &Path,
-        doc: usize,
-        object: &str,
-        field: &str,
-        reason: impl Into<String>,
-    ) -> Self {
+    fn field(file: &Path, doc: usize, object: &str, field: &str, reason: impl Into<String>) -> Self {
         ConfigError::Field {
             file: file.to_path_buf(),
             doc,
@@ -188,11 +160,7 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, Vec<ConfigErro
             Ok(Value::Null) => continue, // empty document, e.g. a trailing `---`
             Ok(value) => value,
             Err(e) => {
-                errors.push(ConfigError::Yaml {
-                    file: file.to_path_buf(),
-                    doc,
-                    reason: e.to_string(),
-                });
+                errors.push(ConfigError::Yaml { file: file.to_path_buf(), doc, reason: e.to_string() });
                 // The YAML stream cannot be resynchronised after a syntax error.
                 break;
             }
@@ -202,33 +170,20 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, Vec<ConfigErro
             Err(e) => errors.push(e),
         }
     }
-    if errors.is_empty() {
-        Ok(objects)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(objects) } else { Err(errors) }
 }
 
 fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigError> {
     let kind = match value.get("kind") {
         Some(Value::String(kind)) => kind.clone(),
         _ => {
-            return Err(ConfigError::MissingKind {
-                file: file.to_path_buf(),
-                doc,
-            });
+            return Err(ConfigError::MissingKind { file: file.to_path_buf(), doc });
         }
     };
     let object_name = || {
         let meta = value.get("metadata");
-        let name = meta
-            .and_then(|m| m.get("name"))
-            .and_then(Value::as_str)
-            .unwrap_or("<unnamed>");
-        match meta
-            .and_then(|m| m.get("namespace"))
-            .and_then(Value::as_str)
-        {
+        let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<unnamed>");
+        match meta.and_then(|m| m.get("namespace")).and_then(Value::as_str) {
             Some(ns) => format!("{kind} {ns}/{name}"),
             None => format!("{kind} {name}"),
         }
@@ -238,10 +193,7 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
         "Namespace" => {
             let raw: RawNamespace = deserialize(file, doc, &describe, value)?;
             let dataplane_mode = dataplane_mode(file, doc, &describe, &raw.metadata.labels)?;
-            Ok(Object::Namespace(Namespace {
-                name: raw.metadata.name,
-                dataplane_mode,
-            }))
+            Ok(Object::Namespace(Namespace { name: raw.metadata.name, dataplane_mode }))
         }
         "Pod" => {
             let raw: RawPod = deserialize(file, doc, &describe, value)?;
@@ -264,17 +216,12 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
                         doc,
                         &describe,
                         &format!("metadata.annotations.{NETNS_ANNOTATION}"),
-                        format!(
-                            "`{path}` is not an absolute path; give the pod's netns path, e.g. /run/netns/<name>"
-                        ),
+                        format!("`{path}` is not an absolute path; give the pod's netns path, e.g. /run/netns/<name>"),
                     ));
                 }
             };
             Ok(Object::Pod(Pod {
-                namespace: raw
-                    .metadata
-                    .namespace
-                    .unwrap_or_else(|| "default".to_string()),
+                namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
                 name: raw.metadata.name,
                 service_account: raw.spec.service_account_name,
                 node: raw.spec.node_name,
@@ -285,11 +232,7 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
                 source: file.to_path_buf(),
             }))
         }
-        _ => Err(ConfigError::UnknownKind {
-            file: file.to_path_buf(),
-            doc,
-            kind,
-        }),
+        _ => Err(ConfigError::UnknownKind { file: file.to_path_buf(), doc, kind }),
     }
 }
 
@@ -341,10 +284,7 @@ pub struct ConfigDir {
 
 impl ConfigDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self {
-            dir: dir.into(),
-            last_good: BTreeMap::new(),
-        }
+        Self { dir: dir.into(), last_good: BTreeMap::new() }
     }
 
     pub fn path(&self) -> &Path {
@@ -359,22 +299,14 @@ impl ConfigDir {
             Ok(files) => files,
             Err(e) => {
                 // Unreadable directory: keep everything as it was.
-                errors.push(ConfigError::Read {
-                    file: self.dir.clone(),
-                    reason: e.to_string(),
-                });
+                errors.push(ConfigError::Read { file: self.dir.clone(), reason: e.to_string() });
                 return (self.snapshot(&mut errors), errors);
             }
         };
         self.last_good.retain(|path, _| files.contains(path));
         for file in files {
             let parsed = std::fs::read_to_string(&file)
-                .map_err(|e| {
-                    vec![ConfigError::Read {
-                        file: file.clone(),
-                        reason: e.to_string(),
-                    }]
-                })
+                .map_err(|e| vec![ConfigError::Read { file: file.clone(), reason: e.to_string() }])
                 .and_then(|text| parse_file(&file, &text));
             match parsed {
                 Ok(objects) => {
@@ -419,15 +351,9 @@ fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let is_yaml = matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        );
+        let is_yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
         // Editors and atomic writers leave hidden temporary files; skip them.
-        let hidden = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
+        let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
         if is_yaml && !hidden && path.is_file() {
             files.push(path);
         }
@@ -465,11 +391,7 @@ status:
 "#;
 
     fn errors_of(text: &str) -> Vec<String> {
-        parse_file(Path::new("pods.yaml"), text)
-            .unwrap_err()
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        parse_file(Path::new("pods.yaml"), text).unwrap_err().iter().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -477,14 +399,9 @@ status:
         let objects = parse_file(Path::new("a.yaml"), GOOD).unwrap();
         assert_eq!(
             objects[0],
-            Object::Namespace(Namespace {
-                name: "shop".into(),
-                dataplane_mode: Some(DataplaneMode::Ambient)
-            })
+            Object::Namespace(Namespace { name: "shop".into(), dataplane_mode: Some(DataplaneMode::Ambient) })
         );
-        let Object::Pod(pod) = &objects[1] else {
-            panic!("expected a pod")
-        };
+        let Object::Pod(pod) = &objects[1] else { panic!("expected a pod") };
         assert_eq!(pod.id(), "shop/cart");
         assert_eq!(pod.service_account, "cart");
         assert_eq!(pod.node, "node1");
@@ -496,13 +413,8 @@ status:
     #[test]
     fn defaults_namespace_and_service_account() {
         let text = "kind: Pod\nmetadata: {name: p}\nspec: {nodeName: n}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n";
-        let Object::Pod(pod) = &parse_file(Path::new("a.yaml"), text).unwrap()[0] else {
-            panic!()
-        };
-        assert_eq!(
-            (pod.namespace.as_str(), pod.service_account.as_str()),
-            ("default", "default")
-        );
+        let Object::Pod(pod) = &parse_file(Path::new("a.yaml"), text).unwrap()[0] else { panic!() };
+        assert_eq!((pod.namespace.as_str(), pod.service_account.as_str()), ("default", "default"));
     }
 
     #[test]
@@ -511,8 +423,7 @@ status:
         let errors = errors_of(&text);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(
-            errors[0]
-                .starts_with("pods.yaml: document 2 (Pod shop/cart): field `status.podIPs[0].ip`"),
+            errors[0].starts_with("pods.yaml: document 2 (Pod shop/cart): field `status.podIPs[0].ip`"),
             "{}",
             errors[0]
         );
@@ -521,37 +432,20 @@ status:
     #[test]
     fn missing_node_name_is_reported() {
         let errors = errors_of(&GOOD.replace("  nodeName: node1\n", ""));
-        assert!(
-            errors[0].contains("field `spec`") && errors[0].contains("nodeName"),
-            "{}",
-            errors[0]
-        );
+        assert!(errors[0].contains("field `spec`") && errors[0].contains("nodeName"), "{}", errors[0]);
     }
 
     #[test]
     fn wrong_type_names_the_field() {
-        let errors =
-            errors_of(&GOOD.replace("serviceAccountName: cart", "serviceAccountName: [cart]"));
-        assert!(
-            errors[0].contains("field `spec.serviceAccountName`"),
-            "{}",
-            errors[0]
-        );
+        let errors = errors_of(&GOOD.replace("serviceAccountName: cart", "serviceAccountName: [cart]"));
+        assert!(errors[0].contains("field `spec.serviceAccountName`"), "{}", errors[0]);
     }
 
     #[test]
     fn bad_dataplane_mode_says_which_values_work() {
         let errors = errors_of(&GOOD.replace("dataplane-mode: ambient", "dataplane-mode: ambeint"));
-        assert!(
-            errors[0].contains("metadata.labels.ambit.dev/dataplane-mode"),
-            "{}",
-            errors[0]
-        );
-        assert!(
-            errors[0].contains("use `ambient` or `none`"),
-            "{}",
-            errors[0]
-        );
+        assert!(errors[0].contains("metadata.labels.ambit.dev/dataplane-mode"), "{}", errors[0]);
+        assert!(errors[0].contains("use `ambient` or `none`"), "{}", errors[0]);
     }
 
     #[test]
@@ -563,11 +457,7 @@ status:
     #[test]
     fn relative_netns_path_is_rejected() {
         let errors = errors_of(&GOOD.replace("/run/netns/cart", "netns/cart"));
-        assert!(
-            errors[0].contains("metadata.annotations.ambit.dev/netns"),
-            "{}",
-            errors[0]
-        );
+        assert!(errors[0].contains("metadata.annotations.ambit.dev/netns"), "{}", errors[0]);
     }
 
     #[test]
@@ -582,11 +472,7 @@ status:
     #[test]
     fn yaml_syntax_error_is_reported_with_document() {
         let errors = errors_of("kind: Namespace\nmetadata: {name: [\n");
-        assert!(
-            errors[0].starts_with("pods.yaml: document 1: not valid YAML"),
-            "{}",
-            errors[0]
-        );
+        assert!(errors[0].starts_with("pods.yaml: document 1: not valid YAML"), "{}", errors[0]);
     }
 
     #[test]
@@ -594,11 +480,7 @@ status:
         let text = format!("{GOOD}---\nkind: Nope\n---\nkind: Namespace\nmetadata: {{}}\n");
         let errors = errors_of(&text);
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(
-            errors[1].contains("document 4") && errors[1].contains("`metadata`"),
-            "{}",
-            errors[1]
-        );
+        assert!(errors[1].contains("document 4") && errors[1].contains("`metadata`"), "{}", errors[1]);
     }
 
     #[test]
@@ -619,10 +501,7 @@ status:
         std::fs::remove_file(&file).unwrap();
         let (empty, errors) = config.reload();
         assert!(errors.is_empty());
-        assert!(
-            empty.pods.is_empty(),
-            "a deleted file takes its objects with it"
-        );
+        assert!(empty.pods.is_empty(), "a deleted file takes its objects with it");
     }
 
     #[test]
@@ -634,8 +513,6 @@ status:
         let (snapshot, errors) = ConfigDir::new(dir.path()).reload();
         assert_eq!(snapshot.pods["shop/cart"].node, "node1");
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(
-            matches!(&errors[0], ConfigError::Duplicate { object, .. } if object == "Namespace shop")
-        );
+        assert!(matches!(&errors[0], ConfigError::Duplicate { object, .. } if object == "Namespace shop"));
     }
 }

@@ -1,8 +1,9 @@
 //! Enrolment: brings the set of captured pods in line with the state store.
 //!
-//! Enrolling a pod opens its listeners inside its netns, registers it in the
-//! kernel maps, attaches `ambit_sk_lookup` to its netns, and starts its
-//! proxies. Unenrolling undoes that in reverse; connections already open run
+//! Enrolling a pod opens its listeners inside its netns (outbound, plaintext
+//! inbound, HBONE), starts fetching its identity's certificate, registers it
+//! in the kernel maps, attaches `ambit_sk_lookup` to its netns, and starts
+//! its proxies. Unenrolling undoes that in reverse; connections already open run
 //! to their end. A pod that cannot be enrolled (its netns is not there yet,
 //! say) is retried at the next reconcile.
 
@@ -21,8 +22,13 @@ use tokio::task::JoinHandle;
 use crate::{
     capture::Capture,
     config::{NETNS_ANNOTATION, Pod},
+    identity::Identity,
     netns::{Netns, netns_cookie},
-    proxy::{INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, inbound, outbound},
+    proxy::{
+        INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
+        hbone::{self, HBONE_PORT},
+        inbound, outbound,
+    },
     state::State,
 };
 
@@ -31,19 +37,18 @@ use crate::{
 struct EnrolmentSpec {
     netns: Option<PathBuf>,
     ips: Vec<IpAddr>,
+    service_account: String,
 }
 
 impl From<&Pod> for EnrolmentSpec {
     fn from(pod: &Pod) -> Self {
-        Self {
-            netns: pod.netns.clone(),
-            ips: pod.ips.clone(),
-        }
+        Self { netns: pod.netns.clone(), ips: pod.ips.clone(), service_account: pod.service_account.clone() }
     }
 }
 
 struct ActivePod {
     spec: EnrolmentSpec,
+    identity: Identity,
     netns_cookie: u64,
     inbound_ips: Vec<IpKey>,
     sk_lookup: SkLookupLinkId,
@@ -62,13 +67,7 @@ pub struct Enrolments {
 
 impl Enrolments {
     pub fn new(node: String, capture: Capture, ctx: Arc<ProxyContext>) -> Self {
-        Self {
-            node,
-            capture,
-            ctx,
-            active: BTreeMap::new(),
-            failed: BTreeMap::new(),
-        }
+        Self { node, capture, ctx, active: BTreeMap::new(), failed: BTreeMap::new() }
     }
 
     pub fn enrolled(&self) -> usize {
@@ -81,16 +80,11 @@ impl Enrolments {
 
     pub fn reconcile(&mut self, state: &State) {
         let node = self.node.clone();
-        let desired: BTreeMap<String, &Pod> =
-            state.pods_to_enrol(&node).map(|p| (p.id(), p)).collect();
+        let desired: BTreeMap<String, &Pod> = state.pods_to_enrol(&node).map(|p| (p.id(), p)).collect();
         let stale: Vec<String> = self
             .active
             .iter()
-            .filter(|(id, active)| {
-                desired
-                    .get(*id)
-                    .is_none_or(|pod| EnrolmentSpec::from(*pod) != active.spec)
-            })
+            .filter(|(id, active)| desired.get(*id).is_none_or(|pod| EnrolmentSpec::from(*pod) != active.spec))
             .map(|(id, _)| id.clone())
             .collect();
         for id in stale {
@@ -101,7 +95,7 @@ impl Enrolments {
             if self.active.contains_key(&id) {
                 continue;
             }
-            match self.enrol(pod) {
+            match self.enrol(pod, state.identity_of(pod)) {
                 Ok(active) => {
                     tracing::info!(pod = %id, ips = ?pod.ips, netns_cookie = active.netns_cookie, "pod enrolled");
                     self.failed.remove(&id);
@@ -118,7 +112,7 @@ impl Enrolments {
         }
     }
 
-    fn enrol(&mut self, pod: &Pod) -> anyhow::Result<ActivePod> {
+    fn enrol(&mut self, pod: &Pod, identity: Identity) -> anyhow::Result<ActivePod> {
         let path = pod.netns.as_ref().with_context(|| {
             format!(
                 "{}: pod {}: metadata.annotations.{NETNS_ANNOTATION} is missing; give the path of the pod's network namespace",
@@ -129,17 +123,10 @@ impl Enrolments {
         let netns = Netns::open(path).with_context(|| format!("open netns {}", path.display()))?;
         let outbound_v4 = netns
             .listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))
-            .with_context(|| {
-                format!(
-                    "outbound listener 127.0.0.1:{OUTBOUND_PORT} in {}",
-                    path.display()
-                )
-            })?;
+            .with_context(|| format!("outbound listener 127.0.0.1:{OUTBOUND_PORT} in {}", path.display()))?;
         // IPv6 may be disabled in the pod; then pure IPv6 is not captured, and
         // the kernel program counts every such connect().
-        let outbound_v6 = match netns
-            .listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT))
-        {
+        let outbound_v6 = match netns.listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT)) {
             Ok(listener) => Some(listener),
             Err(e) => {
                 tracing::warn!(pod = %pod.id(), error = %e, "no IPv6 outbound listener; IPv6 destinations of this pod are not captured");
@@ -148,84 +135,62 @@ impl Enrolments {
         };
         let netns_cookie = netns_cookie(&outbound_v4).context("read the pod's netns cookie")?;
         let mut inbound_listeners = Vec::new();
+        let mut hbone_listeners = Vec::new();
         for ip in &pod.ips {
             let listener = netns.listen(SocketAddr::new(*ip, INBOUND_PORT)).with_context(|| {
-                format!("inbound listener {ip}:{INBOUND_PORT}: is {ip} (status.podIPs) configured in {}?", path.display())
+                format!(
+                    "inbound listener {ip}:{INBOUND_PORT}: is {ip} (status.podIPs) configured in {}?",
+                    path.display()
+                )
             })?;
             inbound_listeners.push((IpKey::from(*ip), listener));
+            let hbone = netns
+                .listen(SocketAddr::new(*ip, HBONE_PORT))
+                .with_context(|| format!("HBONE listener {ip}:{HBONE_PORT} in {}", path.display()))?;
+            hbone_listeners.push(hbone);
         }
         let registration = EnrolledPod {
             outbound_port_v4: OUTBOUND_PORT,
-            outbound_port_v6: if outbound_v6.is_some() {
-                OUTBOUND_PORT
-            } else {
-                0
-            },
+            outbound_port_v6: if outbound_v6.is_some() { OUTBOUND_PORT } else { 0 },
             _pad: 0,
         };
         let inbound: Vec<_> = inbound_listeners.iter().map(|(ip, l)| (*ip, l)).collect();
-        let sk_lookup = match self
-            .capture
-            .enrol(&netns, netns_cookie, registration, &inbound)
-        {
+        let sk_lookup = match self.capture.enrol(&netns, netns_cookie, registration, &inbound) {
             Ok(link) => link,
             Err(e) => {
                 // Leave nothing half-registered behind.
-                self.capture.remove_entries(
-                    netns_cookie,
-                    &inbound_listeners
-                        .iter()
-                        .map(|(ip, _)| *ip)
-                        .collect::<Vec<_>>(),
-                );
+                self.capture
+                    .remove_entries(netns_cookie, &inbound_listeners.iter().map(|(ip, _)| *ip).collect::<Vec<_>>());
                 return Err(e.into());
             }
         };
 
-        let pod_ctx = Arc::new(PodContext {
-            id: pod.id(),
-            netns,
-            netns_cookie,
-        });
-        let mut proxies = vec![tokio::spawn(outbound::serve(
-            outbound_v4,
-            pod_ctx.clone(),
-            self.ctx.clone(),
-        ))];
-        if let Some(listener) = outbound_v6 {
-            proxies.push(tokio::spawn(outbound::serve(
-                listener,
-                pod_ctx.clone(),
-                self.ctx.clone(),
-            )));
-        }
+        // Fetch the identity's certificate now, ahead of the first connection.
+        let svid = self.ctx.certs.acquire(&identity, &pod.id());
+        let pod_ctx = Arc::new(PodContext::new(pod.id(), netns, netns_cookie, pod.ips.clone(), identity.clone(), svid));
+        let serve_outbound = |listener| tokio::spawn(outbound::serve(listener, pod_ctx.clone(), self.ctx.clone()));
+        let mut proxies = vec![serve_outbound(outbound_v4)];
+        proxies.extend(outbound_v6.map(serve_outbound));
         let inbound_ips = inbound_listeners.iter().map(|(ip, _)| *ip).collect();
         for (_, listener) in inbound_listeners {
-            proxies.push(tokio::spawn(inbound::serve(
-                listener,
-                pod_ctx.clone(),
-                self.ctx.clone(),
-            )));
+            proxies.push(tokio::spawn(inbound::serve(listener, pod_ctx.clone(), self.ctx.clone())));
         }
-        Ok(ActivePod {
-            spec: pod.into(),
-            netns_cookie,
-            inbound_ips,
-            sk_lookup,
-            proxies,
-        })
+        for listener in hbone_listeners {
+            proxies.push(tokio::spawn(hbone::serve(listener, pod_ctx.clone(), self.ctx.clone())));
+        }
+        Ok(ActivePod { spec: pod.into(), identity, netns_cookie, inbound_ips, sk_lookup, proxies })
     }
 
     fn unenrol(&mut self, id: &str) {
         let Some(active) = self.active.remove(id) else {
             return;
         };
-        self.capture
-            .unenrol(active.netns_cookie, &active.inbound_ips, active.sk_lookup);
+        self.capture.unenrol(active.netns_cookie, &active.inbound_ips, active.sk_lookup);
         // Dropping the accept loops closes the listeners.
         for task in active.proxies {
             task.abort();
         }
+        self.ctx.certs.release(&active.identity, id);
         tracing::info!(pod = %id, "pod unenrolled");
     }
 

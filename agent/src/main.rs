@@ -1,41 +1,102 @@
 //! `ambit-agent`: the per-node agent. Loads the kernel programs, enrols the
-//! node's ambient pods, and proxies their traffic. See docs/ARCHITECTURE.md.
+//! node's ambient pods, and carries their traffic over mTLS with each pod's
+//! own identity. `ambit-agent ca ...` runs the embedded certificate authority.
+//! See docs/ARCHITECTURE.md.
 #![deny(unsafe_code)]
 
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
-
-use anyhow::{Context as _, bail};
-use clap::{Parser, ValueEnum};
-use tokio::signal::unix::{SignalKind, signal};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use ambit_agent::{
-    capture::Capture, config, config::ConfigDir, enrolment::Enrolments, netns, probe,
-    proxy::ProxyContext, state::State, watch,
+    capture::Capture,
+    config::{self, ConfigDir},
+    enrolment::Enrolments,
+    identity::{ca::CertificateAuthority, ca_client::CaClient, ca_server::CaServer, manager::CertManager},
+    netns, probe,
+    proxy::{ProxyContext, hbone::HbonePool},
+    state::State,
+    tls::TrustBundle,
+    watch,
 };
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// How often pods that failed to enrol are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "ambit-agent",
-    version,
-    about = "ambit node agent: eBPF capture and per-pod tunnel"
-)]
-struct Args {
+#[command(name = "ambit-agent", version, about = "ambit node agent: eBPF capture and per-pod mTLS tunnel")]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    agent: AgentArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Log format.
+    #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
     /// Name of this node; the agent enrols the pods whose spec.nodeName matches.
-    #[arg(long, env = "AMBIT_NODE")]
-    node: String,
+    #[arg(long, env = "AMBIT_NODE", required = true)]
+    node: Option<String>,
     /// Directory of standalone YAML objects (Namespace, Pod), watched for changes.
-    #[arg(long, env = "AMBIT_CONFIG_DIR")]
-    config_dir: PathBuf,
+    #[arg(long, env = "AMBIT_CONFIG_DIR", required = true)]
+    config_dir: Option<PathBuf>,
     /// cgroup v2 directory to attach the capture programs to: the cgroup
     /// root, or the directory that holds the pods' cgroups.
-    #[arg(long, env = "AMBIT_CGROUP")]
-    cgroup: PathBuf,
-    /// Log format.
-    #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[arg(long, env = "AMBIT_CGROUP", required = true)]
+    cgroup: Option<PathBuf>,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Address of the certificate authority (`ambit-agent ca serve`).
+    #[arg(long, env = "AMBIT_CA_ADDR", required = true)]
+    ca_addr: Option<SocketAddr>,
+    /// PEM file with the trust bundle's root certificate(s).
+    #[arg(long, env = "AMBIT_CA_ROOT", required = true)]
+    ca_root: Option<PathBuf>,
+    /// File holding this node's token for the CA (`ambit-agent ca token`).
+    #[arg(long, env = "AMBIT_NODE_TOKEN_FILE", required = true)]
+    node_token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The embedded certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Create the root in DIR if there is none, and serve SVIDs.
+    Serve {
+        /// Directory holding the CA's root and secrets (created if empty).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The standalone configuration: which pods run on which node.
+        #[arg(long)]
+        config_dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Lifetime of issued SVIDs, e.g. 1h, 30m, 10s.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        leaf_ttl: Duration,
+    },
+    /// Print the token node NODE presents to the CA (creating the CA if needed).
+    Token {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -44,10 +105,29 @@ enum LogFormat {
     Json,
 }
 
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("`{text}`: expected a number and a unit, e.g. 1h, 30m, 10s"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("`{text}`: unit must be s, m or h")),
+    };
+    if secs == 0 {
+        return Err("a lifetime of zero cannot work".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
-    init_logging(args.log_format);
-    match run(args) {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Some(Command::Ca(command)) => run_ca(command),
+        None => run_agent(cli.agent),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -59,24 +139,55 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
 }
 
 #[tokio::main]
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Serve { dir, config_dir, listen, trust_domain, leaf_ttl } => {
+            let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
+            let listener =
+                tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+            let server = Arc::new(CaServer::new(ca, config_dir, leaf_ttl));
+            tokio::select! {
+                result = server.serve(listener) => result,
+                _ = shutdown_signal() => Ok(()),
+            }
+        }
+        CaCommand::Token { dir, node, trust_domain } => {
+            let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
+            println!("{}", ca.node_token(&node));
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    // clap enforces these without a subcommand.
+    let node = args.node.expect("required");
+    let config_dir = args.config_dir.expect("required");
+    let cgroup = args.cgroup.expect("required");
+    let (ca_addr, ca_root, token_file) =
+        (args.ca_addr.expect("required"), args.ca_root.expect("required"), args.node_token_file.expect("required"));
+
     // Runs on the main thread before any task: the netns to come back to.
     netns::record_agent_netns().context("read the agent's own network namespace")?;
-    let missing = probe::missing_features(&args.cgroup);
+    let missing = probe::missing_features(&cgroup);
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|m| format!("  - {}", m.0)).collect();
         bail!(
@@ -84,33 +195,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
             list.join("\n")
         );
     }
-    if !args.config_dir.is_dir() {
+    if !config_dir.is_dir() {
         bail!(
             "--config-dir {}: not a directory; create it or point at the standalone configuration",
-            args.config_dir.display()
+            config_dir.display()
         );
     }
+    let bundle = load_bundle(&ca_root, &args.trust_domain)?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("--node-token-file {}: cannot read it", token_file.display()))?;
+    let provider = CaClient::new(ca_addr, node.clone(), token.trim().to_string(), &bundle)?;
 
-    let (capture, orig_dst) = Capture::attach(&args.cgroup)?;
-    tracing::info!(cgroup = %args.cgroup.display(), "kernel programs attached");
+    let (capture, orig_dst) = Capture::attach(&cgroup)?;
+    tracing::info!(cgroup = %cgroup.display(), "kernel programs attached");
 
-    let mut config = ConfigDir::new(&args.config_dir);
+    let mut config = ConfigDir::new(&config_dir);
     let (snapshot, errors) = config.reload();
     report(&errors);
-    let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(State::new(snapshot)));
+    let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(State::new(snapshot, &args.trust_domain)));
     let ctx = Arc::new(ProxyContext {
         orig_dst,
         state: state_rx.clone(),
+        bundle,
+        certs: CertManager::new(Arc::new(provider)),
+        pool: HbonePool::default(),
     });
-    let mut enrolments = Enrolments::new(args.node.clone(), capture, ctx);
+    let mut enrolments = Enrolments::new(node.clone(), capture, ctx);
     enrolments.reconcile(&state_rx.borrow());
 
-    let (_watcher, mut changes) = watch::watch_dir(config.path())
-        .with_context(|| format!("watch {}", config.path().display()))?;
+    let (_watcher, mut changes) =
+        watch::watch_dir(config.path()).with_context(|| format!("watch {}", config.path().display()))?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
-    tracing::info!(node = %args.node, enrolled = enrolments.enrolled(), "agent ready");
+    tracing::info!(%node, enrolled = enrolments.enrolled(), "agent ready");
 
     loop {
         tokio::select! {
@@ -120,7 +238,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 let (snapshot, errors) = config.reload();
                 report(&errors);
-                state_tx.send_replace(Arc::new(State::new(snapshot)));
+                state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
                 enrolments.reconcile(&state_rx.borrow());
                 tracing::info!(enrolled = enrolments.enrolled(), errors = errors.len(), "configuration applied");
             }
@@ -131,17 +249,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     tracing::info!("shutting down");
-    let counters: Vec<String> = enrolments
-        .capture()
-        .counters()
-        .iter()
-        .map(|(name, value)| format!("{name}={value}"))
-        .collect();
+    let counters: Vec<String> =
+        enrolments.capture().counters().iter().map(|(name, value)| format!("{name}={value}")).collect();
     tracing::info!(counters = %counters.join(" "), "kernel capture counters");
     enrolments.clear();
     drop(enrolments); // detaches every program
     tracing::info!("agent stopped");
     Ok(())
+}
+
+fn load_bundle(path: &std::path::Path, trust_domain: &str) -> anyhow::Result<TrustBundle> {
+    let pem = std::fs::read(path).with_context(|| format!("--ca-root {}: cannot read it", path.display()))?;
+    let roots = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("--ca-root {}: not PEM certificates", path.display()))?;
+    if roots.is_empty() {
+        bail!("--ca-root {}: holds no certificate; give the CA's root.pem", path.display());
+    }
+    for root in &roots {
+        ambit_agent::identity::svid::check_root(root)
+            .map_err(|e| anyhow::anyhow!("--ca-root {}: {e}", path.display()))?;
+    }
+    Ok(TrustBundle::new(trust_domain, &roots)?)
 }
 
 fn report(errors: &[config::ConfigError]) {

@@ -37,16 +37,12 @@ pub struct Netns {
 
 impl Netns {
     pub fn open(path: &Path) -> io::Result<Self> {
-        Ok(Self {
-            file: File::open(path)?,
-        })
+        Ok(Self { file: File::open(path)? })
     }
 
     /// Runs `f` with the calling thread inside this netns.
     fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-        let home = AGENT_NETNS
-            .get()
-            .expect("record_agent_netns runs at start-up");
+        let home = AGENT_NETNS.get().expect("record_agent_netns runs at start-up");
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)?;
         let result = f();
         // A thread left in a pod's netns would open the agent's next sockets
@@ -61,8 +57,7 @@ impl Netns {
     /// A TCP socket inside this netns, marked as the agent's own so the
     /// capture programs let it through, ready for tokio.
     pub fn tcp_socket(&self, peer: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
-        let socket =
-            self.run(|| Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP)))?;
+        let socket = self.run(|| Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP)))?;
         socket.set_mark(AGENT_SOCKET_MARK)?;
         socket.set_nodelay(true)?;
         socket.set_nonblocking(true)?;
@@ -71,8 +66,7 @@ impl Netns {
 
     /// A listening socket inside this netns.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-        let socket =
-            self.run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?;
+        let socket = self.run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?;
         socket.set_reuse_address(true)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;

@@ -23,31 +23,16 @@ pub fn missing_features(cgroup: &Path) -> Vec<Missing> {
         Err(e) => missing.push(Missing(format!("{what} (probe failed: {e})"))),
     };
     for (program, what) in [
-        (
-            ProgramType::CgroupSockAddr,
-            "BPF program type cgroup_sock_addr (Linux 4.17) for outbound capture",
-        ),
-        (
-            ProgramType::SockOps,
-            "BPF program type sock_ops (Linux 4.13) to key original destinations",
-        ),
-        (
-            ProgramType::SkLookup,
-            "BPF program type sk_lookup (Linux 5.9) for inbound capture",
-        ),
+        (ProgramType::CgroupSockAddr, "BPF program type cgroup_sock_addr (Linux 4.17) for outbound capture"),
+        (ProgramType::SockOps, "BPF program type sock_ops (Linux 4.13) to key original destinations"),
+        (ProgramType::SkLookup, "BPF program type sk_lookup (Linux 5.9) for inbound capture"),
     ] {
-        need(
-            is_program_supported(program).map_err(|e| e.to_string()),
-            what,
-        );
+        need(is_program_supported(program).map_err(|e| e.to_string()), what);
     }
     for (map, what) in [
         (MapType::SockHash, "BPF map type sockhash (Linux 4.18)"),
         (MapType::LruHash, "BPF map type lru_hash (Linux 4.10)"),
-        (
-            MapType::PerCpuArray,
-            "BPF map type percpu_array (Linux 4.6)",
-        ),
+        (MapType::PerCpuArray, "BPF map type percpu_array (Linux 4.6)"),
     ] {
         need(is_map_supported(map).map_err(|e| e.to_string()), what);
     }
@@ -62,33 +47,13 @@ pub fn missing_features(cgroup: &Path) -> Vec<Missing> {
             BpfHelper::BPF_FUNC_get_socket_cookie,
             "bpf_get_socket_cookie in cgroup_sock_addr (Linux 4.12)",
         ),
-        (
-            ProgramType::SockOps,
-            BpfHelper::BPF_FUNC_get_socket_cookie,
-            "bpf_get_socket_cookie in sock_ops (Linux 5.10)",
-        ),
-        (
-            ProgramType::SkLookup,
-            BpfHelper::BPF_FUNC_sk_assign,
-            "bpf_sk_assign in sk_lookup (Linux 5.9)",
-        ),
+        (ProgramType::SockOps, BpfHelper::BPF_FUNC_get_socket_cookie, "bpf_get_socket_cookie in sock_ops (Linux 5.10)"),
+        (ProgramType::SkLookup, BpfHelper::BPF_FUNC_sk_assign, "bpf_sk_assign in sk_lookup (Linux 5.9)"),
     ] {
-        need(
-            is_helper_supported(program, helper).map_err(|e| e.to_string()),
-            what,
-        );
+        need(is_helper_supported(program, helper).map_err(|e| e.to_string()), what);
     }
-    need(
-        netns_cookie_sockopt(),
-        "getsockopt SO_NETNS_COOKIE (Linux 5.14) to match pods to their netns",
-    );
-    need(
-        is_cgroup2(cgroup),
-        &format!(
-            "{} must be a cgroup v2 directory (pass --cgroup)",
-            cgroup.display()
-        ),
-    );
+    need(netns_cookie_sockopt(), "getsockopt SO_NETNS_COOKIE (Linux 5.14) to match pods to their netns");
+    need(is_cgroup2(cgroup), &format!("{} must be a cgroup v2 directory (pass --cgroup)", cgroup.display()));
     missing
 }
 

@@ -40,10 +40,7 @@ impl TrustBundle {
         for root in roots {
             store.add(root.clone())?;
         }
-        Ok(Self {
-            trust_domain: trust_domain.to_string(),
-            roots: Arc::new(store),
-        })
+        Ok(Self { trust_domain: trust_domain.to_string(), roots: Arc::new(store) })
     }
 }
 
@@ -81,11 +78,7 @@ pub fn client_config(
     expected: SpiffeId,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(SpiffeServerVerifier {
-        bundle: bundle.clone(),
-        expected,
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(SpiffeServerVerifier { bundle: bundle.clone(), expected, provider: provider.clone() });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -99,18 +92,15 @@ pub fn client_config(
 }
 
 /// The verified identity of a peer, from the certificates of a finished handshake.
-pub fn peer_identity(
-    certs: Option<&[CertificateDer<'static>]>,
-    trust_domain: &str,
-) -> Result<SpiffeId, String> {
+pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>, trust_domain: &str) -> Result<SpiffeId, String> {
     let certs = certs.ok_or("the peer presented no certificate")?;
     check_chain_in(certs, trust_domain).map_err(|e| e.to_string())
 }
 
 fn spiffe_error(e: impl std::fmt::Display) -> TlsError {
-    TlsError::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
-        Arc::new(SpiffeRuleError(e.to_string())),
-    )))
+    TlsError::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(SpiffeRuleError(
+        e.to_string(),
+    )))))
 }
 
 #[derive(Debug)]
@@ -142,8 +132,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
         check_chain_in(&chain, &self.trust_domain).map_err(spiffe_error)?;
@@ -182,12 +171,7 @@ struct SpiffeServerVerifier {
 
 impl std::fmt::Debug for TrustBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "TrustBundle({}, {} roots)",
-            self.trust_domain,
-            self.roots.len()
-        )
+        write!(f, "TrustBundle({}, {} roots)", self.trust_domain, self.roots.len())
     }
 }
 
@@ -213,10 +197,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         chain.extend(intermediates.iter().cloned());
         let id = check_chain_in(&chain, &self.bundle.trust_domain).map_err(spiffe_error)?;
         if id != self.expected {
-            return Err(spiffe_error(format!(
-                "server is {id}, expected {}",
-                self.expected
-            )));
+            return Err(spiffe_error(format!("server is {id}, expected {}", self.expected)));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -227,12 +208,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -241,18 +217,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

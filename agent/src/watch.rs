@@ -10,9 +10,7 @@ use tokio::sync::mpsc;
 pub const SETTLE: Duration = Duration::from_millis(150);
 
 /// Keep the returned watcher alive for as long as changes should arrive.
-pub fn watch_dir(
-    dir: &Path,
-) -> notify::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
+pub fn watch_dir(dir: &Path) -> notify::Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {

@@ -51,11 +51,7 @@ impl IpKey {
     }
 
     pub const fn from_ipv4_octets(b: [u8; 4]) -> Self {
-        Self {
-            octets: [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
-            ],
-        }
+        Self { octets: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3]] }
     }
 
     /// From an IPv6 address as the kernel's context structs hold it: four
@@ -161,12 +157,7 @@ pub struct ConnKey {
 
 impl ConnKey {
     pub const fn new(netns_cookie: u64, src: SockAddrKey, dst: SockAddrKey) -> Self {
-        Self {
-            netns_cookie,
-            src,
-            dst,
-            _pad: [0; 4],
-        }
+        Self { netns_cookie, src, dst, _pad: [0; 4] }
     }
 }
 
@@ -235,9 +226,7 @@ mod convert {
         fn from(ip: IpAddr) -> Self {
             match ip {
                 IpAddr::V4(v4) => IpKey::from_ipv4_octets(v4.octets()),
-                IpAddr::V6(v6) => IpKey {
-                    octets: v6.octets(),
-                },
+                IpAddr::V6(v6) => IpKey { octets: v6.octets() },
             }
         }
     }
@@ -262,10 +251,7 @@ mod convert {
                 },
                 v4 => v4,
             };
-            SockAddrKey {
-                ip: ip.into(),
-                port: addr.port(),
-            }
+            SockAddrKey { ip: ip.into(), port: addr.port() }
         }
     }
 
@@ -299,18 +285,14 @@ mod tests {
         let key = IpKey::from_ipv4_be(word);
         assert_eq!(key, IpKey::from("10.1.2.3".parse::<IpAddr>().unwrap()));
         assert_eq!(IpAddr::from(key), "10.1.2.3".parse::<IpAddr>().unwrap());
-        assert_eq!(
-            &key.octets[..12],
-            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
-        );
+        assert_eq!(&key.octets[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
     }
 
     #[test]
     fn ipv6_from_kernel_words_matches_std() {
         let ip: std::net::Ipv6Addr = "fd00:1::2".parse().unwrap();
         let o = ip.octets();
-        let words = [0, 1, 2, 3]
-            .map(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]));
+        let words = [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]));
         assert_eq!(IpKey::from_ipv6_be(words), IpKey::from(IpAddr::V6(ip)));
     }
 
@@ -332,11 +314,7 @@ mod tests {
             ("::2", false),
             ("::", false),
         ] {
-            assert_eq!(
-                IpKey::from(addr.parse::<IpAddr>().unwrap()).is_loopback(),
-                want,
-                "{addr}"
-            );
+            assert_eq!(IpKey::from(addr.parse::<IpAddr>().unwrap()).is_loopback(), want, "{addr}");
         }
     }
 

@@ -14,8 +14,8 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use ambit_common::{
-    AGENT_SOCKET_MARK, ConnKey, Counter, EnrolledPod, HBONE_PORT, IpKey, MAX_PODS,
-    ORIG_DST_CAPACITY, OrigDst, SockAddrKey,
+    AGENT_SOCKET_MARK, ConnKey, Counter, EnrolledPod, HBONE_PORT, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst,
+    SockAddrKey,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -38,14 +38,12 @@ static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::with_max_entries(MAX_PODS,
 
 /// Original destination of a captured connect(), keyed by socket cookie.
 #[map(name = "ORIG_DST_BY_COOKIE")]
-static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
 /// Original destination keyed by (netns cookie, 4-tuple); the agent reads and
 /// deletes the entry after accept().
 #[map(name = "ORIG_DST_BY_CONN")]
-static ORIG_DST_BY_CONN: LruHashMap<ConnKey, SockAddrKey> =
-    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+static ORIG_DST_BY_CONN: LruHashMap<ConnKey, SockAddrKey> = LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
 /// Plaintext inbound listener of each enrolled pod IP.
 #[map(name = "INBOUND_LISTENERS")]
@@ -85,12 +83,7 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
         // An IPv4-mapped destination goes to the IPv4 listener, reachable
         // from a v6 socket as ::ffff:127.0.0.1.
         let loopback = if ip.ipv4_octets().is_some() {
-            [
-                0,
-                0,
-                u32::from_ne_bytes([0, 0, 0xff, 0xff]),
-                u32::from_ne_bytes([127, 0, 0, 1]),
-            ]
+            [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes([127, 0, 0, 1])]
         } else {
             [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
         };
@@ -133,24 +126,13 @@ fn capture_connect(ctx: &SockAddrContext, ip: IpKey, v6_socket: bool) -> Option<
         return None;
     }
     let to_v4 = !v6_socket || ip.ipv4_octets().is_some();
-    let listener_port = if to_v4 {
-        pod.outbound_port_v4
-    } else {
-        pod.outbound_port_v6
-    };
+    let listener_port = if to_v4 { pod.outbound_port_v4 } else { pod.outbound_port_v6 };
     if listener_port == 0 {
         count(Counter::Connect6NoListener);
         return None;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
-        netns_cookie,
-        dst: SockAddrKey {
-            ip,
-            port: u16::from_be(user_port as u16),
-        },
-        _pad: [0; 6],
-    };
+    let orig = OrigDst { netns_cookie, dst: SockAddrKey { ip, port: u16::from_be(user_port as u16) }, _pad: [0; 6] };
     if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         count(Counter::MapUpdateFailed);
         return None;
@@ -189,26 +171,14 @@ fn rekey_orig_dst(ctx: &SockOpsContext) {
         )
     };
     let (local_ip, remote_ip) = match family {
-        AF_INET => (
-            IpKey::from_ipv4_be(local_ip4),
-            IpKey::from_ipv4_be(remote_ip4),
-        ),
-        AF_INET6 => (
-            IpKey::from_ipv6_be(local_ip6),
-            IpKey::from_ipv6_be(remote_ip6),
-        ),
+        AF_INET => (IpKey::from_ipv4_be(local_ip4), IpKey::from_ipv4_be(remote_ip4)),
+        AF_INET6 => (IpKey::from_ipv6_be(local_ip6), IpKey::from_ipv6_be(remote_ip6)),
         _ => return,
     };
     // local_port is in host order; remote_port holds the network-order port
     // in its upper 16 bits on little-endian machines.
-    let local = SockAddrKey {
-        ip: local_ip,
-        port: local_port as u16,
-    };
-    let remote = SockAddrKey {
-        ip: remote_ip,
-        port: u16::from_be((remote_port >> 16) as u16),
-    };
+    let local = SockAddrKey { ip: local_ip, port: local_port as u16 };
+    let remote = SockAddrKey { ip: remote_ip, port: u16::from_be((remote_port >> 16) as u16) };
     let key = ConnKey::new(orig.netns_cookie, local, remote);
     if ORIG_DST_BY_CONN.insert(&key, &orig.dst, 0).is_err() {
         count(Counter::MapUpdateFailed);
@@ -224,12 +194,7 @@ fn rekey_orig_dst(ctx: &SockOpsContext) {
 unsafe fn read_ip6(field: *const [u32; 4]) -> [u32; 4] {
     let words = field.cast::<u32>();
     unsafe {
-        [
-            read_volatile(words),
-            read_volatile(words.add(1)),
-            read_volatile(words.add(2)),
-            read_volatile(words.add(3)),
-        ]
+        [read_volatile(words), read_volatile(words.add(1)), read_volatile(words.add(2)), read_volatile(words.add(3))]
     }
 }
 
@@ -257,14 +222,8 @@ fn steer_inbound(ctx: &SkLookupContext) {
         return;
     }
     let (local, remote) = match family {
-        AF_INET => (
-            IpKey::from_ipv4_be(local_ip4),
-            IpKey::from_ipv4_be(remote_ip4),
-        ),
-        AF_INET6 => (
-            IpKey::from_ipv6_be(local_ip6),
-            IpKey::from_ipv6_be(remote_ip6),
-        ),
+        AF_INET => (IpKey::from_ipv4_be(local_ip4), IpKey::from_ipv4_be(remote_ip4)),
+        AF_INET6 => (IpKey::from_ipv6_be(local_ip6), IpKey::from_ipv6_be(remote_ip6)),
         _ => return,
     };
     // A connection from the pod's own address to itself never crossed the

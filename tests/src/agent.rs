@@ -19,9 +19,7 @@ static LOG_COUNTER: AtomicU32 = AtomicU32::new(0);
 pub fn agent_binary() -> PathBuf {
     std::env::var_os("AMBIT_AGENT_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ambit-agent")
-        })
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ambit-agent"))
 }
 
 /// One `connection closed`/`connection failed` line of the agent's log.
@@ -42,12 +40,7 @@ impl ConnectionRecord {
         if line.get("target")?.as_str()? != "ambit::conn" || line.get("direction").is_none() {
             return None;
         }
-        let text = |key: &str| {
-            line.get(key)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
+        let text = |key: &str| line.get(key).and_then(Value::as_str).unwrap_or_default().to_string();
         let number = |key: &str| line.get(key).and_then(Value::as_u64).unwrap_or_default();
         Some(ConnectionRecord {
             direction: text("direction"),
@@ -57,10 +50,7 @@ impl ConnectionRecord {
             dst_addr: text("dst_addr"),
             bytes_sent: number("bytes_sent"),
             bytes_received: number("bytes_received"),
-            error: line
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            error: line.get("error").and_then(Value::as_str).map(str::to_string),
         })
     }
 }
@@ -80,11 +70,7 @@ impl Agent {
         config: &Path,
         dir: &Path,
     ) -> Result<Agent> {
-        let log = dir.join(format!(
-            "agent-{}-{}.log",
-            node.name,
-            LOG_COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
+        let log = dir.join(format!("agent-{}-{}.log", node.name, LOG_COUNTER.fetch_add(1, Ordering::SeqCst)));
         let mut cmd = Command::new(binary);
         cmd.args(["--node", &node.name, "--log-format", "json", "--config-dir"])
             .arg(config)
@@ -94,19 +80,9 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(File::create(&log)?)
             .stderr(File::options().append(true).open(&log)?);
-        enter(
-            &mut cmd,
-            &Path::new("/run/netns").join(&node.netns),
-            Some(cgroup),
-        )?;
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {}", binary.display()))?;
-        Ok(Agent {
-            node: node.name.clone(),
-            child,
-            log,
-        })
+        enter(&mut cmd, &Path::new("/run/netns").join(&node.netns), Some(cgroup))?;
+        let child = cmd.spawn().with_context(|| format!("start {}", binary.display()))?;
+        Ok(Agent { node: node.name.clone(), child, log })
     }
 
     pub fn pid(&self) -> u32 {
@@ -124,27 +100,16 @@ impl Agent {
 
     /// Every JSON line logged so far.
     pub fn lines(&self) -> Vec<Value> {
-        self.log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// Every connection the agent has logged so far.
     pub fn connections(&self) -> Vec<ConnectionRecord> {
-        self.lines()
-            .iter()
-            .filter_map(ConnectionRecord::from_log)
-            .collect()
+        self.lines().iter().filter_map(ConnectionRecord::from_log).collect()
     }
 
     /// Waits for a log line matching `pred`, failing if the agent exits.
-    pub fn wait_for(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<Value> {
+    pub fn wait_for(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
         let mut found = None;
         let result = wait_until(timeout, what, || {
             if let Some(line) = self.lines().into_iter().find(|l| pred(l)) {
@@ -162,10 +127,7 @@ impl Agent {
 
     /// Waits for `agent ready`.
     pub fn wait_ready(&mut self) -> Result<()> {
-        self.wait_for("agent ready", Duration::from_secs(20), |l| {
-            message(l) == "agent ready"
-        })
-        .map(drop)
+        self.wait_for("agent ready", Duration::from_secs(20), |l| message(l) == "agent ready").map(drop)
     }
 
     /// Waits for a log line with `message` about `pod` (e.g. "pod enrolled"),
@@ -177,9 +139,7 @@ impl Agent {
             let count = self
                 .lines()
                 .iter()
-                .filter(|l| {
-                    message(l) == event && l.get("pod").and_then(Value::as_str) == Some(pod)
-                })
+                .filter(|l| message(l) == event && l.get("pod").and_then(Value::as_str) == Some(pod))
                 .count();
             Ok(count > nth)
         })
@@ -193,27 +153,18 @@ impl Agent {
         pred: impl Fn(&ConnectionRecord) -> bool,
     ) -> Result<Vec<ConnectionRecord>> {
         let mut matched = Vec::new();
-        wait_until(
-            Duration::from_secs(20),
-            &format!("{n} matching connection records"),
-            || {
-                matched = self.connections().into_iter().filter(|c| pred(c)).collect();
-                Ok(matched.len() >= n)
-            },
-        )
+        wait_until(Duration::from_secs(20), &format!("{n} matching connection records"), || {
+            matched = self.connections().into_iter().filter(|c| pred(c)).collect();
+            Ok(matched.len() >= n)
+        })
         .map_err(|e| e_with_log(e, self))?;
         Ok(matched)
     }
 
     /// Graceful stop (SIGTERM), as Kubernetes does.
     pub fn stop(&mut self) -> Result<ExitStatus> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        wait_until(Duration::from_secs(10), "agent exit", || {
-            Ok(self.child.try_wait()?.is_some())
-        })?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        wait_until(Duration::from_secs(10), "agent exit", || Ok(self.child.try_wait()?.is_some()))?;
         Ok(self.child.wait()?)
     }
 
@@ -226,9 +177,7 @@ impl Agent {
 
     /// Waits for the agent to exit on its own (e.g. a start-up failure).
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        wait_until(timeout, "agent exit", || {
-            Ok(self.child.try_wait()?.is_some())
-        })?;
+        wait_until(timeout, "agent exit", || Ok(self.child.try_wait()?.is_some()))?;
         Ok(self.child.wait()?)
     }
 }
@@ -242,15 +191,9 @@ impl Drop for Agent {
 
 /// The `message` field of a log line.
 pub fn message(line: &Value) -> &str {
-    line.get("message")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
+    line.get("message").and_then(Value::as_str).unwrap_or_default()
 }
 
 fn e_with_log(e: anyhow::Error, agent: &Agent) -> anyhow::Error {
-    e.context(format!(
-        "agent log ({}):\n{}",
-        agent.log.display(),
-        agent.log_text()
-    ))
+    e.context(format!("agent log ({}):\n{}", agent.log.display(), agent.log_text()))
 }

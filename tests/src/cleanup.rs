@@ -16,10 +16,7 @@ pub fn remove_run(run: &str) {
             remove_cgroup_tree(&run_cgroup);
         }
     }
-    for netns in netns_names()
-        .into_iter()
-        .filter(|n| n.starts_with(&format!("{prefix}-")))
-    {
+    for netns in netns_names().into_iter().filter(|n| n.starts_with(&format!("{prefix}-"))) {
         let _ = Command::new("ip").args(["netns", "del", &netns]).status();
     }
 }
@@ -33,9 +30,8 @@ fn remove_cgroup_tree(dir: &Path) {
         }
     }
     // The kernel removes a cgroup only once its killed processes are gone.
-    let _ = wait_until(Duration::from_secs(5), "cgroup removal", || {
-        Ok(std::fs::remove_dir(dir).is_ok() || !dir.exists())
-    });
+    let _ =
+        wait_until(Duration::from_secs(5), "cgroup removal", || Ok(std::fs::remove_dir(dir).is_ok() || !dir.exists()));
 }
 
 /// Removes what runs of processes that no longer exist left behind (a test
@@ -45,11 +41,7 @@ pub fn remove_stale() {
     if let Ok(root) = cgroup2_mount()
         && let Ok(entries) = std::fs::read_dir(root)
     {
-        runs.extend(
-            entries
-                .flatten()
-                .filter_map(|e| run_of(&e.file_name().to_string_lossy())),
-        );
+        runs.extend(entries.flatten().filter_map(|e| run_of(&e.file_name().to_string_lossy())));
     }
     runs.sort();
     runs.dedup();
@@ -68,31 +60,21 @@ fn run_of(name: &str) -> Option<String> {
     let mut parts = rest.splitn(3, '-');
     let pid = parts.next()?;
     let n = parts.next()?;
-    (pid.chars().all(|c| c.is_ascii_digit())
-        && n.chars().all(|c| c.is_ascii_digit())
-        && !n.is_empty())
-    .then(|| format!("{pid}-{n}"))
+    (pid.chars().all(|c| c.is_ascii_digit()) && n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty())
+        .then(|| format!("{pid}-{n}"))
 }
 
 fn netns_names() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+        .map(|entries| entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default()
 }
 
 /// Everything of ambit's still on the machine: bed netns and cgroups, and
 /// loaded kernel programs. Empty after a clean test run.
 pub fn leftovers() -> Vec<String> {
-    let mut found: Vec<String> = netns_names()
-        .into_iter()
-        .filter(|n| n.starts_with(PREFIX))
-        .map(|n| format!("netns {n}"))
-        .collect();
+    let mut found: Vec<String> =
+        netns_names().into_iter().filter(|n| n.starts_with(PREFIX)).map(|n| format!("netns {n}")).collect();
     if let Ok(root) = cgroup2_mount()
         && let Ok(entries) = std::fs::read_dir(&root)
     {
@@ -103,16 +85,13 @@ pub fn leftovers() -> Vec<String> {
                 .map(|e| format!("cgroup {}", e.path().display())),
         );
     }
-    if let Ok(output) = Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
+    if let Ok(output) = Command::new("bpftool").args(["-j", "prog", "show"]).output()
         && let Ok(serde_json::Value::Array(progs)) = serde_json::from_slice(&output.stdout)
     {
         found.extend(progs.iter().filter_map(|p| {
             let name = p.get("name")?.as_str()?;
             let id = p.get("id")?;
-            name.starts_with("ambit_")
-                .then(|| format!("BPF program {name} (id {id})"))
+            name.starts_with("ambit_").then(|| format!("BPF program {name} (id {id})"))
         }));
     }
     found

@@ -93,8 +93,7 @@ impl Pod {
     /// A command that will run inside this pod (its netns and cgroup).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
-        enter(&mut cmd, &self.netns_path(), Some(&self.cgroup))
-            .expect("pod netns and cgroup exist");
+        enter(&mut cmd, &self.netns_path(), Some(&self.cgroup)).expect("pod netns and cgroup exist");
         cmd
     }
 }
@@ -119,17 +118,10 @@ impl Bed {
             bail!("the test bed cannot run here: {missing}");
         }
         remove_stale();
-        let run = format!(
-            "{}-{}",
-            std::process::id(),
-            RUN_COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
+        let run = format!("{}-{}", std::process::id(), RUN_COUNTER.fetch_add(1, Ordering::SeqCst));
         let run_cgroup = prereq::cgroup2_mount()?.join(format!("{PREFIX}{run}"));
-        std::fs::create_dir(&run_cgroup)
-            .with_context(|| format!("create {}", run_cgroup.display()))?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{PREFIX}{run}-"))
-            .tempdir()?;
+        std::fs::create_dir(&run_cgroup).with_context(|| format!("create {}", run_cgroup.display()))?;
+        let dir = tempfile::Builder::new().prefix(&format!("{PREFIX}{run}-")).tempdir()?;
         std::fs::create_dir(dir.path().join("config"))?;
         let mut bed = Bed {
             fabric: format!("{PREFIX}{run}-fabric"),
@@ -151,10 +143,7 @@ impl Bed {
         for a in &bed.nodes {
             for b in bed.nodes.iter().filter(|b| b.index != a.index) {
                 let range = format!("10.244.{}.0/24", b.index);
-                ip_in(
-                    &a.netns,
-                    &["route", "add", &range, "via", &b.ip.to_string()],
-                )?;
+                ip_in(&a.netns, &["route", "add", &range, "via", &b.ip.to_string()])?;
             }
         }
         Ok(bed)
@@ -168,49 +157,16 @@ impl Bed {
         std::fs::create_dir(&cgroup)?;
         ip(&["netns", "add", &netns])?;
         let uplink = format!("n{index}");
-        ip_in(
-            &self.fabric,
-            &[
-                "link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &netns,
-            ],
-        )?;
-        ip_in(
-            &self.fabric,
-            &["link", "set", &uplink, "master", "br0", "up"],
-        )?;
-        ip_in(
-            &netns,
-            &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"],
-        )?;
+        ip_in(&self.fabric, &["link", "add", &uplink, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip_in(&self.fabric, &["link", "set", &uplink, "master", "br0", "up"])?;
+        ip_in(&netns, &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
         ip_in(&netns, &["link", "set", "eth0", "up"])?;
         ip_in(&netns, &["link", "set", "lo", "up"])?;
         ip_in(&netns, &["link", "add", "cbr0", "type", "bridge"])?;
-        ip_in(
-            &netns,
-            &[
-                "addr",
-                "add",
-                &format!("10.244.{index}.1/24"),
-                "dev",
-                "cbr0",
-            ],
-        )?;
+        ip_in(&netns, &["addr", "add", &format!("10.244.{index}.1/24"), "dev", "cbr0"])?;
         ip_in(&netns, &["link", "set", "cbr0", "up"])?;
-        run_ok(Command::new("ip").args([
-            "netns",
-            "exec",
-            &netns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]))?;
-        self.nodes.push(Node {
-            name: name.to_string(),
-            index,
-            netns,
-            ip: node_ip,
-            cgroup,
-        });
+        run_ok(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        self.nodes.push(Node { name: name.to_string(), index, netns, ip: node_ip, cgroup });
         Ok(())
     }
 
@@ -225,10 +181,7 @@ impl Bed {
     }
 
     pub fn node(&self, name: &str) -> &Node {
-        self.nodes
-            .iter()
-            .find(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -236,10 +189,7 @@ impl Bed {
     }
 
     pub fn pod(&self, id: &str) -> &Pod {
-        self.pods
-            .iter()
-            .find(|p| p.id() == id)
-            .unwrap_or_else(|| panic!("no pod {id}"))
+        self.pods.iter().find(|p| p.id() == id).unwrap_or_else(|| panic!("no pod {id}"))
     }
 
     pub fn pods(&self) -> &[Pod] {
@@ -264,8 +214,7 @@ impl Bed {
     /// Sets (or removes, with `None`) a namespace's data-plane-mode label and
     /// rewrites its configuration file.
     pub fn set_namespace_mode(&mut self, name: &str, mode: Option<&str>) -> Result<()> {
-        self.namespaces
-            .insert(name.to_string(), mode.map(str::to_string));
+        self.namespaces.insert(name.to_string(), mode.map(str::to_string));
         let labels = match mode {
             Some(mode) => format!("\n  labels:\n    {DATAPLANE_MODE_LABEL}: {mode}"),
             None => String::new(),
@@ -296,32 +245,12 @@ impl Bed {
         std::fs::create_dir(&pod.cgroup)?;
         ip(&["netns", "add", &netns])?;
         let host_side = format!("vp{k}");
-        ip_in(
-            &node.netns,
-            &[
-                "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &netns,
-            ],
-        )?;
-        ip_in(
-            &node.netns,
-            &["link", "set", &host_side, "master", "cbr0", "up"],
-        )?;
-        ip_in(
-            &netns,
-            &["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"],
-        )?;
+        ip_in(&node.netns, &["link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip_in(&node.netns, &["link", "set", &host_side, "master", "cbr0", "up"])?;
+        ip_in(&netns, &["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"])?;
         ip_in(&netns, &["link", "set", "eth0", "up"])?;
         ip_in(&netns, &["link", "set", "lo", "up"])?;
-        ip_in(
-            &netns,
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.244.{}.1", node.index),
-            ],
-        )?;
+        ip_in(&netns, &["route", "add", "default", "via", &format!("10.244.{}.1", node.index)])?;
         self.pods.push(pod.clone());
         self.write_pod(&pod)?;
         Ok(pod)
@@ -329,11 +258,7 @@ impl Bed {
 
     /// Sets or removes a label on a pod and rewrites its configuration file.
     pub fn set_pod_label(&mut self, id: &str, key: &str, value: Option<&str>) -> Result<()> {
-        let pod = self
-            .pods
-            .iter_mut()
-            .find(|p| p.id() == id)
-            .with_context(|| format!("no pod {id}"))?;
+        let pod = self.pods.iter_mut().find(|p| p.id() == id).with_context(|| format!("no pod {id}"))?;
         match value {
             Some(v) => pod.labels.insert(key.to_string(), v.to_string()),
             None => pod.labels.remove(key),
@@ -343,11 +268,7 @@ impl Bed {
     }
 
     fn write_pod(&self, pod: &Pod) -> Result<()> {
-        let labels: String = pod
-            .labels
-            .iter()
-            .map(|(k, v)| format!("\n    {k}: {v}"))
-            .collect();
+        let labels: String = pod.labels.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
         let yaml = format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\n  annotations:\n    ambit.dev/netns: {netns}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIPs:\n  - ip: {ip}\n",
             name = pod.name,
@@ -383,26 +304,14 @@ impl Bed {
         if !cgroup.exists() {
             std::fs::create_dir(&cgroup)?;
         }
-        Agent::start(
-            &self.agent_binary,
-            node,
-            &cgroup,
-            attach,
-            &self.config_dir(),
-            self.dir.path(),
-        )
+        Agent::start(&self.agent_binary, node, &cgroup, attach, &self.config_dir(), self.dir.path())
     }
 
     /// Starts a long-running process in a pod; the bed kills it on drop.
     pub fn spawn(&self, pod: &str, program: &str, args: &[&str]) -> Result<()> {
         let mut cmd = self.pod(pod).command(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {program} in {pod}"))?;
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().with_context(|| format!("start {program} in {pod}"))?;
         self.children.lock().expect("children lock").push(child);
         Ok(())
     }
@@ -448,10 +357,7 @@ impl Bed {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(log)?);
-        self.children
-            .lock()
-            .expect("children lock")
-            .push(cmd.spawn()?);
+        self.children.lock().expect("children lock").push(cmd.spawn()?);
         self.wait_listening(pod, port)
     }
 
@@ -465,27 +371,15 @@ impl Bed {
     /// `ss` inside the pod, so the check itself makes no connection).
     pub fn wait_listening(&self, pod: &str, port: u16) -> Result<()> {
         let filter = format!("sport = :{port}");
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{pod} listening on {port}"),
-            || {
-                Ok(!self
-                    .run_ok(pod, "ss", &["-Hltn", &filter])?
-                    .trim()
-                    .is_empty())
-            },
-        )
+        wait_until(Duration::from_secs(10), &format!("{pod} listening on {port}"), || {
+            Ok(!self.run_ok(pod, "ss", &["-Hltn", &filter])?.trim().is_empty())
+        })
     }
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        for mut child in self
-            .children
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default()
-        {
+        for mut child in self.children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -494,11 +388,7 @@ impl Drop for Bed {
 }
 
 /// Polls `check` until it returns true, failing after `timeout`.
-pub fn wait_until(
-    timeout: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Result<bool>,
-) -> Result<()> {
+pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last_error = None;
     loop {
@@ -555,16 +445,9 @@ fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
 }
 
 fn run_ok(cmd: &mut Command) -> Result<()> {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {cmd:?}"))?;
+    let output = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {cmd:?}"))?;
     if !output.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        bail!("{cmd:?} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(())
 }

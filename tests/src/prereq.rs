@@ -8,15 +8,7 @@ use anyhow::{Context as _, Result};
 use crate::{Bed, agent::agent_binary};
 
 /// Commands the bed and the tests run; `cargo xtask setup` installs them.
-const TOOLS: &[&str] = &[
-    "ip",
-    "ss",
-    "python3",
-    "curl",
-    "iperf3",
-    "bpftool",
-    "sha256sum",
-];
+const TOOLS: &[&str] = &["ip", "ss", "python3", "curl", "iperf3", "bpftool", "sha256sum"];
 
 /// Why the bed cannot run here, or `None` when it can.
 pub fn missing_prerequisites() -> Option<String> {
@@ -34,10 +26,7 @@ pub fn missing_prerequisites() -> Option<String> {
     }
     let agent = agent_binary();
     if !agent.exists() {
-        missing.push(format!(
-            "the agent binary at {} (run `cargo xtask test`, which builds it)",
-            agent.display()
-        ));
+        missing.push(format!("the agent binary at {} (run `cargo xtask test`, which builds it)", agent.display()));
     }
     (!missing.is_empty()).then(|| missing.join(", "))
 }
@@ -71,6 +60,5 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 }
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
 }

@@ -57,12 +57,7 @@ fn web_root(bed: &Bed, big_bytes: usize) -> (PathBuf, String) {
 fn sha256(file: &Path) -> String {
     let out = Command::new("sha256sum").arg(file).output().unwrap();
     assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
 }
 
 fn curl(bed: &Bed, from: &str, url: &str) -> Result<String> {
@@ -71,23 +66,8 @@ fn curl(bed: &Bed, from: &str, url: &str) -> Result<String> {
 
 /// Downloads `url` in pod `from` to a file and returns the file's SHA-256.
 fn curl_sha256(bed: &Bed, from: &str, url: &str) -> String {
-    let out = bed
-        .scratch()
-        .join(format!("download-{}", from.replace('/', "-")));
-    bed.run_ok(
-        from,
-        "curl",
-        &[
-            "-sS",
-            "--fail",
-            "--max-time",
-            "60",
-            "-o",
-            out.to_str().unwrap(),
-            url,
-        ],
-    )
-    .unwrap();
+    let out = bed.scratch().join(format!("download-{}", from.replace('/', "-")));
+    bed.run_ok(from, "curl", &["-sS", "--fail", "--max-time", "60", "-o", out.to_str().unwrap(), url]).unwrap();
     sha256(&out)
 }
 
@@ -100,11 +80,7 @@ fn iperf3(bed: &Bed, from: &str, server_ip: &str, reverse: bool) -> u64 {
     }
     let out = bed.run_ok(from, "iperf3", &args).unwrap();
     let report: Value = serde_json::from_str(&out).unwrap();
-    assert!(
-        report.get("error").is_none(),
-        "iperf3 error: {}",
-        report["error"]
-    );
+    assert!(report.get("error").is_none(), "iperf3 error: {}", report["error"]);
     report["end"]["sum_received"]["bytes"].as_u64().unwrap()
 }
 
@@ -128,19 +104,13 @@ fn stop_and_read_counters(agent: &mut Agent) -> Vec<(String, u64)> {
 }
 
 fn counter(counters: &[(String, u64)], name: &str) -> u64 {
-    counters
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| *v)
-        .unwrap()
+    counters.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap()
 }
 
 fn involving(records: &[ConnectionRecord], ip: &str) -> Vec<ConnectionRecord> {
     records
         .iter()
-        .filter(|r| {
-            r.src_addr.starts_with(&format!("{ip}:")) || r.dst_addr.starts_with(&format!("{ip}:"))
-        })
+        .filter(|r| r.src_addr.starts_with(&format!("{ip}:")) || r.dst_addr.starts_with(&format!("{ip}:")))
         .cloned()
         .collect()
 }
@@ -156,26 +126,15 @@ fn outbound_to_other_node_is_captured_and_delivered_intact() {
 
     let (root, big_sum) = web_root(&bed, BIG_FILE_BYTES);
     let access_log = bed.scratch().join("web-access.log");
-    bed.http_server("legacy/web", HTTP_PORT, &root, &access_log)
-        .unwrap();
+    bed.http_server("legacy/web", HTTP_PORT, &root, &access_log).unwrap();
     bed.iperf3_server("legacy/web", IPERF_PORT).unwrap();
     let base = format!("http://{}:{HTTP_PORT}", web.ip);
 
-    assert_eq!(
-        curl(&bed, "shop/client", &format!("{base}/index.html")).unwrap(),
-        "hello from the web pod\n"
-    );
-    assert_eq!(
-        curl_sha256(&bed, "shop/client", &format!("{base}/big.bin")),
-        big_sum,
-        "32 MiB arrives intact"
-    );
+    assert_eq!(curl(&bed, "shop/client", &format!("{base}/index.html")).unwrap(), "hello from the web pod\n");
+    assert_eq!(curl_sha256(&bed, "shop/client", &format!("{base}/big.bin")), big_sum, "32 MiB arrives intact");
     let uploaded = iperf3(&bed, "shop/client", &web.ip.to_string(), false);
     let downloaded = iperf3(&bed, "shop/client", &web.ip.to_string(), true);
-    assert!(
-        uploaded > 1_000_000 && downloaded > 1_000_000,
-        "iperf3 moved {uploaded} up, {downloaded} down"
-    );
+    assert!(uploaded > 1_000_000 && downloaded > 1_000_000, "iperf3 moved {uploaded} up, {downloaded} down");
 
     // An IPv6 socket dialling the IPv4-mapped address goes through connect6.
     let mapped = format!(
@@ -183,51 +142,28 @@ fn outbound_to_other_node_is_captured_and_delivered_intact() {
          s.sendall(b'GET /index.html HTTP/1.0\\r\\n\\r\\n'); print(s.makefile('rb').read().decode())",
         web.ip
     );
-    let reply = bed
-        .run_ok("shop/client", "python3", &["-c", &mapped])
-        .unwrap();
+    let reply = bed.run_ok("shop/client", "python3", &["-c", &mapped]).unwrap();
     assert!(reply.contains("hello from the web pod"), "{reply}");
 
     let dst = format!("{}:{HTTP_PORT}", web.ip);
-    let http = n1
-        .wait_connections(3, |c| c.dst_addr == dst && c.error.is_none())
-        .unwrap();
+    let http = n1.wait_connections(3, |c| c.dst_addr == dst && c.error.is_none()).unwrap();
     for record in &http {
         assert_eq!(record.direction, "outbound");
-        assert_eq!(
-            record.src_workload, "shop/client",
-            "the agent names the source pod"
-        );
+        assert_eq!(record.src_workload, "shop/client", "the agent names the source pod");
         assert_eq!(record.dst_workload, "legacy/web");
-        assert!(
-            record.src_addr.starts_with(&format!("{}:", client.ip)),
-            "leaves from the pod's own IP: {record:?}"
-        );
+        assert!(record.src_addr.starts_with(&format!("{}:", client.ip)), "leaves from the pod's own IP: {record:?}");
     }
-    assert!(
-        http.iter()
-            .any(|r| r.bytes_received >= BIG_FILE_BYTES as u64),
-        "{http:?}"
-    );
+    assert!(http.iter().any(|r| r.bytes_received >= BIG_FILE_BYTES as u64), "{http:?}");
     let iperf_dst = format!("{}:{IPERF_PORT}", web.ip);
     let iperf = n1.wait_connections(4, |c| c.dst_addr == iperf_dst).unwrap();
-    assert!(
-        iperf.iter().map(|r| r.bytes_sent).sum::<u64>() >= uploaded,
-        "{iperf:?}"
-    );
-    assert!(
-        iperf.iter().map(|r| r.bytes_received).sum::<u64>() >= downloaded,
-        "{iperf:?}"
-    );
+    assert!(iperf.iter().map(|r| r.bytes_sent).sum::<u64>() >= uploaded, "{iperf:?}");
+    assert!(iperf.iter().map(|r| r.bytes_received).sum::<u64>() >= downloaded, "{iperf:?}");
 
     // The web pod is not enrolled: node 2's agent saw nothing, and the server
     // saw the client pod's real address.
     assert!(n2.connections().is_empty(), "{:?}", n2.connections());
     let log = std::fs::read_to_string(&access_log).unwrap();
-    assert!(
-        log.lines().all(|l| l.starts_with(&client.ip.to_string())),
-        "{log}"
-    );
+    assert!(log.lines().all(|l| l.starts_with(&client.ip.to_string())), "{log}");
 }
 
 #[test]
@@ -239,19 +175,12 @@ fn inbound_from_plain_pod_is_captured_with_original_destination() {
     let mut n2 = agent(&bed, "n2");
     n2.wait_pod_event("pod enrolled", "shop/api", 0).unwrap();
     let (root, big_sum) = web_root(&bed, BIG_FILE_BYTES);
-    bed.http_server("shop/api", HTTP_PORT, &root, &bed.scratch().join("api.log"))
-        .unwrap();
+    bed.http_server("shop/api", HTTP_PORT, &root, &bed.scratch().join("api.log")).unwrap();
     bed.iperf3_server("shop/api", IPERF_PORT).unwrap();
 
     let base = format!("http://{}:{HTTP_PORT}", api.ip);
-    assert_eq!(
-        curl(&bed, "legacy/caller", &format!("{base}/index.html")).unwrap(),
-        "hello from the web pod\n"
-    );
-    assert_eq!(
-        curl_sha256(&bed, "legacy/caller", &format!("{base}/big.bin")),
-        big_sum
-    );
+    assert_eq!(curl(&bed, "legacy/caller", &format!("{base}/index.html")).unwrap(), "hello from the web pod\n");
+    assert_eq!(curl_sha256(&bed, "legacy/caller", &format!("{base}/big.bin")), big_sum);
     let uploaded = iperf3(&bed, "legacy/caller", &api.ip.to_string(), false);
     assert!(uploaded > 1_000_000);
 
@@ -259,30 +188,16 @@ fn inbound_from_plain_pod_is_captured_with_original_destination() {
     let records = n2.wait_connections(2, |c| c.dst_addr == dst).unwrap();
     for record in &records {
         assert_eq!(record.direction, "inbound");
-        assert_eq!(
-            record.dst_workload, "shop/api",
-            "original destination preserved: {record:?}"
-        );
+        assert_eq!(record.dst_workload, "shop/api", "original destination preserved: {record:?}");
         assert_eq!(record.src_workload, "legacy/caller");
-        assert!(
-            record.src_addr.starts_with(&format!("{}:", caller.ip)),
-            "{record:?}"
-        );
+        assert!(record.src_addr.starts_with(&format!("{}:", caller.ip)), "{record:?}");
         assert!(record.error.is_none(), "{record:?}");
     }
-    assert!(
-        records
-            .iter()
-            .any(|r| r.bytes_received >= BIG_FILE_BYTES as u64)
-    );
+    assert!(records.iter().any(|r| r.bytes_received >= BIG_FILE_BYTES as u64));
     let iperf_dst = format!("{}:{IPERF_PORT}", api.ip);
     let iperf = n2.wait_connections(2, |c| c.dst_addr == iperf_dst).unwrap();
     assert!(iperf.iter().map(|r| r.bytes_sent).sum::<u64>() >= uploaded);
-    assert!(
-        n1.connections().is_empty(),
-        "the caller is not enrolled: {:?}",
-        n1.connections()
-    );
+    assert!(n1.connections().is_empty(), "the caller is not enrolled: {:?}", n1.connections());
 }
 
 #[test]
@@ -294,31 +209,17 @@ fn plain_pods_are_not_touched() {
     let b = bed.add_pod("n2", "legacy", "b").unwrap();
     let mut n1 = agent(&bed, "n1");
     let mut n2 = agent(&bed, "n2");
-    n1.wait_pod_event("pod enrolled", "shop/enrolled-a", 0)
-        .unwrap();
-    n2.wait_pod_event("pod enrolled", "shop/enrolled-b", 0)
-        .unwrap();
+    n1.wait_pod_event("pod enrolled", "shop/enrolled-a", 0).unwrap();
+    n2.wait_pod_event("pod enrolled", "shop/enrolled-b", 0).unwrap();
     let (root, _) = web_root(&bed, 1024);
     let access_log = bed.scratch().join("b.log");
-    bed.http_server("legacy/b", HTTP_PORT, &root, &access_log)
-        .unwrap();
+    bed.http_server("legacy/b", HTTP_PORT, &root, &access_log).unwrap();
 
     for _ in 0..5 {
-        curl(
-            &bed,
-            "legacy/a",
-            &format!("http://{}:{HTTP_PORT}/index.html", b.ip),
-        )
-        .unwrap();
+        curl(&bed, "legacy/a", &format!("http://{}:{HTTP_PORT}/index.html", b.ip)).unwrap();
     }
     let log = std::fs::read_to_string(&access_log).unwrap();
-    assert_eq!(
-        log.lines()
-            .filter(|l| l.starts_with(&a.ip.to_string()))
-            .count(),
-        5,
-        "{log}"
-    );
+    assert_eq!(log.lines().filter(|l| l.starts_with(&a.ip.to_string())).count(), 5, "{log}");
     for agent in [&mut n1, &mut n2] {
         let counters = stop_and_read_counters(agent);
         assert!(involving(&agent.connections(), &a.ip.to_string()).is_empty());
@@ -340,73 +241,27 @@ fn agent_traffic_does_not_loop() {
     n1.wait_pod_event("pod enrolled", "shop/server", 0).unwrap();
     n1.wait_pod_event("pod enrolled", "shop/client", 0).unwrap();
     let (root, _) = web_root(&bed, 1024);
-    bed.http_server(
-        "shop/server",
-        HTTP_PORT,
-        &root,
-        &bed.scratch().join("server.log"),
-    )
-    .unwrap();
+    bed.http_server("shop/server", HTTP_PORT, &root, &bed.scratch().join("server.log")).unwrap();
 
     for _ in 0..5 {
-        curl(
-            &bed,
-            "shop/client",
-            &format!("http://{}:{HTTP_PORT}/index.html", server.ip),
-        )
-        .unwrap();
+        curl(&bed, "shop/client", &format!("http://{}:{HTTP_PORT}/index.html", server.ip)).unwrap();
     }
     // Nothing listens on port 9: the failure must come back once, not loop.
-    let refused = bed
-        .run(
-            "shop/client",
-            "curl",
-            &[
-                "-sS",
-                "--max-time",
-                "10",
-                &format!("http://{}:9/", server.ip),
-            ],
-        )
-        .unwrap();
+    let refused =
+        bed.run("shop/client", "curl", &["-sS", "--max-time", "10", &format!("http://{}:9/", server.ip)]).unwrap();
     assert!(!refused.status.success());
 
     let dst = format!("{}:{HTTP_PORT}", server.ip);
-    n1.wait_connections(5, |c| c.direction == "outbound" && c.dst_addr == dst)
-        .unwrap();
-    n1.wait_connections(5, |c| c.direction == "inbound" && c.dst_addr == dst)
-        .unwrap();
+    n1.wait_connections(5, |c| c.direction == "outbound" && c.dst_addr == dst).unwrap();
+    n1.wait_connections(5, |c| c.direction == "inbound" && c.dst_addr == dst).unwrap();
     let counters = stop_and_read_counters(&mut n1);
-    assert_eq!(
-        counter(&counters, "connect4_captured"),
-        6,
-        "{counters:?}\n{}",
-        n1.log_text()
-    );
+    assert_eq!(counter(&counters, "connect4_captured"), 6, "{counters:?}\n{}", n1.log_text());
     assert_eq!(counter(&counters, "inbound_steered"), 6, "{counters:?}");
     let records = n1.connections();
-    assert_eq!(
-        records.iter().filter(|c| c.direction == "outbound").count(),
-        6,
-        "{records:#?}"
-    );
-    assert_eq!(
-        records.iter().filter(|c| c.direction == "inbound").count(),
-        6,
-        "{records:#?}"
-    );
-    let delivery_failure = records
-        .iter()
-        .find(|c| c.direction == "inbound" && c.dst_addr.ends_with(":9"))
-        .unwrap();
-    assert!(
-        delivery_failure
-            .error
-            .as_deref()
-            .unwrap_or_default()
-            .contains("refused"),
-        "{delivery_failure:?}"
-    );
+    assert_eq!(records.iter().filter(|c| c.direction == "outbound").count(), 6, "{records:#?}");
+    assert_eq!(records.iter().filter(|c| c.direction == "inbound").count(), 6, "{records:#?}");
+    let delivery_failure = records.iter().find(|c| c.direction == "inbound" && c.dst_addr.ends_with(":9")).unwrap();
+    assert!(delivery_failure.error.as_deref().unwrap_or_default().contains("refused"), "{delivery_failure:?}");
 }
 
 #[test]
@@ -417,21 +272,9 @@ fn enrol_and_unenrol_at_run_time() {
     let web = bed.add_pod("n2", "legacy", "web").unwrap();
     let mut n1 = agent(&bed, "n1");
     let (root, _) = web_root(&bed, 1024);
-    bed.http_server(
-        "legacy/web",
-        HTTP_PORT,
-        &root,
-        &bed.scratch().join("web.log"),
-    )
-    .unwrap();
+    bed.http_server("legacy/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
     let url = format!("http://{}:{HTTP_PORT}/index.html", web.ip);
-    let captured = |agent: &Agent| {
-        agent
-            .connections()
-            .iter()
-            .filter(|c| c.src_workload == "shop/app")
-            .count()
-    };
+    let captured = |agent: &Agent| agent.connections().iter().filter(|c| c.src_workload == "shop/app").count();
 
     curl(&bed, "shop/app", &url).unwrap();
     assert_eq!(captured(&n1), 0, "namespace not ambient yet");
@@ -439,42 +282,34 @@ fn enrol_and_unenrol_at_run_time() {
     bed.set_namespace_mode("shop", Some("ambient")).unwrap();
     n1.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
     curl(&bed, "shop/app", &url).unwrap();
-    n1.wait_connections(1, |c| c.src_workload == "shop/app")
-        .unwrap();
+    n1.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
 
     // A broken edit is reported with file and field; capture goes on.
-    bed.write_config("namespace-shop.yaml", "kind: Namespace\nmetadata:\n  name: shop\n  labels:\n    ambit.dev/dataplane-mode: ambiant\n").unwrap();
+    bed.write_config(
+        "namespace-shop.yaml",
+        "kind: Namespace\nmetadata:\n  name: shop\n  labels:\n    ambit.dev/dataplane-mode: ambiant\n",
+    )
+    .unwrap();
     let error = n1
         .wait_for("configuration error", Duration::from_secs(10), |l| {
-            l["message"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("configuration error")
+            l["message"].as_str().unwrap_or("").starts_with("configuration error")
         })
         .unwrap();
     let text = error["error"].as_str().unwrap();
     assert!(
-        text.contains("namespace-shop.yaml")
-            && text.contains("metadata.labels.ambit.dev/dataplane-mode"),
+        text.contains("namespace-shop.yaml") && text.contains("metadata.labels.ambit.dev/dataplane-mode"),
         "{text}"
     );
     curl(&bed, "shop/app", &url).unwrap();
-    n1.wait_connections(2, |c| c.src_workload == "shop/app")
-        .unwrap();
+    n1.wait_connections(2, |c| c.src_workload == "shop/app").unwrap();
 
     // The pod's own label opts it out.
     bed.set_namespace_mode("shop", Some("ambient")).unwrap();
-    bed.set_pod_label("shop/app", "ambit.dev/dataplane-mode", Some("none"))
-        .unwrap();
+    bed.set_pod_label("shop/app", "ambit.dev/dataplane-mode", Some("none")).unwrap();
     n1.wait_pod_event("pod unenrolled", "shop/app", 0).unwrap();
     curl(&bed, "shop/app", &url).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        captured(&n1),
-        2,
-        "opted-out pod is not captured: {:?}",
-        n1.connections()
-    );
+    assert_eq!(captured(&n1), 2, "opted-out pod is not captured: {:?}", n1.connections());
 }
 
 /// Kernel object ids held by one agent process.
@@ -485,11 +320,7 @@ struct BpfObjects {
 }
 
 fn bpftool(args: &[&str]) -> Value {
-    let out = Command::new("bpftool")
-        .arg("-j")
-        .args(args)
-        .output()
-        .unwrap();
+    let out = Command::new("bpftool").arg("-j").args(args).output().unwrap();
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
@@ -497,16 +328,10 @@ fn bpftool(args: &[&str]) -> Value {
 /// and link fds carry `prog_id`, map fds `map_id`.
 fn objects_of(pid: u32) -> BpfObjects {
     let mut objects = BpfObjects::default();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .unwrap()
-        .flatten()
-    {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap().flatten() {
         let info = std::fs::read_to_string(entry.path()).unwrap_or_default();
         for line in info.lines() {
-            let id = |prefix: &str| {
-                line.strip_prefix(prefix)
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            };
+            let id = |prefix: &str| line.strip_prefix(prefix).and_then(|v| v.trim().parse::<u64>().ok());
             if let Some(id) = id("prog_id:") {
                 objects.programs.insert(id);
             } else if let Some(id) = id("map_id:") {
@@ -518,12 +343,7 @@ fn objects_of(pid: u32) -> BpfObjects {
 }
 
 fn exists(kind: &str, id: u64) -> bool {
-    Command::new("bpftool")
-        .args([kind, "show", "id", &id.to_string()])
-        .output()
-        .unwrap()
-        .status
-        .success()
+    Command::new("bpftool").args([kind, "show", "id", &id.to_string()]).output().unwrap().status.success()
 }
 
 /// Attachments at a cgroup, as `attach_type` names.
@@ -546,12 +366,7 @@ fn netns_links(programs: &BTreeSet<u64>) -> usize {
         .cloned()
         .unwrap_or_default()
         .iter()
-        .filter(|l| {
-            l["type"] == "netns"
-                && l["prog_id"]
-                    .as_u64()
-                    .is_some_and(|id| programs.contains(&id))
-        })
+        .filter(|l| l["type"] == "netns" && l["prog_id"].as_u64().is_some_and(|id| programs.contains(&id)))
         .count()
 }
 
@@ -561,27 +376,15 @@ fn agent_restart_resumes_capture_without_leftovers_or_duplicates() {
     bed.add_pod("n1", "shop", "app").unwrap();
     let web = bed.add_pod("n2", "legacy", "web").unwrap();
     let (root, _) = web_root(&bed, 1024);
-    bed.http_server(
-        "legacy/web",
-        HTTP_PORT,
-        &root,
-        &bed.scratch().join("web.log"),
-    )
-    .unwrap();
+    bed.http_server("legacy/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
     let url = format!("http://{}:{HTTP_PORT}/index.html", web.ip);
     let cgroup = bed.node("n1").cgroup.clone();
-    let expected_attachments = vec![
-        "cgroup_inet4_connect",
-        "cgroup_inet6_connect",
-        "cgroup_sock_ops",
-    ];
+    let expected_attachments = vec!["cgroup_inet4_connect", "cgroup_inet6_connect", "cgroup_sock_ops"];
 
     let mut first = agent(&bed, "n1");
     first.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
     curl(&bed, "shop/app", &url).unwrap();
-    first
-        .wait_connections(1, |c| c.src_workload == "shop/app")
-        .unwrap();
+    first.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
     let before = objects_of(first.pid());
     assert_eq!(before.programs.len(), 4, "{before:?}");
     assert_eq!(cgroup_attachments(&cgroup), expected_attachments);
@@ -590,37 +393,20 @@ fn agent_restart_resumes_capture_without_leftovers_or_duplicates() {
     // Crash: no clean-up code runs, yet the kernel drops everything, because
     // every attachment is a link owned by the process.
     first.kill().unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        "programs and maps of the killed agent to go",
-        || {
-            Ok(!before.programs.iter().any(|id| exists("prog", *id))
-                && !before.maps.iter().any(|id| exists("map", *id)))
-        },
-    )
+    wait_until(Duration::from_secs(10), "programs and maps of the killed agent to go", || {
+        Ok(!before.programs.iter().any(|id| exists("prog", *id)) && !before.maps.iter().any(|id| exists("map", *id)))
+    })
     .unwrap();
     assert!(cgroup_attachments(&cgroup).is_empty());
 
     let mut second = agent(&bed, "n1");
-    second
-        .wait_pod_event("pod enrolled", "shop/app", 0)
-        .unwrap();
+    second.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
     curl(&bed, "shop/app", &url).unwrap();
-    second
-        .wait_connections(1, |c| c.src_workload == "shop/app")
-        .unwrap();
+    second.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
     let after = objects_of(second.pid());
     assert_eq!(after.programs.len(), 4, "{after:?}");
-    assert_eq!(
-        cgroup_attachments(&cgroup),
-        expected_attachments,
-        "no duplicate attachments"
-    );
-    assert_eq!(
-        netns_links(&after.programs),
-        1,
-        "one sk_lookup link per enrolled pod"
-    );
+    assert_eq!(cgroup_attachments(&cgroup), expected_attachments, "no duplicate attachments");
+    assert_eq!(netns_links(&after.programs), 1, "one sk_lookup link per enrolled pod");
 
     // Graceful stop leaves nothing either.
     assert!(second.stop().unwrap().success());
@@ -639,8 +425,7 @@ fn two_hundred_concurrent_connections_through_one_pod() {
     n2.wait_pod_event("pod enrolled", "shop/web", 0).unwrap();
     let file_bytes = 256 * 1024;
     let (root, sum) = web_root(&bed, file_bytes);
-    bed.http_server("shop/web", HTTP_PORT, &root, &bed.scratch().join("web.log"))
-        .unwrap();
+    bed.http_server("shop/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
 
     let out_dir = bed.scratch().join("parallel");
     std::fs::create_dir(&out_dir).unwrap();
@@ -670,17 +455,9 @@ fn two_hundred_concurrent_connections_through_one_pod() {
     }
     let dst = format!("{}:{HTTP_PORT}", web.ip);
     let outbound = n1.wait_connections(200, |c| c.dst_addr == dst).unwrap();
-    assert!(
-        outbound
-            .iter()
-            .all(|c| c.error.is_none() && c.bytes_received >= file_bytes as u64)
-    );
+    assert!(outbound.iter().all(|c| c.error.is_none() && c.bytes_received >= file_bytes as u64));
     let inbound = n2.wait_connections(200, |c| c.dst_addr == dst).unwrap();
-    assert!(
-        inbound
-            .iter()
-            .all(|c| c.error.is_none() && c.src_workload == "shop/client")
-    );
+    assert!(inbound.iter().all(|c| c.error.is_none() && c.src_workload == "shop/client"));
 }
 
 #[test]
@@ -691,8 +468,5 @@ fn agent_refuses_to_start_without_a_cgroup_v2_directory() {
     let status = agent.wait_exit(Duration::from_secs(10)).unwrap();
     assert!(!status.success());
     let log = agent.log_text();
-    assert!(
-        log.contains("this node cannot run ambit") && log.contains("must be a cgroup v2 directory"),
-        "{log}"
-    );
+    assert!(log.contains("this node cannot run ambit") && log.contains("must be a cgroup v2 directory"), "{log}");
 }

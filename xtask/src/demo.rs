@@ -23,31 +23,11 @@ const PAYLOAD_BYTES: usize = 1024 * 1024;
 
 /// The requests the demo sends: (from, to, what it shows).
 const STEPS: &[(&str, &str, &str)] = &[
-    (
-        "shop/frontend",
-        "shop/cart",
-        "ambient to ambient, across nodes: captured on both ends",
-    ),
-    (
-        "shop/frontend",
-        "shop/checkout",
-        "ambient to ambient, same node: captured out and in by one agent",
-    ),
-    (
-        "legacy/batch",
-        "shop/cart",
-        "plain to ambient: captured inbound at the destination",
-    ),
-    (
-        "shop/frontend",
-        "legacy/reports",
-        "ambient to plain: captured outbound at the source",
-    ),
-    (
-        "legacy/batch",
-        "legacy/reports",
-        "plain to plain: not touched",
-    ),
+    ("shop/frontend", "shop/cart", "ambient to ambient, across nodes: captured on both ends"),
+    ("shop/frontend", "shop/checkout", "ambient to ambient, same node: captured out and in by one agent"),
+    ("legacy/batch", "shop/cart", "plain to ambient: captured inbound at the destination"),
+    ("shop/frontend", "legacy/reports", "ambient to plain: captured outbound at the source"),
+    ("legacy/batch", "legacy/reports", "plain to plain: not touched"),
 ];
 
 pub fn run(hold: bool) -> Result<()> {
@@ -58,8 +38,7 @@ pub fn run(hold: bool) -> Result<()> {
     }
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("install the Ctrl-C handler")?;
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst)).context("install the Ctrl-C handler")?;
     let check = || {
         if interrupted.load(Ordering::SeqCst) {
             bail!("interrupted by Ctrl-C; the cluster was torn down")
@@ -90,36 +69,21 @@ pub fn run(hold: bool) -> Result<()> {
     std::fs::create_dir(&www)?;
     std::fs::write(www.join("payload"), vec![b'x'; PAYLOAD_BYTES])?;
     for server in ["shop/cart", "shop/checkout", "legacy/reports"] {
-        bed.http_server(
-            server,
-            PORT,
-            &www,
-            &bed.scratch()
-                .join(format!("{}.log", server.replace('/', "-"))),
-        )?;
+        bed.http_server(server, PORT, &www, &bed.scratch().join(format!("{}.log", server.replace('/', "-"))))?;
     }
 
-    println!(
-        "\nStarting one ambit-agent per node (each attaches its programs to its node's cgroup)..."
-    );
+    println!("\nStarting one ambit-agent per node (each attaches its programs to its node's cgroup)...");
     let mut agents = Vec::new();
     for node in ["node-1", "node-2"] {
         let mut agent = bed.start_agent(node)?;
         agent.wait_ready()?;
         agents.push(agent);
     }
-    for (agent, pods) in agents
-        .iter_mut()
-        .zip([&["shop/frontend", "shop/checkout"][..], &["shop/cart"][..]])
-    {
+    for (agent, pods) in agents.iter_mut().zip([&["shop/frontend", "shop/checkout"][..], &["shop/cart"][..]]) {
         for pod in pods {
             agent.wait_pod_event("pod enrolled", pod, 0)?;
         }
-        println!(
-            "  {} agent ready, enrolled: {}",
-            agent.node,
-            pods.join(", ")
-        );
+        println!("  {} agent ready, enrolled: {}", agent.node, pods.join(", "));
     }
     check()?;
 
@@ -145,11 +109,7 @@ pub fn run(hold: bool) -> Result<()> {
     if hold {
         println!("\nThe cluster stays up until Ctrl-C. Run a command in a pod with, e.g.:");
         let pod = bed.pod("shop/frontend");
-        println!(
-            "  ip netns exec {} curl http://{}:{PORT}/",
-            pod.netns,
-            bed.pod("legacy/reports").ip
-        );
+        println!("  ip netns exec {} curl http://{}:{PORT}/", pod.netns, bed.pod("legacy/reports").ip);
         println!("(the agents have stopped, so traffic is no longer captured)");
         while !interrupted.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
@@ -171,31 +131,15 @@ fn describe_cluster(bed: &Bed) {
     for node in bed.nodes() {
         println!("  {}  (node IP {})", node.name, node.ip);
         for pod in bed.pods().iter().filter(|p| p.node == node.name) {
-            let mode = if pod.namespace == "shop" {
-                "ambient"
-            } else {
-                "plain"
-            };
+            let mode = if pod.namespace == "shop" { "ambient" } else { "plain" };
             println!("    {:<16} {:<12} {mode}", pod.id(), pod.ip.to_string());
         }
     }
-    println!(
-        "Namespace `shop` carries the label ambit.dev/dataplane-mode=ambient; `legacy` does not."
-    );
-    println!(
-        "Configuration (standalone YAML the agents watch): {}",
-        bed.config_dir().display()
-    );
+    println!("Namespace `shop` carries the label ambit.dev/dataplane-mode=ambient; `legacy` does not.");
+    println!("Configuration (standalone YAML the agents watch): {}", bed.config_dir().display());
 }
 
-fn send(
-    bed: &Bed,
-    agents: &mut [Agent],
-    index: usize,
-    from: &str,
-    to: &str,
-    story: &str,
-) -> Result<()> {
+fn send(bed: &Bed, agents: &mut [Agent], index: usize, from: &str, to: &str, story: &str) -> Result<()> {
     let dst = bed.pod(to).clone();
     let src = bed.pod(from).clone();
     println!("\n{index}. {from} -> {to}:{PORT}   ({story})");
@@ -204,43 +148,22 @@ fn send(
     let result = bed.run_ok(
         from,
         "curl",
-        &[
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download} %{time_total}",
-            &url,
-        ],
+        &["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", &url],
     )?;
     let parts: Vec<&str> = result.split_whitespace().collect();
-    let seconds: f64 = parts
-        .get(2)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_default();
+    let seconds: f64 = parts.get(2).and_then(|t| t.parse().ok()).unwrap_or_default();
     println!(
         "   curl: HTTP {}, {} received in {:.1} ms",
         parts.first().unwrap_or(&"?"),
-        bytes(
-            parts
-                .get(1)
-                .and_then(|b| b.parse().ok())
-                .unwrap_or_default()
-        ),
+        bytes(parts.get(1).and_then(|b| b.parse().ok()).unwrap_or_default()),
         seconds * 1000.0
     );
     // Which agents should report it: the source's for an ambient source,
     // the destination's for an ambient destination.
     let mut expected = vec![0usize; agents.len()];
-    for (pod, ambient) in [
-        (&src, src.namespace == "shop"),
-        (&dst, dst.namespace == "shop"),
-    ] {
+    for (pod, ambient) in [(&src, src.namespace == "shop"), (&dst, dst.namespace == "shop")] {
         if ambient {
-            let node = agents
-                .iter()
-                .position(|a| a.node == pod.node)
-                .expect("agent per node");
+            let node = agents.iter().position(|a| a.node == pod.node).expect("agent per node");
             expected[node] += 1;
         }
     }
@@ -256,20 +179,14 @@ fn send(
         }
     }
     if !reported {
-        println!(
-            "   no agent saw it: neither pod is enrolled, so the kernel programs left it alone"
-        );
+        println!("   no agent saw it: neither pod is enrolled, so the kernel programs left it alone");
     }
     Ok(())
 }
 
 fn print_record(node: &str, r: &ConnectionRecord) {
     let named = |addr: &str, workload: &str| {
-        if workload == "-" {
-            addr.to_string()
-        } else {
-            format!("{addr} ({workload})")
-        }
+        if workload == "-" { addr.to_string() } else { format!("{addr} ({workload})") }
     };
     println!(
         "   {node} agent, {:<8}  {} -> {}  sent {}, received {}",

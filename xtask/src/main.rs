@@ -59,10 +59,7 @@ fn main() -> Result<()> {
 
 /// The workspace root.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// Builds the agent (agent/build.rs builds the kernel programs) and returns
@@ -74,10 +71,7 @@ fn build_agent(release: bool) -> Result<PathBuf> {
         cargo.arg("--release");
     }
     exec(&mut cargo)?;
-    let binary = root()
-        .join("target")
-        .join(if release { "release" } else { "debug" })
-        .join("ambit-agent");
+    let binary = root().join("target").join(if release { "release" } else { "debug" }).join("ambit-agent");
     if !binary.exists() {
         bail!("the build finished but {} is missing", binary.display());
     }
@@ -102,7 +96,5 @@ fn exec(cmd: &mut Command) -> Result<()> {
 /// Runs a command and returns its stdout, or `None` if it cannot run or fails.
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }

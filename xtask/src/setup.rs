@@ -33,35 +33,17 @@ pub fn run() -> Result<()> {
 }
 
 fn nightly_rust_src() -> Result<()> {
-    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
-        .context("rustup is not installed")?;
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is not installed")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         println!("setup: installing the nightly toolchain (kernel programs build with it)");
-        exec(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
+        exec(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]))
-    .unwrap_or_default();
+    let components =
+        output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+            .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         println!("setup: adding rust-src to nightly (for -Z build-std=core)");
-        exec(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     Ok(())
 }
@@ -70,9 +52,7 @@ fn bpf_linker() -> Result<()> {
     if bpf_linker_works() {
         return Ok(());
     }
-    println!(
-        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's LLVM (about a minute)"
-    );
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly toolchain's LLVM (about a minute)");
     let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
         .context("rustc +nightly --print sysroot")?;
     let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
@@ -80,12 +60,7 @@ fn bpf_linker() -> Result<()> {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|name| name.starts_with("libLLVM.so."))
-        .with_context(|| {
-            format!(
-                "no libLLVM.so.* in {}; is the nightly toolchain complete?",
-                lib_dir.display()
-            )
-        })?;
+        .with_context(|| format!("no libLLVM.so.* in {}; is the nightly toolchain complete?", lib_dir.display()))?;
     // A prefix with two links: libLLVM.so for the linker, and the soname
     // itself for the runtime rpath.
     let home = std::env::var_os("HOME").context("HOME is not set")?;
@@ -120,26 +95,20 @@ fn bpf_linker_works() -> bool {
         return false;
     };
     output(Command::new("bpf-linker").arg("--version")).is_some()
-        && output(Command::new("ldd").arg(path.trim()))
-            .is_some_and(|ldd| !ldd.contains("not found"))
+        && output(Command::new("ldd").arg(path.trim())).is_some_and(|ldd| !ldd.contains("not found"))
 }
 
 fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(_, command)| {
-            output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_none()
-        })
+        .filter(|(_, command)| output(Command::new("sh").args(["-c", &format!("command -v {command}")])).is_none())
         .map(|(package, _)| *package)
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if output(Command::new("id").arg("-u")).is_none_or(|uid| uid.trim() != "0") {
-        bail!(
-            "missing Debian packages {missing:?}; install them as root: apt-get install {}",
-            missing.join(" ")
-        );
+        bail!("missing Debian packages {missing:?}; install them as root: apt-get install {}", missing.join(" "));
     }
     println!("setup: installing Debian packages {missing:?}");
     exec(Command::new("apt-get").args(["update", "-qq"]))?;

@@ -12,17 +12,13 @@ use crate::{build_agent, cargo, exec, setup};
 
 pub fn run(cargo_args: &[String]) -> Result<()> {
     setup::run()?;
-    exec(cargo().args(["fmt", "--all", "--check"]))
-        .context("formatting differs: run `cargo fmt --all`")?;
+    exec(cargo().args(["fmt", "--all", "--check"])).context("formatting differs: run `cargo fmt --all`")?;
     exec(cargo().args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
     let agent = build_agent(false)?;
     // The end-to-end tests start this binary in the simulated nodes. In CI
     // (CI=true) they fail instead of skipping when something is missing.
     let mut test = cargo();
-    test.arg("test")
-        .args(cargo_args)
-        .env("AMBIT_AGENT_BIN", &agent)
-        .stdout(Stdio::piped());
+    test.arg("test").args(cargo_args).env("AMBIT_AGENT_BIN", &agent).stdout(Stdio::piped());
     let mut child = test.spawn().context("start cargo test")?;
     let mut totals = Totals::default();
     for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
@@ -59,10 +55,7 @@ impl Totals {
         };
         for part in summary.split([';', '.']) {
             let mut words = part.split_whitespace();
-            if let (Some(n), Some(kind)) = (
-                words.next().and_then(|n| n.parse::<u64>().ok()),
-                words.next(),
-            ) {
+            if let (Some(n), Some(kind)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
                 match kind {
                     "passed" => self.passed += n,
                     "failed" => self.failed += n,
@@ -81,8 +74,7 @@ mod tests {
     fn sums_test_result_lines() {
         let mut totals = Totals::default();
         totals.add("test result: ok. 8 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 10.88s");
-        totals
-            .add("test result: FAILED. 7 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
+        totals.add("test result: FAILED. 7 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out");
         totals.add("running 8 tests");
         assert_eq!((totals.passed, totals.failed), (15, 1));
     }

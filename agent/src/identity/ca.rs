@@ -21,9 +21,9 @@ use base64::{
 };
 use hmac::{Hmac, Mac as _};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
+    SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use sha2::Sha256;
@@ -56,47 +56,31 @@ pub struct CertificateAuthority {
 impl CertificateAuthority {
     /// Loads the CA from `dir`, creating a new root there first if it has none.
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
-        let storage = |reason: String| CaError::Storage {
-            dir: dir.to_path_buf(),
-            reason,
-        };
+        let storage = |reason: String| CaError::Storage { dir: dir.to_path_buf(), reason };
         fs::create_dir_all(dir).map_err(|e| storage(e.to_string()))?;
         let (cert_path, key_path) = (dir.join("root.pem"), dir.join("root.key"));
         if !key_path.exists() {
             let created = Self::create(trust_domain)?;
-            write_private(&dir.join("node-secret"), &created.node_secret)
-                .map_err(|e| storage(e.to_string()))?;
+            write_private(&dir.join("node-secret"), &created.node_secret).map_err(|e| storage(e.to_string()))?;
             write_private(&key_path, created.issuer.key().serialize_pem().as_bytes())
                 .map_err(|e| storage(e.to_string()))?;
-            fs::write(&cert_path, pem("CERTIFICATE", &created.root))
-                .map_err(|e| storage(e.to_string()))?;
+            fs::write(&cert_path, pem("CERTIFICATE", &created.root)).map_err(|e| storage(e.to_string()))?;
             fs::write(dir.join("bundle-sequence"), "1").map_err(|e| storage(e.to_string()))?;
             tracing::info!(dir = %dir.display(), trust_domain, "created a new root CA");
             return Ok(created);
         }
-        let key_pem =
-            fs::read_to_string(&key_path).map_err(|e| storage(format!("root.key: {e}")))?;
+        let key_pem = fs::read_to_string(&key_path).map_err(|e| storage(format!("root.key: {e}")))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| storage(format!("root.key: {e}")))?;
         let cert_pem = fs::read(&cert_path).map_err(|e| storage(format!("root.pem: {e}")))?;
         let root = rustls_pemfile::certs(&mut cert_pem.as_slice())
             .next()
             .ok_or_else(|| storage("root.pem holds no certificate".into()))?
             .map_err(|e| storage(format!("root.pem: {e}")))?;
-        let issuer =
-            Issuer::from_ca_cert_der(&root, key).map_err(|e| storage(format!("root.pem: {e}")))?;
-        let node_secret =
-            fs::read(dir.join("node-secret")).map_err(|e| storage(format!("node-secret: {e}")))?;
-        let bundle_sequence = fs::read_to_string(dir.join("bundle-sequence"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(1);
-        Ok(Self {
-            trust_domain: trust_domain.to_string(),
-            root,
-            issuer,
-            node_secret,
-            bundle_sequence,
-        })
+        let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| storage(format!("root.pem: {e}")))?;
+        let node_secret = fs::read(dir.join("node-secret")).map_err(|e| storage(format!("node-secret: {e}")))?;
+        let bundle_sequence =
+            fs::read_to_string(dir.join("bundle-sequence")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
+        Ok(Self { trust_domain: trust_domain.to_string(), root, issuer, node_secret, bundle_sequence })
     }
 
     /// A new CA held in memory only.
@@ -105,21 +89,13 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
         name.push(DnType::OrganizationName, "ambit");
-        name.push(
-            DnType::CommonName,
-            format!("ambit root CA for {trust_domain}"),
-        );
+        name.push(DnType::CommonName, format!("ambit root CA for {trust_domain}"));
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{trust_domain}")
-                .try_into()
-                .map_err(|_| CaError::BadRequest("trust domain".into()))?,
+            format!("spiffe://{trust_domain}").try_into().map_err(|_| CaError::BadRequest("trust domain".into()))?,
         )];
         let now = SystemTime::now();
         params.not_before = now.into();
@@ -154,23 +130,19 @@ impl CertificateAuthority {
         ttl: Duration,
     ) -> Result<CertificateDer<'static>, CaError> {
         if identity.trust_domain != self.trust_domain {
-            return Err(CaError::BadRequest(format!(
-                "{identity} is not in trust domain {}",
-                self.trust_domain
-            )));
+            return Err(CaError::BadRequest(format!("{identity} is not in trust domain {}", self.trust_domain)));
         }
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(identity.to_string().try_into().map_err(
-                |_| CaError::BadRequest(format!("{identity} is not a valid URI")),
-            )?)];
+        params.subject_alt_names = vec![SanType::URI(
+            identity
+                .to_string()
+                .try_into()
+                .map_err(|_| CaError::BadRequest(format!("{identity} is not a valid URI")))?,
+        )];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let backdate = (ttl / 10).min(Duration::from_secs(60));
         let now = SystemTime::now();
         params.not_before = (now - backdate).into();
@@ -188,9 +160,8 @@ impl CertificateAuthority {
         request: &[u8],
         ttl: Duration,
     ) -> Result<CertificateDer<'static>, CaError> {
-        let request =
-            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(request))
-                .map_err(|e| CaError::BadRequest(e.to_string()))?;
+        let request = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(request))
+            .map_err(|e| CaError::BadRequest(e.to_string()))?;
         self.issue(identity, &request.public_key, ttl)
     }
 
@@ -205,8 +176,7 @@ impl CertificateAuthority {
     }
 
     fn node_mac(&self, node: &str) -> Hmac<Sha256> {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.node_secret).expect("HMAC takes any key length");
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.node_secret).expect("HMAC takes any key length");
         mac.update(b"ambit node token\0");
         mac.update(node.as_bytes());
         mac
@@ -243,23 +213,13 @@ fn random_serial() -> SerialNumber {
 /// PEM text of one DER object.
 pub fn pem(label: &str, der: &[u8]) -> String {
     let body = STANDARD.encode(der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
+    let lines: Vec<&str> =
+        body.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     file.write_all(contents)
 }
 
@@ -270,8 +230,7 @@ mod tests {
 
     fn issued(ca: &CertificateAuthority, ttl: Duration) -> CertificateDer<'static> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        ca.issue(&Identity::new("cluster.local", "shop", "cart"), &key, ttl)
-            .unwrap()
+        ca.issue(&Identity::new("cluster.local", "shop", "cart"), &key, ttl).unwrap()
     }
 
     #[test]
@@ -283,13 +242,7 @@ mod tests {
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
         // The spiffe crate's own X509Svid parser accepts it as well.
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let der = ca
-            .issue(
-                &Identity::new("cluster.local", "shop", "cart"),
-                &key,
-                Duration::from_secs(60),
-            )
-            .unwrap();
+        let der = ca.issue(&Identity::new("cluster.local", "shop", "cart"), &key, Duration::from_secs(60)).unwrap();
         spiffe::X509Svid::parse_from_der(der.as_ref(), &key.serialize_der()).unwrap();
     }
 
@@ -298,8 +251,7 @@ mod tests {
         let ca = CertificateAuthority::create("cluster.local").unwrap();
         let leaf = issued(&ca, Duration::from_secs(20));
         let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
-        let lifetime =
-            cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 22, "20 s, back-dated by a tenth");
     }
 
@@ -307,14 +259,7 @@ mod tests {
     fn other_trust_domains_are_refused() {
         let ca = CertificateAuthority::create("cluster.local").unwrap();
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        assert!(
-            ca.issue(
-                &Identity::new("evil.example", "shop", "cart"),
-                &key,
-                Duration::from_secs(60)
-            )
-            .is_err()
-        );
+        assert!(ca.issue(&Identity::new("evil.example", "shop", "cart"), &key, Duration::from_secs(60)).is_err());
     }
 
     #[test]
@@ -326,11 +271,7 @@ mod tests {
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let request = params.serialize_request(&key).unwrap();
         let leaf = ca
-            .issue_for_request(
-                &Identity::new("cluster.local", "shop", "cart"),
-                request.der(),
-                Duration::from_secs(60),
-            )
+            .issue_for_request(&Identity::new("cluster.local", "shop", "cart"), request.der(), Duration::from_secs(60))
             .unwrap();
         check_chain(&[leaf]).unwrap();
     }
@@ -353,29 +294,13 @@ mod tests {
         assert_eq!(bundle["spiffe_refresh_hint"], BUNDLE_REFRESH_HINT_SECS);
         let key = &bundle["keys"][0];
         assert_eq!(
-            (
-                key["use"].as_str(),
-                key["kty"].as_str(),
-                key["crv"].as_str()
-            ),
+            (key["use"].as_str(), key["kty"].as_str(), key["crv"].as_str()),
             (Some("x509-svid"), Some("EC"), Some("P-256"))
         );
-        assert_eq!(
-            STANDARD.decode(key["x5c"][0].as_str().unwrap()).unwrap(),
-            ca.root().as_ref()
-        );
-        assert_eq!(
-            URL_SAFE_NO_PAD
-                .decode(key["x"].as_str().unwrap())
-                .unwrap()
-                .len(),
-            32
-        );
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &fs::metadata(dir.path().join("root.key"))
-                .unwrap()
-                .permissions(),
-        );
+        assert_eq!(STANDARD.decode(key["x5c"][0].as_str().unwrap()).unwrap(), ca.root().as_ref());
+        assert_eq!(URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap().len(), 32);
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.path().join("root.key")).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
 
         let again = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();

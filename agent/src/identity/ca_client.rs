@@ -27,31 +27,19 @@ pub struct CaClient {
 }
 
 impl CaClient {
-    pub fn new(
-        addr: SocketAddr,
-        node: String,
-        token: String,
-        bundle: &TrustBundle,
-    ) -> anyhow::Result<Self> {
+    pub fn new(addr: SocketAddr, node: String, token: String, bundle: &TrustBundle) -> anyhow::Result<Self> {
         let ca_identity = Identity::new(&bundle.trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT);
         let tls = tls::client_config(None, bundle, ca_identity.spiffe_id())?;
-        Ok(Self {
-            addr,
-            node,
-            token,
-            trust_domain: bundle.trust_domain.clone(),
-            tls: Arc::new(tls),
-        })
+        Ok(Self { addr, node, token, trust_domain: bundle.trust_domain.clone(), tls: Arc::new(tls) })
     }
 
     async fn request(&self, identity: &Identity) -> Result<Svid, IdentityError> {
         let crypto = |e: rcgen::Error| IdentityError::Crypto(e.to_string());
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(crypto)?;
         let mut params = CertificateParams::default();
-        params.subject_alt_names =
-            vec![SanType::URI(identity.to_string().try_into().map_err(
-                |_| IdentityError::Crypto(format!("{identity} is not a URI")),
-            )?)];
+        params.subject_alt_names = vec![SanType::URI(
+            identity.to_string().try_into().map_err(|_| IdentityError::Crypto(format!("{identity} is not a URI")))?,
+        )];
         let csr = params.serialize_request(&key).map_err(crypto)?;
         let body = serde_json::to_vec(&SvidRequest {
             node: self.node.clone(),
@@ -62,46 +50,30 @@ impl CaClient {
         })
         .expect("serializable");
 
-        let unreachable = |reason: String| IdentityError::Unreachable {
-            addr: self.addr.to_string(),
-            reason,
-        };
+        let unreachable = |reason: String| IdentityError::Unreachable { addr: self.addr.to_string(), reason };
         let exchange = async {
-            let tcp = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
+            let tcp = tokio::net::TcpStream::connect(self.addr).await.map_err(|e| unreachable(e.to_string()))?;
             let tls = TlsConnector::from(self.tls.clone())
                 .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
                 .await
                 .map_err(|e| unreachable(format!("TLS: {e}")))?;
-            let (mut client, conn) = h2::client::handshake(tls)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
+            let (mut client, conn) = h2::client::handshake(tls).await.map_err(|e| unreachable(e.to_string()))?;
             tokio::spawn(conn);
             let request = http::Request::post(format!("https://{}/v1/svid", self.addr))
                 .header("content-type", "application/json")
                 .body(())
                 .expect("valid request");
-            let (response, mut stream) = client
-                .send_request(request, false)
-                .map_err(|e| unreachable(e.to_string()))?;
-            stream
-                .send_data(Bytes::from(body), true)
-                .map_err(|e| unreachable(e.to_string()))?;
+            let (response, mut stream) = client.send_request(request, false).map_err(|e| unreachable(e.to_string()))?;
+            stream.send_data(Bytes::from(body), true).map_err(|e| unreachable(e.to_string()))?;
             let response = response.await.map_err(|e| unreachable(e.to_string()))?;
             let status = response.status();
-            let body = read_body(response.into_body(), 256 * 1024)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
+            let body = read_body(response.into_body(), 256 * 1024).await.map_err(|e| unreachable(e.to_string()))?;
             Ok::<_, IdentityError>((status, body))
         };
         let (status, body) = tokio::time::timeout(CA_TIMEOUT, exchange)
             .await
             .map_err(|_| unreachable(format!("no answer within {CA_TIMEOUT:?}")))??;
-        let refused = |reason: String| IdentityError::Refused {
-            identity: identity.to_string(),
-            reason,
-        };
+        let refused = |reason: String| IdentityError::Refused { identity: identity.to_string(), reason };
         if !status.is_success() {
             let reason = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
@@ -111,23 +83,15 @@ impl CaClient {
         }
         let response: SvidResponse =
             serde_json::from_slice(&body).map_err(|e| refused(format!("bad response: {e}")))?;
-        let invalid = |reason: String| IdentityError::InvalidSvid {
-            identity: identity.to_string(),
-            reason,
-        };
+        let invalid = |reason: String| IdentityError::InvalidSvid { identity: identity.to_string(), reason };
         let chain = response
             .chain
             .iter()
             .map(|c| STANDARD.decode(c).map(CertificateDer::from))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(e.to_string()))?;
-        Svid::from_chain(
-            identity,
-            chain,
-            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            &self.trust_domain,
-        )
-        .map_err(invalid)
+        Svid::from_chain(identity, chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()), &self.trust_domain)
+            .map_err(invalid)
     }
 }
 

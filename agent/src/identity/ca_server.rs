@@ -53,11 +53,7 @@ pub struct CaServer {
 
 impl CaServer {
     pub fn new(ca: CertificateAuthority, config_dir: PathBuf, leaf_ttl: Duration) -> Self {
-        Self {
-            ca,
-            config_dir,
-            leaf_ttl,
-        }
+        Self { ca, config_dir, leaf_ttl }
     }
 
     /// The CA's own serving identity and TLS configuration.
@@ -65,12 +61,9 @@ impl CaServer {
         let identity = Identity::new(self.ca.trust_domain(), CA_NAMESPACE, CA_SERVICE_ACCOUNT);
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         // The serving certificate lives as long as the process; a year is plenty.
-        let cert = self
-            .ca
-            .issue(&identity, &key, Duration::from_secs(365 * 24 * 3600))?;
+        let cert = self.ca.issue(&identity, &key, Duration::from_secs(365 * 24 * 3600))?;
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let svid = Svid::from_chain(&identity, vec![cert], key, self.ca.trust_domain())
-            .map_err(anyhow::Error::msg)?;
+        let svid = Svid::from_chain(&identity, vec![cert], key, self.ca.trust_domain()).map_err(anyhow::Error::msg)?;
         let bundle = tls::TrustBundle::new(self.ca.trust_domain(), &[self.ca.root().clone()])?;
         Ok(tls::server_config(&svid, &bundle, false)?)
     }
@@ -89,11 +82,7 @@ impl CaServer {
         }
     }
 
-    async fn connection(
-        self: Arc<Self>,
-        acceptor: TlsAcceptor,
-        tcp: tokio::net::TcpStream,
-    ) -> anyhow::Result<()> {
+    async fn connection(self: Arc<Self>, acceptor: TlsAcceptor, tcp: tokio::net::TcpStream) -> anyhow::Result<()> {
         let tls = acceptor.accept(tcp).await?;
         let mut conn = h2::server::handshake(tls).await?;
         while let Some(request) = conn.accept().await {
@@ -104,25 +93,15 @@ impl CaServer {
         Ok(())
     }
 
-    async fn request(
-        &self,
-        request: http::Request<h2::RecvStream>,
-        mut respond: h2::server::SendResponse<Bytes>,
-    ) {
+    async fn request(&self, request: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
         let (parts, body) = request.into_parts();
         let (status, body) = match (parts.method, parts.uri.path()) {
             (Method::GET, "/v1/bundle") => (StatusCode::OK, self.ca.bundle_json()),
             (Method::POST, "/v1/svid") => match read_body(body, MAX_BODY).await {
                 Ok(body) => self.issue(&body),
-                Err(e) => (
-                    StatusCode::BAD_REQUEST,
-                    serde_json::json!({ "error": e.to_string() }),
-                ),
+                Err(e) => (StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() })),
             },
-            _ => (
-                StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": "no such endpoint" }),
-            ),
+            _ => (StatusCode::NOT_FOUND, serde_json::json!({ "error": "no such endpoint" })),
         };
         let response = Response::builder()
             .status(status)
@@ -144,27 +123,15 @@ impl CaServer {
             Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed request: {e}")),
         };
         if !self.ca.verify_node_token(&request.node, &request.token) {
-            return refuse(
-                StatusCode::UNAUTHORIZED,
-                format!("invalid token for node {}", request.node),
-            );
+            return refuse(StatusCode::UNAUTHORIZED, format!("invalid token for node {}", request.node));
         }
-        let identity = Identity::new(
-            self.ca.trust_domain(),
-            &request.namespace,
-            &request.service_account,
-        );
+        let identity = Identity::new(self.ca.trust_domain(), &request.namespace, &request.service_account);
         let (snapshot, _) = ConfigDir::new(&self.config_dir).reload();
         let scheduled = snapshot.pods.values().any(|p| {
-            p.node == request.node
-                && p.namespace == request.namespace
-                && p.service_account == request.service_account
+            p.node == request.node && p.namespace == request.namespace && p.service_account == request.service_account
         });
         if !scheduled {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                format!("no pod on node {} runs as {identity}", request.node),
-            );
+            return refuse(StatusCode::FORBIDDEN, format!("no pod on node {} runs as {identity}", request.node));
         }
         let csr = match STANDARD.decode(&request.csr) {
             Ok(csr) => csr,
@@ -174,10 +141,7 @@ impl CaServer {
             Ok(leaf) => {
                 tracing::info!(%identity, node = %request.node, ttl_secs = self.leaf_ttl.as_secs(), "SVID issued");
                 let chain = vec![STANDARD.encode(leaf.as_ref())];
-                (
-                    StatusCode::OK,
-                    serde_json::to_value(SvidResponse { chain }).expect("serializable"),
-                )
+                (StatusCode::OK, serde_json::to_value(SvidResponse { chain }).expect("serializable"))
             }
             Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
         }

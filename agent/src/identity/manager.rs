@@ -31,10 +31,7 @@ pub struct CertManager {
 
 impl CertManager {
     pub fn new(provider: Arc<dyn IdentityProvider>) -> Self {
-        Self {
-            provider,
-            entries: Mutex::new(BTreeMap::new()),
-        }
+        Self { provider, entries: Mutex::new(BTreeMap::new()) }
     }
 
     /// Registers `pod` as a user of `identity`, starting the fetch if it is
@@ -44,11 +41,7 @@ impl CertManager {
         let entry = entries.entry(identity.clone()).or_insert_with(|| {
             let (tx, rx) = watch::channel(None);
             let refresher = tokio::spawn(refresh(self.provider.clone(), identity.clone(), tx));
-            Entry {
-                users: BTreeSet::new(),
-                svid: rx,
-                refresher,
-            }
+            Entry { users: BTreeSet::new(), svid: rx, refresher }
         });
         entry.users.insert(pod.to_string());
         entry.svid.clone()
@@ -70,10 +63,7 @@ impl CertManager {
     /// Every identity held, with its current SVID if it has one.
     pub fn held(&self) -> Vec<(Identity, Option<Arc<Svid>>)> {
         let entries = self.entries.lock().expect("cert manager lock");
-        entries
-            .iter()
-            .map(|(id, e)| (id.clone(), e.svid.borrow().clone()))
-            .collect()
+        entries.iter().map(|(id, e)| (id.clone(), e.svid.borrow().clone())).collect()
     }
 }
 
@@ -87,11 +77,7 @@ impl Drop for CertManager {
     }
 }
 
-async fn refresh(
-    provider: Arc<dyn IdentityProvider>,
-    identity: Identity,
-    tx: watch::Sender<Option<Arc<Svid>>>,
-) {
+async fn refresh(provider: Arc<dyn IdentityProvider>, identity: Identity, tx: watch::Sender<Option<Arc<Svid>>>) {
     let mut backoff = INITIAL_BACKOFF;
     loop {
         match provider.fetch(&identity).await {
@@ -158,10 +144,7 @@ mod tests {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 if !self.up.load(Ordering::SeqCst) {
-                    return Err(IdentityError::Unreachable {
-                        addr: "test".into(),
-                        reason: "switched off".into(),
-                    });
+                    return Err(IdentityError::Unreachable { addr: "test".into(), reason: "switched off".into() });
                 }
                 let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
                 let cert = self.ca.issue(identity, &key, self.ttl).unwrap();
@@ -181,10 +164,7 @@ mod tests {
     }
 
     async fn next_serial(rx: &mut watch::Receiver<Option<Arc<Svid>>>) -> String {
-        tokio::time::timeout(Duration::from_secs(10), rx.changed())
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.unwrap().unwrap();
         rx.borrow().as_ref().unwrap().serial.clone()
     }
 
@@ -200,10 +180,7 @@ mod tests {
         let renewed = SystemTime::now();
         assert_ne!(first_serial, second_serial);
         // Certificate times have one-second resolution; allow for it.
-        assert!(
-            renewed + Duration::from_millis(100) >= first.refresh_at(),
-            "renewed before half-life"
-        );
+        assert!(renewed + Duration::from_millis(100) >= first.refresh_at(), "renewed before half-life");
         assert!(renewed < first.not_after, "renewed before expiry");
     }
 
@@ -216,11 +193,7 @@ mod tests {
         let _ = manager.acquire(&id, "shop/cart-2");
         next_serial(&mut rx).await;
         assert_eq!(manager.held().len(), 1);
-        assert_eq!(
-            ca.calls.load(Ordering::SeqCst),
-            1,
-            "two pods, one identity, one fetch"
-        );
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 1, "two pods, one identity, one fetch");
         manager.release(&id, "shop/cart-1");
         assert_eq!(manager.held().len(), 1);
         manager.release(&id, "shop/cart-2");
@@ -238,20 +211,10 @@ mod tests {
         let calls_before = ca.calls.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(1800)).await;
         let current = rx.borrow().clone().unwrap();
-        assert_eq!(
-            current.serial, serial,
-            "still serving the certificate it has"
-        );
+        assert_eq!(current.serial, serial, "still serving the certificate it has");
         let retries = ca.calls.load(Ordering::SeqCst) - calls_before;
-        assert!(
-            (1..=4).contains(&retries),
-            "{retries} retries in ~0.9 s of outage: exponential, not a busy loop"
-        );
+        assert!((1..=4).contains(&retries), "{retries} retries in ~0.9 s of outage: exponential, not a busy loop");
         ca.up.store(true, Ordering::SeqCst);
-        assert_ne!(
-            next_serial(&mut rx).await,
-            serial,
-            "renewed once the CA is back"
-        );
+        assert_ne!(next_serial(&mut rx).await, serial, "renewed once the CA is back");
     }
 }

@@ -44,16 +44,8 @@ impl Identity {
     /// Parses a SPIFFE ID of the `/ns/<ns>/sa/<sa>` form.
     pub fn from_spiffe_id(id: &SpiffeId) -> Option<Self> {
         let mut segments = id.path().strip_prefix('/')?.split('/');
-        match (
-            segments.next(),
-            segments.next(),
-            segments.next(),
-            segments.next(),
-            segments.next(),
-        ) {
-            (Some("ns"), Some(ns), Some("sa"), Some(sa), None)
-                if !ns.is_empty() && !sa.is_empty() =>
-            {
+        match (segments.next(), segments.next(), segments.next(), segments.next(), segments.next()) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) if !ns.is_empty() && !sa.is_empty() => {
                 Some(Self::new(id.trust_domain_name(), ns, sa))
             }
             _ => None,
@@ -61,18 +53,13 @@ impl Identity {
     }
 
     pub fn spiffe_id(&self) -> SpiffeId {
-        SpiffeId::new(self.to_string())
-            .expect("namespace and service account names are valid path segments")
+        SpiffeId::new(self.to_string()).expect("namespace and service account names are valid path segments")
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -102,11 +89,8 @@ impl Svid {
         if id != identity.spiffe_id() {
             return Err(format!("issued for {id}, not {identity}"));
         }
-        let (_, cert) =
-            x509_parser::parse_x509_certificate(chain[0].as_ref()).map_err(|e| e.to_string())?;
-        let at = |t: x509_parser::time::ASN1Time| {
-            UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
-        };
+        let (_, cert) = x509_parser::parse_x509_certificate(chain[0].as_ref()).map_err(|e| e.to_string())?;
+        let at = |t: x509_parser::time::ASN1Time| UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
         Ok(Svid {
             identity: identity.clone(),
             not_before: at(cert.validity().not_before),
@@ -119,10 +103,7 @@ impl Svid {
 
     /// The point at which the certificate manager renews: half its lifetime.
     pub fn refresh_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
+        let lifetime = self.not_after.duration_since(self.not_before).unwrap_or_default();
         self.not_before + lifetime / 2
     }
 
@@ -144,8 +125,7 @@ pub enum IdentityError {
     Crypto(String),
 }
 
-pub type ProviderFuture<'a> =
-    Pin<Box<dyn Future<Output = Result<Svid, IdentityError>> + Send + 'a>>;
+pub type ProviderFuture<'a> = Pin<Box<dyn Future<Output = Result<Svid, IdentityError>> + Send + 'a>>;
 
 /// Issues SVIDs. The embedded CA (through [`ca_client::CaClient`]) is the
 /// default; SPIRE can implement this too, without the tunnel noticing.
@@ -163,17 +143,10 @@ mod tests {
         let id = Identity::new("cluster.local", "shop", "cart");
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
         assert_eq!(Identity::from_spiffe_id(&id.spiffe_id()), Some(id));
-        for other in [
-            "spiffe://td/ns/shop",
-            "spiffe://td/ns/shop/sa/cart/extra",
-            "spiffe://td/sa/x/ns/y",
-            "spiffe://td",
-        ] {
-            assert_eq!(
-                Identity::from_spiffe_id(&SpiffeId::new(other).unwrap()),
-                None,
-                "{other}"
-            );
+        for other in
+            ["spiffe://td/ns/shop", "spiffe://td/ns/shop/sa/cart/extra", "spiffe://td/sa/x/ns/y", "spiffe://td"]
+        {
+            assert_eq!(Identity::from_spiffe_id(&SpiffeId::new(other).unwrap()), None, "{other}");
         }
     }
 }

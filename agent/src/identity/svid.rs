@@ -61,27 +61,16 @@ pub fn check_chain(chain: &[CertificateDer<'_>]) -> Result<SpiffeId, SvidError> 
 }
 
 /// Like [`check_chain`], and the ID must belong to `trust_domain`.
-pub fn check_chain_in(
-    chain: &[CertificateDer<'_>],
-    trust_domain: &str,
-) -> Result<SpiffeId, SvidError> {
+pub fn check_chain_in(chain: &[CertificateDer<'_>], trust_domain: &str) -> Result<SpiffeId, SvidError> {
     let id = check_chain(chain)?;
     if id.trust_domain_name() != trust_domain {
-        return Err(SvidError::WrongTrustDomain {
-            id: id.to_string(),
-            expected: trust_domain.to_string(),
-        });
+        return Err(SvidError::WrongTrustDomain { id: id.to_string(), expected: trust_domain.to_string() });
     }
     Ok(id)
 }
 
 fn parse(der: &[u8], index: usize) -> Result<X509Certificate<'_>, SvidError> {
-    X509Certificate::from_der(der)
-        .map(|(_, cert)| cert)
-        .map_err(|e| SvidError::Parse {
-            index,
-            reason: e.to_string(),
-        })
+    X509Certificate::from_der(der).map(|(_, cert)| cert).map_err(|e| SvidError::Parse { index, reason: e.to_string() })
 }
 
 pub fn check_leaf(der: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
@@ -104,19 +93,11 @@ pub fn check_leaf(der: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
     let [uri] = uris.as_slice() else {
         return Err(SvidError::UriSanCount(uris.len()));
     };
-    let id = SpiffeId::new(uri).map_err(|e| SvidError::NotSpiffeId {
-        uri: uri.to_string(),
-        reason: e.to_string(),
-    })?;
+    let id = SpiffeId::new(uri).map_err(|e| SvidError::NotSpiffeId { uri: uri.to_string(), reason: e.to_string() })?;
     if id.path().is_empty() {
         return Err(SvidError::NoPath(id.to_string()));
     }
-    if cert
-        .basic_constraints()
-        .ok()
-        .flatten()
-        .is_some_and(|bc| bc.value.ca)
-    {
+    if cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca) {
         return Err(SvidError::LeafIsCa);
     }
     let key_usage = cert
@@ -145,20 +126,10 @@ pub fn check_leaf(der: &CertificateDer<'_>) -> Result<SpiffeId, SvidError> {
 
 fn check_signer(der: &CertificateDer<'_>, index: usize) -> Result<(), SvidError> {
     let cert = parse(der, index)?;
-    if !cert
-        .basic_constraints()
-        .ok()
-        .flatten()
-        .is_some_and(|bc| bc.value.ca)
-    {
+    if !cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca) {
         return Err(SvidError::SignerNotCa { index });
     }
-    if !cert
-        .key_usage()
-        .ok()
-        .flatten()
-        .is_some_and(|ku| ku.value.key_cert_sign())
-    {
+    if !cert.key_usage().ok().flatten().is_some_and(|ku| ku.value.key_cert_sign()) {
         return Err(SvidError::SignerCannotSign { index });
     }
     Ok(())
@@ -176,21 +147,16 @@ mod tests {
     //! the embedded CA issues pass them all (see `ca::tests`).
     use super::*;
     use rcgen::{
-        BasicConstraints, CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa,
-        KeyPair, KeyUsagePurpose, SanType,
+        BasicConstraints, CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+        SanType,
     };
 
     fn leaf_params() -> CertificateParams {
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            "spiffe://cluster.local/ns/shop/sa/cart".try_into().unwrap(),
-        )];
+        params.subject_alt_names = vec![SanType::URI("spiffe://cluster.local/ns/shop/sa/cart".try_into().unwrap())];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params
     }
 
@@ -208,11 +174,7 @@ mod tests {
     #[test]
     fn two_uri_sans_are_rejected() {
         let mut params = leaf_params();
-        params.subject_alt_names.push(SanType::URI(
-            "spiffe://cluster.local/ns/shop/sa/other"
-                .try_into()
-                .unwrap(),
-        ));
+        params.subject_alt_names.push(SanType::URI("spiffe://cluster.local/ns/shop/sa/other".try_into().unwrap()));
         assert_eq!(check_leaf(&build(params)), Err(SvidError::UriSanCount(2)));
     }
 
@@ -227,20 +189,14 @@ mod tests {
     fn non_spiffe_uri_is_rejected() {
         let mut params = leaf_params();
         params.subject_alt_names = vec![SanType::URI("https://cart.shop".try_into().unwrap())];
-        assert!(matches!(
-            check_leaf(&build(params)),
-            Err(SvidError::NotSpiffeId { .. })
-        ));
+        assert!(matches!(check_leaf(&build(params)), Err(SvidError::NotSpiffeId { .. })));
     }
 
     #[test]
     fn id_without_path_is_rejected() {
         let mut params = leaf_params();
         params.subject_alt_names = vec![SanType::URI("spiffe://cluster.local".try_into().unwrap())];
-        assert!(matches!(
-            check_leaf(&build(params)),
-            Err(SvidError::NoPath(_))
-        ));
+        assert!(matches!(check_leaf(&build(params)), Err(SvidError::NoPath(_))));
     }
 
     #[test]
@@ -262,24 +218,17 @@ mod tests {
         let mut params = leaf_params();
         params.key_usages = vec![];
         // keyUsage = digitalSignature, encoded by hand and marked non-critical.
-        let mut ext =
-            CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x03, 0x02, 0x07, 0x80]);
+        let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x03, 0x02, 0x07, 0x80]);
         ext.set_criticality(false);
         params.custom_extensions = vec![ext];
-        assert_eq!(
-            check_leaf(&build(params)),
-            Err(SvidError::KeyUsageNotCritical)
-        );
+        assert_eq!(check_leaf(&build(params)), Err(SvidError::KeyUsageNotCritical));
     }
 
     #[test]
     fn key_usage_without_digital_signature_is_rejected() {
         let mut params = leaf_params();
         params.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
-        assert_eq!(
-            check_leaf(&build(params)),
-            Err(SvidError::MissingDigitalSignature)
-        );
+        assert_eq!(check_leaf(&build(params)), Err(SvidError::MissingDigitalSignature));
     }
 
     #[test]
@@ -293,11 +242,7 @@ mod tests {
 
     #[test]
     fn extended_key_usage_needs_server_and_client_auth() {
-        for ekus in [
-            vec![],
-            vec![ExtendedKeyUsagePurpose::ServerAuth],
-            vec![ExtendedKeyUsagePurpose::ClientAuth],
-        ] {
+        for ekus in [vec![], vec![ExtendedKeyUsagePurpose::ServerAuth], vec![ExtendedKeyUsagePurpose::ClientAuth]] {
             let mut params = leaf_params();
             params.extended_key_usages = ekus;
             assert_eq!(check_leaf(&build(params)), Err(SvidError::ExtendedKeyUsage));
@@ -310,26 +255,17 @@ mod tests {
         let mut not_ca = CertificateParams::default();
         not_ca.is_ca = IsCa::ExplicitNoCa;
         not_ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        assert_eq!(
-            check_chain(&[leaf.clone(), build(not_ca)]),
-            Err(SvidError::SignerNotCa { index: 1 })
-        );
+        assert_eq!(check_chain(&[leaf.clone(), build(not_ca)]), Err(SvidError::SignerNotCa { index: 1 }));
         let mut cannot_sign = CertificateParams::default();
         cannot_sign.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         cannot_sign.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        assert_eq!(
-            check_chain(&[leaf, build(cannot_sign)]),
-            Err(SvidError::SignerCannotSign { index: 1 })
-        );
+        assert_eq!(check_chain(&[leaf, build(cannot_sign)]), Err(SvidError::SignerCannotSign { index: 1 }));
     }
 
     #[test]
     fn wrong_trust_domain_is_rejected() {
         let leaf = build(leaf_params());
         assert!(check_chain_in(std::slice::from_ref(&leaf), "cluster.local").is_ok());
-        assert!(matches!(
-            check_chain_in(&[leaf], "other.example"),
-            Err(SvidError::WrongTrustDomain { .. })
-        ));
+        assert!(matches!(check_chain_in(&[leaf], "other.example"), Err(SvidError::WrongTrustDomain { .. })));
     }
 }

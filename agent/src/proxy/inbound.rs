@@ -9,10 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
-    accept_backoff, relay,
-};
+use super::{ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, accept_backoff, relay};
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
@@ -25,12 +22,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
     }
 }
 
-async fn handle(
-    client: TcpStream,
-    client_addr: SocketAddr,
-    pod: Arc<PodContext>,
-    ctx: Arc<ProxyContext>,
-) {
+async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let started = Instant::now();
     let orig_dst = match client.local_addr() {
         Ok(addr) => addr,
@@ -46,16 +38,15 @@ async fn handle(
         dst_workload: Some(pod.id.clone()),
         dst_addr: orig_dst,
         started,
+        mtls: false,
+        src_identity: None,
+        dst_identity: Some(pod.identity.to_string()),
     };
     // Delivering to one of the agent's own ports would connect the agent to
     // itself, forever.
     if [INBOUND_PORT, OUTBOUND_PORT].contains(&orig_dst.port()) {
         relay::reset(&client);
-        log.finish(
-            0,
-            0,
-            Some(&"destination is an ambit listener port; refusing to loop"),
-        );
+        log.finish(0, 0, Some(&"destination is an ambit listener port; refusing to loop"));
         return;
     }
     let app = match pod.connect(orig_dst).await {
@@ -67,9 +58,5 @@ async fn handle(
         }
     };
     let outcome = relay::relay(client, app).await;
-    log.finish(
-        outcome.a_to_b,
-        outcome.b_to_a,
-        outcome.error.as_ref().map(|e| e as _),
-    );
+    log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
 }

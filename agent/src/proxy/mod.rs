@@ -1,20 +1,29 @@
 //! The per-pod proxies. Each enrolled pod has listeners inside its own netns:
 //! [`outbound`] takes connections the pod's apps make, [`inbound`] takes
-//! connections made to the pod. Both relay bytes with [`relay`].
+//! plaintext connections made to the pod, and [`hbone`] takes mTLS tunnels
+//! from other pods' agents. Bytes move through [`relay`] (TCP to TCP) or
+//! [`hbone::bridge`] (TCP to an HTTP/2 stream).
 
+pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
 
-use crate::{capture::OrigDstTable, netns::Netns, state::State};
+use crate::{
+    capture::OrigDstTable,
+    identity::{Identity, Svid, manager::CertManager},
+    netns::Netns,
+    state::State,
+    tls::{self, TrustBundle},
+};
 
 /// Port of the outbound listener, on 127.0.0.1 and ::1 inside each pod.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -27,6 +36,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct ProxyContext {
     pub orig_dst: OrigDstTable,
     pub state: watch::Receiver<Arc<State>>,
+    pub bundle: TrustBundle,
+    pub certs: CertManager,
+    pub pool: hbone::HbonePool,
 }
 
 impl ProxyContext {
@@ -41,18 +53,57 @@ pub struct PodContext {
     pub id: String,
     pub netns: Netns,
     pub netns_cookie: u64,
+    pub ips: Vec<IpAddr>,
+    pub identity: Identity,
+    /// The pod identity's current SVID, kept fresh by the certificate manager.
+    pub svid: watch::Receiver<Option<Arc<Svid>>>,
+    /// Server TLS configuration for the current SVID, rebuilt on rotation.
+    server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
 }
 
 impl PodContext {
+    pub fn new(
+        id: String,
+        netns: Netns,
+        netns_cookie: u64,
+        ips: Vec<IpAddr>,
+        identity: Identity,
+        svid: watch::Receiver<Option<Arc<Svid>>>,
+    ) -> Self {
+        Self { id, netns, netns_cookie, ips, identity, svid, server_tls: Mutex::new(None) }
+    }
+
+    /// The current SVID, if one is valid now.
+    pub fn current_svid(&self) -> Option<Arc<Svid>> {
+        self.svid.borrow().clone().filter(|s| s.is_valid_at(std::time::SystemTime::now()))
+    }
+
+    /// The HBONE server configuration for the current SVID.
+    fn server_tls(&self, bundle: &TrustBundle) -> Option<Arc<rustls::ServerConfig>> {
+        let svid = self.current_svid()?;
+        let mut cached = self.server_tls.lock().expect("server tls lock");
+        if let Some((serial, config)) = cached.as_ref() {
+            if *serial == svid.serial {
+                return Some(config.clone());
+            }
+        }
+        let config = match tls::server_config(&svid, bundle, true) {
+            Ok(config) => Arc::new(config),
+            Err(e) => {
+                tracing::error!(pod = %self.id, error = %e, "cannot build the mTLS server configuration");
+                return None;
+            }
+        };
+        *cached = Some((svid.serial.clone(), config.clone()));
+        Some(config)
+    }
+
     /// Connects from inside the pod's netns, as the agent (marked socket).
     async fn connect(&self, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
         let socket = self.netns.tcp_socket(dst)?;
         match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
             Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            )),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
         }
     }
 }
@@ -71,6 +122,11 @@ struct ConnectionLog {
     dst_workload: Option<String>,
     dst_addr: SocketAddr,
     started: Instant,
+    /// Whether the hop was carried over mTLS (HBONE).
+    mtls: bool,
+    /// Verified or own SPIFFE IDs; `None` for a plaintext peer.
+    src_identity: Option<String>,
+    dst_identity: Option<String>,
 }
 
 impl ConnectionLog {
@@ -83,6 +139,9 @@ impl ConnectionLog {
         };
         let src_workload = self.src_workload.as_deref().unwrap_or("-");
         let dst_workload = self.dst_workload.as_deref().unwrap_or("-");
+        let src_identity = self.src_identity.as_deref().unwrap_or("-");
+        let dst_identity = self.dst_identity.as_deref().unwrap_or("-");
+        let mtls = self.mtls;
         match error {
             None => tracing::info!(
                 target: "ambit::conn",
@@ -91,6 +150,9 @@ impl ConnectionLog {
                 src_addr = %self.src_addr,
                 dst_workload = dst_workload,
                 dst_addr = %self.dst_addr,
+                src_identity,
+                dst_identity,
+                mtls,
                 bytes_sent = sent,
                 bytes_received = received,
                 duration_ms,
@@ -103,6 +165,9 @@ impl ConnectionLog {
                 src_addr = %self.src_addr,
                 dst_workload = dst_workload,
                 dst_addr = %self.dst_addr,
+                src_identity,
+                dst_identity,
+                mtls,
                 bytes_sent = sent,
                 bytes_received = received,
                 duration_ms,

@@ -42,18 +42,10 @@ pub async fn relay(mut a: TcpStream, mut b: TcpStream) -> RelayOutcome {
         reset(&a);
         reset(&b);
     }
-    RelayOutcome {
-        a_to_b,
-        b_to_a,
-        error,
-    }
+    RelayOutcome { a_to_b, b_to_a, error }
 }
 
-async fn copy_then_shutdown<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    copied: &mut u64,
-) -> io::Result<()>
+async fn copy_then_shutdown<R, W>(reader: &mut R, writer: &mut W, copied: &mut u64) -> io::Result<()>
 where
     R: AsyncReadExt + Unpin,
     W: AsyncWriteExt + Unpin,
@@ -126,10 +118,7 @@ mod tests {
         let outcome = relay.await.unwrap();
         assert!(outcome.error.is_some());
         let mut buf = [0u8; 1];
-        let err = app
-            .read(&mut buf)
-            .await
-            .expect_err("the app must see the reset");
+        let err = app.read(&mut buf).await.expect_err("the app must see the reset");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 }

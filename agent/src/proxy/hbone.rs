@@ -1,0 +1,377 @@
+//! HBONE: a TCP connection carried as an HTTP/2 CONNECT stream over mutual
+//! TLS, to the destination pod's port 15008, wire-compatible with Istio's
+//! ztunnel: TLS 1.3, ALPN `h2`, `:authority` = the original destination
+//! `ip:port`, a `forwarded: for=<source ip>` header, and each side's
+//! identity in its X.509-SVID's URI SAN.
+//!
+//! [`serve`] is the destination side (one listener per pod IP); [`HbonePool`]
+//! is the source side, which keeps HTTP/2 connections per (source pod and
+//! identity, destination, expected destination identity) so most new
+//! streams cost no TLS handshake.
+
+use std::{
+    collections::HashMap,
+    future::poll_fn,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream, client::SendRequest};
+use http::{Method, Request, Response, StatusCode};
+use rustls::pki_types::ServerName;
+use spiffe::SpiffeId;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::{
+    ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, accept_backoff,
+    relay::{self, RelayOutcome},
+};
+use crate::{
+    identity::{Identity, Svid},
+    tls::{self, TrustBundle},
+};
+
+pub use ambit_common::HBONE_PORT;
+
+/// HTTP/2 flow-control windows: large enough that one bulk stream is not
+/// held back by window updates on a fast link.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME_SIZE: u32 = 256 * 1024;
+/// Streams share one TLS connection up to this many; past it a new
+/// connection opens, so parallel bulk transfers spread over several
+/// connections (one TLS connection is encrypted on one core).
+const MAX_STREAMS_PER_CONNECTION: usize = 16;
+/// Bytes read from a TCP socket per HTTP/2 DATA frame at most.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The destination side: accepts mTLS from other tunnels for one pod IP.
+pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                tokio::spawn(connection(tcp, peer, pod.clone(), ctx.clone()));
+            }
+            Err(e) => accept_backoff(e, &pod.id).await,
+        }
+    }
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+    let reject = |reason: &dyn std::fmt::Display| {
+        tracing::warn!(
+            target: "ambit::conn",
+            direction = "inbound",
+            src_addr = %peer,
+            dst_workload = %pod.id,
+            mtls = true,
+            error = %reason,
+            "HBONE connection rejected"
+        );
+    };
+    let Some(config) = pod.server_tls(&ctx.bundle) else {
+        reject(&format_args!("no certificate for {} yet", pod.identity));
+        relay::reset(&tcp);
+        return;
+    };
+    let tls = match TlsAcceptor::from(config).accept(tcp).await {
+        Ok(tls) => tls,
+        Err(e) => return reject(&format_args!("mTLS handshake failed: {e}")),
+    };
+    let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates(), &ctx.bundle.trust_domain) {
+        Ok(id) => id,
+        Err(e) => return reject(&e),
+    };
+    let mut conn = match h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .handshake::<_, Bytes>(tls)
+        .await
+    {
+        Ok(conn) => conn,
+        Err(e) => return reject(&format_args!("HTTP/2 handshake failed: {e}")),
+    };
+    while let Some(Ok((request, respond))) = conn.accept().await {
+        tokio::spawn(stream(request, respond, peer_id.clone(), peer, pod.clone(), ctx.clone()));
+    }
+}
+
+async fn stream(
+    request: Request<RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer_id: SpiffeId,
+    peer: SocketAddr,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+) {
+    let started = Instant::now();
+    let authority = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    // The original source, as the source tunnel reports it; the TLS peer
+    // address is the same pod's IP with another port.
+    let src_addr = forwarded_for(&request).map(|ip| SocketAddr::new(ip, peer.port())).unwrap_or(peer);
+    let mut log = ConnectionLog {
+        direction: Direction::Inbound,
+        src_workload: ctx.workload_at(src_addr.ip()),
+        src_addr,
+        dst_workload: Some(pod.id.clone()),
+        dst_addr: authority.unwrap_or_else(|| SocketAddr::new(peer.ip(), 0)),
+        started,
+        mtls: true,
+        src_identity: Some(peer_id.to_string()),
+        dst_identity: Some(pod.identity.to_string()),
+    };
+    let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+        let response = Response::builder().status(status).body(()).expect("valid response");
+        let _ = respond.send_response(response, true);
+    };
+    if request.method() != Method::CONNECT {
+        refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        return log.finish(0, 0, Some(&format_args!("HBONE expects CONNECT, got {}", request.method())));
+    }
+    let Some(dst) = authority else {
+        refuse(&mut respond, StatusCode::BAD_REQUEST);
+        return log.finish(0, 0, Some(&"CONNECT authority is not ip:port"));
+    };
+    if !pod.ips.contains(&dst.ip()) || [HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT].contains(&dst.port()) {
+        refuse(&mut respond, StatusCode::BAD_REQUEST);
+        return log.finish(0, 0, Some(&format_args!("{dst} is not an application address of this pod")));
+    }
+    log.dst_addr = dst;
+    let app = match pod.connect(dst).await {
+        Ok(app) => app,
+        Err(e) => {
+            refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            return log.finish(0, 0, Some(&format_args!("deliver to {dst}: {e}")));
+        }
+    };
+    let response = Response::builder().status(StatusCode::OK).body(()).expect("valid response");
+    let send = match respond.send_response(response, false) {
+        Ok(send) => send,
+        Err(e) => return log.finish(0, 0, Some(&e)),
+    };
+    let outcome = bridge(app, send, request.into_body()).await;
+    // The tunnel is the source here: what it sends to the app came from the client.
+    log.finish(outcome.b_to_a, outcome.a_to_b, outcome.error.as_ref().map(|e| e as _));
+}
+
+fn forwarded_for(request: &Request<RecvStream>) -> Option<IpAddr> {
+    let value = request.headers().get("forwarded")?.to_str().ok()?;
+    value.split(';').find_map(|part| part.trim().strip_prefix("for=")).and_then(|ip| ip.trim_matches('"').parse().ok())
+}
+
+/// Copies between a TCP connection and an HTTP/2 stream. `a_to_b` counts
+/// TCP to stream, `b_to_a` stream to TCP. End of stream travels as a
+/// half-close each way; an error on either side resets both.
+pub async fn bridge(mut tcp: TcpStream, mut send: SendStream<Bytes>, mut recv: RecvStream) -> RelayOutcome {
+    let (mut tcp_read, mut tcp_write) = tcp.split();
+    let mut up = 0u64;
+    let mut down = 0u64;
+    let upstream = async {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            buf.reserve(READ_CHUNK);
+            if tcp_read.read_buf(&mut buf).await? == 0 {
+                send.send_data(Bytes::new(), true).map_err(io::Error::other)?;
+                return Ok::<_, io::Error>(());
+            }
+            let mut chunk = buf.split().freeze();
+            up += chunk.len() as u64;
+            while !chunk.is_empty() {
+                send.reserve_capacity(chunk.len());
+                let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                    Some(granted) => granted.map_err(io::Error::other)?,
+                    None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed")),
+                };
+                if granted > 0 {
+                    send.send_data(chunk.split_to(granted.min(chunk.len())), false).map_err(io::Error::other)?;
+                }
+            }
+        }
+    };
+    let downstream = async {
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.map_err(io::Error::other)?;
+            tcp_write.write_all(&chunk).await?;
+            down += chunk.len() as u64;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+        }
+        tcp_write.shutdown().await
+    };
+    let error = tokio::try_join!(upstream, downstream).err();
+    if error.is_some() {
+        relay::reset(&tcp);
+        send.send_reset(h2::Reason::CANCEL);
+    }
+    RelayOutcome { a_to_b: up, b_to_a: down, error }
+}
+
+/// Why an outbound HBONE stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum HboneError {
+    #[error("connect to {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    #[error("mTLS with {dst} (expecting {expected}) failed: {reason}")]
+    Tls { dst: SocketAddr, expected: String, reason: String },
+    #[error("HTTP/2 with {0}: {1}")]
+    Http2(SocketAddr, h2::Error),
+    #[error("{0} answered CONNECT with {1}")]
+    Status(SocketAddr, StatusCode),
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    /// The source pod (its netns is where the connection starts).
+    src_pod: String,
+    src_identity: Identity,
+    dst: SocketAddr,
+    expected: Identity,
+}
+
+struct Pooled {
+    send: SendRequest<Bytes>,
+    active: Arc<AtomicUsize>,
+    /// Serial of the client certificate the connection was made with: a
+    /// rotated certificate retires the connections made with the old one.
+    serial: String,
+}
+
+/// Counts one open stream on a pooled connection.
+pub struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Outbound HTTP/2 connections, reused across streams.
+#[derive(Default)]
+pub struct HbonePool {
+    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// TLS handshakes made (new connections).
+    pub handshakes: AtomicU64,
+    /// Streams opened.
+    pub streams: AtomicU64,
+}
+
+/// An open HBONE stream and the identity that answered it.
+pub struct HboneStream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub guard: StreamGuard,
+}
+
+impl HbonePool {
+    /// Opens a CONNECT stream to `target` (an `ip:port` of the destination
+    /// pod) through `dst` (its HBONE address), as `svid`, accepting only a
+    /// server that proves it is `expected`.
+    pub async fn open(
+        &self,
+        pod: &PodContext,
+        svid: &Svid,
+        bundle: &TrustBundle,
+        dst: SocketAddr,
+        expected: &Identity,
+        target: SocketAddr,
+        source_ip: IpAddr,
+    ) -> Result<HboneStream, HboneError> {
+        let key =
+            PoolKey { src_pod: pod.id.clone(), src_identity: svid.identity.clone(), dst, expected: expected.clone() };
+        let (mut send, active) = match self.reuse(&key, &svid.serial).await {
+            Some(found) => found,
+            None => self.dial(key, pod, svid, bundle).await?,
+        };
+        active.fetch_add(1, Ordering::Relaxed);
+        let guard = StreamGuard(active);
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", format!("for={source_ip}"))
+            .body(())
+            .expect("valid CONNECT request");
+        let (response, send_stream) = send.send_request(request, false).map_err(|e| HboneError::Http2(dst, e))?;
+        let response = response.await.map_err(|e| HboneError::Http2(dst, e))?;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Status(dst, response.status()));
+        }
+        Ok(HboneStream { send: send_stream, recv: response.into_body(), guard })
+    }
+
+    /// A live pooled connection with room for another stream, made with the
+    /// current certificate. Dead ones are dropped on the way.
+    async fn reuse(&self, key: &PoolKey, serial: &str) -> Option<(SendRequest<Bytes>, Arc<AtomicUsize>)> {
+        let candidates: Vec<(SendRequest<Bytes>, Arc<AtomicUsize>)> = {
+            let mut conns = self.conns.lock().expect("pool lock");
+            let list = conns.get_mut(key)?;
+            list.retain(|c| c.serial == serial || c.active.load(Ordering::Relaxed) > 0);
+            list.iter()
+                .filter(|c| c.serial == serial && c.active.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION)
+                .map(|c| (c.send.clone(), c.active.clone()))
+                .collect()
+        };
+        for (send, active) in candidates {
+            match send.ready().await {
+                Ok(send) => return Some((send, active)),
+                Err(_) => self.remove(key, &active),
+            }
+        }
+        None
+    }
+
+    fn remove(&self, key: &PoolKey, active: &Arc<AtomicUsize>) {
+        if let Some(list) = self.conns.lock().expect("pool lock").get_mut(key) {
+            list.retain(|c| !Arc::ptr_eq(&c.active, active));
+        }
+    }
+
+    async fn dial(
+        &self,
+        key: PoolKey,
+        pod: &PodContext,
+        svid: &Svid,
+        bundle: &TrustBundle,
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
+        let dst = key.dst;
+        let tls_error = |reason: String| HboneError::Tls { dst, expected: key.expected.to_string(), reason };
+        let config =
+            tls::client_config(Some(svid), bundle, key.expected.spiffe_id()).map_err(|e| tls_error(e.to_string()))?;
+        let tcp = pod.connect(dst).await.map_err(|e| HboneError::Connect(dst, e))?;
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(ServerName::IpAddress(dst.ip().into()), tcp)
+            .await
+            .map_err(|e| tls_error(e.to_string()))?;
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| HboneError::Http2(dst, e))?;
+        let active = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%dst, error = %e, "HBONE connection closed");
+            }
+        });
+        let send = send.ready().await.map_err(|e| HboneError::Http2(dst, e))?;
+        self.conns.lock().expect("pool lock").entry(key).or_default().push(Pooled {
+            send: send.clone(),
+            active: active.clone(),
+            serial: svid.serial.clone(),
+        });
+        Ok((send, active))
+    }
+}

@@ -18,8 +18,7 @@ pub struct State {
 
 impl State {
     pub fn new(snapshot: Snapshot, trust_domain: &str) -> Self {
-        let workload_by_ip =
-            snapshot.pods.values().flat_map(|pod| pod.ips.iter().map(|ip| (*ip, pod.id()))).collect();
+        let workload_by_ip = snapshot.pods.values().flat_map(|pod| pod.ips.iter().map(|ip| (*ip, pod.id()))).collect();
         Self { snapshot, trust_domain: trust_domain.to_string(), workload_by_ip }
     }
 
@@ -100,7 +99,10 @@ mod tests {
         assert_eq!(state.workload_at("10.0.0.5".parse().unwrap()), Some("shop/eeeee"));
         assert_eq!(state.workload_at("10.9.9.9".parse().unwrap()), None);
         let (id, identity) = state.meshed_workload("10.0.0.1".parse().unwrap()).unwrap();
-        assert_eq!((id.as_str(), identity.to_string().as_str()), ("shop/a", "spiffe://cluster.local/ns/shop/sa/default"));
+        assert_eq!(
+            (id.as_str(), identity.to_string().as_str()),
+            ("shop/a", "spiffe://cluster.local/ns/shop/sa/default")
+        );
         assert_eq!(state.meshed_workload("10.0.0.3".parse().unwrap()), None, "plain pods are outside the mesh");
         let (id, identity) = state.meshed_workload("10.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(

@@ -33,6 +33,11 @@ pub struct ConnectionRecord {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub error: Option<String>,
+    /// Carried over mTLS (HBONE).
+    pub mtls: bool,
+    /// SPIFFE IDs, "-" where a side has none (a plaintext peer).
+    pub src_identity: String,
+    pub dst_identity: String,
 }
 
 impl ConnectionRecord {
@@ -51,8 +56,18 @@ impl ConnectionRecord {
             bytes_sent: number("bytes_sent"),
             bytes_received: number("bytes_received"),
             error: line.get("error").and_then(Value::as_str).map(str::to_string),
+            mtls: line.get("mtls").and_then(Value::as_bool).unwrap_or(false),
+            src_identity: text("src_identity"),
+            dst_identity: text("dst_identity"),
         })
     }
+}
+
+/// How an agent reaches the CA.
+pub(crate) struct CaAccess {
+    pub addr: String,
+    pub root: PathBuf,
+    pub token_file: PathBuf,
 }
 
 pub struct Agent {
@@ -69,6 +84,7 @@ impl Agent {
         attach: &Path,
         config: &Path,
         dir: &Path,
+        ca: &CaAccess,
     ) -> Result<Agent> {
         let log = dir.join(format!("agent-{}-{}.log", node.name, LOG_COUNTER.fetch_add(1, Ordering::SeqCst)));
         let mut cmd = Command::new(binary);
@@ -76,6 +92,10 @@ impl Agent {
             .arg(config)
             .arg("--cgroup")
             .arg(attach)
+            .args(["--ca-addr", &ca.addr, "--ca-root"])
+            .arg(&ca.root)
+            .arg("--node-token-file")
+            .arg(&ca.token_file)
             .env("AMBIT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(File::create(&log)?)

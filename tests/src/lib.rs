@@ -109,11 +109,23 @@ pub struct Bed {
     dir: tempfile::TempDir,
     children: Mutex<Vec<Child>>,
     agent_binary: PathBuf,
+    ca: Mutex<Option<Child>>,
 }
 
+/// Where the bed's certificate authority listens (on the fabric bridge).
+pub const CA_ADDR: &str = "10.100.0.254:15012";
+/// Leaf lifetime the bed's CA uses unless a test asks for another.
+pub const DEFAULT_LEAF_TTL: &str = "1h";
+
 impl Bed {
-    /// Creates the fabric and the named nodes.
+    /// Creates the fabric, the named nodes and the mesh's CA, with the
+    /// default agent binary (`AMBIT_AGENT_BIN`, or the workspace's debug build).
     pub fn new(node_names: &[&str]) -> Result<Bed> {
+        Self::with_agent(node_names, agent::agent_binary())
+    }
+
+    /// Like [`Bed::new`], running `agent_binary` for the agents and the CA.
+    pub fn with_agent(node_names: &[&str], agent_binary: PathBuf) -> Result<Bed> {
         if let Some(missing) = missing_prerequisites() {
             bail!("the test bed cannot run here: {missing}");
         }
@@ -132,14 +144,20 @@ impl Bed {
             pods: Vec::new(),
             dir,
             children: Mutex::new(Vec::new()),
-            agent_binary: agent::agent_binary(),
+            agent_binary,
+            ca: Mutex::new(None),
         };
         ip(&["netns", "add", &bed.fabric])?;
         ip_in(&bed.fabric, &["link", "add", "br0", "type", "bridge"])?;
+        let ca_ip = CA_ADDR.split(':').next().expect("ip:port");
+        ip_in(&bed.fabric, &["addr", "add", &format!("{ca_ip}/24"), "dev", "br0"])?;
         ip_in(&bed.fabric, &["link", "set", "br0", "up"])?;
+        ip_in(&bed.fabric, &["link", "set", "lo", "up"])?;
+        std::fs::create_dir(bed.dir.path().join("tokens"))?;
         for name in node_names {
             bed.add_node(name)?;
         }
+        bed.start_ca(DEFAULT_LEAF_TTL)?;
         for a in &bed.nodes {
             for b in bed.nodes.iter().filter(|b| b.index != a.index) {
                 let range = format!("10.244.{}.0/24", b.index);
@@ -166,14 +184,70 @@ impl Bed {
         ip_in(&netns, &["addr", "add", &format!("10.244.{index}.1/24"), "dev", "cbr0"])?;
         ip_in(&netns, &["link", "set", "cbr0", "up"])?;
         run_ok(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        // The node's CA token; the first call also creates the CA's root.
+        let token = Command::new(&self.agent_binary)
+            .args(["ca", "token", "--node", name, "--dir"])
+            .arg(self.ca_dir())
+            .output()
+            .context("run `ambit-agent ca token`")?;
+        if !token.status.success() {
+            bail!("ambit-agent ca token failed: {}", String::from_utf8_lossy(&token.stderr));
+        }
+        std::fs::write(self.node_token_file(name), &token.stdout)?;
         self.nodes.push(Node { name: name.to_string(), index, netns, ip: node_ip, cgroup });
         Ok(())
     }
 
-    /// Runs this agent binary instead of the default (`AMBIT_AGENT_BIN`, or
-    /// the workspace's debug build).
-    pub fn set_agent_binary(&mut self, path: PathBuf) {
-        self.agent_binary = path;
+    /// The CA's directory: `root.pem` is the mesh's trust anchor.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    fn node_token_file(&self, node: &str) -> PathBuf {
+        self.dir.path().join("tokens").join(node)
+    }
+
+    /// The CA's log (issuances and refusals).
+    pub fn ca_log(&self) -> PathBuf {
+        self.dir.path().join("ca.log")
+    }
+
+    /// Starts the CA (in the fabric netns, reachable from every node),
+    /// issuing leaves that live `leaf_ttl` (e.g. "1h", "6s").
+    pub fn start_ca(&self, leaf_ttl: &str) -> Result<()> {
+        self.stop_ca()?;
+        let cgroup = self.run_cgroup.join("ca");
+        if !cgroup.exists() {
+            std::fs::create_dir(&cgroup)?;
+        }
+        let log = File::options().create(true).append(true).open(self.ca_log())?;
+        let mut cmd = Command::new(&self.agent_binary);
+        cmd.args(["ca", "serve", "--log-format", "json", "--listen", CA_ADDR, "--leaf-ttl", leaf_ttl, "--dir"])
+            .arg(self.ca_dir())
+            .arg("--config-dir")
+            .arg(self.config_dir())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        enter(&mut cmd, &Path::new("/run/netns").join(&self.fabric), Some(&cgroup))?;
+        *self.ca.lock().expect("ca lock") = Some(cmd.spawn().context("start the CA")?);
+        let port = CA_ADDR.rsplit(':').next().expect("ip:port");
+        let filter = format!("sport = :{port}");
+        let fabric = self.fabric.clone();
+        wait_until(Duration::from_secs(10), "the CA to listen", || {
+            let out = Command::new("ip").args(["netns", "exec", &fabric, "ss", "-Hltn", &filter]).output()?;
+            Ok(!out.stdout.is_empty())
+        })
+        .with_context(|| format!("CA log:\n{}", std::fs::read_to_string(self.ca_log()).unwrap_or_default()))
+    }
+
+    /// Stops the CA (as an outage would).
+    pub fn stop_ca(&self) -> Result<()> {
+        if let Some(mut ca) = self.ca.lock().expect("ca lock").take() {
+            ca.kill()?;
+            ca.wait()?;
+        }
+        Ok(())
     }
 
     pub fn run_id(&self) -> &str {
@@ -304,7 +378,12 @@ impl Bed {
         if !cgroup.exists() {
             std::fs::create_dir(&cgroup)?;
         }
-        Agent::start(&self.agent_binary, node, &cgroup, attach, &self.config_dir(), self.dir.path())
+        let ca = agent::CaAccess {
+            addr: CA_ADDR.to_string(),
+            root: self.ca_dir().join("root.pem"),
+            token_file: self.node_token_file(&node.name),
+        };
+        Agent::start(&self.agent_binary, node, &cgroup, attach, &self.config_dir(), self.dir.path(), &ca)
     }
 
     /// Starts a long-running process in a pod; the bed kills it on drop.
@@ -379,6 +458,7 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        let _ = self.stop_ca();
         for mut child in self.children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
             let _ = child.kill();
             let _ = child.wait();

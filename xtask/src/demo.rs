@@ -48,8 +48,7 @@ pub fn run(hold: bool) -> Result<()> {
     };
 
     heading("ambit demo: eBPF capture of pod traffic into a per-node agent");
-    let mut bed = Bed::new(&["node-1", "node-2"])?;
-    bed.set_agent_binary(agent_binary);
+    let mut bed = Bed::with_agent(&["node-1", "node-2"], agent_binary)?;
     bed.namespace("shop", true)?;
     bed.namespace("legacy", false)?;
     for (node, pod) in [

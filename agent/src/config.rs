@@ -57,11 +57,60 @@ impl Pod {
     }
 }
 
+/// A Service: a virtual IP whose ports lead to the pods its selector picks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: IpAddr,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+}
+
+impl Service {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// PeerAuthentication mode (security.istio.io/v1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Inherit from the enclosing scope.
+    Unset,
+    /// Plaintext and mTLS both accepted (the default).
+    Permissive,
+    /// Only mTLS accepted; plaintext is reset.
+    Strict,
+    /// The destination does not require mTLS (accepted as PERMISSIVE; see
+    /// docs/ARCHITECTURE.md: ambit never downgrades ambient-to-ambient hops).
+    Disable,
+}
+
+/// A PeerAuthentication: mesh-wide in the root namespace, namespace-wide
+/// without a selector, per workload with one (and only then per port).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAuthentication {
+    pub namespace: String,
+    pub name: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: MtlsMode,
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+}
+
 /// One parsed object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
     Namespace(Namespace),
     Pod(Pod),
+    Service(Service),
+    PeerAuthentication(PeerAuthentication),
 }
 
 impl Object {
@@ -69,6 +118,8 @@ impl Object {
         match self {
             Object::Namespace(ns) => ("Namespace", ns.name.clone()),
             Object::Pod(pod) => ("Pod", pod.id()),
+            Object::Service(svc) => ("Service", svc.id()),
+            Object::PeerAuthentication(pa) => ("PeerAuthentication", format!("{}/{}", pa.namespace, pa.name)),
         }
     }
 }
@@ -81,9 +132,11 @@ pub enum ConfigError {
     Read { file: PathBuf, reason: String },
     #[error("{file}: document {doc}: not valid YAML: {reason}")]
     Yaml { file: PathBuf, doc: usize, reason: String },
-    #[error("{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (Namespace or Pod)")]
+    #[error("{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (e.g. Namespace, Pod)")]
     MissingKind { file: PathBuf, doc: usize },
-    #[error("{file}: document {doc}: kind `{kind}` is not supported; use Namespace or Pod")]
+    #[error(
+        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service or PeerAuthentication"
+    )]
     UnknownKind { file: PathBuf, doc: usize, kind: String },
     #[error("{file}: document {doc} ({object}): field `{field}`: {reason}")]
     Field { file: PathBuf, doc: usize, object: String, field: String, reason: String },
@@ -148,6 +201,58 @@ struct RawPodStatus {
 #[derive(Deserialize)]
 struct RawPodIp {
     ip: IpAddr,
+}
+
+#[derive(Deserialize)]
+struct RawService {
+    metadata: RawMetadata,
+    spec: RawServiceSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawServiceSpec {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: IpAddr,
+    ports: Vec<RawServicePort>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawServicePort {
+    port: u16,
+    target_port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+struct RawPeerAuthentication {
+    metadata: RawMetadata,
+    #[serde(default)]
+    spec: RawPeerAuthenticationSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawPeerAuthenticationSpec {
+    selector: Option<RawSelector>,
+    mtls: Option<RawMtls>,
+    #[serde(default)]
+    port_level_mtls: BTreeMap<String, RawMtls>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawSelector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct RawMtls {
+    #[serde(default)]
+    mode: Option<String>,
 }
 
 /// Parses one file's text into objects, or every error it holds.
@@ -232,6 +337,59 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
                 source: file.to_path_buf(),
             }))
         }
+        "Service" => {
+            let raw: RawService = deserialize(file, doc, &describe, value)?;
+            if raw.spec.ports.is_empty() {
+                return Err(ConfigError::field(
+                    file,
+                    doc,
+                    &describe,
+                    "spec.ports",
+                    "a service needs at least one port",
+                ));
+            }
+            Ok(Object::Service(Service {
+                namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
+                name: raw.metadata.name,
+                cluster_ip: raw.spec.cluster_ip,
+                ports: raw
+                    .spec
+                    .ports
+                    .iter()
+                    .map(|p| ServicePort { port: p.port, target_port: p.target_port.unwrap_or(p.port) })
+                    .collect(),
+                selector: raw.spec.selector,
+            }))
+        }
+        "PeerAuthentication" => {
+            let raw: RawPeerAuthentication = deserialize(file, doc, &describe, value)?;
+            let mode = mtls_mode(file, doc, &describe, "spec.mtls.mode", raw.spec.mtls.as_ref())?;
+            let selector = raw.spec.selector.map(|s| s.match_labels);
+            if selector.is_none() && !raw.spec.port_level_mtls.is_empty() {
+                return Err(ConfigError::field(
+                    file,
+                    doc,
+                    &describe,
+                    "spec.portLevelMtls",
+                    "port-level settings apply to selected workloads only; add spec.selector.matchLabels",
+                ));
+            }
+            let mut port_modes = BTreeMap::new();
+            for (port, setting) in &raw.spec.port_level_mtls {
+                let field = format!("spec.portLevelMtls.{port}");
+                let port: u16 = port.parse().map_err(|_| {
+                    ConfigError::field(file, doc, &describe, &field, "the key must be a port number (1-65535)")
+                })?;
+                port_modes.insert(port, mtls_mode(file, doc, &describe, &format!("{field}.mode"), Some(setting))?);
+            }
+            Ok(Object::PeerAuthentication(PeerAuthentication {
+                namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
+                name: raw.metadata.name,
+                selector,
+                mode,
+                port_modes,
+            }))
+        }
         _ => Err(ConfigError::UnknownKind { file: file.to_path_buf(), doc, kind }),
     }
 }
@@ -246,6 +404,28 @@ fn deserialize<T: serde::de::DeserializeOwned>(
         let field = e.path().to_string();
         ConfigError::field(file, doc, object, &field, e.into_inner().to_string())
     })
+}
+
+fn mtls_mode(
+    file: &Path,
+    doc: usize,
+    object: &str,
+    field: &str,
+    setting: Option<&RawMtls>,
+) -> Result<MtlsMode, ConfigError> {
+    match setting.and_then(|s| s.mode.as_deref()) {
+        None | Some("UNSET") => Ok(MtlsMode::Unset),
+        Some("PERMISSIVE") => Ok(MtlsMode::Permissive),
+        Some("STRICT") => Ok(MtlsMode::Strict),
+        Some("DISABLE") => Ok(MtlsMode::Disable),
+        Some(other) => Err(ConfigError::field(
+            file,
+            doc,
+            object,
+            field,
+            format!("`{other}` is not a mode; use STRICT, PERMISSIVE, DISABLE or UNSET"),
+        )),
+    }
 }
 
 fn dataplane_mode(
@@ -274,6 +454,9 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Keyed by `namespace/name`.
     pub pods: BTreeMap<String, Pod>,
+    /// Keyed by `namespace/name`.
+    pub services: BTreeMap<String, Service>,
+    pub peer_authentications: Vec<PeerAuthentication>,
 }
 
 /// The configuration directory and the last good objects of each file in it.
@@ -340,6 +523,10 @@ impl ConfigDir {
                     Object::Pod(pod) => {
                         snapshot.pods.insert(pod.id(), pod.clone());
                     }
+                    Object::Service(svc) => {
+                        snapshot.services.insert(svc.id(), svc.clone());
+                    }
+                    Object::PeerAuthentication(pa) => snapshot.peer_authentications.push(pa.clone()),
                 }
             }
         }
@@ -464,9 +651,41 @@ status:
     fn unknown_and_missing_kinds() {
         assert_eq!(
             errors_of("kind: Deployment\nmetadata: {name: x}\n"),
-            vec!["pods.yaml: document 1: kind `Deployment` is not supported; use Namespace or Pod"]
+            vec![
+                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service or PeerAuthentication"
+            ]
         );
         assert!(errors_of("metadata: {name: x}\n")[0].contains("missing `kind`"));
+    }
+
+    #[test]
+    fn parses_service_with_default_target_port() {
+        let text = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 8080}\n  - {port: 443}\n";
+        let Object::Service(svc) = &parse_file(Path::new("svc.yaml"), text).unwrap()[0] else { panic!() };
+        assert_eq!(svc.cluster_ip, "10.96.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            svc.ports,
+            vec![ServicePort { port: 80, target_port: 8080 }, ServicePort { port: 443, target_port: 443 }]
+        );
+        assert!(errors_of(&text.replace("10.96.0.10", "vip"))[0].contains("field `spec.clusterIP`"));
+    }
+
+    #[test]
+    fn parses_peer_authentication_modes_and_ports() {
+        let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"8080\": {mode: PERMISSIVE}\n";
+        let Object::PeerAuthentication(pa) = &parse_file(Path::new("pa.yaml"), text).unwrap()[0] else { panic!() };
+        assert_eq!(pa.mode, MtlsMode::Strict);
+        assert_eq!(pa.port_modes.get(&8080), Some(&MtlsMode::Permissive));
+        let bad_mode = errors_of(&text.replace("mode: STRICT", "mode: STRICKT"));
+        assert!(
+            bad_mode[0].contains("field `spec.mtls.mode`") && bad_mode[0].contains("use STRICT, PERMISSIVE"),
+            "{}",
+            bad_mode[0]
+        );
+        let bad_port = errors_of(&text.replace("\"8080\"", "http"));
+        assert!(bad_port[0].contains("spec.portLevelMtls.http"), "{}", bad_port[0]);
+        let no_selector = errors_of(&text.replace("  selector: {matchLabels: {app: web}}\n", ""));
+        assert!(no_selector[0].contains("add spec.selector.matchLabels"), "{}", no_selector[0]);
     }
 
     #[test]

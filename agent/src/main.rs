@@ -219,8 +219,10 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         bundle,
         certs: CertManager::new(Arc::new(provider)),
         pool: HbonePool::default(),
+        next_endpoint: Default::default(),
+        stats: Default::default(),
     });
-    let mut enrolments = Enrolments::new(node.clone(), capture, ctx);
+    let mut enrolments = Enrolments::new(node.clone(), capture, ctx.clone());
     enrolments.reconcile(&state_rx.borrow());
 
     let (_watcher, mut changes) =
@@ -252,6 +254,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let counters: Vec<String> =
         enrolments.capture().counters().iter().map(|(name, value)| format!("{name}={value}")).collect();
     tracing::info!(counters = %counters.join(" "), "kernel capture counters");
+    let counters: Vec<String> = ctx.counters().iter().map(|(name, value)| format!("{name}={value}")).collect();
+    tracing::info!(counters = %counters.join(" "), "proxy counters");
     enrolments.clear();
     drop(enrolments); // detaches every program
     tracing::info!("agent stopped");

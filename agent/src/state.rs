@@ -2,12 +2,39 @@
 //! snapshot. Read by the enrolment reconciler and by the proxies (to name the
 //! workload behind an address in logs).
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use crate::{
-    config::{DataplaneMode, Pod, Snapshot},
+    config::{DataplaneMode, MtlsMode, PeerAuthentication, Pod, Service, Snapshot},
     identity::Identity,
 };
+
+/// Namespace whose selector-less PeerAuthentication applies mesh-wide (the
+/// counterpart of Istio's `istio-system` root namespace).
+pub const ROOT_NAMESPACE: &str = "ambit-system";
+
+/// Where a captured connection is going, as the mesh sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A service's virtual IP: one of its endpoints takes the connection.
+    Service { service: String, endpoints: Vec<Endpoint> },
+    /// A pod the mesh knows.
+    Workload(Endpoint),
+    /// Anything else: passed through as plain TCP.
+    External,
+}
+
+/// A pod address a connection can be sent to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload: String,
+    pub addr: SocketAddr,
+    /// The identity to demand over HBONE; `None` for a pod outside the mesh.
+    pub identity: Option<Identity>,
+}
 
 #[derive(Debug, Default)]
 pub struct State {
@@ -27,11 +54,63 @@ impl State {
         Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account)
     }
 
-    /// The ambient pod behind `ip` and the identity it must prove, if the
-    /// address belongs to the mesh.
-    pub fn meshed_workload(&self, ip: IpAddr) -> Option<(String, Identity)> {
+    /// Resolves a captured connection's original destination.
+    pub fn destination(&self, dst: SocketAddr) -> Destination {
+        if let Some(service) = self.snapshot.services.values().find(|s| s.cluster_ip == dst.ip()) {
+            let Some(port) = service.ports.iter().find(|p| p.port == dst.port()) else {
+                return Destination::External;
+            };
+            let endpoints = self
+                .endpoints(service)
+                .flat_map(|pod| pod.ips.iter().filter(|ip| ip.is_ipv4() == dst.is_ipv4()).map(move |ip| (pod, *ip)))
+                .map(|(pod, ip)| self.endpoint(pod, SocketAddr::new(ip, port.target_port)))
+                .collect();
+            return Destination::Service { service: service.id(), endpoints };
+        }
+        match self.workload_by_ip.get(&dst.ip()).and_then(|id| self.snapshot.pods.get(id)) {
+            Some(pod) => Destination::Workload(self.endpoint(pod, dst)),
+            None => Destination::External,
+        }
+    }
+
+    fn endpoint(&self, pod: &Pod, addr: SocketAddr) -> Endpoint {
+        Endpoint { workload: pod.id(), addr, identity: self.is_ambient(pod).then(|| self.identity_of(pod)) }
+    }
+
+    /// The pods a service selects (an empty selector selects none, as in Kubernetes).
+    fn endpoints<'a>(&'a self, service: &'a Service) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.snapshot.pods.values().filter(move |pod| {
+            pod.namespace == service.namespace
+                && !service.selector.is_empty()
+                && service.selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+        })
+    }
+
+    /// The identity of whichever pod owns `ip`, ambient or not: a peer
+    /// presenting an SVID from that address must hold that identity.
+    pub fn identity_at(&self, ip: IpAddr) -> Option<Identity> {
         let pod = self.snapshot.pods.get(self.workload_by_ip.get(&ip)?)?;
-        self.is_ambient(pod).then(|| (pod.id(), self.identity_of(pod)))
+        Some(self.identity_of(pod))
+    }
+
+    /// The PeerAuthentication mode in force for plaintext arriving at `port`
+    /// of pod `pod_id`: workload (port first), then namespace, then mesh;
+    /// PERMISSIVE when nothing says otherwise.
+    pub fn mtls_mode(&self, pod_id: &str, port: u16) -> MtlsMode {
+        let Some(pod) = self.snapshot.pods.get(pod_id) else { return MtlsMode::Permissive };
+        let selects = |pa: &&PeerAuthentication| {
+            pa.namespace == pod.namespace
+                && pa.selector.as_ref().is_some_and(|sel| sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+        };
+        let policies = &self.snapshot.peer_authentications;
+        let workload = policies.iter().find(selects);
+        let candidates = [
+            workload.and_then(|pa| pa.port_modes.get(&port).copied()),
+            workload.map(|pa| pa.mode),
+            namespace_wide(policies, &pod.namespace),
+            namespace_wide(policies, ROOT_NAMESPACE),
+        ];
+        candidates.into_iter().flatten().find(|m| *m != MtlsMode::Unset).unwrap_or(MtlsMode::Permissive)
     }
 
     /// `namespace/name` of the pod that owns `ip`, if the mesh knows it.
@@ -56,6 +135,11 @@ impl State {
     pub fn pods_to_enrol<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
         self.snapshot.pods.values().filter(move |pod| pod.node == node && self.is_ambient(pod))
     }
+}
+
+/// The mode of the selector-less PeerAuthentication in `namespace`, if any.
+fn namespace_wide(policies: &[PeerAuthentication], namespace: &str) -> Option<MtlsMode> {
+    policies.iter().find(|pa| pa.namespace == namespace && pa.selector.is_none()).map(|pa| pa.mode)
 }
 
 #[cfg(test)]
@@ -98,17 +182,102 @@ mod tests {
         assert_eq!(enrolled, vec!["legacy/dddd", "shop/a"]);
         assert_eq!(state.workload_at("10.0.0.5".parse().unwrap()), Some("shop/eeeee"));
         assert_eq!(state.workload_at("10.9.9.9".parse().unwrap()), None);
-        let (id, identity) = state.meshed_workload("10.0.0.1".parse().unwrap()).unwrap();
-        assert_eq!(
-            (id.as_str(), identity.to_string().as_str()),
-            ("shop/a", "spiffe://cluster.local/ns/shop/sa/default")
+        let Destination::Workload(a) = state.destination("10.0.0.1:80".parse().unwrap()) else { panic!() };
+        assert_eq!(a.identity.unwrap().to_string(), "spiffe://cluster.local/ns/shop/sa/default");
+        let Destination::Workload(plain) = state.destination("10.0.0.3:80".parse().unwrap()) else { panic!() };
+        assert_eq!(plain.identity, None, "plain pods are outside the mesh");
+        assert_eq!(state.destination("192.0.2.1:80".parse().unwrap()), Destination::External);
+    }
+
+    fn web_pod(name: &str, ip: &str, app: &str) -> Pod {
+        let mut p = pod("shop", name, "n1", None);
+        p.ips = vec![ip.parse().unwrap()];
+        p.service_account = name.into();
+        p.labels.insert("app".into(), app.into());
+        p
+    }
+
+    fn shop_state(peer_authentications: Vec<PeerAuthentication>) -> State {
+        let mut snapshot = Snapshot::default();
+        snapshot
+            .namespaces
+            .insert("shop".into(), Namespace { name: "shop".into(), dataplane_mode: Some(DataplaneMode::Ambient) });
+        for p in
+            [web_pod("web-1", "10.1.0.1", "web"), web_pod("web-2", "10.1.0.2", "web"), web_pod("db", "10.1.0.3", "db")]
+        {
+            snapshot.pods.insert(p.id(), p);
+        }
+        snapshot.services.insert(
+            "shop/web".into(),
+            Service {
+                namespace: "shop".into(),
+                name: "web".into(),
+                cluster_ip: "10.96.0.10".parse().unwrap(),
+                ports: vec![crate::config::ServicePort { port: 80, target_port: 8080 }],
+                selector: [("app".to_string(), "web".to_string())].into(),
+            },
         );
-        assert_eq!(state.meshed_workload("10.0.0.3".parse().unwrap()), None, "plain pods are outside the mesh");
-        let (id, identity) = state.meshed_workload("10.0.0.1".parse().unwrap()).unwrap();
-        assert_eq!(
-            (id.as_str(), identity.to_string().as_str()),
-            ("shop/a", "spiffe://cluster.local/ns/shop/sa/default")
-        );
-        assert_eq!(state.meshed_workload("10.0.0.3".parse().unwrap()), None, "plain pods are outside the mesh");
+        snapshot.peer_authentications = peer_authentications;
+        State::new(snapshot, "cluster.local")
+    }
+
+    #[test]
+    fn service_vip_resolves_to_selected_endpoints_on_the_target_port() {
+        let state = shop_state(vec![]);
+        let Destination::Service { service, endpoints } = state.destination("10.96.0.10:80".parse().unwrap()) else {
+            panic!()
+        };
+        assert_eq!(service, "shop/web");
+        let addrs: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, vec!["10.1.0.1:8080", "10.1.0.2:8080"]);
+        assert_eq!(endpoints[0].identity.as_ref().unwrap().to_string(), "spiffe://cluster.local/ns/shop/sa/web-1");
+        assert_eq!(state.destination("10.96.0.10:81".parse().unwrap()), Destination::External, "undeclared port");
+    }
+
+    fn pa(namespace: &str, selector: Option<&str>, mode: MtlsMode, ports: &[(u16, MtlsMode)]) -> PeerAuthentication {
+        PeerAuthentication {
+            namespace: namespace.into(),
+            name: "pa".into(),
+            selector: selector.map(|app| [("app".to_string(), app.to_string())].into()),
+            mode,
+            port_modes: ports.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn peer_authentication_precedence() {
+        use MtlsMode::*;
+        let cases: Vec<(&str, Vec<PeerAuthentication>, u16, MtlsMode)> = vec![
+            ("nothing: permissive", vec![], 8080, Permissive),
+            ("mesh-wide strict", vec![pa(ROOT_NAMESPACE, None, Strict, &[])], 8080, Strict),
+            (
+                "namespace beats mesh",
+                vec![pa(ROOT_NAMESPACE, None, Strict, &[]), pa("shop", None, Permissive, &[])],
+                8080,
+                Permissive,
+            ),
+            (
+                "workload beats namespace",
+                vec![pa("shop", None, Permissive, &[]), pa("shop", Some("web"), Strict, &[])],
+                8080,
+                Strict,
+            ),
+            ("port beats workload", vec![pa("shop", Some("web"), Strict, &[(8080, Permissive)])], 8080, Permissive),
+            ("other port keeps workload", vec![pa("shop", Some("web"), Strict, &[(9090, Permissive)])], 8080, Strict),
+            ("unset inherits", vec![pa("shop", None, Strict, &[]), pa("shop", Some("web"), Unset, &[])], 8080, Strict),
+            ("other workload's selector", vec![pa("shop", Some("db"), Strict, &[])], 8080, Permissive),
+            ("other namespace", vec![pa("legacy", None, Strict, &[])], 8080, Permissive),
+            ("disable", vec![pa("shop", None, Disable, &[])], 8080, Disable),
+        ];
+        for (name, policies, port, want) in cases {
+            assert_eq!(shop_state(policies).mtls_mode("shop/web-1", port), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn identity_at_covers_every_pod() {
+        let state = shop_state(vec![]);
+        assert_eq!(state.identity_at("10.1.0.3".parse().unwrap()).unwrap().service_account, "db");
+        assert_eq!(state.identity_at("10.9.9.9".parse().unwrap()), None);
     }
 }

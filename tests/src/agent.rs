@@ -29,6 +29,8 @@ pub struct ConnectionRecord {
     pub src_workload: String,
     pub src_addr: String,
     pub dst_workload: String,
+    /// `namespace/name` of the service whose virtual IP was dialled, or "-".
+    pub dst_service: String,
     pub dst_addr: String,
     pub bytes_sent: u64,
     pub bytes_received: u64,
@@ -52,6 +54,7 @@ impl ConnectionRecord {
             src_workload: text("src_workload"),
             src_addr: text("src_addr"),
             dst_workload: text("dst_workload"),
+            dst_service: text("dst_service"),
             dst_addr: text("dst_addr"),
             bytes_sent: number("bytes_sent"),
             bytes_received: number("bytes_received"),

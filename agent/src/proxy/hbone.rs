@@ -69,6 +69,7 @@ pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyCo
 
 async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let reject = |reason: &dyn std::fmt::Display| {
+        ctx.stats.mtls_rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             target: "ambit::conn",
             direction = "inbound",
@@ -88,10 +89,29 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx:
         Ok(tls) => tls,
         Err(e) => return reject(&format_args!("mTLS handshake failed: {e}")),
     };
-    let peer_id = match tls::peer_identity(tls.get_ref().1.peer_certificates(), &ctx.bundle.trust_domain) {
+    let peer_certs = tls.get_ref().1.peer_certificates();
+    let peer_id = match tls::peer_identity(peer_certs, &ctx.bundle.trust_domain) {
         Ok(id) => id,
         Err(e) => return reject(&e),
     };
+    // Connections leave from inside the source pod, so the peer address is
+    // that pod's: a certificate presented from a known pod's address must be
+    // that pod's identity (a stolen key does not work from elsewhere).
+    let owner = ctx.state.borrow().identity_at(peer.ip());
+    if let Some(owner) = owner.filter(|owner| owner.spiffe_id() != peer_id) {
+        return reject(&format_args!(
+            "{peer_id} presented from {}, the address of a pod running as {owner}",
+            peer.ip()
+        ));
+    }
+    tracing::info!(
+        target: "ambit::conn",
+        src_addr = %peer,
+        dst_workload = %pod.id,
+        src_identity = %peer_id,
+        peer_serial = %peer_certs.and_then(|c| c.first()).map(leaf_serial).unwrap_or_default(),
+        "mTLS connection accepted"
+    );
     let mut conn = match h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -125,6 +145,7 @@ async fn stream(
         src_workload: ctx.workload_at(src_addr.ip()),
         src_addr,
         dst_workload: Some(pod.id.clone()),
+        dst_service: None,
         dst_addr: authority.unwrap_or_else(|| SocketAddr::new(peer.ip(), 0)),
         started,
         mtls: true,
@@ -163,6 +184,13 @@ async fn stream(
     let outcome = bridge(app, send, request.into_body()).await;
     // The tunnel is the source here: what it sends to the app came from the client.
     log.finish(outcome.b_to_a, outcome.a_to_b, outcome.error.as_ref().map(|e| e as _));
+}
+
+/// Serial number of a certificate, hex, as `Svid::serial` spells it.
+fn leaf_serial(cert: &rustls::pki_types::CertificateDer<'_>) -> String {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .map(|(_, c)| c.raw_serial_as_string().replace(':', ""))
+        .unwrap_or_default()
 }
 
 fn forwarded_for(request: &Request<RecvStream>) -> Option<IpAddr> {

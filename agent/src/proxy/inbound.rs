@@ -4,10 +4,20 @@
 //! the connection to the app by connecting to that address from inside the
 //! pod; `ambit_sk_lookup` lets that connection through because its source
 //! and destination are the same address.
+//!
+//! This is the plaintext path: PeerAuthentication decides whether it is
+//! allowed (PERMISSIVE, the default, and DISABLE) or reset (STRICT), and
+//! either way it is counted, so a rollout can see who still comes in plaintext.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::MtlsMode;
 
 use super::{ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, accept_backoff, relay};
 
@@ -36,6 +46,7 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>
         src_workload: ctx.workload_at(client_addr.ip()),
         src_addr: client_addr,
         dst_workload: Some(pod.id.clone()),
+        dst_service: None,
         dst_addr: orig_dst,
         started,
         mtls: false,
@@ -49,6 +60,15 @@ async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>
         log.finish(0, 0, Some(&"destination is an ambit listener port; refusing to loop"));
         return;
     }
+    // PeerAuthentication: STRICT admits mTLS (HBONE) only.
+    let mode = ctx.state.borrow().mtls_mode(&pod.id, orig_dst.port());
+    if mode == MtlsMode::Strict {
+        ctx.stats.plaintext_rejected.fetch_add(1, Ordering::Relaxed);
+        relay::reset(&client);
+        log.finish(0, 0, Some(&"plaintext rejected: PeerAuthentication mode is STRICT"));
+        return;
+    }
+    ctx.stats.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
     let app = match pod.connect(orig_dst).await {
         Ok(app) => app,
         Err(e) => {

@@ -11,7 +11,10 @@ pub mod relay;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -39,9 +42,35 @@ pub struct ProxyContext {
     pub bundle: TrustBundle,
     pub certs: CertManager,
     pub pool: hbone::HbonePool,
+    /// Round-robin position over service endpoints.
+    pub next_endpoint: AtomicUsize,
+    pub stats: Stats,
+}
+
+/// Counters the agent reports (in its log on shutdown; as metrics later).
+#[derive(Default)]
+pub struct Stats {
+    /// Plaintext inbound connections accepted (PERMISSIVE or DISABLE).
+    pub plaintext_accepted: AtomicU64,
+    /// Plaintext inbound connections reset by STRICT.
+    pub plaintext_rejected: AtomicU64,
+    /// HBONE connections refused (TLS failure, identity mismatch).
+    pub mtls_rejected: AtomicU64,
 }
 
 impl ProxyContext {
+    /// Counter values, for the shutdown report.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        vec![
+            ("hbone_handshakes", load(&self.pool.handshakes)),
+            ("hbone_streams", load(&self.pool.streams)),
+            ("mtls_rejected", load(&self.stats.mtls_rejected)),
+            ("plaintext_accepted", load(&self.stats.plaintext_accepted)),
+            ("plaintext_rejected", load(&self.stats.plaintext_rejected)),
+        ]
+    }
+
     fn workload_at(&self, ip: IpAddr) -> Option<String> {
         self.state.borrow().workload_at(ip).map(str::to_string)
     }
@@ -120,6 +149,8 @@ struct ConnectionLog {
     src_workload: Option<String>,
     src_addr: SocketAddr,
     dst_workload: Option<String>,
+    /// The service whose virtual IP the app dialled, if it dialled one.
+    dst_service: Option<String>,
     dst_addr: SocketAddr,
     started: Instant,
     /// Whether the hop was carried over mTLS (HBONE).
@@ -139,6 +170,7 @@ impl ConnectionLog {
         };
         let src_workload = self.src_workload.as_deref().unwrap_or("-");
         let dst_workload = self.dst_workload.as_deref().unwrap_or("-");
+        let dst_service = self.dst_service.as_deref().unwrap_or("-");
         let src_identity = self.src_identity.as_deref().unwrap_or("-");
         let dst_identity = self.dst_identity.as_deref().unwrap_or("-");
         let mtls = self.mtls;
@@ -149,6 +181,7 @@ impl ConnectionLog {
                 src_workload = src_workload,
                 src_addr = %self.src_addr,
                 dst_workload = dst_workload,
+                dst_service,
                 dst_addr = %self.dst_addr,
                 src_identity,
                 dst_identity,
@@ -164,6 +197,7 @@ impl ConnectionLog {
                 src_workload = src_workload,
                 src_addr = %self.src_addr,
                 dst_workload = dst_workload,
+                dst_service,
                 dst_addr = %self.dst_addr,
                 src_identity,
                 dst_identity,

@@ -5,17 +5,24 @@
 //! over HBONE with this pod's identity; anything else passes through as
 //! plain TCP from inside the pod, logged as such.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
 
 use ambit_common::ConnKey;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     ConnectionLog, Direction, PodContext, ProxyContext, accept_backoff,
-    hbone::{self, HBONE_PORT},
+    hbone::{self, HBONE_PORT, HboneStream},
     relay,
 };
-use crate::identity::Identity;
+use crate::{
+    identity::Identity,
+    state::{Destination, Endpoint},
+};
 
 pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     loop {
@@ -56,72 +63,109 @@ async fn handle(
         relay::reset(&app);
         return;
     };
-    let meshed = ctx.state.borrow().meshed_workload(orig_dst.ip());
+    let source_ip = pod.ips.iter().find(|ip| ip.is_ipv4() == orig_dst.is_ipv4()).copied();
     let mut log = ConnectionLog {
         direction: Direction::Outbound,
         src_workload: Some(pod.id.clone()),
-        src_addr: app_addr,
-        dst_workload: ctx.workload_at(orig_dst.ip()),
+        src_addr: source_ip.map_or(app_addr, |ip| SocketAddr::new(ip, app_addr.port())),
+        dst_workload: None,
+        dst_service: None,
         dst_addr: orig_dst,
         started,
-        mtls: meshed.is_some(),
+        mtls: false,
         src_identity: Some(pod.identity.to_string()),
-        dst_identity: meshed.as_ref().map(|(_, id)| id.to_string()),
+        dst_identity: None,
     };
-    match meshed {
-        Some((_, expected)) => via_hbone(app, orig_dst, &expected, &pod, &ctx, &mut log).await,
-        None => passthrough(app, orig_dst, &pod, &mut log).await,
+    let destination = ctx.state.borrow().destination(orig_dst);
+    let endpoints = match destination {
+        Destination::External => {
+            return passthrough(
+                app,
+                Endpoint { workload: String::new(), addr: orig_dst, identity: None },
+                &pod,
+                &mut log,
+            )
+            .await;
+        }
+        Destination::Workload(endpoint) => vec![endpoint],
+        Destination::Service { service, mut endpoints } => {
+            log.dst_service = Some(service);
+            // Round robin over the endpoints; on a failed connect, the next one.
+            if !endpoints.is_empty() {
+                let start = ctx.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+                endpoints.rotate_left(start);
+            }
+            endpoints
+        }
+    };
+    let mut last_error = None;
+    for endpoint in endpoints {
+        log.dst_addr = endpoint.addr;
+        log.dst_workload = Some(endpoint.workload.clone());
+        log.dst_identity = endpoint.identity.as_ref().map(ToString::to_string);
+        log.mtls = endpoint.identity.is_some();
+        let opened = match &endpoint.identity {
+            Some(expected) => open_hbone(&endpoint, expected, source_ip, &pod, &ctx).await.map(Upstream::Hbone),
+            None => pod.connect(endpoint.addr).await.map(Upstream::Tcp).map_err(|e| e.to_string()),
+        };
+        match opened {
+            Ok(upstream) => return upstream.relay(app, &log).await,
+            Err(e) => {
+                tracing::debug!(endpoint = %endpoint.addr, error = %e, "endpoint failed; trying the next");
+                last_error = Some(e);
+            }
+        }
+    }
+    relay::reset(&app);
+    let error = last_error.unwrap_or_else(|| "the service has no endpoints".to_string());
+    log.finish(0, 0, Some(&error));
+}
+
+/// The other side of a connection the agent opened for the pod.
+enum Upstream {
+    Hbone(HboneStream),
+    Tcp(TcpStream),
+}
+
+impl Upstream {
+    async fn relay(self, app: TcpStream, log: &ConnectionLog) {
+        let outcome = match self {
+            Upstream::Hbone(stream) => hbone::bridge(app, stream.send, stream.recv).await,
+            Upstream::Tcp(upstream) => relay::relay(app, upstream).await,
+        };
+        log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
     }
 }
 
-/// A meshed destination: an HBONE stream to its pod's port 15008, as this
-/// pod's identity, to a server that must prove it is `expected`.
-async fn via_hbone(
-    app: TcpStream,
-    orig_dst: SocketAddr,
+/// Opens an HBONE stream to a meshed endpoint, as this pod's identity, to a
+/// server that must prove it is `expected`. Fails closed without a valid
+/// certificate.
+async fn open_hbone(
+    endpoint: &Endpoint,
     expected: &Identity,
+    source_ip: Option<IpAddr>,
     pod: &PodContext,
     ctx: &ProxyContext,
-    log: &mut ConnectionLog,
-) {
-    // Fail closed: no certificate, no connection.
-    let Some(svid) = pod.current_svid() else {
-        relay::reset(&app);
-        return log.finish(0, 0, Some(&format_args!("no valid certificate for {} yet", pod.identity)));
-    };
-    let Some(source_ip) = pod.ips.iter().find(|ip| ip.is_ipv4() == orig_dst.is_ipv4()).copied() else {
-        relay::reset(&app);
-        return log.finish(0, 0, Some(&"the pod has no address of the destination's family"));
-    };
-    log.src_addr = SocketAddr::new(source_ip, app.peer_addr().map_or(0, |a| a.port()));
-    let hbone_addr = SocketAddr::new(orig_dst.ip(), HBONE_PORT);
-    match ctx.pool.open(pod, &svid, &ctx.bundle, hbone_addr, expected, orig_dst, source_ip).await {
-        Ok(stream) => {
-            let outcome = hbone::bridge(app, stream.send, stream.recv).await;
-            drop(stream.guard);
-            log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
-        }
-        Err(e) => {
-            relay::reset(&app);
-            log.finish(0, 0, Some(&e));
-        }
-    }
+) -> Result<HboneStream, String> {
+    let svid = pod.current_svid().ok_or_else(|| format!("no valid certificate for {} yet", pod.identity))?;
+    let source_ip = source_ip.ok_or("the pod has no address of the destination's family")?;
+    let hbone_addr = SocketAddr::new(endpoint.addr.ip(), HBONE_PORT);
+    ctx.pool
+        .open(pod, &svid, &ctx.bundle, hbone_addr, expected, endpoint.addr, source_ip)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// A destination outside the mesh: plain TCP from the pod's own address.
-async fn passthrough(app: TcpStream, orig_dst: SocketAddr, pod: &PodContext, log: &mut ConnectionLog) {
-    let upstream = match pod.connect(orig_dst).await {
+async fn passthrough(app: TcpStream, endpoint: Endpoint, pod: &PodContext, log: &mut ConnectionLog) {
+    log.dst_addr = endpoint.addr;
+    let upstream = match pod.connect(endpoint.addr).await {
         Ok(upstream) => upstream,
         Err(e) => {
             relay::reset(&app);
-            log.finish(0, 0, Some(&format_args!("connect to {orig_dst}: {e}")));
+            log.finish(0, 0, Some(&format_args!("connect to {}: {e}", endpoint.addr)));
             return;
         }
     };
-    // On the wire the connection leaves from the pod's own address.
-    if let Ok(local) = upstream.local_addr() {
-        log.src_addr = local;
-    }
-    let outcome = relay::relay(app, upstream).await;
-    log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
+    Upstream::Tcp(upstream).relay(app, log).await;
 }

@@ -241,6 +241,14 @@ impl Bed {
         .with_context(|| format!("CA log:\n{}", std::fs::read_to_string(self.ca_log()).unwrap_or_default()))
     }
 
+    /// A command that will run in the fabric netns, where the nodes' uplinks
+    /// meet on bridge `br0`: the place to watch the wire between nodes.
+    pub fn fabric_command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        enter(&mut cmd, &Path::new("/run/netns").join(&self.fabric), None).expect("fabric netns exists");
+        cmd
+    }
+
     /// Stops the CA (as an outage would).
     pub fn stop_ca(&self) -> Result<()> {
         if let Some(mut ca) = self.ca.lock().expect("ca lock").take() {

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use crate::{Bed, agent::agent_binary};
 
 /// Commands the bed and the tests run; `cargo xtask setup` installs them.
-const TOOLS: &[&str] = &["ip", "ss", "python3", "curl", "iperf3", "bpftool", "sha256sum"];
+const TOOLS: &[&str] = &["ip", "ss", "python3", "curl", "iperf3", "bpftool", "sha256sum", "tcpdump", "openssl"];
 
 /// Why the bed cannot run here, or `None` when it can.
 pub fn missing_prerequisites() -> Option<String> {

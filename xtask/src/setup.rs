@@ -22,6 +22,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("nghttp2-client", "h2load"),
     ("python3", "python3"),
+    ("openssl", "openssl"),
 ];
 
 pub fn run() -> Result<()> {

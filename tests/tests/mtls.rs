@@ -1,0 +1,453 @@
+//! End-to-end tests of identity and the mTLS tunnel (HBONE) between pods:
+//! what crosses the wire, who is rejected, rotation, pooling, services and
+//! PeerAuthentication. Real agents, the real CA, real clients (curl,
+//! iperf3, openssl s_client/s_server, tcpdump).
+
+mod common;
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, SystemTime},
+};
+
+use ambit_testbed::{Agent, Bed, wait_until};
+use common::*;
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+const TD: &str = "spiffe://cluster.local";
+
+fn spiffe(ns: &str, sa: &str) -> String {
+    format!("{TD}/ns/{ns}/sa/{sa}")
+}
+
+/// Waits until `agent` holds a certificate for `identity`; returns its serial.
+fn wait_certificate(agent: &Agent, identity: &str, nth: usize) -> String {
+    let mut serial = String::new();
+    wait_until(Duration::from_secs(20), &format!("certificate #{nth} for {identity}"), || {
+        let obtained: Vec<String> = certificates(agent, identity);
+        if let Some(s) = obtained.get(nth) {
+            serial = s.clone();
+            return Ok(true);
+        }
+        Ok(false)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_text()));
+    serial
+}
+
+/// Serials of the certificates `agent` obtained for `identity`, in order.
+fn certificates(agent: &Agent, identity: &str) -> Vec<String> {
+    agent
+        .lines()
+        .iter()
+        .filter(|l| l["message"] == "certificate obtained" && l["identity"] == identity)
+        .map(|l| l["serial"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Serials of the client certificates `agent` accepted on HBONE, in order.
+fn accepted_serials(agent: &Agent) -> Vec<String> {
+    agent
+        .lines()
+        .iter()
+        .filter(|l| l["message"] == "mTLS connection accepted")
+        .map(|l| l["peer_serial"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn rejections(agent: &Agent) -> Vec<String> {
+    agent
+        .lines()
+        .iter()
+        .filter(|l| l["message"] == "HBONE connection rejected")
+        .map(|l| l["error"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A bed with shop/client on n1 and shop/web on n2 serving `root`, both
+/// agents up and both certificates issued.
+fn client_and_web(bed: &mut Bed, big_bytes: usize) -> (Agent, Agent, String, String) {
+    bed.add_pod("n1", "shop", "client").unwrap();
+    let web = bed.add_pod("n2", "shop", "web").unwrap();
+    let n1 = agent(bed, "n1");
+    let n2 = agent(bed, "n2");
+    wait_certificate(&n1, &spiffe("shop", "client"), 0);
+    wait_certificate(&n2, &spiffe("shop", "web"), 0);
+    let (root, sum) = web_root(bed, big_bytes);
+    bed.http_server("shop/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
+    (n1, n2, format!("http://{}:{HTTP_PORT}", web.ip), sum)
+}
+
+#[test]
+fn cross_node_traffic_is_mutual_tls_and_opaque_on_the_wire() {
+    let Some(mut bed) = bed() else { return };
+    let (n1, n2, base, big_sum) = client_and_web(&mut bed, BIG_FILE_BYTES);
+    let web_ip = bed.pod("shop/web").ip.to_string();
+    let marker = "AMBIT-CLEARTEXT-MARKER-4f2a9c";
+    let www = bed.scratch().join("www");
+    std::fs::write(www.join(format!("{marker}.txt")), format!("{marker}\n").repeat(1000)).unwrap();
+    bed.iperf3_server("shop/web", IPERF_PORT).unwrap();
+
+    // Watch the link between the nodes for the whole exchange.
+    let pcap = bed.scratch().join("between-nodes.pcap");
+    let tcpdump_log = bed.scratch().join("tcpdump.log");
+    let mut tcpdump = bed
+        .fabric_command("tcpdump")
+        .args(["-i", "br0", "-n", "-U", "-w"])
+        .arg(&pcap)
+        .arg("tcp")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&tcpdump_log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "tcpdump to listen", || {
+        Ok(std::fs::read_to_string(&tcpdump_log)?.contains("listening on"))
+    })
+    .unwrap();
+
+    let page = curl(&bed, "shop/client", &format!("{base}/{marker}.txt")).unwrap();
+    assert!(page.starts_with(marker));
+    assert_eq!(curl_sha256(&bed, "shop/client", &format!("{base}/big.bin")), big_sum);
+    assert!(iperf3(&bed, "shop/client", &web_ip, false) > 1_000_000);
+    assert!(iperf3(&bed, "shop/client", &web_ip, true) > 1_000_000);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix_kill(tcpdump.id());
+    tcpdump.wait().unwrap();
+
+    let raw = std::fs::read(&pcap).unwrap();
+    assert!(raw.len() > BIG_FILE_BYTES, "the capture saw the transfers ({} bytes)", raw.len());
+    assert!(!contains(&raw, marker.as_bytes()), "the payload marker crossed the wire in clear");
+    let decoded = Command::new("tcpdump").args(["-nn", "-r"]).arg(&pcap).output().unwrap();
+    let lines: Vec<String> = String::from_utf8_lossy(&decoded.stdout).lines().map(str::to_string).collect();
+    assert!(lines.len() > 100, "{} packets", lines.len());
+    let not_hbone: Vec<&String> = lines.iter().filter(|l| !l.contains(&format!("{web_ip}.15008"))).collect();
+    assert!(
+        not_hbone.is_empty(),
+        "only HBONE (port 15008) crosses between the nodes: {:?}",
+        &not_hbone[..not_hbone.len().min(5)]
+    );
+
+    // Each tunnel logged the verified identity of the other side.
+    let dst = format!("{web_ip}:{HTTP_PORT}");
+    for record in n1.connections().iter().filter(|c| c.dst_addr == dst) {
+        assert!(record.mtls, "{record:?}");
+        assert_eq!(record.src_identity, spiffe("shop", "client"));
+        assert_eq!(record.dst_identity, spiffe("shop", "web"), "the server's verified SPIFFE ID, at the source");
+    }
+    let inbound: Vec<_> = n2.connections().into_iter().filter(|c| c.dst_addr == dst).collect();
+    assert_eq!(inbound.len(), 2, "{inbound:?}");
+    for record in inbound {
+        assert!(record.mtls && record.error.is_none(), "{record:?}");
+        assert_eq!(
+            record.src_identity,
+            spiffe("shop", "client"),
+            "the client's verified SPIFFE ID, at the destination"
+        );
+        assert_eq!(record.src_workload, "shop/client");
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn nix_kill(pid: u32) -> std::io::Result<()> {
+    let status = Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+    if status.success() { Ok(()) } else { Err(std::io::Error::other("kill failed")) }
+}
+
+/// Certificates a test makes itself: signed by the mesh's real root (read
+/// from the CA's directory), or by a CA of its own.
+struct Minter {
+    issuer: Issuer<'static, KeyPair>,
+    dir: PathBuf,
+}
+
+impl Minter {
+    fn mesh_root(bed: &Bed) -> Self {
+        let key = KeyPair::from_pem(&std::fs::read_to_string(bed.ca_dir().join("root.key")).unwrap()).unwrap();
+        let root = std::fs::read_to_string(bed.ca_dir().join("root.pem")).unwrap();
+        Self { issuer: Issuer::from_ca_cert_pem(&root, key).unwrap(), dir: bed.scratch().to_path_buf() }
+    }
+
+    fn other_root(bed: &Bed) -> Self {
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![SanType::URI(TD.try_into().unwrap())];
+        Self { issuer: Issuer::new(params, KeyPair::generate().unwrap()), dir: bed.scratch().to_path_buf() }
+    }
+
+    /// A leaf for `id`, valid from `not_before` to `not_after`; returns the
+    /// certificate and key PEM files.
+    fn leaf(&self, name: &str, id: &str, not_before: SystemTime, not_after: SystemTime) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_file, key_file) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (cert_file, key_file)
+    }
+
+    fn valid(&self, name: &str, id: &str) -> (PathBuf, PathBuf) {
+        let now = SystemTime::now();
+        self.leaf(name, id, now - Duration::from_secs(60), now + Duration::from_secs(3600))
+    }
+}
+
+/// Dials `target` (ip:port) from `pod` with openssl, presenting `cert`.
+fn present(bed: &Bed, pod: &str, target: &str, (cert, key): &(PathBuf, PathBuf)) {
+    let _ = bed
+        .pod(pod)
+        .command("timeout")
+        .args(["10", "openssl", "s_client", "-quiet", "-alpn", "h2", "-connect", target, "-cert"])
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+#[test]
+fn untrusted_expired_and_misused_client_certificates_are_rejected() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "legacy", "attacker").unwrap();
+    let (_n1, mut n2, _, _) = client_and_web(&mut bed, 1024);
+    let target = format!("{}:15008", bed.pod("shop/web").ip);
+    let client_id = spiffe("shop", "client");
+    let now = SystemTime::now();
+
+    let cases: Vec<(&str, (PathBuf, PathBuf), &str)> = vec![
+        ("another CA", Minter::other_root(&bed).valid("foreign", &client_id), "UnknownIssuer"),
+        (
+            "an expired certificate",
+            Minter::mesh_root(&bed).leaf(
+                "expired",
+                &client_id,
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            ),
+            "certificate expired",
+        ),
+        // A genuine certificate of shop/client, used from another pod's address.
+        ("a stolen identity", Minter::mesh_root(&bed).valid("stolen", &client_id), "the address of a pod running as"),
+    ];
+    for (i, (case, cert, reason)) in cases.iter().enumerate() {
+        present(&bed, "legacy/attacker", &target, cert);
+        wait_until(Duration::from_secs(10), case, || Ok(rejections(&n2).len() > i))
+            .unwrap_or_else(|e| panic!("{case}: {e:#}\n{}", n2.log_text()));
+        let logged = &rejections(&n2)[i];
+        assert!(logged.contains(reason), "{case}: rejected for `{logged}`, expected `{reason}`");
+    }
+    assert!(accepted_serials(&n2).is_empty(), "none of them got a tunnel");
+    let counters = stop_and_read_counters(&mut n2);
+    assert_eq!(counter(&counters, "mtls_rejected"), 3, "{counters:?}");
+}
+
+#[test]
+fn a_server_with_an_unexpected_identity_is_rejected() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "client").unwrap();
+    // shop/fake is ambient and runs as shop/fake, but node n2 has no agent:
+    // an impostor answers on its HBONE port with a genuine certificate of
+    // another identity.
+    let fake = bed.add_pod("n2", "shop", "fake").unwrap();
+    let mut n1 = agent(&bed, "n1");
+    wait_certificate(&n1, &spiffe("shop", "client"), 0);
+    let (cert, key) = Minter::mesh_root(&bed).valid("impostor", &spiffe("shop", "impostor"));
+    let mut s_server = bed
+        .pod("shop/fake")
+        .command("openssl")
+        .args(["s_server", "-quiet", "-alpn", "h2", "-accept", "15008", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    bed.wait_listening("shop/fake", 15008).unwrap();
+
+    let failed = curl(&bed, "shop/client", &format!("http://{}:{HTTP_PORT}/", fake.ip));
+    let _ = s_server.kill();
+    let _ = s_server.wait();
+    assert!(failed.is_err(), "the client must not reach the impostor");
+    let records = n1.wait_connections(1, |c| c.dst_workload == "shop/fake").unwrap();
+    let error = records[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&format!("server is {}", spiffe("shop", "impostor"))) && error.contains(&spiffe("shop", "fake")),
+        "{error}"
+    );
+}
+
+#[test]
+fn certificates_rotate_under_open_connections_and_survive_a_ca_outage() {
+    let Some(mut bed) = bed() else { return };
+    bed.start_ca("4s").unwrap();
+    let (mut n1, n2, base, big_sum) = client_and_web(&mut bed, 8 * 1024 * 1024);
+    let client_id = spiffe("shop", "client");
+
+    // One connection, throttled to last about 6 s: several rotations happen under it.
+    let out = bed.scratch().join("slow.bin");
+    bed.run_ok(
+        "shop/client",
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "60",
+            "--limit-rate",
+            "1400K",
+            "-o",
+            out.to_str().unwrap(),
+            &format!("{base}/big.bin"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(sha256(&out), big_sum, "the long connection kept working");
+    let obtained = certificates(&n1, &client_id);
+    assert!(obtained.len() >= 3, "rotated during the connection: {obtained:?}");
+
+    // A new connection after a rotation presents the new certificate.
+    let before = accepted_serials(&n2).len();
+    let latest = wait_certificate(&n1, &client_id, obtained.len());
+    curl(&bed, "shop/client", &format!("{base}/index.html")).unwrap();
+    let accepted = accepted_serials(&n2);
+    assert!(accepted.len() > before, "a new TLS connection was made: {accepted:?}");
+    let newest = accepted.last().unwrap();
+    assert!(newest == &latest || certificates(&n1, &client_id).contains(newest), "{newest} vs {latest}");
+    assert!(!obtained[..obtained.len() - 1].contains(newest), "new connections do not use retired certificates");
+
+    // CA outage: traffic goes on with the current certificate until it expires.
+    let serial = wait_certificate(&n1, &client_id, certificates(&n1, &client_id).len());
+    bed.stop_ca().unwrap();
+    curl(&bed, "shop/client", &format!("{base}/index.html")).expect("works while the certificate is valid");
+    n1.wait_for("renewal failure reported", Duration::from_secs(10), |l| {
+        l["message"] == "certificate renewal failed; the current certificate stays in use until it expires"
+            && l["serial"] == serial.as_str()
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(curl(&bed, "shop/client", &format!("{base}/index.html")).is_err(), "fails closed once it has expired");
+    let failure = n1.connections().into_iter().last().unwrap();
+    assert!(failure.error.unwrap_or_default().contains("no valid certificate"));
+
+    bed.start_ca("4s").unwrap();
+    wait_certificate(&n1, &client_id, certificates(&n1, &client_id).len());
+    curl(&bed, "shop/client", &format!("{base}/index.html")).expect("recovers when the CA is back");
+}
+
+#[test]
+fn a_thousand_short_connections_share_a_few_tls_handshakes() {
+    let Some(mut bed) = bed() else { return };
+    let (mut n1, n2, base, _) = client_and_web(&mut bed, 1024);
+    // HTTP/1.0 (Python's server) closes after each response: 1000 TCP connections.
+    bed.run_ok("shop/client", "curl", &["-sS", "--fail", "-o", "/dev/null", &format!("{base}/index.html?n=[1-1000]")])
+        .unwrap();
+    let dst = format!("{}:{HTTP_PORT}", bed.pod("shop/web").ip);
+    let mut n2 = n2;
+    n2.wait_connections(1000, |c| c.dst_addr == dst && c.mtls).unwrap();
+    let counters = stop_and_read_counters(&mut n1);
+    let (handshakes, streams) = (counter(&counters, "hbone_handshakes"), counter(&counters, "hbone_streams"));
+    assert!(streams >= 1000, "{counters:?}");
+    assert!(handshakes * 100 <= streams, "{handshakes} handshakes for {streams} connections");
+    assert_eq!(accepted_serials(&n2).len() as u64, handshakes, "the destination saw as many TLS connections");
+}
+
+#[test]
+fn service_traffic_is_balanced_over_endpoints_on_both_nodes_over_mtls() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "client").unwrap();
+    for (node, name) in [("n1", "web-a"), ("n2", "web-b"), ("n2", "web-c")] {
+        bed.add_pod(node, "shop", name).unwrap();
+        bed.set_pod_label(&format!("shop/{name}"), "app", Some("web")).unwrap();
+    }
+    bed.write_config(
+        "service-web.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 8080}\n",
+    )
+    .unwrap();
+    let mut n1 = agent(&bed, "n1");
+    let n2 = agent(&bed, "n2");
+    wait_certificate(&n1, &spiffe("shop", "client"), 0);
+    wait_certificate(&n1, &spiffe("shop", "web-a"), 0);
+    wait_certificate(&n2, &spiffe("shop", "web-b"), 0);
+    wait_certificate(&n2, &spiffe("shop", "web-c"), 0);
+    let (root, _) = web_root(&bed, 1024);
+    for name in ["web-a", "web-b", "web-c"] {
+        bed.http_server(&format!("shop/{name}"), HTTP_PORT, &root, &bed.scratch().join(format!("{name}.log"))).unwrap();
+    }
+
+    for _ in 0..30 {
+        assert_eq!(curl(&bed, "shop/client", "http://10.96.0.10/index.html").unwrap(), "hello from the web pod\n");
+    }
+    let records = n1.wait_connections(30, |c| c.dst_service == "shop/web").unwrap();
+    for name in ["web-a", "web-b", "web-c"] {
+        let served: Vec<_> = records.iter().filter(|r| r.dst_workload == format!("shop/{name}")).collect();
+        assert!(served.len() >= 5, "{name} served {} of 30", served.len());
+        for r in served {
+            assert!(r.mtls && r.dst_identity == spiffe("shop", name), "{r:?}");
+            assert!(r.dst_addr.ends_with(":8080"), "sent to the target port: {r:?}");
+        }
+    }
+}
+
+fn write_peer_authentication(bed: &Bed, yaml: &str) {
+    bed.write_config("peer-authentication.yaml", yaml).unwrap();
+}
+
+fn wait_applied(agent: &mut Agent, nth: usize) {
+    wait_until(Duration::from_secs(10), "configuration applied", || {
+        Ok(agent.lines().iter().filter(|l| l["message"] == "configuration applied").count() > nth)
+    })
+    .unwrap();
+}
+
+#[test]
+fn strict_rejects_plaintext_and_permissive_counts_it() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "legacy", "caller").unwrap();
+    let (_n1, mut n2, base, _) = client_and_web(&mut bed, 1024);
+    let url = format!("{base}/index.html");
+
+    // PERMISSIVE (the default): plaintext is accepted, logged and counted.
+    curl(&bed, "legacy/caller", &url).unwrap();
+    let plain = n2.wait_connections(1, |c| c.src_workload == "legacy/caller").unwrap();
+    assert!(!plain[0].mtls && plain[0].error.is_none() && plain[0].src_identity == "-", "{plain:?}");
+
+    write_peer_authentication(
+        &bed,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n",
+    );
+    wait_applied(&mut n2, 0);
+    assert!(curl(&bed, "legacy/caller", &url).is_err(), "STRICT resets plaintext");
+    let rejected = n2.wait_connections(2, |c| c.src_workload == "legacy/caller").unwrap();
+    assert!(rejected[1].error.as_deref().unwrap_or_default().contains("STRICT"), "{rejected:?}");
+    curl(&bed, "shop/client", &url).expect("mTLS still passes under STRICT");
+
+    // A port-level override on the workload admits plaintext on that port.
+    write_peer_authentication(
+        &bed,
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: web-port, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"8080\": {mode: PERMISSIVE}\n",
+    );
+    wait_applied(&mut n2, 1);
+    curl(&bed, "legacy/caller", &url).expect("port-level PERMISSIVE");
+
+    let counters = stop_and_read_counters(&mut n2);
+    assert_eq!(counter(&counters, "plaintext_accepted"), 2, "{counters:?}");
+    assert_eq!(counter(&counters, "plaintext_rejected"), 1, "{counters:?}");
+}

@@ -19,7 +19,7 @@ use rustls::{
 };
 use spiffe::SpiffeId;
 
-use crate::identity::{Identity, Svid, svid::check_chain_in};
+use crate::identity::{Svid, svid::check_chain_in};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -27,20 +27,41 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The trust anchors of one trust domain.
+/// The trust anchors of one trust domain: the SPIFFE bundle, and the same
+/// roots as the TLS library's trust store. Peers are validated against the
+/// bundle of their own trust domain only, which is this one.
 #[derive(Clone)]
 pub struct TrustBundle {
     pub trust_domain: String,
+    bundle: Arc<spiffe::X509Bundle>,
     roots: Arc<RootCertStore>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("trust domain `{0}` is not valid: {1}")]
+    TrustDomain(String, String),
+    #[error("root certificate: {0}")]
+    Root(String),
+}
+
 impl TrustBundle {
-    pub fn new(trust_domain: &str, roots: &[CertificateDer<'static>]) -> Result<Self, TlsError> {
+    pub fn new(trust_domain: &str, roots: &[CertificateDer<'static>]) -> Result<Self, BundleError> {
+        let domain = spiffe::TrustDomain::new(trust_domain)
+            .map_err(|e| BundleError::TrustDomain(trust_domain.to_string(), e.to_string()))?;
+        let authorities: Vec<&[u8]> = roots.iter().map(|r| r.as_ref()).collect();
+        let bundle = spiffe::X509Bundle::from_x509_authorities(domain, &authorities)
+            .map_err(|e| BundleError::Root(e.to_string()))?;
         let mut store = RootCertStore::empty();
         for root in roots {
-            store.add(root.clone())?;
+            store.add(root.clone()).map_err(|e| BundleError::Root(e.to_string()))?;
         }
-        Ok(Self { trust_domain: trust_domain.to_string(), roots: Arc::new(store) })
+        Ok(Self { trust_domain: trust_domain.to_string(), bundle: Arc::new(bundle), roots: Arc::new(store) })
+    }
+
+    /// The SPIFFE bundle (trust domain and X.509 authorities).
+    pub fn spiffe_bundle(&self) -> &spiffe::X509Bundle {
+        &self.bundle
     }
 }
 
@@ -223,9 +244,4 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// The identity a SPIFFE ID names, for logs and policy.
-pub fn identity_of(id: &SpiffeId) -> Option<Identity> {
-    Identity::from_spiffe_id(id)
 }

@@ -89,6 +89,11 @@ impl Svid {
         if id != identity.spiffe_id() {
             return Err(format!("issued for {id}, not {identity}"));
         }
+        // The spiffe crate's own X509Svid checks (chain and key) must agree.
+        let chain_der: Vec<u8> = chain.iter().flat_map(|c| c.as_ref().iter().copied()).collect();
+        if let PrivateKeyDer::Pkcs8(pkcs8) = &key {
+            spiffe::X509Svid::parse_from_der(&chain_der, pkcs8.secret_pkcs8_der()).map_err(|e| e.to_string())?;
+        }
         let (_, cert) = x509_parser::parse_x509_certificate(chain[0].as_ref()).map_err(|e| e.to_string())?;
         let at = |t: x509_parser::time::ASN1Time| UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64);
         Ok(Svid {

@@ -293,6 +293,18 @@ pub struct HbonePool {
     pub streams: AtomicU64,
 }
 
+/// Where an outbound HBONE stream goes.
+pub struct HboneTarget {
+    /// The destination pod's HBONE address (its IP, port 15008).
+    pub hbone: SocketAddr,
+    /// The identity the destination must prove.
+    pub expected: Identity,
+    /// The application address inside the destination pod (`:authority`).
+    pub app: SocketAddr,
+    /// The source pod's IP, sent as `forwarded: for=`.
+    pub source_ip: IpAddr,
+}
+
 /// An open HBONE stream and the identity that answered it.
 pub struct HboneStream {
     pub send: SendStream<Bytes>,
@@ -301,19 +313,17 @@ pub struct HboneStream {
 }
 
 impl HbonePool {
-    /// Opens a CONNECT stream to `target` (an `ip:port` of the destination
-    /// pod) through `dst` (its HBONE address), as `svid`, accepting only a
-    /// server that proves it is `expected`.
+    /// Opens a CONNECT stream to `target.app` through `target.hbone`, as
+    /// `svid`, accepting only a server that proves it is `target.expected`.
     pub async fn open(
         &self,
         pod: &PodContext,
         svid: &Svid,
         bundle: &TrustBundle,
-        dst: SocketAddr,
-        expected: &Identity,
-        target: SocketAddr,
-        source_ip: IpAddr,
+        target: &HboneTarget,
     ) -> Result<HboneStream, HboneError> {
+        let HboneTarget { hbone: dst, expected, app: target, source_ip } = target;
+        let (dst, target, source_ip) = (*dst, *target, *source_ip);
         let key =
             PoolKey { src_pod: pod.id.clone(), src_identity: svid.identity.clone(), dst, expected: expected.clone() };
         let (mut send, active) = match self.reuse(&key, &svid.serial).await {

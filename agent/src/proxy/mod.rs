@@ -56,6 +56,8 @@ pub struct Stats {
     pub plaintext_rejected: AtomicU64,
     /// HBONE connections refused (TLS failure, identity mismatch).
     pub mtls_rejected: AtomicU64,
+    /// Outbound connections to destinations outside the mesh (plain TCP).
+    pub passthrough: AtomicU64,
 }
 
 impl ProxyContext {
@@ -66,6 +68,7 @@ impl ProxyContext {
             ("hbone_handshakes", load(&self.pool.handshakes)),
             ("hbone_streams", load(&self.pool.streams)),
             ("mtls_rejected", load(&self.stats.mtls_rejected)),
+            ("passthrough", load(&self.stats.passthrough)),
             ("plaintext_accepted", load(&self.stats.plaintext_accepted)),
             ("plaintext_rejected", load(&self.stats.plaintext_rejected)),
         ]
@@ -111,10 +114,8 @@ impl PodContext {
     fn server_tls(&self, bundle: &TrustBundle) -> Option<Arc<rustls::ServerConfig>> {
         let svid = self.current_svid()?;
         let mut cached = self.server_tls.lock().expect("server tls lock");
-        if let Some((serial, config)) = cached.as_ref() {
-            if *serial == svid.serial {
-                return Some(config.clone());
-            }
+        if let Some((_, config)) = cached.as_ref().filter(|(serial, _)| *serial == svid.serial) {
+            return Some(config.clone());
         }
         let config = match tls::server_config(&svid, bundle, true) {
             Ok(config) => Arc::new(config),

@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{
     ConnectionLog, Direction, PodContext, ProxyContext, accept_backoff,
-    hbone::{self, HBONE_PORT, HboneStream},
+    hbone::{self, HBONE_PORT, HboneStream, HboneTarget},
     relay,
 };
 use crate::{
@@ -79,13 +79,7 @@ async fn handle(
     let destination = ctx.state.borrow().destination(orig_dst);
     let endpoints = match destination {
         Destination::External => {
-            return passthrough(
-                app,
-                Endpoint { workload: String::new(), addr: orig_dst, identity: None },
-                &pod,
-                &mut log,
-            )
-            .await;
+            return passthrough(app, orig_dst, &pod, &ctx, &mut log).await;
         }
         Destination::Workload(endpoint) => vec![endpoint],
         Destination::Service { service, mut endpoints } => {
@@ -109,7 +103,7 @@ async fn handle(
             None => pod.connect(endpoint.addr).await.map(Upstream::Tcp).map_err(|e| e.to_string()),
         };
         match opened {
-            Ok(upstream) => return upstream.relay(app, &log).await,
+            Ok(upstream) => return upstream.relay(app, &log, &ctx).await,
             Err(e) => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "endpoint failed; trying the next");
                 last_error = Some(e);
@@ -128,10 +122,13 @@ enum Upstream {
 }
 
 impl Upstream {
-    async fn relay(self, app: TcpStream, log: &ConnectionLog) {
+    async fn relay(self, app: TcpStream, log: &ConnectionLog, ctx: &ProxyContext) {
         let outcome = match self {
             Upstream::Hbone(stream) => hbone::bridge(app, stream.send, stream.recv).await,
-            Upstream::Tcp(upstream) => relay::relay(app, upstream).await,
+            Upstream::Tcp(upstream) => {
+                ctx.stats.passthrough.fetch_add(1, Ordering::Relaxed);
+                relay::relay(app, upstream).await
+            }
         };
         log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
     }
@@ -149,23 +146,29 @@ async fn open_hbone(
 ) -> Result<HboneStream, String> {
     let svid = pod.current_svid().ok_or_else(|| format!("no valid certificate for {} yet", pod.identity))?;
     let source_ip = source_ip.ok_or("the pod has no address of the destination's family")?;
-    let hbone_addr = SocketAddr::new(endpoint.addr.ip(), HBONE_PORT);
-    ctx.pool
-        .open(pod, &svid, &ctx.bundle, hbone_addr, expected, endpoint.addr, source_ip)
-        .await
-        .map_err(|e| e.to_string())
+    let target = HboneTarget {
+        hbone: SocketAddr::new(endpoint.addr.ip(), HBONE_PORT),
+        expected: expected.clone(),
+        app: endpoint.addr,
+        source_ip,
+    };
+    ctx.pool.open(pod, &svid, &ctx.bundle, &target).await.map_err(|e| e.to_string())
 }
 
-/// A destination outside the mesh: plain TCP from the pod's own address.
-async fn passthrough(app: TcpStream, endpoint: Endpoint, pod: &PodContext, log: &mut ConnectionLog) {
-    log.dst_addr = endpoint.addr;
-    let upstream = match pod.connect(endpoint.addr).await {
-        Ok(upstream) => upstream,
+/// A destination outside the mesh: plain TCP from the pod's own address,
+/// logged (`mtls=false`) and counted as such.
+async fn passthrough(app: TcpStream, dst: SocketAddr, pod: &PodContext, ctx: &ProxyContext, log: &mut ConnectionLog) {
+    match pod.connect(dst).await {
+        Ok(upstream) => {
+            // On the wire the connection leaves from the pod's own address.
+            if let Ok(local) = upstream.local_addr() {
+                log.src_addr = local;
+            }
+            Upstream::Tcp(upstream).relay(app, log, ctx).await
+        }
         Err(e) => {
             relay::reset(&app);
-            log.finish(0, 0, Some(&format_args!("connect to {}: {e}", endpoint.addr)));
-            return;
+            log.finish(0, 0, Some(&format_args!("connect to {dst}: {e}")));
         }
-    };
-    Upstream::Tcp(upstream).relay(app, log).await;
+    }
 }

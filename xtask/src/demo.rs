@@ -1,9 +1,10 @@
 //! `cargo xtask demo`: the main job of ambit, shown on one machine.
 //!
 //! Two simulated nodes, pods in an ambient namespace (`shop`) and a plain one
-//! (`legacy`), one agent per node, real curl requests between the pods, and
-//! for each request what each node's agent captured. Everything is torn
-//! down at the end or on Ctrl-C.
+//! (`legacy`), the mesh's CA, one agent per node, real curl requests between
+//! the pods, and for each request what each node's agent captured and how
+//! it was carried (mTLS with both identities, or plain TCP). Then STRICT
+//! mode for `shop`. Everything is torn down at the end or on Ctrl-C.
 
 use std::{
     sync::{
@@ -20,14 +21,42 @@ use crate::{build_agent, root, setup};
 
 const PORT: u16 = 8080;
 const PAYLOAD_BYTES: usize = 1024 * 1024;
+/// The `shop/cart` service's virtual IP (port 80, to the pods' 8080).
+const CART_VIP: &str = "10.96.0.20";
 
-/// The requests the demo sends: (from, to, what it shows).
-const STEPS: &[(&str, &str, &str)] = &[
-    ("shop/frontend", "shop/cart", "ambient to ambient, across nodes: captured on both ends"),
-    ("shop/frontend", "shop/checkout", "ambient to ambient, same node: captured out and in by one agent"),
-    ("legacy/batch", "shop/cart", "plain to ambient: captured inbound at the destination"),
-    ("shop/frontend", "legacy/reports", "ambient to plain: captured outbound at the source"),
-    ("legacy/batch", "legacy/reports", "plain to plain: not touched"),
+/// One request of the demo.
+struct Step {
+    from: &'static str,
+    /// A pod (`namespace/name`) or the cart service.
+    to: &'static str,
+    story: &'static str,
+}
+
+const CART_SERVICE: &str = "service shop/cart";
+
+const STEPS: &[Step] = &[
+    Step {
+        from: "shop/frontend",
+        to: "shop/cart",
+        story: "ambient to ambient, across nodes: mTLS tunnel (HBONE), both identities verified",
+    },
+    Step {
+        from: "shop/frontend",
+        to: "shop/checkout",
+        story: "ambient to ambient, same node: mTLS too; one agent sees both ends",
+    },
+    Step { from: "shop/frontend", to: CART_SERVICE, story: "a service's virtual IP: sent to an endpoint over mTLS" },
+    Step {
+        from: "legacy/batch",
+        to: "shop/cart",
+        story: "plain to ambient: plaintext accepted (PERMISSIVE, the default) and counted",
+    },
+    Step {
+        from: "shop/frontend",
+        to: "legacy/reports",
+        story: "ambient to plain: passed through as plain TCP, logged as such",
+    },
+    Step { from: "legacy/batch", to: "legacy/reports", story: "plain to plain: not touched" },
 ];
 
 pub fn run(hold: bool) -> Result<()> {
@@ -47,7 +76,7 @@ pub fn run(hold: bool) -> Result<()> {
         }
     };
 
-    heading("ambit demo: eBPF capture of pod traffic into a per-node agent");
+    heading("ambit demo: eBPF capture, per-pod identities and mTLS between pods");
     let mut bed = Bed::with_agent(&["node-1", "node-2"], agent_binary)?;
     bed.namespace("shop", true)?;
     bed.namespace("legacy", false)?;
@@ -61,6 +90,12 @@ pub fn run(hold: bool) -> Result<()> {
         let (ns, name) = pod.split_once('/').expect("namespace/name");
         bed.add_pod(node, ns, name)?;
     }
+    bed.write_config(
+        "service-cart.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: cart, namespace: shop}}\nspec:\n  clusterIP: {CART_VIP}\n  selector: {{app: cart}}\n  ports:\n  - {{port: 80, targetPort: {PORT}}}\n"
+        ),
+    )?;
     describe_cluster(&bed);
     check()?;
 
@@ -81,27 +116,67 @@ pub fn run(hold: bool) -> Result<()> {
     for (agent, pods) in agents.iter_mut().zip([&["shop/frontend", "shop/checkout"][..], &["shop/cart"][..]]) {
         for pod in pods {
             agent.wait_pod_event("pod enrolled", pod, 0)?;
+            let p = bed.pod(pod);
+            let identity = format!("spiffe://cluster.local/ns/{}/sa/{}", p.namespace, p.service_account);
+            let line = agent.wait_for(&format!("certificate for {identity}"), Duration::from_secs(20), |l| {
+                l["message"] == "certificate obtained" && l["identity"] == identity.as_str()
+            })?;
+            let serial: String = line["serial"].as_str().unwrap_or_default().chars().take(8).collect();
+            println!(
+                "  {} agent enrolled {pod}; the mesh CA issued it {identity} (serial {serial}..., valid {} s)",
+                agent.node, line["valid_for_secs"]
+            );
         }
-        println!("  {} agent ready, enrolled: {}", agent.node, pods.join(", "));
     }
     check()?;
 
     heading("Traffic: real curl requests from inside the pods (1 MiB each)");
-    for (index, (from, to, story)) in STEPS.iter().enumerate() {
+    for (index, step) in STEPS.iter().enumerate() {
         check()?;
-        send(&bed, &mut agents, index + 1, from, to, story)?;
+        send(&bed, &mut agents, index + 1, step)?;
     }
 
-    heading("Kernel counters, per node (read from the programs' per-CPU map)");
+    heading("Zero trust, next step: PeerAuthentication STRICT for namespace shop");
+    bed.write_config(
+        "peer-authentication.yaml",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n",
+    )?;
+    agents[1]
+        .wait_for("configuration applied", Duration::from_secs(10), |l| l["message"] == "configuration applied")?;
+    println!("(written to the configuration directory; the agents apply it without a restart)");
+    send(
+        &bed,
+        &mut agents,
+        STEPS.len() + 1,
+        &Step { from: "legacy/batch", to: "shop/cart", story: "plain to ambient under STRICT: reset" },
+    )?;
+    send(
+        &bed,
+        &mut agents,
+        STEPS.len() + 2,
+        &Step {
+            from: "shop/frontend",
+            to: "shop/cart",
+            story: "ambient to ambient under STRICT: still fine, it is mTLS",
+        },
+    )?;
+
+    heading("Counters, per node (kernel programs' per-CPU map, and the proxies)");
     for agent in &mut agents {
         let status = agent.stop()?;
-        let counters = agent
+        for line in agent
             .lines()
-            .into_iter()
-            .find(|l| l["message"] == "kernel capture counters")
-            .and_then(|l| l["counters"].as_str().map(str::to_string))
-            .unwrap_or_default();
-        println!("  {}: {counters}  (agent exited: {status})", agent.node);
+            .iter()
+            .filter(|l| matches!(l["message"].as_str(), Some("kernel capture counters" | "proxy counters")))
+        {
+            println!(
+                "  {} {}: {}",
+                agent.node,
+                line["message"].as_str().unwrap_or_default(),
+                line["counters"].as_str().unwrap_or_default()
+            );
+        }
+        println!("  {} agent exited: {status}", agent.node);
     }
     keep_logs(&agents)?;
 
@@ -138,29 +213,38 @@ fn describe_cluster(bed: &Bed) {
     println!("Configuration (standalone YAML the agents watch): {}", bed.config_dir().display());
 }
 
-fn send(bed: &Bed, agents: &mut [Agent], index: usize, from: &str, to: &str, story: &str) -> Result<()> {
-    let dst = bed.pod(to).clone();
-    let src = bed.pod(from).clone();
-    println!("\n{index}. {from} -> {to}:{PORT}   ({story})");
+fn send(bed: &Bed, agents: &mut [Agent], index: usize, step: &Step) -> Result<()> {
+    let src = bed.pod(step.from).clone();
+    let (url, dst_pod, target) = if step.to == CART_SERVICE {
+        (format!("http://{CART_VIP}/payload"), bed.pod("shop/cart").clone(), format!("{CART_VIP}:80 ({CART_SERVICE})"))
+    } else {
+        let dst = bed.pod(step.to).clone();
+        (format!("http://{}:{PORT}/payload", dst.ip), dst, format!("{}:{PORT}", step.to))
+    };
+    println!("\n{index}. {} -> {target}\n   {}", step.from, step.story);
     let seen_before: Vec<usize> = agents.iter().map(|a| a.connections().len()).collect();
-    let url = format!("http://{}:{PORT}/payload", dst.ip);
-    let result = bed.run_ok(
-        from,
+    let output = bed.run(
+        step.from,
         "curl",
         &["-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", &url],
     )?;
+    let result = String::from_utf8_lossy(&output.stdout).to_string();
     let parts: Vec<&str> = result.split_whitespace().collect();
-    let seconds: f64 = parts.get(2).and_then(|t| t.parse().ok()).unwrap_or_default();
-    println!(
-        "   curl: HTTP {}, {} received in {:.1} ms",
-        parts.first().unwrap_or(&"?"),
-        bytes(parts.get(1).and_then(|b| b.parse().ok()).unwrap_or_default()),
-        seconds * 1000.0
-    );
+    if output.status.success() {
+        let seconds: f64 = parts.get(2).and_then(|t| t.parse().ok()).unwrap_or_default();
+        println!(
+            "   curl: HTTP {}, {} received in {:.1} ms",
+            parts.first().unwrap_or(&"?"),
+            bytes(parts.get(1).and_then(|b| b.parse().ok()).unwrap_or_default()),
+            seconds * 1000.0
+        );
+    } else {
+        println!("   curl: failed ({})", String::from_utf8_lossy(&output.stderr).trim());
+    }
     // Which agents should report it: the source's for an ambient source,
     // the destination's for an ambient destination.
     let mut expected = vec![0usize; agents.len()];
-    for (pod, ambient) in [(&src, src.namespace == "shop"), (&dst, dst.namespace == "shop")] {
+    for (pod, ambient) in [(&src, src.namespace == "shop"), (&dst_pod, dst_pod.namespace == "shop")] {
         if ambient {
             let node = agents.iter().position(|a| a.node == pod.node).expect("agent per node");
             expected[node] += 1;
@@ -184,9 +268,8 @@ fn send(bed: &Bed, agents: &mut [Agent], index: usize, from: &str, to: &str, sto
 }
 
 fn print_record(node: &str, r: &ConnectionRecord) {
-    let named = |addr: &str, workload: &str| {
-        if workload == "-" { addr.to_string() } else { format!("{addr} ({workload})") }
-    };
+    let named =
+        |addr: &str, workload: &str| if workload == "-" { addr.to_string() } else { format!("{addr} ({workload})") };
     println!(
         "   {node} agent, {:<8}  {} -> {}  sent {}, received {}",
         r.direction,
@@ -195,6 +278,15 @@ fn print_record(node: &str, r: &ConnectionRecord) {
         bytes(r.bytes_sent),
         bytes(r.bytes_received)
     );
+    let security = if r.mtls {
+        format!("mTLS: {} -> {}", r.src_identity, r.dst_identity)
+    } else {
+        "plain TCP (no mTLS)".to_string()
+    };
+    match &r.error {
+        None => println!("      {security}"),
+        Some(error) => println!("      {security}; refused: {error}"),
+    }
 }
 
 fn bytes(n: u64) -> String {

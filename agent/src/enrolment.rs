@@ -25,7 +25,7 @@ use crate::{
     identity::Identity,
     netns::{Netns, netns_cookie},
     proxy::{
-        INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
+        self, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
         hbone::{self, HBONE_PORT},
         inbound, outbound,
     },
@@ -168,15 +168,16 @@ impl Enrolments {
         // Fetch the identity's certificate now, ahead of the first connection.
         let svid = self.ctx.certs.acquire(&identity, &pod.id());
         let pod_ctx = Arc::new(PodContext::new(pod.id(), netns, netns_cookie, pod.ips.clone(), identity.clone(), svid));
-        let serve_outbound = |listener| tokio::spawn(outbound::serve(listener, pod_ctx.clone(), self.ctx.clone()));
+        let serve_outbound =
+            |listener| tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), outbound::handle));
         let mut proxies = vec![serve_outbound(outbound_v4)];
         proxies.extend(outbound_v6.map(serve_outbound));
         let inbound_ips = inbound_listeners.iter().map(|(ip, _)| *ip).collect();
         for (_, listener) in inbound_listeners {
-            proxies.push(tokio::spawn(inbound::serve(listener, pod_ctx.clone(), self.ctx.clone())));
+            proxies.push(tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), inbound::handle)));
         }
         for listener in hbone_listeners {
-            proxies.push(tokio::spawn(hbone::serve(listener, pod_ctx.clone(), self.ctx.clone())));
+            proxies.push(tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), hbone::connection)));
         }
         Ok(ActivePod { spec: pod.into(), identity, netns_cookie, inbound_ips, sk_lookup, proxies })
     }

@@ -28,12 +28,12 @@ use rustls::pki_types::ServerName;
 use spiffe::SpiffeId;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{
-    ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, accept_backoff,
+    ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
     relay::{self, RelayOutcome},
 };
 use crate::{
@@ -55,19 +55,8 @@ const MAX_STREAMS_PER_CONNECTION: usize = 16;
 /// Bytes read from a TCP socket per HTTP/2 DATA frame at most.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// The destination side: accepts mTLS from other tunnels for one pod IP.
-pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                tokio::spawn(connection(tcp, peer, pod.clone(), ctx.clone()));
-            }
-            Err(e) => accept_backoff(e, &pod.id).await,
-        }
-    }
-}
-
-async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+/// The destination side: mTLS from other tunnels, on one pod IP's port 15008.
+pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let reject = |reason: &dyn std::fmt::Display| {
         ctx.stats.mtls_rejected.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(

@@ -15,24 +15,13 @@ use std::{
     time::Instant,
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::config::MtlsMode;
 
-use super::{ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, accept_backoff, relay};
+use super::{ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, relay};
 
-pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    loop {
-        match listener.accept().await {
-            Ok((client, client_addr)) => {
-                tokio::spawn(handle(client, client_addr, pod.clone(), ctx.clone()));
-            }
-            Err(e) => accept_backoff(e, &pod.id).await,
-        }
-    }
-}
-
-async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let started = Instant::now();
     let orig_dst = match client.local_addr() {
         Ok(addr) => addr,

@@ -10,6 +10,7 @@ pub mod outbound;
 pub mod relay;
 
 use std::{
+    future::Future,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
@@ -18,7 +19,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::watch;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 
 use crate::{
     capture::OrigDstTable,
@@ -213,8 +217,23 @@ impl ConnectionLog {
     }
 }
 
-/// Accept errors such as EMFILE are transient: wait a little and go on.
-async fn accept_backoff(error: std::io::Error, pod: &str) {
-    tracing::warn!(pod, %error, "accept failed; retrying");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+/// Accepts connections on one of a pod's listeners for as long as the pod
+/// is enrolled, handling each in a task of its own.
+pub async fn serve<F, Fut>(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyContext>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, pod.clone(), ctx.clone()));
+            }
+            Err(error) => {
+                // Accept errors such as EMFILE are transient: wait a little and go on.
+                tracing::warn!(pod = %pod.id, %error, "accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

@@ -12,10 +12,10 @@ use std::{
 };
 
 use ambit_common::ConnKey;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::{
-    ConnectionLog, Direction, PodContext, ProxyContext, accept_backoff,
+    ConnectionLog, Direction, PodContext, ProxyContext,
     hbone::{self, HBONE_PORT, HboneStream, HboneTarget},
     relay,
 };
@@ -24,33 +24,13 @@ use crate::{
     state::{Destination, Endpoint},
 };
 
-pub async fn serve(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    loop {
-        let (app, app_addr) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                accept_backoff(e, &pod.id).await;
-                continue;
-            }
-        };
-        // Read the original destination before anything else: the entry is
-        // keyed by this connection's 4-tuple as the app sees it.
-        let orig_dst = app.local_addr().ok().and_then(|listener_addr| {
-            let key = ConnKey::new(pod.netns_cookie, app_addr.into(), listener_addr.into());
-            ctx.orig_dst.take(&key).map(SocketAddr::from)
-        });
-        tokio::spawn(handle(app, app_addr, orig_dst, pod.clone(), ctx.clone()));
-    }
-}
-
-async fn handle(
-    app: TcpStream,
-    app_addr: SocketAddr,
-    orig_dst: Option<SocketAddr>,
-    pod: Arc<PodContext>,
-    ctx: Arc<ProxyContext>,
-) {
+pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let started = Instant::now();
+    // The entry is keyed by this connection's 4-tuple as the app sees it.
+    let orig_dst = app.local_addr().ok().and_then(|listener_addr| {
+        let key = ConnKey::new(pod.netns_cookie, app_addr.into(), listener_addr.into());
+        ctx.orig_dst.take(&key).map(SocketAddr::from)
+    });
     let Some(orig_dst) = orig_dst else {
         // Not redirected by the kernel programs (e.g. an app dialling the
         // listener port directly): there is nowhere legitimate to send it.

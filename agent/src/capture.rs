@@ -10,7 +10,7 @@ use std::{
     fs::File,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use ambit_common::{ConnKey, Counter, EnrolledPod, IpKey, SockAddrKey, names};
@@ -46,7 +46,20 @@ pub struct Capture {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     listeners: SockHash<MapData, IpKey>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: Arc<CaptureCounters>,
+}
+
+/// The kernel programs' per-CPU counters, readable from any task.
+pub struct CaptureCounters {
+    map: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl CaptureCounters {
+    /// Every counter, summed over CPUs.
+    pub fn read(&self) -> Vec<(&'static str, u64)> {
+        let map = self.map.lock().expect("counters lock");
+        Counter::ALL.iter().map(|c| (c.name(), map.get(&(*c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0))).collect()
+    }
 }
 
 /// The map the proxy reads after each outbound accept().
@@ -93,7 +106,7 @@ impl Capture {
         let capture = Capture {
             enrolled: map(&mut ebpf, names::ENROLLED)?,
             listeners: map(&mut ebpf, names::INBOUND_LISTENERS)?,
-            counters: map(&mut ebpf, names::COUNTERS)?,
+            counters: Arc::new(CaptureCounters { map: Mutex::new(map(&mut ebpf, names::COUNTERS)?) }),
             ebpf,
         };
         Ok((capture, orig_dst))
@@ -138,15 +151,9 @@ impl Capture {
         }
     }
 
-    /// Kernel-side counters, summed over CPUs.
-    pub fn counters(&self) -> Vec<(&'static str, u64)> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let total = self.counters.get(&(*c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
-                (c.name(), total)
-            })
-            .collect()
+    /// The kernel-side counters, shareable with the admin endpoint.
+    pub fn counters(&self) -> Arc<CaptureCounters> {
+        self.counters.clone()
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
 /// Label on a Namespace (all its pods) or a Pod (that pod only).
@@ -22,7 +22,7 @@ pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
 pub const NETNS_ANNOTATION: &str = "ambit.dev/netns";
 
 /// Value of [`DATAPLANE_MODE_LABEL`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum DataplaneMode {
     /// Captured and tunnelled by the node agent.
     Ambient,
@@ -30,13 +30,13 @@ pub enum DataplaneMode {
     None,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Namespace {
     pub name: String,
     pub dataplane_mode: Option<DataplaneMode>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Pod {
     pub namespace: String,
     pub name: String,
@@ -58,7 +58,7 @@ impl Pod {
 }
 
 /// A Service: a virtual IP whose ports lead to the pods its selector picks.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub namespace: String,
     pub name: String,
@@ -73,14 +73,14 @@ impl Service {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
 }
 
 /// PeerAuthentication mode (security.istio.io/v1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum MtlsMode {
     /// Inherit from the enclosing scope.
     Unset,
@@ -95,7 +95,7 @@ pub enum MtlsMode {
 
 /// A PeerAuthentication: mesh-wide in the root namespace, namespace-wide
 /// without a selector, per workload with one (and only then per port).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PeerAuthentication {
     pub namespace: String,
     pub name: String,
@@ -449,7 +449,7 @@ fn dataplane_mode(
 }
 
 /// Every namespace and pod currently in force.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     /// Keyed by `namespace/name`.

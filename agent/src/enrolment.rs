@@ -74,8 +74,17 @@ impl Enrolments {
         self.active.len()
     }
 
-    pub fn capture(&self) -> &Capture {
-        &self.capture
+    /// The pods captured now, for the admin endpoint.
+    pub fn enrolled_pods(&self) -> Vec<crate::admin::EnrolledPod> {
+        self.active
+            .iter()
+            .map(|(id, active)| crate::admin::EnrolledPod {
+                pod: id.clone(),
+                identity: active.identity.to_string(),
+                ips: active.spec.ips.clone(),
+                netns_cookie: active.netns_cookie,
+            })
+            .collect()
     }
 
     pub fn reconcile(&mut self, state: &State) {

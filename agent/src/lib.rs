@@ -2,10 +2,12 @@
 //! `main.rs` is the command line; docs/ARCHITECTURE.md walks the modules.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod capture;
 pub mod config;
 pub mod enrolment;
 pub mod identity;
+pub mod metrics;
 pub mod netns;
 pub mod probe;
 pub mod proxy;

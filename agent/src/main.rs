@@ -7,10 +7,12 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use ambit_agent::{
+    admin::Admin,
     capture::Capture,
     config::{self, ConfigDir},
     enrolment::Enrolments,
     identity::{ca::CertificateAuthority, ca_client::CaClient, ca_server::CaServer, manager::CertManager},
+    metrics::Metrics,
     netns, probe,
     proxy::{ProxyContext, hbone::HbonePool},
     state::State,
@@ -61,6 +63,9 @@ struct AgentArgs {
     /// File holding this node's token for the CA (`ambit-agent ca token`).
     #[arg(long, env = "AMBIT_NODE_TOKEN_FILE", required = true)]
     node_token_file: Option<PathBuf>,
+    /// Admin endpoint: /metrics, /healthz/ready, /config_dump, /certs.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
+    admin_addr: SocketAddr,
 }
 
 #[derive(Subcommand, Debug)]
@@ -208,6 +213,10 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
     let (capture, orig_dst) = Capture::attach(&cgroup)?;
     tracing::info!(cgroup = %cgroup.display(), "kernel programs attached");
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
+    let metrics = Arc::new(Metrics::new());
 
     let mut config = ConfigDir::new(&config_dir);
     let (snapshot, errors) = config.reload();
@@ -217,13 +226,31 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         orig_dst,
         state: state_rx.clone(),
         bundle,
-        certs: CertManager::new(Arc::new(provider)),
-        pool: HbonePool::default(),
+        certs: CertManager::new(Arc::new(provider), metrics.clone()),
+        pool: HbonePool::new(metrics.clone()),
         next_endpoint: Default::default(),
         stats: Default::default(),
+        metrics: metrics.clone(),
     });
+    let capture_counters = capture.counters();
     let mut enrolments = Enrolments::new(node.clone(), capture, ctx.clone());
-    enrolments.reconcile(&state_rx.borrow());
+    let (enrolled_tx, enrolled_rx) = tokio::sync::watch::channel(Vec::new());
+    let apply = |enrolments: &mut Enrolments| {
+        let state = state_rx.borrow().clone();
+        enrolments.reconcile(&state);
+        enrolled_tx.send_replace(enrolments.enrolled_pods());
+        for (kind, count) in state.sizes() {
+            metrics.state_objects.get_or_create(&Metrics::name(kind)).set(count as i64);
+        }
+    };
+    apply(&mut enrolments);
+    let admin = Arc::new(Admin {
+        node: node.clone(),
+        ctx: ctx.clone(),
+        capture: capture_counters.clone(),
+        enrolled: enrolled_rx,
+    });
+    tokio::spawn(admin.serve(admin_listener));
 
     let (_watcher, mut changes) =
         watch::watch_dir(config.path()).with_context(|| format!("watch {}", config.path().display()))?;
@@ -241,18 +268,17 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 let (snapshot, errors) = config.reload();
                 report(&errors);
                 state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
-                enrolments.reconcile(&state_rx.borrow());
+                apply(&mut enrolments);
                 tracing::info!(enrolled = enrolments.enrolled(), errors = errors.len(), "configuration applied");
             }
-            _ = retry.tick() => enrolments.reconcile(&state_rx.borrow()),
+            _ = retry.tick() => apply(&mut enrolments),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
 
     tracing::info!("shutting down");
-    let counters: Vec<String> =
-        enrolments.capture().counters().iter().map(|(name, value)| format!("{name}={value}")).collect();
+    let counters: Vec<String> = capture_counters.read().iter().map(|(name, value)| format!("{name}={value}")).collect();
     tracing::info!(counters = %counters.join(" "), "kernel capture counters");
     let counters: Vec<String> = ctx.counters().iter().map(|(name, value)| format!("{name}={value}")).collect();
     tracing::info!(counters = %counters.join(" "), "proxy counters");

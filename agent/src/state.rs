@@ -49,6 +49,21 @@ impl State {
         Self { snapshot, trust_domain: trust_domain.to_string(), workload_by_ip }
     }
 
+    /// Everything in force, for `/config_dump`.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Objects by kind, for the state-store metrics.
+    pub fn sizes(&self) -> [(&'static str, usize); 4] {
+        [
+            ("namespaces", self.snapshot.namespaces.len()),
+            ("pods", self.snapshot.pods.len()),
+            ("services", self.snapshot.services.len()),
+            ("peer_authentications", self.snapshot.peer_authentications.len()),
+        ]
+    }
+
     /// The identity a pod runs as.
     pub fn identity_of(&self, pod: &Pod) -> Identity {
         Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account)

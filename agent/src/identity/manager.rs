@@ -14,6 +14,7 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{Identity, IdentityProvider, Svid};
+use crate::metrics::Metrics;
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -26,12 +27,13 @@ struct Entry {
 
 pub struct CertManager {
     provider: Arc<dyn IdentityProvider>,
+    metrics: Arc<Metrics>,
     entries: Mutex<BTreeMap<Identity, Entry>>,
 }
 
 impl CertManager {
-    pub fn new(provider: Arc<dyn IdentityProvider>) -> Self {
-        Self { provider, entries: Mutex::new(BTreeMap::new()) }
+    pub fn new(provider: Arc<dyn IdentityProvider>, metrics: Arc<Metrics>) -> Self {
+        Self { provider, metrics, entries: Mutex::new(BTreeMap::new()) }
     }
 
     /// Registers `pod` as a user of `identity`, starting the fetch if it is
@@ -40,7 +42,7 @@ impl CertManager {
         let mut entries = self.entries.lock().expect("cert manager lock");
         let entry = entries.entry(identity.clone()).or_insert_with(|| {
             let (tx, rx) = watch::channel(None);
-            let refresher = tokio::spawn(refresh(self.provider.clone(), identity.clone(), tx));
+            let refresher = tokio::spawn(refresh(self.provider.clone(), self.metrics.clone(), identity.clone(), tx));
             Entry { users: BTreeSet::new(), svid: rx, refresher }
         });
         entry.users.insert(pod.to_string());
@@ -55,6 +57,9 @@ impl CertManager {
             if entry.users.is_empty() {
                 entry.refresher.abort();
                 entries.remove(identity);
+                let labels = Metrics::identity(identity);
+                self.metrics.certificate_expiry.remove(&labels);
+                self.metrics.certificate_issued.remove(&labels);
                 tracing::info!(%identity, "identity no longer used on this node; certificate and key dropped");
             }
         }
@@ -77,7 +82,14 @@ impl Drop for CertManager {
     }
 }
 
-async fn refresh(provider: Arc<dyn IdentityProvider>, identity: Identity, tx: watch::Sender<Option<Arc<Svid>>>) {
+async fn refresh(
+    provider: Arc<dyn IdentityProvider>,
+    metrics: Arc<Metrics>,
+    identity: Identity,
+    tx: watch::Sender<Option<Arc<Svid>>>,
+) {
+    let labels = Metrics::identity(&identity);
+    let unix = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let mut backoff = INITIAL_BACKOFF;
     loop {
         match provider.fetch(&identity).await {
@@ -89,11 +101,14 @@ async fn refresh(provider: Arc<dyn IdentityProvider>, identity: Identity, tx: wa
                     "certificate obtained"
                 );
                 let refresh_at = svid.refresh_at();
+                metrics.certificate_expiry.get_or_create(&labels).set(unix(svid.not_after));
+                metrics.certificate_issued.get_or_create(&labels).set(unix(svid.not_before));
                 tx.send_replace(Some(Arc::new(svid)));
                 backoff = INITIAL_BACKOFF;
                 sleep_until(refresh_at).await;
             }
             Err(error) => {
+                metrics.certificate_renewal_failures.get_or_create(&labels).inc();
                 let current = tx.borrow().clone();
                 match current.filter(|svid| svid.is_valid_at(SystemTime::now())) {
                     Some(svid) => tracing::warn!(
@@ -171,7 +186,7 @@ mod tests {
     #[tokio::test]
     async fn fetches_ahead_and_renews_at_half_life() {
         let ca = flaky(Duration::from_secs(4));
-        let manager = CertManager::new(ca.clone());
+        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
         let id = Identity::new("cluster.local", "shop", "cart");
         let mut rx = manager.acquire(&id, "shop/cart-1");
         let first_serial = next_serial(&mut rx).await;
@@ -187,7 +202,7 @@ mod tests {
     #[tokio::test]
     async fn one_entry_per_identity_dropped_with_its_last_user() {
         let ca = flaky(Duration::from_secs(60));
-        let manager = CertManager::new(ca.clone());
+        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
         let id = Identity::new("cluster.local", "shop", "cart");
         let mut rx = manager.acquire(&id, "shop/cart-1");
         let _ = manager.acquire(&id, "shop/cart-2");
@@ -203,7 +218,7 @@ mod tests {
     #[tokio::test]
     async fn keeps_the_valid_certificate_while_the_ca_is_down_and_backs_off() {
         let ca = flaky(Duration::from_secs(2));
-        let manager = CertManager::new(ca.clone());
+        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
         let id = Identity::new("cluster.local", "shop", "cart");
         let mut rx = manager.acquire(&id, "shop/cart-1");
         let serial = next_serial(&mut rx).await;

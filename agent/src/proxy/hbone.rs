@@ -16,9 +16,8 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
-    time::Instant,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -33,11 +32,12 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{
-    ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
+    ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
     relay::{self, RelayOutcome},
 };
 use crate::{
     identity::{Identity, Svid},
+    metrics::Metrics,
     tls::{self, TrustBundle},
 };
 
@@ -74,7 +74,9 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
         relay::reset(&tcp);
         return;
     };
-    let tls = match TlsAcceptor::from(config).accept(tcp).await {
+    let tls = TlsAcceptor::from(config).accept(tcp).await;
+    ctx.metrics.handshake("inbound", tls.is_ok());
+    let tls = match tls {
         Ok(tls) => tls,
         Err(e) => return reject(&format_args!("mTLS handshake failed: {e}")),
     };
@@ -124,23 +126,17 @@ async fn stream(
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
 ) {
-    let started = Instant::now();
     let authority = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
     // The original source, as the source tunnel reports it; the TLS peer
     // address is the same pod's IP with another port.
     let src_addr = forwarded_for(&request).map(|ip| SocketAddr::new(ip, peer.port())).unwrap_or(peer);
-    let mut log = ConnectionLog {
-        direction: Direction::Inbound,
-        src_workload: ctx.workload_at(src_addr.ip()),
-        src_addr,
-        dst_workload: Some(pod.id.clone()),
-        dst_service: None,
-        dst_addr: authority.unwrap_or_else(|| SocketAddr::new(peer.ip(), 0)),
-        started,
-        mtls: true,
-        src_identity: Some(peer_id.to_string()),
-        dst_identity: Some(pod.identity.to_string()),
-    };
+    let dst_addr = authority.unwrap_or_else(|| SocketAddr::new(peer.ip(), 0));
+    let mut log = ConnectionLog::new(&ctx, Direction::Inbound, src_addr, dst_addr);
+    log.src_workload = ctx.workload_at(src_addr.ip());
+    log.dst_workload = Some(pod.id.clone());
+    log.mtls = true;
+    log.src_identity = Some(peer_id.to_string());
+    log.dst_identity = Some(pod.identity.to_string());
     let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
         let response = Response::builder().status(status).body(()).expect("valid response");
         let _ = respond.send_response(response, true);
@@ -162,9 +158,11 @@ async fn stream(
         Ok(app) => app,
         Err(e) => {
             refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            log.flag = Flag::ConnectFailure;
             return log.finish(0, 0, Some(&format_args!("deliver to {dst}: {e}")));
         }
     };
+    log.opened();
     let response = Response::builder().status(StatusCode::OK).body(()).expect("valid response");
     let send = match respond.send_response(response, false) {
         Ok(send) => send,
@@ -273,13 +271,9 @@ impl Drop for StreamGuard {
 }
 
 /// Outbound HTTP/2 connections, reused across streams.
-#[derive(Default)]
 pub struct HbonePool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
-    /// TLS handshakes made (new connections).
-    pub handshakes: AtomicU64,
-    /// Streams opened.
-    pub streams: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 /// Where an outbound HBONE stream goes.
@@ -302,6 +296,10 @@ pub struct HboneStream {
 }
 
 impl HbonePool {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { conns: Mutex::new(HashMap::new()), metrics }
+    }
+
     /// Opens a CONNECT stream to `target.app` through `target.hbone`, as
     /// `svid`, accepting only a server that proves it is `target.expected`.
     pub async fn open(
@@ -316,12 +314,15 @@ impl HbonePool {
         let key =
             PoolKey { src_pod: pod.id.clone(), src_identity: svid.identity.clone(), dst, expected: expected.clone() };
         let (mut send, active) = match self.reuse(&key, &svid.serial).await {
-            Some(found) => found,
+            Some(found) => {
+                self.metrics.hbone_pool_reuse.inc();
+                found
+            }
             None => self.dial(key, pod, svid, bundle).await?,
         };
         active.fetch_add(1, Ordering::Relaxed);
         let guard = StreamGuard(active);
-        self.streams.fetch_add(1, Ordering::Relaxed);
+        self.metrics.hbone_streams.inc();
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -375,11 +376,9 @@ impl HbonePool {
         let config =
             tls::client_config(Some(svid), bundle, key.expected.spiffe_id()).map_err(|e| tls_error(e.to_string()))?;
         let tcp = pod.connect(dst).await.map_err(|e| HboneError::Connect(dst, e))?;
-        let tls = TlsConnector::from(Arc::new(config))
-            .connect(ServerName::IpAddress(dst.ip().into()), tcp)
-            .await
-            .map_err(|e| tls_error(e.to_string()))?;
-        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        let tls = TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(dst.ip().into()), tcp).await;
+        self.metrics.handshake("outbound", tls.is_ok());
+        let tls = tls.map_err(|e| tls_error(e.to_string()))?;
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

@@ -12,17 +12,15 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
 };
 
 use tokio::net::TcpStream;
 
 use crate::config::MtlsMode;
 
-use super::{ConnectionLog, Direction, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, relay};
+use super::{ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, relay};
 
 pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    let started = Instant::now();
     let orig_dst = match client.local_addr() {
         Ok(addr) => addr,
         Err(e) => {
@@ -30,22 +28,15 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
             return;
         }
     };
-    let log = ConnectionLog {
-        direction: Direction::Inbound,
-        src_workload: ctx.workload_at(client_addr.ip()),
-        src_addr: client_addr,
-        dst_workload: Some(pod.id.clone()),
-        dst_service: None,
-        dst_addr: orig_dst,
-        started,
-        mtls: false,
-        src_identity: None,
-        dst_identity: Some(pod.identity.to_string()),
-    };
+    let mut log = ConnectionLog::new(&ctx, Direction::Inbound, client_addr, orig_dst);
+    log.src_workload = ctx.workload_at(client_addr.ip());
+    log.dst_workload = Some(pod.id.clone());
+    log.dst_identity = Some(pod.identity.to_string());
     // Delivering to one of the agent's own ports would connect the agent to
     // itself, forever.
     if [INBOUND_PORT, OUTBOUND_PORT].contains(&orig_dst.port()) {
         relay::reset(&client);
+        log.flag = Flag::Denied;
         log.finish(0, 0, Some(&"destination is an ambit listener port; refusing to loop"));
         return;
     }
@@ -54,6 +45,7 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
     if mode == MtlsMode::Strict {
         ctx.stats.plaintext_rejected.fetch_add(1, Ordering::Relaxed);
         relay::reset(&client);
+        log.flag = Flag::Denied;
         log.finish(0, 0, Some(&"plaintext rejected: PeerAuthentication mode is STRICT"));
         return;
     }
@@ -62,10 +54,12 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
         Ok(app) => app,
         Err(e) => {
             relay::reset(&client);
+            log.flag = Flag::ConnectFailure;
             log.finish(0, 0, Some(&format_args!("deliver to {orig_dst}: {e}")));
             return;
         }
     };
+    log.opened();
     let outcome = relay::relay(client, app).await;
     log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
 }

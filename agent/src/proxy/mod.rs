@@ -27,6 +27,7 @@ use tokio::{
 use crate::{
     capture::OrigDstTable,
     identity::{Identity, Svid, manager::CertManager},
+    metrics::{ConnectionLabels, Metrics},
     netns::Netns,
     state::State,
     tls::{self, TrustBundle},
@@ -49,6 +50,7 @@ pub struct ProxyContext {
     /// Round-robin position over service endpoints.
     pub next_endpoint: AtomicUsize,
     pub stats: Stats,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Counters the agent reports (in its log on shutdown; as metrics later).
@@ -68,9 +70,14 @@ impl ProxyContext {
     /// Counter values, for the shutdown report.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let handshakes = self
+            .metrics
+            .tls_handshakes
+            .get_or_create(&crate::metrics::DirectionLabels { direction: "outbound".into(), result: "ok".into() })
+            .get();
         vec![
-            ("hbone_handshakes", load(&self.pool.handshakes)),
-            ("hbone_streams", load(&self.pool.streams)),
+            ("hbone_handshakes", handshakes),
+            ("hbone_streams", self.metrics.hbone_streams.get()),
             ("mtls_rejected", load(&self.stats.mtls_rejected)),
             ("passthrough", load(&self.stats.passthrough)),
             ("plaintext_accepted", load(&self.stats.plaintext_accepted)),
@@ -148,8 +155,20 @@ enum Direction {
     Inbound,
 }
 
-/// One line per connection, when it ends.
+/// How a connection ended, for `response_flags` and the log's `decision`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flag {
+    /// Carried to its end (or failed after it was established).
+    None,
+    /// Refused by policy (PeerAuthentication STRICT; authorization later).
+    Denied,
+    /// The destination could not be reached.
+    ConnectFailure,
+}
+
+/// One access-log line and one set of metrics per connection.
 struct ConnectionLog {
+    metrics: Arc<Metrics>,
     direction: Direction,
     src_workload: Option<String>,
     src_addr: SocketAddr,
@@ -163,15 +182,83 @@ struct ConnectionLog {
     /// Verified or own SPIFFE IDs; `None` for a plaintext peer.
     src_identity: Option<String>,
     dst_identity: Option<String>,
+    flag: Flag,
+    opened: bool,
 }
 
 impl ConnectionLog {
+    fn new(ctx: &ProxyContext, direction: Direction, src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+        Self {
+            metrics: ctx.metrics.clone(),
+            direction,
+            src_workload: None,
+            src_addr,
+            dst_workload: None,
+            dst_service: None,
+            dst_addr,
+            started: Instant::now(),
+            mtls: false,
+            src_identity: None,
+            dst_identity: None,
+            flag: Flag::None,
+            opened: false,
+        }
+    }
+
+    fn labels(&self) -> ConnectionLabels {
+        let split = |workload: &Option<String>| match workload.as_deref().and_then(|w| w.split_once('/')) {
+            Some((ns, name)) => (name.to_string(), ns.to_string()),
+            None => ("unknown".to_string(), "unknown".to_string()),
+        };
+        let (source_workload, source_workload_namespace) = split(&self.src_workload);
+        let (destination_workload, destination_workload_namespace) = split(&self.dst_workload);
+        ConnectionLabels {
+            reporter: match self.direction {
+                Direction::Outbound => "source".into(),
+                Direction::Inbound => "destination".into(),
+            },
+            source_workload,
+            source_workload_namespace,
+            source_principal: self.src_identity.clone().unwrap_or_else(|| "unknown".into()),
+            destination_workload,
+            destination_workload_namespace,
+            destination_principal: self.dst_identity.clone().unwrap_or_else(|| "unknown".into()),
+            destination_service: self.dst_service.clone().unwrap_or_else(|| "unknown".into()),
+            connection_security_policy: if self.mtls { "mutual_tls" } else { "none" }.into(),
+            response_flags: match self.flag {
+                Flag::None => "-",
+                Flag::Denied => "DENIED",
+                Flag::ConnectFailure => "CONNECT_FAILURE",
+            }
+            .into(),
+        }
+    }
+
+    /// The connection reached its destination: count it as opened now.
+    fn opened(&mut self) {
+        if !self.opened {
+            self.opened = true;
+            self.metrics.connections_opened.get_or_create(&self.labels()).inc();
+        }
+    }
+
     /// `sent`: bytes from the source to the destination; `received`: back.
-    fn finish(&self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
+    fn finish(&mut self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
+        self.opened();
+        let labels = self.labels();
+        self.metrics.connections_closed.get_or_create(&labels).inc();
+        self.metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
+        self.metrics.received_bytes.get_or_create(&labels).inc_by(received);
         let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         let direction = match self.direction {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",
+        };
+        let decision = match (self.flag, error) {
+            (Flag::Denied, _) => "deny",
+            (Flag::ConnectFailure, _) => "connect_failure",
+            (Flag::None, Some(_)) => "allow_error",
+            (Flag::None, None) => "allow",
         };
         let src_workload = self.src_workload.as_deref().unwrap_or("-");
         let dst_workload = self.dst_workload.as_deref().unwrap_or("-");
@@ -183,9 +270,9 @@ impl ConnectionLog {
             None => tracing::info!(
                 target: "ambit::conn",
                 direction,
-                src_workload = src_workload,
+                src_workload,
                 src_addr = %self.src_addr,
-                dst_workload = dst_workload,
+                dst_workload,
                 dst_service,
                 dst_addr = %self.dst_addr,
                 src_identity,
@@ -194,14 +281,15 @@ impl ConnectionLog {
                 bytes_sent = sent,
                 bytes_received = received,
                 duration_ms,
+                decision,
                 "connection closed"
             ),
             Some(error) => tracing::warn!(
                 target: "ambit::conn",
                 direction,
-                src_workload = src_workload,
+                src_workload,
                 src_addr = %self.src_addr,
-                dst_workload = dst_workload,
+                dst_workload,
                 dst_service,
                 dst_addr = %self.dst_addr,
                 src_identity,
@@ -210,6 +298,7 @@ impl ConnectionLog {
                 bytes_sent = sent,
                 bytes_received = received,
                 duration_ms,
+                decision,
                 error = %error,
                 "connection failed"
             ),

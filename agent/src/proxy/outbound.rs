@@ -8,14 +8,13 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
-    time::Instant,
 };
 
 use ambit_common::ConnKey;
 use tokio::net::TcpStream;
 
 use super::{
-    ConnectionLog, Direction, PodContext, ProxyContext,
+    ConnectionLog, Direction, Flag, PodContext, ProxyContext,
     hbone::{self, HBONE_PORT, HboneStream, HboneTarget},
     relay,
 };
@@ -25,7 +24,6 @@ use crate::{
 };
 
 pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
-    let started = Instant::now();
     // The entry is keyed by this connection's 4-tuple as the app sees it.
     let orig_dst = app.local_addr().ok().and_then(|listener_addr| {
         let key = ConnKey::new(pod.netns_cookie, app_addr.into(), listener_addr.into());
@@ -44,18 +42,10 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
         return;
     };
     let source_ip = pod.ips.iter().find(|ip| ip.is_ipv4() == orig_dst.is_ipv4()).copied();
-    let mut log = ConnectionLog {
-        direction: Direction::Outbound,
-        src_workload: Some(pod.id.clone()),
-        src_addr: source_ip.map_or(app_addr, |ip| SocketAddr::new(ip, app_addr.port())),
-        dst_workload: None,
-        dst_service: None,
-        dst_addr: orig_dst,
-        started,
-        mtls: false,
-        src_identity: Some(pod.identity.to_string()),
-        dst_identity: None,
-    };
+    let src_addr = source_ip.map_or(app_addr, |ip| SocketAddr::new(ip, app_addr.port()));
+    let mut log = ConnectionLog::new(&ctx, Direction::Outbound, src_addr, orig_dst);
+    log.src_workload = Some(pod.id.clone());
+    log.src_identity = Some(pod.identity.to_string());
     let destination = ctx.state.borrow().destination(orig_dst);
     let endpoints = match destination {
         Destination::External => {
@@ -83,7 +73,7 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
             None => pod.connect(endpoint.addr).await.map(Upstream::Tcp).map_err(|e| e.to_string()),
         };
         match opened {
-            Ok(upstream) => return upstream.relay(app, &log, &ctx).await,
+            Ok(upstream) => return upstream.relay(app, &mut log, &ctx).await,
             Err(e) => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "endpoint failed; trying the next");
                 last_error = Some(e);
@@ -92,6 +82,7 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
     }
     relay::reset(&app);
     let error = last_error.unwrap_or_else(|| "the service has no endpoints".to_string());
+    log.flag = Flag::ConnectFailure;
     log.finish(0, 0, Some(&error));
 }
 
@@ -102,7 +93,8 @@ enum Upstream {
 }
 
 impl Upstream {
-    async fn relay(self, app: TcpStream, log: &ConnectionLog, ctx: &ProxyContext) {
+    async fn relay(self, app: TcpStream, log: &mut ConnectionLog, ctx: &ProxyContext) {
+        log.opened();
         let outcome = match self {
             Upstream::Hbone(stream) => hbone::bridge(app, stream.send, stream.recv).await,
             Upstream::Tcp(upstream) => {
@@ -148,6 +140,7 @@ async fn passthrough(app: TcpStream, dst: SocketAddr, pod: &PodContext, ctx: &Pr
         }
         Err(e) => {
             relay::reset(&app);
+            log.flag = Flag::ConnectFailure;
             log.finish(0, 0, Some(&format_args!("connect to {dst}: {e}")));
         }
     }

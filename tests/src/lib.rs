@@ -249,6 +249,36 @@ impl Bed {
         cmd
     }
 
+    /// A command that will run in a node's netns (where its agent runs).
+    pub fn node_command(&self, node: &str, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        enter(&mut cmd, &Path::new("/run/netns").join(&self.node(node).netns), None).expect("node netns exists");
+        cmd
+    }
+
+    /// GET from a node agent's admin endpoint (127.0.0.1:15020 in the
+    /// node's netns): the HTTP status and the body.
+    pub fn admin_get(&self, node: &str, path: &str) -> Result<(u16, String)> {
+        let url = format!("http://127.0.0.1:15020{path}");
+        let out = self.node_command(node, "curl").args(["-sS", "-w", "\n%{http_code}", &url]).output()?;
+        if !out.status.success() {
+            bail!("GET {url} on {node}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = text.rsplit_once('\n').context("curl printed no status")?;
+        Ok((code.trim().parse()?, body.to_string()))
+    }
+
+    /// Runs `ambit status` against a node's agent: its exit code and output.
+    pub fn ambit_status(&self, node: &str) -> Result<(i32, String)> {
+        let cli = self.agent_binary.with_file_name("ambit");
+        let out = self.node_command(node, cli.to_str().context("CLI path is UTF-8")?).arg("status").output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        ))
+    }
+
     /// Stops the CA (as an outage would).
     pub fn stop_ca(&self) -> Result<()> {
         if let Some(mut ca) = self.ca.lock().expect("ca lock").take() {

@@ -153,3 +153,37 @@ impl Metrics {
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `ambit_*` name in the shipped alerting rules is a metric the agent exports.
+    #[test]
+    fn alert_rules_reference_exported_metrics() {
+        let metrics = Metrics::new();
+        let exposition = metrics.encode();
+        let mut exported: Vec<String> = Vec::new();
+        for line in exposition.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let mut parts = line.split_whitespace();
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            exported.push(if kind == "counter" { format!("{name}_total") } else { name.to_string() });
+        }
+        let rules =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus-alerts.yaml")).unwrap();
+        let rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(&rules).expect("the rules file is valid YAML");
+        let mut checked = 0;
+        for group in rules["groups"].as_sequence().unwrap() {
+            for rule in group["rules"].as_sequence().unwrap() {
+                let expr = rule["expr"].as_str().unwrap();
+                for word in
+                    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("ambit_"))
+                {
+                    assert!(exported.iter().any(|e| e == word), "{:?} uses {word}, which is not exported", rule["alert"]);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 6);
+    }
+}

@@ -179,7 +179,11 @@ mod tests {
                 for word in
                     expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("ambit_"))
                 {
-                    assert!(exported.iter().any(|e| e == word), "{:?} uses {word}, which is not exported", rule["alert"]);
+                    assert!(
+                        exported.iter().any(|e| e == word),
+                        "{:?} uses {word}, which is not exported",
+                        rule["alert"]
+                    );
                     checked += 1;
                 }
             }

@@ -4,8 +4,10 @@
 //! - `build`: build the agent (the kernel programs come with it)
 //! - `test`:  every test, unit and end to end, then a leftover check
 //! - `demo`:  a simulated two-node cluster with real traffic, explained
+//! - `bench`: the data path against no mesh, ratios per round
 #![forbid(unsafe_code)]
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -40,6 +42,15 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Measure the data path against no mesh (release builds); a Markdown table on stdout.
+    Bench {
+        /// Two short rounds (under two minutes) instead of five long ones.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Bring up a simulated two-node cluster, send real traffic, show what was captured.
     Demo {
         /// Keep the cluster up after the traffic, until Ctrl-C, to explore it.
@@ -54,6 +65,7 @@ fn main() -> Result<()> {
         Task::Build { release } => build_agent(release).map(drop),
         Task::Test { cargo_args } => test::run(&cargo_args),
         Task::Demo { hold } => demo::run(hold),
+        Task::Bench { quick, out } => bench::run(quick, out),
     }
 }
 

@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nghttp2-client", "h2load"),
     ("python3", "python3"),
     ("openssl", "openssl"),
+    ("wrk", "wrk"),
 ];
 
 pub fn run() -> Result<()> {

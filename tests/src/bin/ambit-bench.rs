@@ -1,0 +1,156 @@
+//! `ambit-bench`: the traffic tools of `cargo xtask bench`, run inside the
+//! test bed's pods. Servers: a TCP echo server and an HTTP/1.1 keep-alive
+//! server (hyper) for wrk. Clients: request/response latency on one
+//! persistent connection, and new-connection rate with a 1-byte exchange.
+//! Clients print one JSON object.
+#![forbid(unsafe_code)]
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::Full;
+use hyper::{Response, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Echo every byte back, on every connection.
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Answer every HTTP/1.1 request with a small body, keeping connections alive.
+    Http {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Round trips of `size`-byte messages on one connection; prints percentiles in microseconds.
+    Pingpong {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+    },
+    /// New connections per second, each sending and receiving one byte.
+    Connrate {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Echo { listen } => echo(listen).await,
+        Command::Http { listen } => http(listen).await,
+        Command::Pingpong { to, size, count } => pingpong(to, size, count).await,
+        Command::Connrate { to, seconds, concurrency } => connrate(to, seconds, concurrency).await,
+    }
+}
+
+async fn echo(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let (mut read, mut write) = stream.split();
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        });
+    }
+}
+
+async fn http(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = service_fn(|_request| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello from the bench server\n"))))
+            });
+            let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn pingpong(to: SocketAddr, size: usize, count: usize) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(to).await?;
+    stream.set_nodelay(true)?;
+    let message = vec![0x5au8; size];
+    let mut reply = vec![0u8; size];
+    let warmup = count / 10;
+    let mut rtts = Vec::with_capacity(count);
+    for i in 0..count + warmup {
+        let started = Instant::now();
+        stream.write_all(&message).await?;
+        stream.read_exact(&mut reply).await?;
+        if i >= warmup {
+            rtts.push(started.elapsed());
+        }
+    }
+    rtts.sort();
+    let at = |q: f64| rtts[((rtts.len() as f64 * q) as usize).min(rtts.len() - 1)].as_secs_f64() * 1e6;
+    println!(
+        "{{\"p50_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}, \"count\": {}}}",
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        rtts.len()
+    );
+    Ok(())
+}
+
+async fn connrate(to: SocketAddr, seconds: u64, concurrency: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            tokio::spawn(async move {
+                let (mut done, mut failed) = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    let exchange = async {
+                        let mut stream = TcpStream::connect(to).await?;
+                        stream.write_all(b"x").await?;
+                        let mut byte = [0u8; 1];
+                        stream.read_exact(&mut byte).await?;
+                        Ok::<_, std::io::Error>(())
+                    };
+                    match exchange.await {
+                        Ok(()) => done += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (done, failed)
+            })
+        })
+        .collect();
+    let (mut done, mut failed) = (0, 0);
+    for worker in workers {
+        let (d, f) = worker.await?;
+        done += d;
+        failed += f;
+    }
+    println!("{{\"connections_per_sec\": {:.1}, \"failed\": {failed}}}", done as f64 / seconds as f64);
+    Ok(())
+}

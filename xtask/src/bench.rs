@@ -1,0 +1,350 @@
+//! `cargo xtask bench`: the data path measured against no mesh, in one run.
+//!
+//! One bed, three scenarios run alternately in every round (direct, ambit
+//! cross-node, ambit same-node), so each mesh figure has a no-mesh figure
+//! taken moments before it: ratios are computed within a round, and the
+//! table shows their median and spread (min-max), which makes a noisy run
+//! visible. Release builds of the agent and of the traffic tools.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ambit_testbed::{Agent, Bed, wait_until};
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{cargo, exec, root, setup};
+
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 7000;
+const HTTP_PORT: u16 = 8000;
+/// Pods enrolled on node 1 while its idle memory is measured.
+const IDLE_PODS: usize = 50;
+
+struct Plan {
+    rounds: usize,
+    seconds: u64,
+    pings: usize,
+}
+
+/// One scenario: who talks to whom.
+struct Scenario {
+    name: &'static str,
+    client: &'static str,
+    server: &'static str,
+    meshed: bool,
+}
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario { name: "direct", client: "legacy/client", server: "legacy/server", meshed: false },
+    Scenario { name: "ambit cross-node", client: "shop/client", server: "shop/server", meshed: true },
+    Scenario { name: "ambit same-node", client: "shop/client", server: "shop/local", meshed: true },
+];
+
+/// What one scenario measured in one round.
+#[derive(Default, Clone)]
+struct Sample {
+    gbps_1: f64,
+    gbps_8: f64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    http_rps: f64,
+    conn_rate: f64,
+    /// Agent CPU seconds (both agents) per GB moved by iperf3.
+    cpu_s_per_gb: f64,
+}
+
+pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
+    setup::run()?;
+    exec(cargo().args(["build", "--release", "--package", "ambit-agent", "--package", "ambit-testbed", "--bins"]))?;
+    let release = root().join("target/release");
+    let tool = release.join("ambit-bench");
+    let plan =
+        if quick { Plan { rounds: 2, seconds: 1, pings: 2000 } } else { Plan { rounds: 5, seconds: 4, pings: 10_000 } };
+    let started = Instant::now();
+
+    let mut bed = Bed::with_agent(&["n1", "n2"], release.join("ambit-agent"))?;
+    bed.namespace("shop", true)?;
+    bed.namespace("legacy", false)?;
+    for (node, pod) in [
+        ("n1", "legacy/client"),
+        ("n2", "legacy/server"),
+        ("n1", "shop/client"),
+        ("n2", "shop/server"),
+        ("n1", "shop/local"),
+    ] {
+        let (ns, name) = pod.split_once('/').expect("ns/name");
+        bed.add_pod(node, ns, name)?;
+    }
+    for i in 0..IDLE_PODS - 2 {
+        bed.add_pod("n1", "shop", &format!("idle-{i}"))?;
+    }
+    let mut agents = vec![bed.start_agent("n1")?, bed.start_agent("n2")?];
+    for agent in &mut agents {
+        agent.wait_ready()?;
+    }
+    for node in ["n1", "n2"] {
+        wait_until(Duration::from_secs(60), &format!("{node}: every pod's certificate"), || {
+            Ok(bed.admin_get(node, "/healthz/ready")?.0 == 200)
+        })?;
+    }
+    for server in ["legacy/server", "shop/server", "shop/local"] {
+        bed.iperf3_server(server, IPERF_PORT)?;
+        let ip = bed.pod(server).ip;
+        for (mode, port) in [("echo", ECHO_PORT), ("http", HTTP_PORT)] {
+            bed.spawn(server, tool.to_str().context("UTF-8 path")?, &[mode, "--listen", &format!("{ip}:{port}")])?;
+            bed.wait_listening(server, port)?;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss_kb = proc_status(agents[0].pid(), "VmRSS:")?;
+
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    for round in 0..plan.rounds {
+        eprintln!("bench: round {}/{}", round + 1, plan.rounds);
+        for scenario in &SCENARIOS {
+            let sample = measure(&bed, &agents, &tool, scenario, &plan)
+                .with_context(|| format!("{} (round {})", scenario.name, round + 1))?;
+            samples.entry(scenario.name).or_default().push(sample);
+        }
+    }
+    let peak_rss_kb = agents.iter().map(|a| proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
+    let elapsed = started.elapsed();
+
+    let report = Report { samples, idle_rss_kb, peak_rss_kb: peak_rss_kb.into_iter().max().unwrap_or(0) };
+    println!("{}", report.markdown(&plan, elapsed));
+    if let Some(path) = out {
+        std::fs::write(&path, serde_json::to_string_pretty(&report.json(&plan, elapsed))?)?;
+        eprintln!("bench: JSON written to {}", path.display());
+    }
+    drop(agents);
+    drop(bed);
+    Ok(())
+}
+
+fn measure(bed: &Bed, agents: &[Agent], tool: &Path, scenario: &Scenario, plan: &Plan) -> Result<Sample> {
+    let server = bed.pod(scenario.server).ip.to_string();
+    let secs = plan.seconds.to_string();
+    let cpu_before = agents_cpu_seconds(agents)?;
+    let (gbps_1, bytes_1) = iperf3(bed, scenario.client, &server, &secs, 1)?;
+    let (gbps_8, bytes_8) = iperf3(bed, scenario.client, &server, &secs, 8)?;
+    let cpu = agents_cpu_seconds(agents)? - cpu_before;
+    let tool = tool.to_str().context("UTF-8 path")?;
+    let pings = bed.run_ok(
+        scenario.client,
+        tool,
+        &["pingpong", "--to", &format!("{server}:{ECHO_PORT}"), "--size", "64", "--count", &plan.pings.to_string()],
+    )?;
+    let pings: Value = serde_json::from_str(&pings)?;
+    let rate =
+        bed.run_ok(scenario.client, tool, &["connrate", "--to", &format!("{server}:{ECHO_PORT}"), "--seconds", &secs])?;
+    let rate: Value = serde_json::from_str(&rate)?;
+    if rate["failed"].as_u64() != Some(0) {
+        bail!("{}: {} connections failed", scenario.name, rate["failed"]);
+    }
+    Ok(Sample {
+        gbps_1,
+        gbps_8,
+        p50_us: pings["p50_us"].as_f64().unwrap_or_default(),
+        p90_us: pings["p90_us"].as_f64().unwrap_or_default(),
+        p99_us: pings["p99_us"].as_f64().unwrap_or_default(),
+        http_rps: wrk(bed, scenario.client, &server, &secs)?,
+        conn_rate: rate["connections_per_sec"].as_f64().unwrap_or_default(),
+        cpu_s_per_gb: if scenario.meshed { cpu / ((bytes_1 + bytes_8) as f64 / 1e9) } else { 0.0 },
+    })
+}
+
+/// iperf3 throughput (Gbit/s, as received) and bytes moved.
+fn iperf3(bed: &Bed, client: &str, server: &str, secs: &str, streams: usize) -> Result<(f64, u64)> {
+    let out = bed.run_ok(
+        client,
+        "iperf3",
+        &["-c", server, "-p", &IPERF_PORT.to_string(), "-t", secs, "-P", &streams.to_string(), "-J"],
+    )?;
+    let report: Value = serde_json::from_str(&out)?;
+    let received = &report["end"]["sum_received"];
+    Ok((received["bits_per_second"].as_f64().unwrap_or_default() / 1e9, received["bytes"].as_u64().unwrap_or_default()))
+}
+
+/// wrk with 16 keep-alive connections: requests per second.
+fn wrk(bed: &Bed, client: &str, server: &str, secs: &str) -> Result<f64> {
+    let out = bed.run_ok(
+        client,
+        "wrk",
+        &["-t", "2", "-c", "16", "-d", &format!("{secs}s"), &format!("http://{server}:{HTTP_PORT}/")],
+    )?;
+    out.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:").and_then(|v| v.trim().parse().ok()))
+        .with_context(|| format!("wrk printed no Requests/sec:\n{out}"))
+}
+
+fn agents_cpu_seconds(agents: &[Agent]) -> Result<f64> {
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for agent in agents {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid()))?;
+        // Fields after the command name (which may hold spaces): utime is
+        // field 14, stime 15, counting from 1.
+        let after = stat.rsplit_once(')').context("/proc/pid/stat format")?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        total += (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks_per_second;
+    }
+    Ok(total)
+}
+
+/// A `kB` value from /proc/<pid>/status.
+fn proc_status(pid: u32, key: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{key} in /proc/{pid}/status"))
+}
+
+struct Report<'a> {
+    samples: BTreeMap<&'a str, Vec<Sample>>,
+    idle_rss_kb: u64,
+    peak_rss_kb: u64,
+}
+
+/// A metric of the table: its name, how to read it, and how mesh compares
+/// with direct (a ratio, or added half round trip for latency).
+struct Metric {
+    name: &'static str,
+    read: fn(&Sample) -> f64,
+    added_half_rtt: bool,
+}
+
+const METRICS: &[Metric] = &[
+    Metric { name: "iperf3 1 stream (Gbit/s)", read: |s| s.gbps_1, added_half_rtt: false },
+    Metric { name: "iperf3 8 streams (Gbit/s)", read: |s| s.gbps_8, added_half_rtt: false },
+    Metric { name: "64 B ping-pong p50 (µs round trip)", read: |s| s.p50_us, added_half_rtt: true },
+    Metric { name: "64 B ping-pong p90 (µs round trip)", read: |s| s.p90_us, added_half_rtt: true },
+    Metric { name: "64 B ping-pong p99 (µs round trip)", read: |s| s.p99_us, added_half_rtt: true },
+    Metric { name: "HTTP keep-alive req/s (wrk, 16 conns)", read: |s| s.http_rps, added_half_rtt: false },
+    Metric { name: "new connections/s (1-byte exchange)", read: |s| s.conn_rate, added_half_rtt: false },
+];
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+impl Report<'_> {
+    fn series(&self, scenario: &str, read: fn(&Sample) -> f64) -> Vec<f64> {
+        self.samples[scenario].iter().map(read).collect()
+    }
+
+    /// Per round: mesh/direct (or added half round trip), then median, min, max.
+    fn comparison(&self, scenario: &str, metric: &Metric) -> (f64, f64, f64) {
+        let direct = self.series("direct", metric.read);
+        let mesh = self.series(scenario, metric.read);
+        let per_round: Vec<f64> =
+            direct.iter().zip(&mesh).map(|(d, m)| if metric.added_half_rtt { (m - d) / 2.0 } else { m / d }).collect();
+        let min = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (median(per_round), min, max)
+    }
+
+    fn markdown(&self, plan: &Plan, elapsed: Duration) -> String {
+        let format_comparison = |(m, lo, hi): (f64, f64, f64), added: bool| {
+            if added { format!("{m:+.1} µs ({lo:+.1}…{hi:+.1})") } else { format!("{m:.2}× ({lo:.2}…{hi:.2})") }
+        };
+        let mut out = String::new();
+        out.push_str(&format!(
+            "ambit bench: {} rounds, {} s per throughput/rate run, {} ping-pongs; medians over rounds, ratios taken within each round (min…max in brackets)\n\n",
+            plan.rounds, plan.seconds, plan.pings
+        ));
+        out.push_str("| metric | direct | ambit cross-node | vs direct | ambit same-node | vs direct |\n|---|---|---|---|---|---|\n");
+        for metric in METRICS {
+            let value = |s: &str| median(self.series(s, metric.read));
+            out.push_str(&format!(
+                "| {} | {:.1} | {:.1} | {} | {:.1} | {} |\n",
+                metric.name,
+                value("direct"),
+                value("ambit cross-node"),
+                format_comparison(self.comparison("ambit cross-node", metric), metric.added_half_rtt),
+                value("ambit same-node"),
+                format_comparison(self.comparison("ambit same-node", metric), metric.added_half_rtt),
+            ));
+        }
+        let cpu = |s: &str| median(self.series(s, |x| x.cpu_s_per_gb));
+        out.push_str(&format!(
+            "| agent CPU s per GB (iperf3 runs, both agents) | - | {:.2} | | {:.2} | |\n",
+            cpu("ambit cross-node"),
+            cpu("ambit same-node")
+        ));
+        out.push_str(&format!(
+            "\nAgent memory: {:.1} MB RSS idle with {IDLE_PODS} enrolled pods (node 1), {:.1} MB peak RSS during the run (the larger of the two agents).\n",
+            self.idle_rss_kb as f64 / 1024.0,
+            self.peak_rss_kb as f64 / 1024.0
+        ));
+        out.push_str("Latency rows compare as added latency per direction: (mesh − direct) / 2 of the round trip, as sockperf reports it.\n");
+        out.push_str(&format!("Run time: {:.0} s.\n", elapsed.as_secs_f64()));
+        out
+    }
+
+    fn json(&self, plan: &Plan, elapsed: Duration) -> Value {
+        let rounds: BTreeMap<&str, Vec<Value>> = self
+            .samples
+            .iter()
+            .map(|(name, samples)| {
+                let values = samples
+                    .iter()
+                    .map(|s| {
+                        json!({
+                            "iperf3_1_stream_gbps": s.gbps_1, "iperf3_8_streams_gbps": s.gbps_8,
+                            "pingpong_p50_us": s.p50_us, "pingpong_p90_us": s.p90_us, "pingpong_p99_us": s.p99_us,
+                            "http_keepalive_rps": s.http_rps, "new_connections_per_sec": s.conn_rate,
+                            "agent_cpu_seconds_per_gb": s.cpu_s_per_gb,
+                        })
+                    })
+                    .collect();
+                (*name, values)
+            })
+            .collect();
+        let comparisons: BTreeMap<String, Value> = ["ambit cross-node", "ambit same-node"]
+            .iter()
+            .flat_map(|scenario| {
+                METRICS.iter().map(move |metric| {
+                    let (median, min, max) = self.comparison(scenario, metric);
+                    let kind = if metric.added_half_rtt { "added_half_rtt_us" } else { "ratio" };
+                    (format!("{scenario}: {}", metric.name), json!({ kind: median, "min": min, "max": max }))
+                })
+            })
+            .collect();
+        json!({
+            "plan": { "rounds": plan.rounds, "seconds": plan.seconds, "pings": plan.pings },
+            "rounds": rounds,
+            "comparisons_to_direct": comparisons,
+            "agent_idle_rss_mb": self.idle_rss_kb as f64 / 1024.0,
+            "idle_enrolled_pods": IDLE_PODS,
+            "agent_peak_rss_mb": self.peak_rss_kb as f64 / 1024.0,
+            "elapsed_seconds": elapsed.as_secs_f64(),
+            "machine": machine(),
+        })
+    }
+}
+
+fn machine() -> Value {
+    let read = |cmd: &mut Command| {
+        cmd.stderr(Stdio::null()).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    json!({
+        "kernel": read(Command::new("uname").arg("-r")),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok()
+            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))),
+    })
+}

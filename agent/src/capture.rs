@@ -15,7 +15,7 @@ use std::{
 
 use ambit_common::{ConnKey, Counter, EnrolledPod, IpKey, SockAddrKey, names};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, sk_lookup::SkLookupLinkId},
 };
@@ -81,7 +81,10 @@ impl Capture {
     /// Loads the programs and attaches the cgroup ones under `cgroup`. They act
     /// only for sockets of enrolled pods, which the ENROLLED map names.
     pub fn attach(cgroup: &Path) -> Result<(Capture, OrigDstTable), CaptureError> {
-        let mut ebpf = Ebpf::load(PROGRAMS)?;
+        // The programs use no CO-RE relocations, so the kernel's BTF is not
+        // needed: skipping it saves parsing several MB at start-up, which
+        // would otherwise stay in the agent's resident memory.
+        let mut ebpf = EbpfLoader::new().btf(None).load(PROGRAMS)?;
         let cgroup_dir =
             File::open(cgroup).map_err(|source| CaptureError::Cgroup { path: cgroup.to_path_buf(), source })?;
         // Attached as BPF links (Linux >= 5.7), which always coexist with the

@@ -66,6 +66,9 @@ struct AgentArgs {
     /// Admin endpoint: /metrics, /healthz/ready, /config_dump, /certs.
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     admin_addr: SocketAddr,
+    /// Proxy worker threads; 0 means one per CPU.
+    #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,7 +133,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Some(Command::Ca(command)) => run_ca(command),
-        None => run_agent(cli.agent),
+        None => agent_runtime(cli.agent.worker_threads).and_then(|rt| rt.block_on(run_agent(cli.agent))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,7 +184,14 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
+fn agent_runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    Ok(builder.enable_all().build()?)
+}
+
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     // clap enforces these without a subcommand.
     let node = args.node.expect("required");

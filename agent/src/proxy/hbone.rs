@@ -43,17 +43,19 @@ use crate::{
 
 pub use ambit_common::HBONE_PORT;
 
-/// HTTP/2 flow-control windows: large enough that one bulk stream is not
-/// held back by window updates on a fast link.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/2 flow-control windows: far above the bandwidth-delay product of a
+/// node-to-node link (10 Gbit/s x 100 µs is 125 KB), so a bulk stream is
+/// never window-bound, yet small enough to bound what a slow reader makes
+/// the agent buffer.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Streams share one TLS connection up to this many; past it a new
 /// connection opens, so parallel bulk transfers spread over several
 /// connections (one TLS connection is encrypted on one core).
-const MAX_STREAMS_PER_CONNECTION: usize = 16;
+const MAX_STREAMS_PER_CONNECTION: usize = 4;
 /// Bytes read from a TCP socket per HTTP/2 DATA frame at most.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 128 * 1024;
 
 /// The destination side: mTLS from other tunnels, on one pod IP's port 15008.
 pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {

@@ -316,6 +316,9 @@ where
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Small writes (HTTP/2 frames, request/response apps) must not
+                // wait for ACKs: Nagle off on every proxied socket.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(handle(stream, peer, pod.clone(), ctx.clone()));
             }
             Err(error) => {

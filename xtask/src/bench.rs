@@ -81,6 +81,12 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         let (ns, name) = pod.split_once('/').expect("ns/name");
         bed.add_pod(node, ns, name)?;
     }
+    // Connection-rate runs open thousands of connections a second; give the
+    // clients the whole port range and let them reuse TIME_WAIT ports, so
+    // the direct path is not capped by ephemeral ports.
+    for client in ["legacy/client", "shop/client"] {
+        bed.run_ok(client, "sysctl", &["-qw", "net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"])?;
+    }
     for i in 0..IDLE_PODS - 2 {
         bed.add_pod("n1", "shop", &format!("idle-{i}"))?;
     }

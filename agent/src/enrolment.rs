@@ -201,6 +201,7 @@ impl Enrolments {
             task.abort();
         }
         self.ctx.certs.release(&active.identity, id);
+        self.ctx.pool.forget_pod(id);
         tracing::info!(pod = %id, "pod unenrolled");
     }
 

@@ -360,6 +360,12 @@ impl HbonePool {
         None
     }
 
+    /// Drops the connections of a pod that left this node (open streams
+    /// keep theirs until they end).
+    pub fn forget_pod(&self, pod: &str) {
+        self.conns.lock().expect("pool lock").retain(|key, _| key.src_pod != pod);
+    }
+
     fn remove(&self, key: &PoolKey, active: &Arc<AtomicUsize>) {
         if let Some(list) = self.conns.lock().expect("pool lock").get_mut(key) {
             list.retain(|c| !Arc::ptr_eq(&c.active, active));

@@ -368,6 +368,15 @@ impl Bed {
         Ok(pod)
     }
 
+    /// Creates several pods, each given as (node, `namespace/name`).
+    pub fn add_pods(&mut self, pods: &[(&str, &str)]) -> Result<()> {
+        for (node, id) in pods {
+            let (namespace, name) = id.split_once('/').with_context(|| format!("`{id}` is not namespace/name"))?;
+            self.add_pod(node, namespace, name)?;
+        }
+        Ok(())
+    }
+
     /// Sets or removes a label on a pod and rewrites its configuration file.
     pub fn set_pod_label(&mut self, id: &str, key: &str, value: Option<&str>) -> Result<()> {
         let pod = self.pods.iter_mut().find(|p| p.id() == id).with_context(|| format!("no pod {id}"))?;

@@ -38,33 +38,28 @@ fn wait_certificate(agent: &Agent, identity: &str, nth: usize) -> String {
     serial
 }
 
-/// Serials of the certificates `agent` obtained for `identity`, in order.
-fn certificates(agent: &Agent, identity: &str) -> Vec<String> {
+/// Field `field` of every log line of `agent` with `message` that `keep` accepts, in order.
+fn logged(agent: &Agent, message: &str, field: &str, keep: impl Fn(&serde_json::Value) -> bool) -> Vec<String> {
     agent
         .lines()
         .iter()
-        .filter(|l| l["message"] == "certificate obtained" && l["identity"] == identity)
-        .map(|l| l["serial"].as_str().unwrap_or_default().to_string())
+        .filter(|l| l["message"] == message && keep(l))
+        .map(|l| l[field].as_str().unwrap_or_default().to_string())
         .collect()
+}
+
+/// Serials of the certificates `agent` obtained for `identity`, in order.
+fn certificates(agent: &Agent, identity: &str) -> Vec<String> {
+    logged(agent, "certificate obtained", "serial", |l| l["identity"] == identity)
 }
 
 /// Serials of the client certificates `agent` accepted on HBONE, in order.
 fn accepted_serials(agent: &Agent) -> Vec<String> {
-    agent
-        .lines()
-        .iter()
-        .filter(|l| l["message"] == "mTLS connection accepted")
-        .map(|l| l["peer_serial"].as_str().unwrap_or_default().to_string())
-        .collect()
+    logged(agent, "mTLS connection accepted", "peer_serial", |_| true)
 }
 
 fn rejections(agent: &Agent) -> Vec<String> {
-    agent
-        .lines()
-        .iter()
-        .filter(|l| l["message"] == "HBONE connection rejected")
-        .map(|l| l["error"].as_str().unwrap_or_default().to_string())
-        .collect()
+    logged(agent, "HBONE connection rejected", "error", |_| true)
 }
 
 /// A bed with shop/client on n1 and shop/web on n2 serving `root`, both

@@ -71,16 +71,13 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     let mut bed = Bed::with_agent(&["n1", "n2"], release.join("ambit-agent"))?;
     bed.namespace("shop", true)?;
     bed.namespace("legacy", false)?;
-    for (node, pod) in [
+    bed.add_pods(&[
         ("n1", "legacy/client"),
         ("n2", "legacy/server"),
         ("n1", "shop/client"),
         ("n2", "shop/server"),
         ("n1", "shop/local"),
-    ] {
-        let (ns, name) = pod.split_once('/').expect("ns/name");
-        bed.add_pod(node, ns, name)?;
-    }
+    ])?;
     // Connection-rate runs open thousands of connections a second; give the
     // clients the whole port range and let them reuse TIME_WAIT ports, so
     // the direct path is not capped by ephemeral ports.

@@ -80,16 +80,13 @@ pub fn run(hold: bool) -> Result<()> {
     let mut bed = Bed::with_agent(&["node-1", "node-2"], agent_binary)?;
     bed.namespace("shop", true)?;
     bed.namespace("legacy", false)?;
-    for (node, pod) in [
+    bed.add_pods(&[
         ("node-1", "shop/frontend"),
         ("node-1", "shop/checkout"),
         ("node-1", "legacy/batch"),
         ("node-2", "shop/cart"),
         ("node-2", "legacy/reports"),
-    ] {
-        let (ns, name) = pod.split_once('/').expect("namespace/name");
-        bed.add_pod(node, ns, name)?;
-    }
+    ])?;
     bed.write_config(
         "service-cart.yaml",
         &format!(

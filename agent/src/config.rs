@@ -16,6 +16,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
+use crate::authz::{self, AuthorizationPolicy};
+
 /// Label on a Namespace (all its pods) or a Pod (that pod only).
 pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
 /// Annotation on a Pod: path of its network namespace (the CNI's netns path).
@@ -111,6 +113,7 @@ pub enum Object {
     Pod(Pod),
     Service(Service),
     PeerAuthentication(PeerAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 impl Object {
@@ -120,6 +123,7 @@ impl Object {
             Object::Pod(pod) => ("Pod", pod.id()),
             Object::Service(svc) => ("Service", svc.id()),
             Object::PeerAuthentication(pa) => ("PeerAuthentication", format!("{}/{}", pa.namespace, pa.name)),
+            Object::AuthorizationPolicy(ap) => ("AuthorizationPolicy", ap.id()),
         }
     }
 }
@@ -135,7 +139,7 @@ pub enum ConfigError {
     #[error("{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (e.g. Namespace, Pod)")]
     MissingKind { file: PathBuf, doc: usize },
     #[error(
-        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service or PeerAuthentication"
+        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service, PeerAuthentication or AuthorizationPolicy"
     )]
     UnknownKind { file: PathBuf, doc: usize, kind: String },
     #[error("{file}: document {doc} ({object}): field `{field}`: {reason}")]
@@ -145,7 +149,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn field(file: &Path, doc: usize, object: &str, field: &str, reason: impl Into<String>) -> Self {
+    pub(crate) fn field(file: &Path, doc: usize, object: &str, field: &str, reason: impl Into<String>) -> Self {
         ConfigError::Field {
             file: file.to_path_buf(),
             doc,
@@ -158,13 +162,13 @@ impl ConfigError {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawMetadata {
-    name: String,
-    namespace: Option<String>,
+pub(crate) struct RawMetadata {
+    pub(crate) name: String,
+    pub(crate) namespace: Option<String>,
     #[serde(default)]
-    labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
     #[serde(default)]
-    annotations: BTreeMap<String, String>,
+    pub(crate) annotations: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -390,11 +394,12 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
                 port_modes,
             }))
         }
+        "AuthorizationPolicy" => Ok(Object::AuthorizationPolicy(authz::parse::policy(file, doc, &describe, value)?)),
         _ => Err(ConfigError::UnknownKind { file: file.to_path_buf(), doc, kind }),
     }
 }
 
-fn deserialize<T: serde::de::DeserializeOwned>(
+pub(crate) fn deserialize<T: serde::de::DeserializeOwned>(
     file: &Path,
     doc: usize,
     object: &str,
@@ -457,6 +462,7 @@ pub struct Snapshot {
     /// Keyed by `namespace/name`.
     pub services: BTreeMap<String, Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
 }
 
 /// The configuration directory and the last good objects of each file in it.
@@ -527,6 +533,7 @@ impl ConfigDir {
                         snapshot.services.insert(svc.id(), svc.clone());
                     }
                     Object::PeerAuthentication(pa) => snapshot.peer_authentications.push(pa.clone()),
+                    Object::AuthorizationPolicy(ap) => snapshot.authorization_policies.push(ap.clone()),
                 }
             }
         }
@@ -652,7 +659,7 @@ status:
         assert_eq!(
             errors_of("kind: Deployment\nmetadata: {name: x}\n"),
             vec![
-                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service or PeerAuthentication"
+                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service, PeerAuthentication or AuthorizationPolicy"
             ]
         );
         assert!(errors_of("metadata: {name: x}\n")[0].contains("missing `kind`"));

@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod capture;
 pub mod config;
 pub mod enrolment;

@@ -8,6 +8,7 @@ use std::{
 };
 
 use crate::{
+    authz::{Connection, Decision, PolicySet},
     config::{DataplaneMode, MtlsMode, PeerAuthentication, Pod, Service, Snapshot},
     identity::Identity,
 };
@@ -41,12 +42,14 @@ pub struct State {
     snapshot: Snapshot,
     trust_domain: String,
     workload_by_ip: HashMap<IpAddr, String>,
+    policies: PolicySet,
 }
 
 impl State {
     pub fn new(snapshot: Snapshot, trust_domain: &str) -> Self {
         let workload_by_ip = snapshot.pods.values().flat_map(|pod| pod.ips.iter().map(|ip| (*ip, pod.id()))).collect();
-        Self { snapshot, trust_domain: trust_domain.to_string(), workload_by_ip }
+        let policies = PolicySet::new(snapshot.authorization_policies.iter().cloned());
+        Self { snapshot, trust_domain: trust_domain.to_string(), workload_by_ip, policies }
     }
 
     /// Everything in force, for `/config_dump`.
@@ -55,13 +58,31 @@ impl State {
     }
 
     /// Objects by kind, for the state-store metrics.
-    pub fn sizes(&self) -> [(&'static str, usize); 4] {
+    pub fn sizes(&self) -> [(&'static str, usize); 5] {
         [
             ("namespaces", self.snapshot.namespaces.len()),
             ("pods", self.snapshot.pods.len()),
             ("services", self.snapshot.services.len()),
             ("peer_authentications", self.snapshot.peer_authentications.len()),
+            ("authorization_policies", self.snapshot.authorization_policies.len()),
         ]
+    }
+
+    /// Authorizes a connection to pod `pod_id` (`namespace/name`). A pod the
+    /// state no longer knows is denied: nothing can say what applies to it.
+    pub fn authorize(&self, pod_id: &str, conn: &Connection) -> Decision {
+        match self.snapshot.pods.get(pod_id) {
+            Some(pod) => self.policies.evaluate(pod, conn),
+            None => Decision {
+                reason: crate::authz::Reason::UnknownWorkload(pod_id.to_string()),
+                audited: Vec::new(),
+                dry_run: None,
+            },
+        }
+    }
+
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
     }
 
     /// The identity a pod runs as.

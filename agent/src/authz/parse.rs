@@ -1,0 +1,508 @@
+//! `AuthorizationPolicy` YAML to [`AuthorizationPolicy`]. Strict on purpose:
+//! an unknown field, an empty list or a malformed value is an error naming the
+//! field, never something skipped, because a skipped field widens a rule.
+
+use std::{collections::BTreeMap, path::Path};
+
+use ipnet::IpNet;
+use serde::{Deserialize, de::IgnoredAny};
+use serde_yaml_ng::Value;
+
+use super::{Action, Attribute, AuthorizationPolicy, Condition, Rule, Scope, StringMatch, Values};
+use crate::config::{ConfigError, RawMetadata, deserialize};
+
+/// Annotation that turns a policy into a dry run (Istio's name, so ported
+/// policies keep it).
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// `when` keys the node tunnel evaluates.
+pub const L4_KEYS: [&str; 5] =
+    ["source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPolicy {
+    #[serde(rename = "apiVersion")]
+    _api_version: Option<IgnoredAny>,
+    #[serde(rename = "kind")]
+    _kind: IgnoredAny,
+    #[serde(rename = "status")]
+    _status: Option<IgnoredAny>,
+    metadata: RawMetadata,
+    #[serde(default)]
+    spec: RawSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSpec {
+    selector: Option<RawSelector>,
+    target_ref: Option<RawTargetRef>,
+    #[serde(default)]
+    target_refs: Vec<RawTargetRef>,
+    action: Option<String>,
+    provider: Option<Value>,
+    rules: Option<Vec<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSelector {
+    #[serde(default)]
+    match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTargetRef {
+    #[serde(rename = "group")]
+    _group: Option<IgnoredAny>,
+    kind: String,
+    name: String,
+    #[serde(rename = "namespace")]
+    _namespace: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    from: Option<Vec<RawFrom>>,
+    to: Option<Vec<RawTo>>,
+    when: Option<Vec<RawCondition>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFrom {
+    source: BTreeMap<String, Vec<Scalar>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTo {
+    operation: BTreeMap<String, Vec<Scalar>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCondition {
+    key: String,
+    values: Option<Vec<Scalar>>,
+    not_values: Option<Vec<Scalar>>,
+}
+
+/// Istio writes ports as strings; YAML authors often write numbers.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Text(String),
+    Number(i64),
+}
+
+impl Scalar {
+    fn into_string(self) -> String {
+        match self {
+            Scalar::Text(s) => s,
+            Scalar::Number(n) => n.to_string(),
+        }
+    }
+}
+
+/// How a source or operation field is checked.
+#[derive(Clone, Copy)]
+enum Kind {
+    Principal,
+    Pattern,
+    ServiceAccount,
+    Ip,
+    Port,
+    L7,
+}
+
+/// Source fields: (name, kind, negated).
+const SOURCE_FIELDS: [(&str, Kind, bool); 12] = [
+    ("principals", Kind::Principal, false),
+    ("notPrincipals", Kind::Principal, true),
+    ("namespaces", Kind::Pattern, false),
+    ("notNamespaces", Kind::Pattern, true),
+    ("serviceAccounts", Kind::ServiceAccount, false),
+    ("notServiceAccounts", Kind::ServiceAccount, true),
+    ("ipBlocks", Kind::Ip, false),
+    ("notIpBlocks", Kind::Ip, true),
+    ("requestPrincipals", Kind::L7, false),
+    ("notRequestPrincipals", Kind::L7, true),
+    ("remoteIpBlocks", Kind::L7, false),
+    ("notRemoteIpBlocks", Kind::L7, true),
+];
+
+const OPERATION_FIELDS: [(&str, Kind, bool); 8] = [
+    ("ports", Kind::Port, false),
+    ("notPorts", Kind::Port, true),
+    ("hosts", Kind::L7, false),
+    ("notHosts", Kind::L7, true),
+    ("methods", Kind::L7, false),
+    ("notMethods", Kind::L7, true),
+    ("paths", Kind::L7, false),
+    ("notPaths", Kind::L7, true),
+];
+
+/// One document's error context.
+struct Ctx<'a> {
+    file: &'a Path,
+    doc: usize,
+    object: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::field(self.file, self.doc, self.object, field, reason)
+    }
+}
+
+/// Parses one `AuthorizationPolicy` document.
+pub fn policy(file: &Path, doc: usize, object: &str, value: Value) -> Result<AuthorizationPolicy, ConfigError> {
+    let ctx = Ctx { file, doc, object };
+    let raw: RawPolicy = deserialize(file, doc, object, value)?;
+    let spec = raw.spec;
+    let action = match spec.action.as_deref() {
+        None | Some("ALLOW") => Action::Allow,
+        Some("DENY") => Action::Deny,
+        Some("AUDIT") => Action::Audit,
+        Some("CUSTOM") => {
+            return Err(ctx.err("spec.action", "CUSTOM (external authorization) is not supported; use ALLOW or DENY"));
+        }
+        Some(other) => {
+            return Err(ctx.err("spec.action", format!("`{other}` is not an action; use ALLOW, DENY or AUDIT")));
+        }
+    };
+    if spec.provider.is_some() {
+        return Err(ctx.err("spec.provider", "a provider belongs to CUSTOM actions, which are not supported"));
+    }
+    let target_refs: Vec<String> =
+        spec.target_ref.into_iter().chain(spec.target_refs).map(|t| format!("{}/{}", t.kind, t.name)).collect();
+    let scope = match (spec.selector, target_refs.is_empty()) {
+        (Some(_), false) => {
+            return Err(ctx.err("spec.selector", "set either selector or targetRefs, not both"));
+        }
+        (Some(selector), true) => Scope::Selector(selector.match_labels),
+        (None, false) => Scope::TargetRefs(target_refs),
+        (None, true) => Scope::Namespace,
+    };
+    let dry_run = match raw.metadata.annotations.get(DRY_RUN_ANNOTATION).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ctx.err(
+                &format!("metadata.annotations.{DRY_RUN_ANNOTATION}"),
+                format!("`{other}` is not a boolean; use \"true\" or \"false\""),
+            ));
+        }
+    };
+    let mut rules = Vec::new();
+    for (index, raw_rule) in spec.rules.unwrap_or_default().into_iter().enumerate() {
+        rules.push(rule(&ctx, index, raw_rule)?);
+    }
+    Ok(AuthorizationPolicy {
+        namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
+        name: raw.metadata.name,
+        scope,
+        action,
+        rules,
+        dry_run,
+    })
+}
+
+fn rule(ctx: &Ctx, index: usize, raw: RawRule) -> Result<Rule, ConfigError> {
+    let base = format!("spec.rules[{index}]");
+    let mut rule = Rule::default();
+    for (i, from) in raw.from.unwrap_or_default().into_iter().enumerate() {
+        let at = format!("from[{i}].source");
+        rule.from.push(fields(ctx, &base, &at, from.source, &SOURCE_FIELDS)?);
+    }
+    for (i, to) in raw.to.unwrap_or_default().into_iter().enumerate() {
+        let at = format!("to[{i}].operation");
+        rule.to.push(fields(ctx, &base, &at, to.operation, &OPERATION_FIELDS)?);
+    }
+    for (i, when) in raw.when.unwrap_or_default().into_iter().enumerate() {
+        rule.when.extend(condition(ctx, &base, i, when)?);
+    }
+    Ok(rule)
+}
+
+fn fields(
+    ctx: &Ctx,
+    base: &str,
+    at: &str,
+    raw: BTreeMap<String, Vec<Scalar>>,
+    known: &[(&str, Kind, bool)],
+) -> Result<Vec<Condition>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ctx.err(
+            &format!("{base}.{at}"),
+            "empty: it would match everything; give at least one field, or drop the entry",
+        ));
+    }
+    let mut conditions = Vec::new();
+    for (name, values) in raw {
+        let field = format!("{at}.{name}");
+        let Some(&(_, kind, negated)) = known.iter().find(|(n, _, _)| *n == name) else {
+            let names: Vec<&str> = known.iter().map(|(n, _, _)| *n).collect();
+            return Err(ctx.err(&format!("{base}.{field}"), format!("unknown field; use one of {}", names.join(", "))));
+        };
+        let attribute = match kind {
+            Kind::Principal => Attribute::Principal,
+            Kind::Pattern => Attribute::Namespace,
+            Kind::ServiceAccount => Attribute::ServiceAccount,
+            Kind::Ip => Attribute::SourceIp,
+            Kind::Port => Attribute::DestinationPort,
+            Kind::L7 => Attribute::L7(name.clone()),
+        };
+        let values = typed_values(ctx, &format!("{base}.{field}"), kind, values)?;
+        conditions.push(Condition { field, attribute, negated, values });
+    }
+    Ok(conditions)
+}
+
+fn condition(ctx: &Ctx, base: &str, index: usize, raw: RawCondition) -> Result<Vec<Condition>, ConfigError> {
+    let at = format!("when[{index}]");
+    let (attribute, kind) = match raw.key.as_str() {
+        "source.ip" => (Attribute::SourceIp, Kind::Ip),
+        "source.namespace" => (Attribute::Namespace, Kind::Pattern),
+        "source.principal" => (Attribute::Principal, Kind::Principal),
+        "destination.ip" => (Attribute::DestinationIp, Kind::Ip),
+        "destination.port" => (Attribute::DestinationPort, Kind::Port),
+        key if key.starts_with("request.")
+            || key.starts_with("experimental.")
+            || key == "remote.ip"
+            || key == "connection.sni" =>
+        {
+            (Attribute::L7(key.to_string()), Kind::L7)
+        }
+        key => {
+            return Err(ctx.err(
+                &format!("{base}.{at}.key"),
+                format!(
+                    "unknown key `{key}`; the node tunnel evaluates {}, and waypoints add request.* keys",
+                    L4_KEYS.join(", ")
+                ),
+            ));
+        }
+    };
+    if raw.values.is_none() && raw.not_values.is_none() {
+        return Err(ctx.err(&format!("{base}.{at}"), "give `values`, `notValues` or both"));
+    }
+    let mut conditions = Vec::new();
+    for (list, negated, name) in [(raw.values, false, "values"), (raw.not_values, true, "notValues")] {
+        let Some(list) = list else { continue };
+        let field = format!("{at}[{}].{name}", raw.key);
+        let values = typed_values(ctx, &format!("{base}.{at}.{name}"), kind, list)?;
+        conditions.push(Condition { field, attribute: attribute.clone(), negated, values });
+    }
+    Ok(conditions)
+}
+
+fn typed_values(ctx: &Ctx, field: &str, kind: Kind, raw: Vec<Scalar>) -> Result<Values, ConfigError> {
+    if raw.is_empty() {
+        return Err(ctx.err(field, "empty list: remove the field, or list at least one value"));
+    }
+    let strings: Vec<String> = raw.into_iter().map(Scalar::into_string).collect();
+    let at = |i: usize| format!("{field}[{i}]");
+    match kind {
+        Kind::Ip => {
+            let mut nets = Vec::new();
+            for (i, s) in strings.iter().enumerate() {
+                let net =
+                    s.parse::<IpNet>().or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
+                        ctx.err(&at(i), format!("`{s}` is not an IP address or CIDR block (e.g. 10.0.0.0/8)"))
+                    })?;
+                nets.push(net);
+            }
+            Ok(Values::Ips(nets))
+        }
+        Kind::Port => {
+            let mut ports = Vec::new();
+            for (i, s) in strings.iter().enumerate() {
+                let port = s.parse::<u16>().ok().filter(|p| *p > 0);
+                ports.push(port.ok_or_else(|| ctx.err(&at(i), format!("`{s}` is not a port (1-65535)")))?);
+            }
+            Ok(Values::Ports(ports))
+        }
+        Kind::L7 => Ok(Values::Raw(strings)),
+        Kind::ServiceAccount => {
+            for (i, s) in strings.iter().enumerate() {
+                let valid = matches!(s.split_once('/'), Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/'));
+                if !valid || s.contains('*') {
+                    return Err(ctx.err(
+                        &at(i),
+                        format!("`{s}` is not a service account; write <namespace>/<name> (no wildcards)"),
+                    ));
+                }
+            }
+            Ok(Values::Strings(strings.iter().map(|s| StringMatch::Exact(s.clone())).collect()))
+        }
+        Kind::Principal | Kind::Pattern => {
+            let mut matches = Vec::new();
+            for (i, s) in strings.iter().enumerate() {
+                check_pattern(s).map_err(|reason| ctx.err(&at(i), reason))?;
+                if matches!(kind, Kind::Principal) {
+                    check_principal(s).map_err(|reason| ctx.err(&at(i), reason))?;
+                }
+                matches.push(StringMatch::new(s));
+            }
+            Ok(Values::Strings(matches))
+        }
+    }
+}
+
+/// Istio's wildcards: `*` alone, or leading, or trailing; nowhere else.
+fn check_pattern(s: &str) -> Result<(), String> {
+    let inner = s.strip_prefix('*').or_else(|| s.strip_suffix('*')).unwrap_or(s);
+    if s.is_empty() {
+        return Err("empty value; remove it".into());
+    }
+    if inner.contains('*') {
+        return Err(format!("`{s}`: `*` may only stand alone, lead (`*suffix`) or trail (`prefix*`)"));
+    }
+    Ok(())
+}
+
+/// A principal is a SPIFFE ID without its scheme: `<td>/ns/<ns>/sa/<sa>`.
+fn check_principal(s: &str) -> Result<(), String> {
+    if s.starts_with("spiffe://") {
+        return Err(format!(
+            "`{s}`: write principals without `spiffe://`, e.g. `{}`",
+            s.trim_start_matches("spiffe://")
+        ));
+    }
+    if s.contains('*') {
+        return Ok(());
+    }
+    let parts: Vec<&str> = s.split('/').collect();
+    let valid = parts.len() == 5 && parts[1] == "ns" && parts[3] == "sa" && parts.iter().all(|p| !p.is_empty());
+    if !valid {
+        return Err(format!("`{s}` is not a principal; write <trust-domain>/ns/<namespace>/sa/<service-account>"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Object, parse_file};
+
+    fn parse(spec: &str) -> Result<AuthorizationPolicy, String> {
+        let text = format!(
+            "apiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n{spec}"
+        );
+        match parse_file(Path::new("authz.yaml"), &text) {
+            Ok(mut objects) => match objects.remove(0) {
+                Object::AuthorizationPolicy(p) => Ok(p),
+                other => panic!("{other:?}"),
+            },
+            Err(errors) => Err(errors[0].to_string()),
+        }
+    }
+
+    #[test]
+    fn full_policy_parses() {
+        let policy = parse(
+            "  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - from:\n    - source: {principals: [\"cluster.local/ns/shop/sa/*\"], notIpBlocks: [10.0.0.0/8, 192.0.2.1]}\n    to:\n    - operation: {ports: [\"8080\", 9090]}\n    when:\n    - {key: source.namespace, values: [shop], notValues: [legacy]}\n",
+        )
+        .unwrap();
+        assert_eq!(policy.action, Action::Deny);
+        assert_eq!(policy.scope, Scope::Selector([("app".to_string(), "web".to_string())].into()));
+        let rule = &policy.rules[0];
+        assert_eq!(rule.from[0].len(), 2);
+        assert_eq!(rule.to[0][0].values, Values::Ports(vec![8080, 9090]));
+        assert_eq!(rule.when.len(), 2, "values and notValues are two conditions");
+        assert_eq!(rule.when[1].field, "when[0][source.namespace].notValues");
+        assert!(rule.when[1].negated);
+    }
+
+    #[test]
+    fn defaults_and_dry_run() {
+        let policy = parse("  {}\n").unwrap();
+        assert_eq!(
+            (policy.action, policy.scope, policy.rules.len(), policy.dry_run),
+            (Action::Allow, Scope::Namespace, 0, false)
+        );
+        let text = "kind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: shop\n  annotations: {istio.io/dry-run: \"true\"}\nspec: {action: DENY, rules: [{}]}\n";
+        let Object::AuthorizationPolicy(p) = &parse_file(Path::new("a.yaml"), text).unwrap()[0] else { panic!() };
+        assert!(p.dry_run);
+        assert_eq!(p.rules, vec![Rule::default()]);
+    }
+
+    #[test]
+    fn bad_input_names_the_field_and_the_fix() {
+        let cases = [
+            ("  action: PERMIT\n", "spec.action", "use ALLOW, DENY or AUDIT"),
+            ("  action: CUSTOM\n", "spec.action", "not supported"),
+            (
+                "  rules:\n  - from:\n    - source: {principal: [x]}\n",
+                "spec.rules[0].from[0].source.principal",
+                "unknown field",
+            ),
+            ("  rules:\n  - from:\n    - source: {}\n", "spec.rules[0].from[0].source", "would match everything"),
+            ("  rules:\n  - from:\n    - source: {principals: []}\n", "principals", "empty list"),
+            (
+                "  rules:\n  - from:\n    - source: {principals: [\"spiffe://cluster.local/ns/a/sa/b\"]}\n",
+                "spec.rules[0].from[0].source.principals[0]",
+                "without `spiffe://`",
+            ),
+            (
+                "  rules:\n  - from:\n    - source: {principals: [\"ns/a/sa/b\"]}\n",
+                "principals[0]",
+                "<trust-domain>/ns/",
+            ),
+            ("  rules:\n  - from:\n    - source: {namespaces: [\"a*b\"]}\n", "namespaces[0]", "may only stand alone"),
+            (
+                "  rules:\n  - from:\n    - source: {serviceAccounts: [\"shop\"]}\n",
+                "serviceAccounts[0]",
+                "<namespace>/<name>",
+            ),
+            ("  rules:\n  - from:\n    - source: {ipBlocks: [\"10.0.0.0/33\"]}\n", "ipBlocks[0]", "not an IP address"),
+            (
+                "  rules:\n  - to:\n    - operation: {ports: [\"http\"]}\n",
+                "spec.rules[0].to[0].operation.ports[0]",
+                "not a port",
+            ),
+            (
+                "  rules:\n  - when:\n    - {key: source.user, values: [x]}\n",
+                "spec.rules[0].when[0].key",
+                "unknown key `source.user`",
+            ),
+            ("  rules:\n  - when:\n    - {key: source.ip}\n", "spec.rules[0].when[0]", "give `values`"),
+            (
+                "  selector: {matchLabels: {app: a}}\n  targetRefs: [{kind: Service, name: a}]\n",
+                "spec.selector",
+                "not both",
+            ),
+            ("  selector: {matchExpressions: []}\n", "spec.selector", "unknown field"),
+            ("  rules:\n  - form: []\n", "spec.rules[0]", "unknown field `form`"),
+        ];
+        for (spec, field, fix) in cases {
+            let error = parse(spec).unwrap_err();
+            assert!(error.contains("AuthorizationPolicy shop/p"), "{error}");
+            assert!(error.contains(field) && error.contains(fix), "{spec:?}: {error}");
+        }
+        let annotated =
+            "kind: AuthorizationPolicy\nmetadata:\n  name: p\n  annotations: {istio.io/dry-run: yes}\nspec: {}\n";
+        let errors = parse_file(Path::new("a.yaml"), annotated).unwrap_err();
+        assert!(errors[0].to_string().contains("metadata.annotations.istio.io/dry-run"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn l7_fields_are_kept_and_reported() {
+        let policy = parse(
+            "  rules:\n  - to:\n    - operation: {methods: [GET], ports: [\"80\"]}\n    when:\n    - {key: \"request.headers[x-user]\", values: [a]}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            policy.l7_fields(),
+            vec![
+                (0, "to[0].operation.methods".to_string()),
+                (0, "when[0][request.headers[x-user]].values".to_string())
+            ]
+        );
+    }
+}

@@ -4,7 +4,7 @@
 //! See docs/ARCHITECTURE.md.
 #![deny(unsafe_code)]
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{collections::HashSet, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use ambit_agent::{
     admin::Admin,
@@ -231,6 +231,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = ConfigDir::new(&config_dir);
     let (snapshot, errors) = config.reload();
     report(&errors);
+    let mut policy_warnings = HashSet::new();
+    warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
     let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(State::new(snapshot, &args.trust_domain)));
     let ctx = Arc::new(ProxyContext {
         orig_dst,
@@ -277,6 +279,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 }
                 let (snapshot, errors) = config.reload();
                 report(&errors);
+                warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
                 state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
                 apply(&mut enrolments);
                 tracing::info!(enrolled = enrolments.enrolled(), errors = errors.len(), "configuration applied");
@@ -311,6 +314,17 @@ fn load_bundle(path: &std::path::Path, trust_domain: &str) -> anyhow::Result<Tru
             .map_err(|e| anyhow::anyhow!("--ca-root {}: {e}", path.display()))?;
     }
     Ok(TrustBundle::new(trust_domain, &roots)?)
+}
+
+/// Logs what `ambit policy lint` would warn about, once per finding for as
+/// long as it stays true (e.g. an L7 field that the tunnel cannot enforce).
+fn warn_policies(snapshot: &config::Snapshot, trust_domain: &str, warned: &mut HashSet<String>) {
+    let findings: HashSet<String> =
+        ambit_agent::authz::lint::lint(snapshot, trust_domain).into_iter().map(|f| f.message).collect();
+    for finding in findings.difference(warned) {
+        tracing::warn!(warning = %finding, "authorization policy");
+    }
+    *warned = findings;
 }
 
 fn report(errors: &[config::ConfigError]) {

@@ -38,6 +38,18 @@ pub struct DirectionLabels {
     pub result: String,
 }
 
+/// Labels of authorization outcomes; bounded by the policies in force.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorizationLabels {
+    /// `allow`, `deny`, `audit`, `dry_run_allow` or `dry_run_deny`.
+    pub decision: String,
+    /// `no_policy`, `allow_policy`, `deny_policy`, `no_allow_match`,
+    /// `unknown_workload` or `audit_policy`.
+    pub reason: String,
+    /// `namespace/name` of the deciding policy, or `-`.
+    pub policy: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
     pub identity: String,
@@ -55,6 +67,7 @@ pub struct Metrics {
     pub sent_bytes: Family<ConnectionLabels, Counter>,
     pub received_bytes: Family<ConnectionLabels, Counter>,
     pub tls_handshakes: Family<DirectionLabels, Counter>,
+    pub authorization_decisions: Family<AuthorizationLabels, Counter>,
     pub hbone_streams: Counter,
     /// Streams that rode an existing HTTP/2 connection (no handshake).
     pub hbone_pool_reuse: Counter,
@@ -83,6 +96,7 @@ impl Metrics {
             sent_bytes: Family::default(),
             received_bytes: Family::default(),
             tls_handshakes: Family::default(),
+            authorization_decisions: Family::default(),
             hbone_streams: Counter::default(),
             hbone_pool_reuse: Counter::default(),
             certificate_expiry: Family::default(),
@@ -103,6 +117,11 @@ impl Metrics {
                 metrics.received_bytes.clone(),
             );
             r.register("tls_handshakes", "mTLS handshakes of HBONE connections", metrics.tls_handshakes.clone());
+            r.register(
+                "authorization_decisions",
+                "Authorization outcomes of inbound connections, with the deciding policy",
+                metrics.authorization_decisions.clone(),
+            );
             r.register("hbone_streams", "HBONE CONNECT streams opened", metrics.hbone_streams.clone());
             r.register(
                 "hbone_pool_reuse",
@@ -144,6 +163,16 @@ impl Metrics {
 
     pub fn name(name: &str) -> NameLabels {
         NameLabels { name: name.to_string() }
+    }
+
+    pub fn authorization(&self, decision: &str, reason: &str, policy: &str) {
+        self.authorization_decisions
+            .get_or_create(&AuthorizationLabels {
+                decision: decision.into(),
+                reason: reason.into(),
+                policy: policy.into(),
+            })
+            .inc();
     }
 
     pub fn handshake(&self, direction: &str, ok: bool) {

@@ -40,6 +40,10 @@ pub struct ConnectionRecord {
     /// SPIFFE IDs, "-" where a side has none (a plaintext peer).
     pub src_identity: String,
     pub dst_identity: String,
+    /// `allow`, `deny`, `connect_failure` or `allow_error`.
+    pub decision: String,
+    /// The authorization rule that decided (`namespace/name rule N`), or "-".
+    pub policy: String,
 }
 
 impl ConnectionRecord {
@@ -62,6 +66,8 @@ impl ConnectionRecord {
             mtls: line.get("mtls").and_then(Value::as_bool).unwrap_or(false),
             src_identity: text("src_identity"),
             dst_identity: text("dst_identity"),
+            decision: text("decision"),
+            policy: text("policy"),
         })
     }
 }

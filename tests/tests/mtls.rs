@@ -409,13 +409,6 @@ fn write_peer_authentication(bed: &Bed, yaml: &str) {
     bed.write_config("peer-authentication.yaml", yaml).unwrap();
 }
 
-fn wait_applied(agent: &mut Agent, nth: usize) {
-    wait_until(Duration::from_secs(10), "configuration applied", || {
-        Ok(agent.lines().iter().filter(|l| l["message"] == "configuration applied").count() > nth)
-    })
-    .unwrap();
-}
-
 #[test]
 fn strict_rejects_plaintext_and_permissive_counts_it() {
     let Some(mut bed) = bed() else { return };
@@ -432,7 +425,7 @@ fn strict_rejects_plaintext_and_permissive_counts_it() {
         &bed,
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n",
     );
-    wait_applied(&mut n2, 0);
+    wait_applied(&n2, 0);
     assert!(curl(&bed, "legacy/caller", &url).is_err(), "STRICT resets plaintext");
     let rejected = n2.wait_connections(2, |c| c.src_workload == "legacy/caller").unwrap();
     assert!(rejected[1].error.as_deref().unwrap_or_default().contains("STRICT"), "{rejected:?}");
@@ -443,7 +436,7 @@ fn strict_rejects_plaintext_and_permissive_counts_it() {
         &bed,
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: web-port, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"8080\": {mode: PERMISSIVE}\n",
     );
-    wait_applied(&mut n2, 1);
+    wait_applied(&n2, 1);
     curl(&bed, "legacy/caller", &url).expect("port-level PERMISSIVE");
 
     let counters = stop_and_read_counters(&mut n2);

@@ -36,6 +36,7 @@ use super::{
     relay::{self, RelayOutcome},
 };
 use crate::{
+    authz::{Connection, Peer},
     identity::{Identity, Svid},
     metrics::Metrics,
     tls::{self, TrustBundle},
@@ -156,6 +157,18 @@ async fn stream(
         return log.finish(0, 0, Some(&format_args!("{dst} is not an application address of this pod")));
     }
     log.dst_addr = dst;
+    // ipBlocks and source.ip match the TCP peer, whose address was checked
+    // against the identity above, never the `forwarded` header it sent.
+    let conn = Connection {
+        peer: Some(Peer::from_spiffe_id(&peer_id)),
+        src_ip: Some(peer.ip()),
+        dst_ip: Some(dst.ip()),
+        dst_port: Some(dst.port()),
+    };
+    if !ctx.authorize(&pod, &conn, &mut log) {
+        refuse(&mut respond, StatusCode::UNAUTHORIZED);
+        return log.finish(0, 0, None);
+    }
     let app = match pod.connect(dst).await {
         Ok(app) => app,
         Err(e) => {

@@ -8,6 +8,7 @@
 //! This is the plaintext path: PeerAuthentication decides whether it is
 //! allowed (PERMISSIVE, the default, and DISABLE) or reset (STRICT), and
 //! either way it is counted, so a rollout can see who still comes in plaintext.
+//! Authorization then sees a caller without identity.
 
 use std::{
     net::SocketAddr,
@@ -16,7 +17,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use crate::config::MtlsMode;
+use crate::{authz::Connection, config::MtlsMode};
 
 use super::{ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, relay};
 
@@ -50,6 +51,18 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
         return;
     }
     ctx.stats.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
+    // A plaintext caller has no identity: only address-based rules can admit it.
+    let conn = Connection {
+        peer: None,
+        src_ip: Some(client_addr.ip()),
+        dst_ip: Some(orig_dst.ip()),
+        dst_port: Some(orig_dst.port()),
+    };
+    if !ctx.authorize(&pod, &conn, &mut log) {
+        relay::reset(&client);
+        log.finish(0, 0, None);
+        return;
+    }
     let app = match pod.connect(orig_dst).await {
         Ok(app) => app,
         Err(e) => {

@@ -25,6 +25,7 @@ use tokio::{
 };
 
 use crate::{
+    authz::{Connection, Decision},
     capture::OrigDstTable,
     identity::{Identity, Svid, manager::CertManager},
     metrics::{ConnectionLabels, Metrics},
@@ -87,6 +88,32 @@ impl ProxyContext {
 
     fn workload_at(&self, ip: IpAddr) -> Option<String> {
         self.state.borrow().workload_at(ip).map(str::to_string)
+    }
+
+    /// Authorizes a new inbound connection to `pod` against the policies in
+    /// force now, records the outcome in `log` and the metrics, and says
+    /// whether it may go on.
+    fn authorize(&self, pod: &PodContext, conn: &Connection, log: &mut ConnectionLog) -> bool {
+        let Decision { reason, audited, dry_run } = self.state.borrow().authorize(&pod.id, conn);
+        let policy_of = |rule: Option<&crate::authz::RuleRef>| rule.map(|r| r.policy.clone()).unwrap_or("-".into());
+        let allowed = reason.allows();
+        self.metrics.authorization(if allowed { "allow" } else { "deny" }, reason.kind(), &policy_of(reason.rule()));
+        for rule in &audited {
+            self.metrics.authorization("audit", "audit_policy", &rule.policy);
+        }
+        if let Some(shadow) = &dry_run {
+            let would = if shadow.allows() { "dry_run_allow" } else { "dry_run_deny" };
+            self.metrics.authorization(would, shadow.kind(), &policy_of(shadow.rule()));
+            log.dry_run = Some(shadow.to_string());
+        }
+        log.policy = reason.rule().map(ToString::to_string);
+        log.audit =
+            (!audited.is_empty()).then(|| audited.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "));
+        if !allowed {
+            log.flag = Flag::Denied;
+            log.denial = Some(reason.to_string());
+        }
+        allowed
     }
 }
 
@@ -184,6 +211,14 @@ struct ConnectionLog {
     dst_identity: Option<String>,
     flag: Flag,
     opened: bool,
+    /// The policy rule that decided (`namespace/name rule N`).
+    policy: Option<String>,
+    /// AUDIT rules that matched.
+    audit: Option<String>,
+    /// The outcome with dry-run policies enforced, when any apply.
+    dry_run: Option<String>,
+    /// Why authorization denied the connection.
+    denial: Option<String>,
 }
 
 impl ConnectionLog {
@@ -202,6 +237,10 @@ impl ConnectionLog {
             dst_identity: None,
             flag: Flag::None,
             opened: false,
+            policy: None,
+            audit: None,
+            dry_run: None,
+            denial: None,
         }
     }
 
@@ -266,6 +305,10 @@ impl ConnectionLog {
         let src_identity = self.src_identity.as_deref().unwrap_or("-");
         let dst_identity = self.dst_identity.as_deref().unwrap_or("-");
         let mtls = self.mtls;
+        let policy = self.policy.as_deref().unwrap_or("-");
+        let audit = self.audit.as_deref().unwrap_or("-");
+        let dry_run = self.dry_run.as_deref().unwrap_or("-");
+        let error = error.map(ToString::to_string).or_else(|| self.denial.clone());
         match error {
             None => tracing::info!(
                 target: "ambit::conn",
@@ -282,6 +325,9 @@ impl ConnectionLog {
                 bytes_received = received,
                 duration_ms,
                 decision,
+                policy,
+                audit,
+                dry_run,
                 "connection closed"
             ),
             Some(error) => tracing::warn!(
@@ -299,6 +345,9 @@ impl ConnectionLog {
                 bytes_received = received,
                 duration_ms,
                 decision,
+                policy,
+                audit,
+                dry_run,
                 error = %error,
                 "connection failed"
             ),

@@ -102,3 +102,11 @@ pub fn stop_and_read_counters(agent: &mut Agent) -> Vec<(String, u64)> {
 pub fn counter(counters: &[(String, u64)], name: &str) -> u64 {
     counters.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap()
 }
+
+/// Waits until `agent` has applied the configuration `nth + 1` times after start.
+pub fn wait_applied(agent: &Agent, nth: usize) {
+    ambit_testbed::wait_until(std::time::Duration::from_secs(10), "configuration applied", || {
+        Ok(agent.lines().iter().filter(|l| l["message"] == "configuration applied").count() > nth)
+    })
+    .unwrap();
+}

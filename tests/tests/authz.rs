@@ -4,6 +4,11 @@
 
 mod common;
 
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
 use ambit_testbed::{Agent, Bed, ConnectionRecord};
 use common::*;
 
@@ -75,9 +80,28 @@ fn allow_one_principal_then_edit_then_break_the_file() {
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(denials.ends_with(" 2"), "{denials}");
 
-    // Edit: now only shop/other may call. No restart.
+    // Edit: now only shop/other may call. No restart. A transfer shop/client
+    // started before the edit is cut too.
+    bed.iperf3_server("shop/web", IPERF_PORT).unwrap();
+    let mut transfer = bed
+        .pod("shop/client")
+        .command("iperf3")
+        .args(["-c", &web, "-p", &IPERF_PORT.to_string(), "-t", "20", "-b", "10M"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     bed.write_config("authz.yaml", &policy("only-client", &ALLOW_CLIENT.replace("sa/client", "sa/other"))).unwrap();
     wait_applied(&n2, 1);
+    let edited = Instant::now();
+    let status = transfer.wait().unwrap();
+    assert!(!status.success(), "the open transfer is cut");
+    assert!(edited.elapsed() < Duration::from_secs(5), "cut promptly: {:?}", edited.elapsed());
+    let cut = records(&mut n2, 3, "shop/client");
+    let data = cut.iter().max_by_key(|c| c.bytes_sent).unwrap();
+    assert!(data.decision == "deny" && data.bytes_sent > 100_000, "{cut:?}");
+    assert!(data.error.as_deref().unwrap().starts_with("access revoked: denied: no rule"), "{cut:?}");
     assert!(get(&bed, "shop/other", &web, HTTP_PORT), "the edit admits shop/other");
     assert!(!get(&bed, "shop/client", &web, HTTP_PORT), "the edit shuts out shop/client");
 

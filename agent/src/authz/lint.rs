@@ -7,25 +7,15 @@ use std::fmt;
 use super::{Action, Attribute, Condition, Scope, StringMatch, Values};
 use crate::config::Snapshot;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Severity {
-    Error,
-    Warning,
-}
-
+/// A warning about one policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Finding {
-    pub severity: Severity,
     pub message: String,
 }
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let severity = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
-        write!(f, "{severity}: {}", self.message)
+        write!(f, "warning: {}", self.message)
     }
 }
 
@@ -34,10 +24,8 @@ pub fn lint(snapshot: &Snapshot, trust_domain: &str) -> Vec<Finding> {
     let mut findings = Vec::new();
     for policy in &snapshot.authorization_policies {
         let mut warn = |what: String| {
-            findings.push(Finding {
-                severity: Severity::Warning,
-                message: format!("AuthorizationPolicy {} ({}): {what}", policy.id(), policy.action),
-            })
+            findings
+                .push(Finding { message: format!("AuthorizationPolicy {} ({}): {what}", policy.id(), policy.action) })
         };
         if let Scope::TargetRefs(targets) = &policy.scope {
             warn(format!(

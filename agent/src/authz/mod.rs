@@ -18,6 +18,7 @@
 //! never matches, for DENY the L7 part counts as matched, so the rule denies
 //! whatever its L4 part matches.
 
+pub mod check;
 pub mod lint;
 pub mod parse;
 

@@ -1,15 +1,19 @@
 //! `ambit`: the operator CLI. `ambit status` reads an agent's admin endpoint
 //! and says, for a person, what the agent captures, which identities it holds
-//! and how healthy they are, and who still calls in plaintext.
+//! and how healthy they are, and who still calls in plaintext. `ambit policy
+//! check` and `ambit policy lint` work offline on the agent's configuration
+//! directory.
 #![forbid(unsafe_code)]
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use ambit_agent::{authz, config::ConfigDir, state::State};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -37,22 +41,108 @@ enum Command {
         #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
         admin: SocketAddr,
     },
+    /// Authorization policies, offline on the agent's configuration directory.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Would the destination's tunnel allow this connection, and which rule decides?
+    /// Exits 0 for ALLOW, 2 for DENY.
+    Check {
+        /// The agent's configuration directory.
+        #[arg(long, env = "AMBIT_CONFIG_DIR")]
+        config: PathBuf,
+        /// The caller: a SPIFFE ID, an IP address, or a pod as namespace/name.
+        #[arg(long)]
+        from: String,
+        /// The destination: namespace/name[:port] or IP:port.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Policies that are malformed or cannot do what they say. Exits 1 on
+    /// errors, 2 on warnings only.
+    Lint {
+        #[arg(long, env = "AMBIT_CONFIG_DIR")]
+        config: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result = match cli.command {
-        Command::Status { admin } => runtime.block_on(status(admin)),
+        Command::Status { admin } => runtime.block_on(status(admin)).map(|healthy| if healthy { 0 } else { 2 }),
+        Command::Policy { command: PolicyCommand::Check { config, from, to, trust_domain } } => {
+            policy_check(&config, &trust_domain, &from, &to)
+        }
+        Command::Policy { command: PolicyCommand::Lint { config, trust_domain } } => {
+            policy_lint(&config, &trust_domain)
+        }
     };
     match result {
-        Ok(healthy) if healthy => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::from(2),
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("ambit: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The configuration as the agent would load it from scratch; files with
+/// errors are left out, and said so.
+fn load_config(dir: &Path) -> anyhow::Result<(ambit_agent::config::Snapshot, Vec<String>)> {
+    if !dir.is_dir() {
+        bail!("--config {}: not a directory; give the agent's configuration directory", dir.display());
+    }
+    let (snapshot, errors) = ConfigDir::new(dir).reload();
+    Ok((snapshot, errors.iter().map(ToString::to_string).collect()))
+}
+
+fn policy_check(dir: &Path, trust_domain: &str, from: &str, to: &str) -> anyhow::Result<u8> {
+    let (snapshot, errors) = load_config(dir)?;
+    for error in &errors {
+        eprintln!("error: {error}");
+    }
+    if !errors.is_empty() {
+        eprintln!(
+            "warning: the objects of the files above are left out; a running agent keeps their last good version\n"
+        );
+    }
+    let report = authz::check::check(&State::new(snapshot, trust_domain), from, to)?;
+    print!("{report}");
+    Ok(if report.allows() { 0 } else { 2 })
+}
+
+fn policy_lint(dir: &Path, trust_domain: &str) -> anyhow::Result<u8> {
+    let (snapshot, errors) = load_config(dir)?;
+    let findings = authz::lint::lint(&snapshot, trust_domain);
+    for error in &errors {
+        println!("error: {error}");
+    }
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let warnings = findings.len();
+    println!(
+        "{} AuthorizationPolicy objects loaded: {} errors, {warnings} warnings",
+        snapshot.authorization_policies.len(),
+        errors.len()
+    );
+    Ok(if !errors.is_empty() {
+        1
+    } else if warnings > 0 {
+        2
+    } else {
+        0
+    })
 }
 
 async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<(StatusCode, String)> {

@@ -11,7 +11,7 @@
 
 use std::{
     collections::HashMap,
-    future::poll_fn,
+    future::{Future, poll_fn},
     io,
     net::{IpAddr, SocketAddr},
     sync::{
@@ -183,7 +183,10 @@ async fn stream(
         Ok(send) => send,
         Err(e) => return log.finish(0, 0, Some(&e)),
     };
-    let outcome = bridge(app, send, request.into_body()).await;
+    let outcome = bridge(app, send, request.into_body(), ctx.revoked(&pod.id, &conn)).await;
+    if outcome.revoked() {
+        log.flag = Flag::Denied;
+    }
     // The tunnel is the source here: what it sends to the app came from the client.
     log.finish(outcome.b_to_a, outcome.a_to_b, outcome.error.as_ref().map(|e| e as _));
 }
@@ -202,8 +205,14 @@ fn forwarded_for(request: &Request<RecvStream>) -> Option<IpAddr> {
 
 /// Copies between a TCP connection and an HTTP/2 stream. `a_to_b` counts
 /// TCP to stream, `b_to_a` stream to TCP. End of stream travels as a
-/// half-close each way; an error on either side resets both.
-pub async fn bridge(mut tcp: TcpStream, mut send: SendStream<Bytes>, mut recv: RecvStream) -> RelayOutcome {
+/// half-close each way; an error on either side, or `stop` resolving,
+/// resets both.
+pub async fn bridge(
+    mut tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    stop: impl Future<Output = String>,
+) -> RelayOutcome {
     let (mut tcp_read, mut tcp_write) = tcp.split();
     let mut up = 0u64;
     let mut down = 0u64;
@@ -238,7 +247,10 @@ pub async fn bridge(mut tcp: TcpStream, mut send: SendStream<Bytes>, mut recv: R
         }
         tcp_write.shutdown().await
     };
-    let error = tokio::try_join!(upstream, downstream).err();
+    let error = tokio::select! {
+        result = async { tokio::try_join!(upstream, downstream) } => result.err(),
+        reason = stop => Some(relay::revoked(reason)),
+    };
     if error.is_some() {
         relay::reset(&tcp);
         send.send_reset(h2::Reason::CANCEL);

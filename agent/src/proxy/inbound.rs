@@ -73,6 +73,9 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
         }
     };
     log.opened();
-    let outcome = relay::relay(client, app).await;
+    let outcome = relay::relay(client, app, ctx.revoked(&pod.id, &conn)).await;
+    if outcome.revoked() {
+        log.flag = Flag::Denied;
+    }
     log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));
 }

@@ -90,6 +90,23 @@ impl ProxyContext {
         self.state.borrow().workload_at(ip).map(str::to_string)
     }
 
+    /// Resolves, with the reason, once a configuration change means the
+    /// open connection `conn` to pod `pod_id` would no longer be allowed:
+    /// revoking access cuts open connections too, not only new ones.
+    async fn revoked(&self, pod_id: &str, conn: &Connection) -> String {
+        let mut state = self.state.clone();
+        loop {
+            if state.changed().await.is_err() {
+                // The agent is shutting down; the connection ends with it.
+                return std::future::pending().await;
+            }
+            let decision = state.borrow_and_update().authorize(pod_id, conn);
+            if !decision.allows() {
+                return decision.reason.to_string();
+            }
+        }
+    }
+
     /// Authorizes a new inbound connection to `pod` against the policies in
     /// force now, records the outcome in `log` and the metrics, and says
     /// whether it may go on.

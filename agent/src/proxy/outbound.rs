@@ -96,10 +96,10 @@ impl Upstream {
     async fn relay(self, app: TcpStream, log: &mut ConnectionLog, ctx: &ProxyContext) {
         log.opened();
         let outcome = match self {
-            Upstream::Hbone(stream) => hbone::bridge(app, stream.send, stream.recv).await,
+            Upstream::Hbone(stream) => hbone::bridge(app, stream.send, stream.recv, std::future::pending()).await,
             Upstream::Tcp(upstream) => {
                 ctx.stats.passthrough.fetch_add(1, Ordering::Relaxed);
-                relay::relay(app, upstream).await
+                relay::relay(app, upstream, std::future::pending()).await
             }
         };
         log.finish(outcome.a_to_b, outcome.b_to_a, outcome.error.as_ref().map(|e| e as _));

@@ -6,9 +6,10 @@
 //! or another error), both sockets are closed with a reset, so the failure
 //! reaches both peers instead of looking like a clean end of stream. Writes
 //! are awaited before the next read: a slow reader slows the writer
-//! (backpressure) and memory stays at one buffer per direction.
+//! (backpressure) and memory stays at one buffer per direction. When `stop`
+//! resolves (access revoked), both sockets are reset.
 
-use std::{io, time::Duration};
+use std::{future::Future, io, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -29,7 +30,19 @@ pub struct RelayOutcome {
     pub error: Option<io::Error>,
 }
 
-pub async fn relay(mut a: TcpStream, mut b: TcpStream) -> RelayOutcome {
+impl RelayOutcome {
+    /// Whether the connection was cut because `stop` resolved.
+    pub fn revoked(&self) -> bool {
+        self.error.as_ref().is_some_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+    }
+}
+
+/// The error a relay ends with when `stop` resolves with `reason`.
+pub fn revoked(reason: String) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, format!("access revoked: {reason}"))
+}
+
+pub async fn relay(mut a: TcpStream, mut b: TcpStream, stop: impl Future<Output = String>) -> RelayOutcome {
     let (mut a_read, mut a_write) = a.split();
     let (mut b_read, mut b_write) = b.split();
     let mut a_to_b = 0u64;
@@ -37,7 +50,10 @@ pub async fn relay(mut a: TcpStream, mut b: TcpStream) -> RelayOutcome {
     let forward = copy_then_shutdown(&mut a_read, &mut b_write, &mut a_to_b);
     let backward = copy_then_shutdown(&mut b_read, &mut a_write, &mut b_to_a);
     // try_join: the first error stops the other direction at once.
-    let error = tokio::try_join!(forward, backward).err();
+    let error = tokio::select! {
+        result = async { tokio::try_join!(forward, backward) } => result.err(),
+        reason = stop => Some(revoked(reason)),
+    };
     if error.is_some() {
         reset(&a);
         reset(&b);
@@ -84,7 +100,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (mut app, tunnel_a) = pair(&listener).await;
         let (tunnel_b, mut peer) = pair(&listener).await;
-        let relay = tokio::spawn(relay(tunnel_a, tunnel_b));
+        let relay = tokio::spawn(relay(tunnel_a, tunnel_b, std::future::pending()));
 
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
@@ -112,7 +128,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (mut app, tunnel_a) = pair(&listener).await;
         let (tunnel_b, peer) = pair(&listener).await;
-        let relay = tokio::spawn(relay(tunnel_a, tunnel_b));
+        let relay = tokio::spawn(relay(tunnel_a, tunnel_b, std::future::pending()));
         reset(&peer);
         drop(peer);
         let outcome = relay.await.unwrap();
@@ -120,5 +136,18 @@ mod tests {
         let mut buf = [0u8; 1];
         let err = app.read(&mut buf).await.expect_err("the app must see the reset");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn stop_resets_both_sides() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut app, tunnel_a) = pair(&listener).await;
+        let (tunnel_b, mut peer) = pair(&listener).await;
+        let outcome = relay(tunnel_a, tunnel_b, async { "policy changed".to_string() }).await;
+        assert!(outcome.revoked(), "{:?}", outcome.error);
+        for side in [&mut app, &mut peer] {
+            let err = side.read(&mut [0u8; 1]).await.expect_err("each side sees the reset");
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        }
     }
 }

@@ -29,6 +29,8 @@ struct Plan {
     rounds: usize,
     seconds: u64,
     pings: usize,
+    /// Authorization decisions timed per policy layout.
+    decisions: usize,
 }
 
 /// One scenario: who talks to whom.
@@ -64,9 +66,13 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     exec(cargo().args(["build", "--release", "--package", "ambit-agent", "--package", "ambit-testbed", "--bins"]))?;
     let release = root().join("target/release");
     let tool = release.join("ambit-bench");
-    let plan =
-        if quick { Plan { rounds: 2, seconds: 1, pings: 2000 } } else { Plan { rounds: 5, seconds: 4, pings: 10_000 } };
+    let plan = if quick {
+        Plan { rounds: 2, seconds: 1, pings: 2000, decisions: 20_000 }
+    } else {
+        Plan { rounds: 5, seconds: 4, pings: 10_000, decisions: 200_000 }
+    };
     let started = Instant::now();
+    let authorization = policy_benchmark(&plan)?;
 
     let mut bed = Bed::with_agent(&["n1", "n2"], release.join("ambit-agent"))?;
     bed.namespace("shop", true)?;
@@ -119,7 +125,8 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     let peak_rss_kb = agents.iter().map(|a| proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
     let elapsed = started.elapsed();
 
-    let report = Report { samples, idle_rss_kb, peak_rss_kb: peak_rss_kb.into_iter().max().unwrap_or(0) };
+    let report =
+        Report { samples, idle_rss_kb, peak_rss_kb: peak_rss_kb.into_iter().max().unwrap_or(0), authorization };
     println!("{}", report.markdown(&plan, elapsed));
     if let Some(path) = out {
         std::fs::write(&path, serde_json::to_string_pretty(&report.json(&plan, elapsed))?)?;
@@ -215,6 +222,22 @@ struct Report<'a> {
     samples: BTreeMap<&'a str, Vec<Sample>>,
     idle_rss_kb: u64,
     peak_rss_kb: u64,
+    /// The output of agent/benches/authz.rs.
+    authorization: Value,
+}
+
+/// L4 authorization with 10,000 policies (agent/benches/authz.rs), outside
+/// the bed: pure CPU, no network.
+fn policy_benchmark(plan: &Plan) -> Result<Value> {
+    let output = cargo()
+        .args(["bench", "--package", "ambit-agent", "--bench", "authz", "--", &plan.decisions.to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run the authorization benchmark")?;
+    if !output.status.success() {
+        bail!("the authorization benchmark failed ({})", output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("the authorization benchmark's output is not JSON")
 }
 
 /// A metric of the table: its name, how to read it, and how mesh compares
@@ -294,6 +317,15 @@ impl Report<'_> {
             self.peak_rss_kb as f64 / 1024.0
         ));
         out.push_str("Latency rows compare as added latency per direction: (mesh − direct) / 2 of the round trip, as sockperf reports it.\n");
+        for (layout, label) in
+            [("100_namespaces", "spread over 100 namespaces"), ("one_namespace", "all in the destination's namespace")]
+        {
+            let run = &self.authorization[layout];
+            out.push_str(&format!(
+                "Authorization, {} policies {label}: index built in {} ms, {} ns per decision ({} policies apply; mean of {} decisions).\n",
+                run["policies"], run["index_build_ms"], run["decision_ns"], run["applicable"], self.authorization["iterations"]
+            ));
+        }
         out.push_str(&format!("Run time: {:.0} s.\n", elapsed.as_secs_f64()));
         out
     }
@@ -334,6 +366,7 @@ impl Report<'_> {
             "agent_idle_rss_mb": self.idle_rss_kb as f64 / 1024.0,
             "idle_enrolled_pods": IDLE_PODS,
             "agent_peak_rss_mb": self.peak_rss_kb as f64 / 1024.0,
+            "authorization": self.authorization,
             "elapsed_seconds": elapsed.as_secs_f64(),
             "machine": machine(),
         })

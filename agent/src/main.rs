@@ -273,8 +273,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
     loop {
         tokio::select! {
-            more = watch::next_change(&mut changes) => {
-                if !more {
+            change = changes.recv() => {
+                if change.is_none() || !watch::settle(&mut changes).await {
                     bail!("the configuration watcher stopped");
                 }
                 let (snapshot, errors) = config.reload();

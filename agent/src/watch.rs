@@ -21,12 +21,11 @@ pub fn watch_dir(dir: &Path) -> notify::Result<(notify::RecommendedWatcher, mpsc
     Ok((watcher, rx))
 }
 
-/// Waits for the next change, then for the burst it belongs to to settle.
+/// After a first change arrived (`rx.recv()`, which is cancel-safe and so
+/// fits a `select!`), waits for the rest of its burst to settle. Await it
+/// outside any `select!`: a dropped wait would lose the burst's events.
 /// Returns false when the watcher is gone.
-pub async fn next_change(rx: &mut mpsc::UnboundedReceiver<()>) -> bool {
-    if rx.recv().await.is_none() {
-        return false;
-    }
+pub async fn settle(rx: &mut mpsc::UnboundedReceiver<()>) -> bool {
     loop {
         match tokio::time::timeout(SETTLE, rx.recv()).await {
             Ok(Some(())) => continue,

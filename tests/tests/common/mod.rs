@@ -108,5 +108,5 @@ pub fn wait_applied(agent: &Agent, nth: usize) {
     ambit_testbed::wait_until(std::time::Duration::from_secs(10), "configuration applied", || {
         Ok(agent.lines().iter().filter(|l| l["message"] == "configuration applied").count() > nth)
     })
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_text()));
 }

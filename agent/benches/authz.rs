@@ -73,6 +73,7 @@ fn main() {
         src_ip: Some("10.244.2.9".parse().unwrap()),
         dst_ip: Some("10.244.1.5".parse().unwrap()),
         dst_port: Some(8080),
+        request: None,
     };
     let mut results = Vec::new();
     for (name, spread) in [("100_namespaces", true), ("one_namespace", false)] {

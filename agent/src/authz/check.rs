@@ -54,7 +54,8 @@ pub fn check(state: &State, from: &str, to: &str) -> Result<CheckReport, CheckEr
     let caller = caller(state, from)?;
     let (pod_id, ip, port) = destination(state, to)?;
     let pod = state.snapshot().pods.get(&pod_id).expect("destination resolved from the snapshot");
-    let conn = Connection { peer: caller.peer.clone(), src_ip: caller.ip, dst_ip: Some(ip), dst_port: port };
+    let conn =
+        Connection { peer: caller.peer.clone(), src_ip: caller.ip, dst_ip: Some(ip), dst_port: port, request: None };
     let (decision, traces) = state.policies().explain(pod, &conn);
     let note = match (state.is_ambient(pod), port) {
         (false, _) => Some(format!("{pod_id} is not in ambient mode: no ambit tunnel enforces policies for it")),
@@ -227,7 +228,7 @@ spec:
         let plain = check(&state(), "legacy/plain", "shop/web:8080").unwrap();
         assert!(!plain.allows());
         assert!(
-            plain.to_string().contains("fail  from[0].source.principals: caller has no verified identity"),
+            plain.to_string().contains("fail  from[0].source.principals: caller has no verified identity (plaintext)"),
             "{plain}"
         );
         let by_ip = check(&state(), "192.0.2.7", "shop/web").unwrap();

@@ -110,7 +110,7 @@ fn contradiction(group: &[Condition]) -> Option<String> {
             Values::Ips(nets) => {
                 nets.iter().all(|n| excluded.iter().any(|e| matches!(e, Values::Ips(ex) if ex.contains(n))))
             }
-            Values::Raw(_) => false,
+            Values::Paths(_) => false,
         };
         all_excluded.then(|| required.attribute.to_string())
     })

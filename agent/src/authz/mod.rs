@@ -14,13 +14,15 @@
 //! - [`lint`] finds policies that cannot do what they say.
 //!
 //! The node tunnel sees L4 only. A rule that needs L7 (methods, paths, hosts,
-//! request principals, `request.*` keys) fails closed both ways: for ALLOW it
-//! never matches, for DENY the L7 part counts as matched, so the rule denies
-//! whatever its L4 part matches.
+//! request principals, `request.*` keys) fails closed both ways there: for
+//! ALLOW it never matches, for DENY the L7 part counts as matched, so the
+//! rule denies whatever its L4 part matches. A waypoint passes the HTTP
+//! request ([`request::Request`]) and the same rules see all of it.
 
 pub mod check;
 pub mod lint;
 pub mod parse;
+pub mod request;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -96,7 +98,7 @@ impl AuthorizationPolicy {
         let mut found = Vec::new();
         for (index, rule) in self.rules.iter().enumerate() {
             for condition in rule.conditions() {
-                if matches!(condition.attribute, Attribute::L7(_)) {
+                if condition.attribute.is_l7() {
                     found.push((index, condition.field.clone()));
                 }
             }
@@ -144,8 +146,41 @@ pub enum Attribute {
     SourceIp,
     DestinationIp,
     DestinationPort,
-    /// Visible only to an L7 proxy; the name is the Istio field or key.
-    L7(String),
+    // What follows is L7: only a waypoint sees it.
+    /// `hosts`, compared lowercased.
+    Host,
+    Method,
+    /// `paths`, against the normalized path.
+    Path,
+    /// `requestPrincipals`: `iss/sub` of a validated JWT.
+    RequestPrincipal,
+    /// `remoteIpBlocks` and `remote.ip`: the client as the waypoint sees it.
+    RemoteIp,
+    /// `request.headers[name]`, name lowercased.
+    Header(String),
+    /// `request.auth.claims[a][b]...`
+    Claim(Vec<String>),
+    /// `request.auth.audiences`
+    Audience,
+    /// `request.auth.presenter`
+    Presenter,
+    /// `connection.sni`: the SNI of TLS the app itself originated.
+    Sni,
+}
+
+impl Attribute {
+    /// Whether only an L7 proxy can evaluate it.
+    pub fn is_l7(&self) -> bool {
+        !matches!(
+            self,
+            Attribute::Principal
+                | Attribute::Namespace
+                | Attribute::ServiceAccount
+                | Attribute::SourceIp
+                | Attribute::DestinationIp
+                | Attribute::DestinationPort
+        )
+    }
 }
 
 impl fmt::Display for Attribute {
@@ -157,7 +192,16 @@ impl fmt::Display for Attribute {
             Attribute::SourceIp => "source IP",
             Attribute::DestinationIp => "destination IP",
             Attribute::DestinationPort => "port",
-            Attribute::L7(name) => name,
+            Attribute::Host => "request host",
+            Attribute::Method => "request method",
+            Attribute::Path => "request path",
+            Attribute::RequestPrincipal => "request principal",
+            Attribute::RemoteIp => "remote IP",
+            Attribute::Header(name) => return write!(f, "request.headers[{name}]"),
+            Attribute::Claim(path) => return write!(f, "request.auth.claims[{}]", path.join("][")),
+            Attribute::Audience => "request.auth.audiences",
+            Attribute::Presenter => "request.auth.presenter",
+            Attribute::Sni => "connection.sni",
         })
     }
 }
@@ -167,8 +211,7 @@ pub enum Values {
     Strings(Vec<StringMatch>),
     Ips(Vec<IpNet>),
     Ports(Vec<u16>),
-    /// Values of an L7 field, kept as written.
-    Raw(Vec<String>),
+    Paths(Vec<request::PathMatch>),
 }
 
 /// Istio's string matching: exact, `prefix*`, `*suffix`, or `*` (present).
@@ -214,7 +257,7 @@ impl fmt::Display for StringMatch {
     }
 }
 
-/// The connection a decision is about, as the destination's tunnel sees it.
+/// The connection (and, at a waypoint, the request) a decision is about.
 #[derive(Clone, Debug, Default)]
 pub struct Connection {
     /// The peer's verified identity; `None` for a plaintext caller.
@@ -223,6 +266,8 @@ pub struct Connection {
     pub src_ip: Option<IpAddr>,
     pub dst_ip: Option<IpAddr>,
     pub dst_port: Option<u16>,
+    /// The HTTP request, at a waypoint; `None` in the node tunnel.
+    pub request: Option<request::Request>,
 }
 
 /// A verified peer identity, split the ways policies refer to it.
@@ -283,9 +328,13 @@ impl Condition {
             let matched = action == Action::Deny;
             (matched, format!("{why}; counts as {} for {action}", if matched { "matched" } else { "not matched" }))
         };
-        let value: Option<String> = match &self.attribute {
-            Attribute::L7(name) => return unseen(format!("`{name}` is L7, not visible to the node tunnel")),
-            Attribute::SourceIp => match conn.src_ip {
+        if self.attribute.is_l7() && conn.request.is_none() {
+            return unseen(format!("{} is L7, not visible to the node tunnel", self.attribute));
+        }
+        let request = conn.request.as_ref();
+        let auth = request.and_then(|r| r.auth.as_ref());
+        let values: Option<Vec<String>> = match &self.attribute {
+            Attribute::SourceIp | Attribute::RemoteIp => match conn.src_ip {
                 Some(ip) => return self.ip_result(ip),
                 None => return unseen("source IP not given".into()),
             },
@@ -300,17 +349,55 @@ impl Condition {
                 }
                 None => return unseen("destination port not given".into()),
             },
-            Attribute::Principal => conn.peer.as_ref().map(|p| p.principal.clone()),
-            Attribute::Namespace => conn.peer.as_ref().and_then(|p| p.namespace.clone()),
-            Attribute::ServiceAccount => conn.peer.as_ref().and_then(|p| p.service_account.clone()),
+            Attribute::Principal => conn.peer.as_ref().map(|p| vec![p.principal.clone()]),
+            Attribute::Namespace => conn.peer.as_ref().and_then(|p| p.namespace.clone()).map(|n| vec![n]),
+            Attribute::ServiceAccount => conn.peer.as_ref().and_then(|p| p.service_account.clone()).map(|s| vec![s]),
+            Attribute::Host => request.map(|r| {
+                let full = r.host.clone();
+                let bare = r.host_without_port().to_string();
+                if bare == full { vec![full] } else { vec![full, bare] }
+            }),
+            Attribute::Method => request.map(|r| vec![r.method.clone()]),
+            Attribute::Path => request.map(|r| vec![r.path.clone()]),
+            Attribute::Header(name) => request.and_then(|r| {
+                let found: Vec<String> = r
+                    .headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .collect();
+                (!found.is_empty()).then_some(found)
+            }),
+            Attribute::RequestPrincipal => auth.map(|a| vec![a.principal.clone()]),
+            Attribute::Claim(path) => request.and_then(|r| r.claim(path)),
+            Attribute::Audience => auth.map(|a| a.audiences.clone()),
+            Attribute::Presenter => auth.and_then(|a| a.presenter.clone()).map(|p| vec![p]),
+            Attribute::Sni => None,
         };
-        match value {
-            // No identity (plaintext): positive identity matches fail, `not*` ones hold.
-            None => (self.negated, "caller has no verified identity".into()),
-            Some(value) => {
-                let hit = matches!(&self.values, Values::Strings(m) if m.iter().any(|m| m.matches(&value)));
-                self.result(hit, &value)
+        match values {
+            // Absent (plaintext caller, no JWT, no such header): positive
+            // matches fail, `not*` ones hold.
+            None => (self.negated, self.absent_note()),
+            Some(values) => {
+                let hit = values.iter().any(|value| match &self.values {
+                    Values::Strings(m) => m.iter().any(|m| m.matches(value)),
+                    Values::Paths(m) => m.iter().any(|m| m.matches(value)),
+                    _ => false,
+                });
+                self.result(hit, &values.join(","))
             }
+        }
+    }
+
+    /// Says what is missing when the attribute has no value.
+    fn absent_note(&self) -> String {
+        match &self.attribute {
+            Attribute::Principal | Attribute::Namespace | Attribute::ServiceAccount => {
+                "caller has no verified identity (plaintext)".into()
+            }
+            Attribute::RequestPrincipal | Attribute::Audience | Attribute::Presenter => "no valid JWT".into(),
+            other => format!("no {other}"),
         }
     }
 

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, de::IgnoredAny};
 use serde_yaml_ng::Value;
 
-use super::{Action, Attribute, AuthorizationPolicy, Condition, Rule, Scope, StringMatch, Values};
+use super::{Action, Attribute, AuthorizationPolicy, Condition, Rule, Scope, StringMatch, Values, request::PathMatch};
 use crate::config::{ConfigError, RawMetadata, deserialize};
 
 /// Annotation that turns a policy into a dry run (Istio's name, so ported
@@ -108,42 +108,47 @@ impl Scalar {
     }
 }
 
-/// How a source or operation field is checked.
+/// How the values of a field are checked and stored.
 #[derive(Clone, Copy)]
 enum Kind {
+    /// String patterns that must also be principals (`<td>/ns/<ns>/sa/<sa>`).
     Principal,
+    /// String patterns (exact, `prefix*`, `*suffix`, `*`).
     Pattern,
+    /// String patterns, compared lowercased.
+    Host,
     ServiceAccount,
     Ip,
     Port,
-    L7,
+    /// Path patterns and templates.
+    Path,
 }
 
-/// Source fields: (name, kind, negated).
-const SOURCE_FIELDS: [(&str, Kind, bool); 12] = [
-    ("principals", Kind::Principal, false),
-    ("notPrincipals", Kind::Principal, true),
-    ("namespaces", Kind::Pattern, false),
-    ("notNamespaces", Kind::Pattern, true),
-    ("serviceAccounts", Kind::ServiceAccount, false),
-    ("notServiceAccounts", Kind::ServiceAccount, true),
-    ("ipBlocks", Kind::Ip, false),
-    ("notIpBlocks", Kind::Ip, true),
-    ("requestPrincipals", Kind::L7, false),
-    ("notRequestPrincipals", Kind::L7, true),
-    ("remoteIpBlocks", Kind::L7, false),
-    ("notRemoteIpBlocks", Kind::L7, true),
+/// Source fields: (name, attribute, kind, negated).
+const SOURCE_FIELDS: [(&str, Attribute, Kind, bool); 12] = [
+    ("principals", Attribute::Principal, Kind::Principal, false),
+    ("notPrincipals", Attribute::Principal, Kind::Principal, true),
+    ("namespaces", Attribute::Namespace, Kind::Pattern, false),
+    ("notNamespaces", Attribute::Namespace, Kind::Pattern, true),
+    ("serviceAccounts", Attribute::ServiceAccount, Kind::ServiceAccount, false),
+    ("notServiceAccounts", Attribute::ServiceAccount, Kind::ServiceAccount, true),
+    ("ipBlocks", Attribute::SourceIp, Kind::Ip, false),
+    ("notIpBlocks", Attribute::SourceIp, Kind::Ip, true),
+    ("requestPrincipals", Attribute::RequestPrincipal, Kind::Pattern, false),
+    ("notRequestPrincipals", Attribute::RequestPrincipal, Kind::Pattern, true),
+    ("remoteIpBlocks", Attribute::RemoteIp, Kind::Ip, false),
+    ("notRemoteIpBlocks", Attribute::RemoteIp, Kind::Ip, true),
 ];
 
-const OPERATION_FIELDS: [(&str, Kind, bool); 8] = [
-    ("ports", Kind::Port, false),
-    ("notPorts", Kind::Port, true),
-    ("hosts", Kind::L7, false),
-    ("notHosts", Kind::L7, true),
-    ("methods", Kind::L7, false),
-    ("notMethods", Kind::L7, true),
-    ("paths", Kind::L7, false),
-    ("notPaths", Kind::L7, true),
+const OPERATION_FIELDS: [(&str, Attribute, Kind, bool); 8] = [
+    ("ports", Attribute::DestinationPort, Kind::Port, false),
+    ("notPorts", Attribute::DestinationPort, Kind::Port, true),
+    ("hosts", Attribute::Host, Kind::Host, false),
+    ("notHosts", Attribute::Host, Kind::Host, true),
+    ("methods", Attribute::Method, Kind::Pattern, false),
+    ("notMethods", Attribute::Method, Kind::Pattern, true),
+    ("paths", Attribute::Path, Kind::Path, false),
+    ("notPaths", Attribute::Path, Kind::Path, true),
 ];
 
 /// One document's error context.
@@ -234,7 +239,7 @@ fn fields(
     base: &str,
     at: &str,
     raw: BTreeMap<String, Vec<Scalar>>,
-    known: &[(&str, Kind, bool)],
+    known: &[(&str, Attribute, Kind, bool)],
 ) -> Result<Vec<Condition>, ConfigError> {
     if raw.is_empty() {
         return Err(ctx.err(
@@ -245,18 +250,11 @@ fn fields(
     let mut conditions = Vec::new();
     for (name, values) in raw {
         let field = format!("{at}.{name}");
-        let Some(&(_, kind, negated)) = known.iter().find(|(n, _, _)| *n == name) else {
-            let names: Vec<&str> = known.iter().map(|(n, _, _)| *n).collect();
+        let Some((_, attribute, kind, negated)) = known.iter().find(|(n, ..)| *n == name) else {
+            let names: Vec<&str> = known.iter().map(|(n, ..)| *n).collect();
             return Err(ctx.err(&format!("{base}.{field}"), format!("unknown field; use one of {}", names.join(", "))));
         };
-        let attribute = match kind {
-            Kind::Principal => Attribute::Principal,
-            Kind::Pattern => Attribute::Namespace,
-            Kind::ServiceAccount => Attribute::ServiceAccount,
-            Kind::Ip => Attribute::SourceIp,
-            Kind::Port => Attribute::DestinationPort,
-            Kind::L7 => Attribute::L7(name.clone()),
-        };
+        let (attribute, kind, negated) = (attribute.clone(), *kind, *negated);
         let values = typed_values(ctx, &format!("{base}.{field}"), kind, values)?;
         conditions.push(Condition { field, attribute, negated, values });
     }
@@ -271,22 +269,23 @@ fn condition(ctx: &Ctx, base: &str, index: usize, raw: RawCondition) -> Result<V
         "source.principal" => (Attribute::Principal, Kind::Principal),
         "destination.ip" => (Attribute::DestinationIp, Kind::Ip),
         "destination.port" => (Attribute::DestinationPort, Kind::Port),
-        key if key.starts_with("request.")
-            || key.starts_with("experimental.")
-            || key == "remote.ip"
-            || key == "connection.sni" =>
-        {
-            (Attribute::L7(key.to_string()), Kind::L7)
-        }
-        key => {
-            return Err(ctx.err(
-                &format!("{base}.{at}.key"),
-                format!(
-                    "unknown key `{key}`; the node tunnel evaluates {}, and waypoints add request.* keys",
-                    L4_KEYS.join(", ")
-                ),
-            ));
-        }
+        "remote.ip" => (Attribute::RemoteIp, Kind::Ip),
+        "connection.sni" => (Attribute::Sni, Kind::Host),
+        "request.auth.principal" => (Attribute::RequestPrincipal, Kind::Pattern),
+        "request.auth.audiences" => (Attribute::Audience, Kind::Pattern),
+        "request.auth.presenter" => (Attribute::Presenter, Kind::Pattern),
+        key => match request_key(key) {
+            Some(attribute) => (attribute, Kind::Pattern),
+            None => {
+                return Err(ctx.err(
+                    &format!("{base}.{at}.key"),
+                    format!(
+                        "unknown key `{key}`; use {}, remote.ip, connection.sni, request.headers[<name>], request.auth.principal, request.auth.audiences, request.auth.presenter or request.auth.claims[<name>]",
+                        L4_KEYS.join(", ")
+                    ),
+                ));
+            }
+        },
     };
     if raw.values.is_none() && raw.not_values.is_none() {
         return Err(ctx.err(&format!("{base}.{at}"), "give `values`, `notValues` or both"));
@@ -327,7 +326,16 @@ fn typed_values(ctx: &Ctx, field: &str, kind: Kind, raw: Vec<Scalar>) -> Result<
             }
             Ok(Values::Ports(ports))
         }
-        Kind::L7 => Ok(Values::Raw(strings)),
+        Kind::Path => {
+            let mut paths = Vec::new();
+            for (i, s) in strings.iter().enumerate() {
+                if !s.contains('{') {
+                    check_pattern(s).map_err(|reason| ctx.err(&at(i), reason))?;
+                }
+                paths.push(PathMatch::new(s).map_err(|reason| ctx.err(&at(i), reason))?);
+            }
+            Ok(Values::Paths(paths))
+        }
         Kind::ServiceAccount => {
             for (i, s) in strings.iter().enumerate() {
                 let valid = matches!(s.split_once('/'), Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/'));
@@ -340,18 +348,30 @@ fn typed_values(ctx: &Ctx, field: &str, kind: Kind, raw: Vec<Scalar>) -> Result<
             }
             Ok(Values::Strings(strings.iter().map(|s| StringMatch::Exact(s.clone())).collect()))
         }
-        Kind::Principal | Kind::Pattern => {
+        Kind::Principal | Kind::Pattern | Kind::Host => {
             let mut matches = Vec::new();
             for (i, s) in strings.iter().enumerate() {
                 check_pattern(s).map_err(|reason| ctx.err(&at(i), reason))?;
                 if matches!(kind, Kind::Principal) {
                     check_principal(s).map_err(|reason| ctx.err(&at(i), reason))?;
                 }
-                matches.push(StringMatch::new(s));
+                let s = if matches!(kind, Kind::Host) { s.to_ascii_lowercase() } else { s.clone() };
+                matches.push(StringMatch::new(&s));
             }
             Ok(Values::Strings(matches))
         }
     }
+}
+
+/// `request.headers[<name>]` (name lowercased) or `request.auth.claims[a][b]...`.
+fn request_key(key: &str) -> Option<Attribute> {
+    if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+        return Some(Attribute::Header(name.as_str().to_string()));
+    }
+    let path = key.strip_prefix("request.auth.claims[")?.strip_suffix(']')?;
+    let keys: Vec<String> = path.split("][").map(str::to_string).collect();
+    keys.iter().all(|k| !k.is_empty() && !k.contains(['[', ']'])).then_some(Attribute::Claim(keys))
 }
 
 /// Istio's wildcards: `*` alone, or leading, or trailing; nowhere else.

@@ -27,6 +27,7 @@ fn to_api(peer: Option<&str>, src_ip: &str) -> Connection {
         src_ip: Some(src_ip.parse().unwrap()),
         dst_ip: Some("10.0.0.5".parse().unwrap()),
         dst_port: Some(8080),
+        request: None,
     }
 }
 
@@ -242,4 +243,85 @@ fn index_finds_the_few_policies_among_many() {
     pod.labels = [("app".to_string(), "app-107".to_string())].into();
     let found: Vec<String> = set.applicable(&pod).iter().map(|p| p.id()).collect();
     assert_eq!(found, vec!["ns-7/p107"]);
+}
+
+/// A request from shop/web (matching mTLS) as a waypoint sees it.
+fn request(method: &str, path: &str, auth: Option<serde_json::Value>) -> Connection {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-env", "prod".parse().unwrap());
+    let auth = auth.map(|claims| request::RequestAuth {
+        principal: format!("{}/{}", claims["iss"].as_str().unwrap(), claims["sub"].as_str().unwrap()),
+        audiences: vec![claims["aud"].as_str().unwrap().to_string()],
+        presenter: claims["azp"].as_str().map(str::to_string),
+        claims,
+    });
+    Connection {
+        request: Some(request::Request {
+            method: method.into(),
+            host: "api.example:8443".into(),
+            path: path.into(),
+            headers,
+            auth,
+        }),
+        ..callers()[1].1.clone()
+    }
+}
+
+fn token(scope: &str) -> Option<serde_json::Value> {
+    Some(serde_json::json!({
+        "iss": "https://issuer.example", "sub": "user-1", "aud": "payments", "azp": "checkout-ui",
+        "scope": scope, "org": {"team": "payments"},
+    }))
+}
+
+#[test]
+fn l7_fields_at_a_waypoint() {
+    let jwt = || request("POST", "/v1/charge", token("payments:charge read"));
+    let cases: Vec<(&str, Connection, bool)> = vec![
+        ("to: [{operation: {methods: [POST]}}]", jwt(), true),
+        ("to: [{operation: {methods: [GET]}}]", jwt(), false),
+        ("to: [{operation: {notMethods: [GET]}}]", jwt(), true),
+        ("to: [{operation: {hosts: [API.Example]}}]", jwt(), true),
+        ("to: [{operation: {hosts: [\"api.example:8443\"]}}]", jwt(), true),
+        ("to: [{operation: {hosts: [\"*.example\"]}}]", jwt(), true),
+        ("to: [{operation: {notHosts: [api.example]}}]", jwt(), false),
+        ("to: [{operation: {paths: [/v1/charge]}}]", jwt(), true),
+        ("to: [{operation: {paths: [\"/v1/*\"]}}]", jwt(), true),
+        ("to: [{operation: {paths: [\"/v1/{*}\"]}}]", jwt(), true),
+        ("to: [{operation: {paths: [\"/{**}\"]}}]", jwt(), true),
+        ("to: [{operation: {paths: [/v1/refund]}}]", jwt(), false),
+        ("to: [{operation: {notPaths: [\"/admin/{**}\"]}}]", jwt(), true),
+        ("from: [{source: {requestPrincipals: [https://issuer.example/user-1]}}]", jwt(), true),
+        ("from: [{source: {requestPrincipals: [\"*\"]}}]", request("POST", "/v1/charge", None), false),
+        ("from: [{source: {notRequestPrincipals: [\"*\"]}}]", request("POST", "/v1/charge", None), true),
+        ("from: [{source: {remoteIpBlocks: [10.0.0.0/24]}}]", jwt(), true),
+        ("when: [{key: \"request.headers[X-Env]\", values: [prod]}]", jwt(), true),
+        ("when: [{key: \"request.headers[x-missing]\", notValues: [\"*\"]}]", jwt(), true),
+        ("when: [{key: \"request.auth.claims[scope]\", values: [\"payments:charge\"]}]", jwt(), true),
+        ("when: [{key: \"request.auth.claims[scope]\", values: [\"payments:refund\"]}]", jwt(), false),
+        ("when: [{key: \"request.auth.claims[org][team]\", values: [payments]}]", jwt(), true),
+        ("when: [{key: request.auth.audiences, values: [payments]}]", jwt(), true),
+        ("when: [{key: request.auth.presenter, values: [checkout-ui]}]", jwt(), true),
+        ("when: [{key: request.auth.principal, values: [\"https://issuer.example/*\"]}]", jwt(), true),
+        ("when: [{key: connection.sni, values: [\"*\"]}]", jwt(), false),
+    ];
+    for (rule, conn, want) in cases {
+        let set = policies(&[&format!("  rules:\n  - {rule}\n")]);
+        assert_eq!(set.evaluate(&api_pod(), &conn).allows(), want, "{rule}");
+    }
+}
+
+#[test]
+fn the_charge_policy_of_the_waypoint_issue() {
+    let set = policies(&[
+        "  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/web]}}]\n    to: [{operation: {methods: [POST], paths: [/v1/charge]}}]\n    when: [{key: \"request.auth.claims[scope]\", values: [\"payments:charge\"]}]\n",
+    ]);
+    let allowed = |conn: &Connection| set.evaluate(&api_pod(), conn).allows();
+    assert!(allowed(&request("POST", "/v1/charge", token("payments:charge"))));
+    assert!(!allowed(&request("POST", "/v1/charge", token("read"))), "without the scope");
+    assert!(!allowed(&request("POST", "/v1/charge", None)), "without a token");
+    assert!(!allowed(&request("GET", "/v1/charge", token("payments:charge"))), "GET");
+    let mut other = request("POST", "/v1/charge", token("payments:charge"));
+    other.peer = callers()[2].1.peer.clone();
+    assert!(!allowed(&other), "another service account");
 }

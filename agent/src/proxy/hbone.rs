@@ -164,6 +164,7 @@ async fn stream(
         src_ip: Some(peer.ip()),
         dst_ip: Some(dst.ip()),
         dst_port: Some(dst.port()),
+        request: None,
     };
     if !ctx.authorize(&pod, &conn, &mut log) {
         refuse(&mut respond, StatusCode::UNAUTHORIZED);

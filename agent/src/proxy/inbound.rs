@@ -57,6 +57,7 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
         src_ip: Some(client_addr.ip()),
         dst_ip: Some(orig_dst.ip()),
         dst_port: Some(orig_dst.port()),
+        request: None,
     };
     if !ctx.authorize(&pod, &conn, &mut log) {
         relay::reset(&client);

@@ -16,7 +16,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::Value;
 
-use crate::authz::{self, AuthorizationPolicy};
+use crate::authz::{self, AuthorizationPolicy, parse::RequestAuthentication};
 
 /// Label on a Namespace (all its pods) or a Pod (that pod only).
 pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
@@ -114,6 +114,7 @@ pub enum Object {
     Service(Service),
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
+    RequestAuthentication(RequestAuthentication),
 }
 
 impl Object {
@@ -124,6 +125,7 @@ impl Object {
             Object::Service(svc) => ("Service", svc.id()),
             Object::PeerAuthentication(pa) => ("PeerAuthentication", format!("{}/{}", pa.namespace, pa.name)),
             Object::AuthorizationPolicy(ap) => ("AuthorizationPolicy", ap.id()),
+            Object::RequestAuthentication(ra) => ("RequestAuthentication", format!("{}/{}", ra.namespace, ra.name)),
         }
     }
 }
@@ -139,7 +141,7 @@ pub enum ConfigError {
     #[error("{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (e.g. Namespace, Pod)")]
     MissingKind { file: PathBuf, doc: usize },
     #[error(
-        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service, PeerAuthentication or AuthorizationPolicy"
+        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service, PeerAuthentication, AuthorizationPolicy or RequestAuthentication"
     )]
     UnknownKind { file: PathBuf, doc: usize, kind: String },
     #[error("{file}: document {doc} ({object}): field `{field}`: {reason}")]
@@ -395,6 +397,9 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
             }))
         }
         "AuthorizationPolicy" => Ok(Object::AuthorizationPolicy(authz::parse::policy(file, doc, &describe, value)?)),
+        "RequestAuthentication" => {
+            Ok(Object::RequestAuthentication(authz::parse::request_authentication(file, doc, &describe, value)?))
+        }
         _ => Err(ConfigError::UnknownKind { file: file.to_path_buf(), doc, kind }),
     }
 }
@@ -463,6 +468,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// JWT rules, enforced by waypoints (public keys only).
+    pub request_authentications: Vec<RequestAuthentication>,
 }
 
 /// The configuration directory and the last good objects of each file in it.
@@ -534,6 +541,7 @@ impl ConfigDir {
                     }
                     Object::PeerAuthentication(pa) => snapshot.peer_authentications.push(pa.clone()),
                     Object::AuthorizationPolicy(ap) => snapshot.authorization_policies.push(ap.clone()),
+                    Object::RequestAuthentication(ra) => snapshot.request_authentications.push(ra.clone()),
                 }
             }
         }
@@ -659,7 +667,7 @@ status:
         assert_eq!(
             errors_of("kind: Deployment\nmetadata: {name: x}\n"),
             vec![
-                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service, PeerAuthentication or AuthorizationPolicy"
+                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service, PeerAuthentication, AuthorizationPolicy or RequestAuthentication"
             ]
         );
         assert!(errors_of("metadata: {name: x}\n")[0].contains("missing `kind`"));

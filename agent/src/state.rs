@@ -58,13 +58,14 @@ impl State {
     }
 
     /// Objects by kind, for the state-store metrics.
-    pub fn sizes(&self) -> [(&'static str, usize); 5] {
+    pub fn sizes(&self) -> [(&'static str, usize); 6] {
         [
             ("namespaces", self.snapshot.namespaces.len()),
             ("pods", self.snapshot.pods.len()),
             ("services", self.snapshot.services.len()),
             ("peer_authentications", self.snapshot.peer_authentications.len()),
             ("authorization_policies", self.snapshot.authorization_policies.len()),
+            ("request_authentications", self.snapshot.request_authentications.len()),
         ]
     }
 

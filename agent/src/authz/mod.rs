@@ -20,6 +20,7 @@
 //! request ([`request::Request`]) and the same rules see all of it.
 
 pub mod check;
+pub mod jwt;
 pub mod lint;
 pub mod parse;
 pub mod request;

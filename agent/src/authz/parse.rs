@@ -405,6 +405,109 @@ fn check_principal(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A parsed `RequestAuthentication`: which workloads it covers (like an
+/// AuthorizationPolicy's scope) and the issuers it accepts.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RequestAuthentication {
+    pub namespace: String,
+    pub name: String,
+    pub scope: Scope,
+    pub rules: Vec<super::jwt::JwtRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRequestAuthentication {
+    #[serde(rename = "apiVersion")]
+    _api_version: Option<IgnoredAny>,
+    #[serde(rename = "kind")]
+    _kind: IgnoredAny,
+    #[serde(rename = "status")]
+    _status: Option<IgnoredAny>,
+    metadata: RawMetadata,
+    #[serde(default)]
+    spec: RawRequestAuthenticationSpec,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawRequestAuthenticationSpec {
+    selector: Option<RawSelector>,
+    #[serde(default)]
+    target_refs: Vec<RawTargetRef>,
+    #[serde(default)]
+    jwt_rules: Vec<RawJwtRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawJwtRule {
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    /// The JWKS itself, as a JSON string (Istio's `jwks`).
+    jwks: Option<String>,
+    /// `file:///path` to a JWKS.
+    jwks_uri: Option<String>,
+}
+
+/// Parses one `RequestAuthentication` document. JWKS files are read now, so
+/// a missing or broken key set is an error here, not a 401 later.
+pub fn request_authentication(
+    file: &Path,
+    doc: usize,
+    object: &str,
+    value: Value,
+) -> Result<RequestAuthentication, ConfigError> {
+    let ctx = Ctx { file, doc, object };
+    let raw: RawRequestAuthentication = deserialize(file, doc, object, value)?;
+    let target_refs: Vec<String> = raw.spec.target_refs.into_iter().map(|t| format!("{}/{}", t.kind, t.name)).collect();
+    let scope = match (raw.spec.selector, target_refs.is_empty()) {
+        (Some(_), false) => return Err(ctx.err("spec.selector", "set either selector or targetRefs, not both")),
+        (Some(selector), true) => Scope::Selector(selector.match_labels),
+        (None, false) => Scope::TargetRefs(target_refs),
+        (None, true) => Scope::Namespace,
+    };
+    let mut rules = Vec::new();
+    for (index, rule) in raw.spec.jwt_rules.into_iter().enumerate() {
+        let at = format!("spec.jwtRules[{index}]");
+        if rule.issuer.is_empty() {
+            return Err(ctx.err(&format!("{at}.issuer"), "give the issuer, exactly as tokens carry it in `iss`"));
+        }
+        let (text, field) = match (rule.jwks, rule.jwks_uri) {
+            (Some(_), Some(_)) => return Err(ctx.err(&at, "set either jwks or jwksUri, not both")),
+            (Some(text), None) => (text, format!("{at}.jwks")),
+            (None, Some(uri)) => {
+                let field = format!("{at}.jwksUri");
+                let Some(path) = uri.strip_prefix("file://") else {
+                    return Err(ctx.err(
+                        &field,
+                        format!("`{uri}`: only file:// URIs are supported yet; or give the key set inline in `jwks`"),
+                    ));
+                };
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| ctx.err(&field, format!("cannot read {path}: {e}")))?;
+                (text, field)
+            }
+            (None, None) => {
+                return Err(ctx.err(&at, "give the issuer's keys: `jwks` (inline JSON) or `jwksUri: file:///...`"));
+            }
+        };
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text)
+            .map_err(|e| ctx.err(&field, format!("not a JWKS (`{{\"keys\": [...]}}`): {e}")))?;
+        if jwks.keys.is_empty() {
+            return Err(ctx.err(&field, "the key set is empty: no token could ever verify"));
+        }
+        rules.push(super::jwt::JwtRule { issuer: rule.issuer, audiences: rule.audiences, jwks });
+    }
+    Ok(RequestAuthentication {
+        namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
+        name: raw.metadata.name,
+        scope,
+        rules,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,5 +627,46 @@ mod tests {
                 (0, "when[0][request.headers[x-user]].values".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn request_authentication_reads_keys_and_names_bad_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let jwks = r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis", "y": "y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE", "kid": "k1"}]}"#;
+        std::fs::write(dir.path().join("jwks.json"), jwks).unwrap();
+        let doc = |rule: &str| {
+            format!(
+                "kind: RequestAuthentication\nmetadata: {{name: jwt, namespace: payments}}\nspec:\n  targetRefs: [{{kind: Gateway, name: waypoint}}]\n  jwtRules:\n  - {rule}\n"
+            )
+        };
+        let parse = |rule: &str| parse_file(Path::new("authn.yaml"), &doc(rule));
+        let uri = format!(
+            "{{issuer: https://issuer.example, audiences: [payments], jwksUri: \"file://{}\"}}",
+            dir.path().join("jwks.json").display()
+        );
+        let Object::RequestAuthentication(ra) = parse(&uri).unwrap().remove(0) else { panic!() };
+        assert_eq!(ra.scope, Scope::TargetRefs(vec!["Gateway/waypoint".into()]));
+        assert_eq!((ra.rules[0].issuer.as_str(), ra.rules[0].jwks.keys.len()), ("https://issuer.example", 1));
+        let inline = format!("{{issuer: https://issuer.example, jwks: '{jwks}'}}");
+        assert!(parse(&inline).is_ok());
+        let cases = [
+            ("{issuer: https://i.example}", "spec.jwtRules[0]", "give the issuer's keys"),
+            (
+                "{issuer: https://i.example, jwksUri: \"https://i.example/jwks\"}",
+                "spec.jwtRules[0].jwksUri",
+                "only file://",
+            ),
+            ("{issuer: https://i.example, jwksUri: \"file:///nonexistent/jwks.json\"}", "jwksUri", "cannot read"),
+            ("{issuer: https://i.example, jwks: '{\"keys\": []}'}", "spec.jwtRules[0].jwks", "empty"),
+            ("{issuer: https://i.example, jwks: 'nope'}", "jwks", "not a JWKS"),
+            ("{issuer: https://i.example, jwks: 'x', fromHeaders: []}", "spec", "unknown field `fromHeaders`"),
+        ];
+        for (rule, field, want) in cases {
+            let error = parse(rule).unwrap_err()[0].to_string();
+            assert!(
+                error.contains("RequestAuthentication payments/jwt") && error.contains(field) && error.contains(want),
+                "{rule}: {error}"
+            );
+        }
     }
 }

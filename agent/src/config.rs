@@ -22,6 +22,16 @@ use crate::authz::{self, AuthorizationPolicy, parse::RequestAuthentication};
 pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
 /// Annotation on a Pod: path of its network namespace (the CNI's netns path).
 pub const NETNS_ANNOTATION: &str = "ambit.dev/netns";
+/// Label on a Namespace or Service: send its service traffic through the
+/// named waypoint (a Gateway of the same namespace); `none` opts a service out.
+pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";
+/// Label on a Gateway: which traffic its waypoint takes (`service`, the
+/// default, `workload`, `all` or `none`).
+pub const WAYPOINT_FOR_LABEL: &str = "ambit.dev/waypoint-for";
+/// Label on a Pod: the Gateway it serves as a waypoint (Gateway API's name).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The only `gatewayClassName` ambit acts on.
+pub const WAYPOINT_CLASS: &str = "ambit-waypoint";
 
 /// Value of [`DATAPLANE_MODE_LABEL`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -36,6 +46,8 @@ pub enum DataplaneMode {
 pub struct Namespace {
     pub name: String,
     pub dataplane_mode: Option<DataplaneMode>,
+    /// [`USE_WAYPOINT_LABEL`].
+    pub use_waypoint: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -67,6 +79,8 @@ pub struct Service {
     pub cluster_ip: IpAddr,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
+    /// [`USE_WAYPOINT_LABEL`].
+    pub use_waypoint: Option<String>,
 }
 
 impl Service {
@@ -106,6 +120,30 @@ pub struct PeerAuthentication {
     pub port_modes: BTreeMap<u16, MtlsMode>,
 }
 
+/// Which traffic a waypoint takes ([`WAYPOINT_FOR_LABEL`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+/// A Gateway of class [`WAYPOINT_CLASS`]: a waypoint, served by the pods
+/// labelled with its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Gateway {
+    pub namespace: String,
+    pub name: String,
+    pub waypoint_for: WaypointFor,
+}
+
+impl Gateway {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// One parsed object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
@@ -115,6 +153,7 @@ pub enum Object {
     PeerAuthentication(PeerAuthentication),
     AuthorizationPolicy(AuthorizationPolicy),
     RequestAuthentication(RequestAuthentication),
+    Gateway(Gateway),
 }
 
 impl Object {
@@ -126,6 +165,7 @@ impl Object {
             Object::PeerAuthentication(pa) => ("PeerAuthentication", format!("{}/{}", pa.namespace, pa.name)),
             Object::AuthorizationPolicy(ap) => ("AuthorizationPolicy", ap.id()),
             Object::RequestAuthentication(ra) => ("RequestAuthentication", format!("{}/{}", ra.namespace, ra.name)),
+            Object::Gateway(gw) => ("Gateway", gw.id()),
         }
     }
 }
@@ -141,7 +181,7 @@ pub enum ConfigError {
     #[error("{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (e.g. Namespace, Pod)")]
     MissingKind { file: PathBuf, doc: usize },
     #[error(
-        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service, PeerAuthentication, AuthorizationPolicy or RequestAuthentication"
+        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service, Gateway, PeerAuthentication, AuthorizationPolicy or RequestAuthentication"
     )]
     UnknownKind { file: PathBuf, doc: usize, kind: String },
     #[error("{file}: document {doc} ({object}): field `{field}`: {reason}")]
@@ -233,6 +273,18 @@ struct RawServicePort {
 }
 
 #[derive(Deserialize)]
+struct RawGateway {
+    metadata: RawMetadata,
+    spec: RawGatewaySpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawGatewaySpec {
+    gateway_class_name: String,
+}
+
+#[derive(Deserialize)]
 struct RawPeerAuthentication {
     metadata: RawMetadata,
     #[serde(default)]
@@ -304,7 +356,8 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
         "Namespace" => {
             let raw: RawNamespace = deserialize(file, doc, &describe, value)?;
             let dataplane_mode = dataplane_mode(file, doc, &describe, &raw.metadata.labels)?;
-            Ok(Object::Namespace(Namespace { name: raw.metadata.name, dataplane_mode }))
+            let use_waypoint = raw.metadata.labels.get(USE_WAYPOINT_LABEL).cloned();
+            Ok(Object::Namespace(Namespace { name: raw.metadata.name, dataplane_mode, use_waypoint }))
         }
         "Pod" => {
             let raw: RawPod = deserialize(file, doc, &describe, value)?;
@@ -365,6 +418,7 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
                     .map(|p| ServicePort { port: p.port, target_port: p.target_port.unwrap_or(p.port) })
                     .collect(),
                 selector: raw.spec.selector,
+                use_waypoint: raw.metadata.labels.get(USE_WAYPOINT_LABEL).cloned(),
             }))
         }
         "PeerAuthentication" => {
@@ -397,6 +451,41 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
             }))
         }
         "AuthorizationPolicy" => Ok(Object::AuthorizationPolicy(authz::parse::policy(file, doc, &describe, value)?)),
+        "Gateway" => {
+            let raw: RawGateway = deserialize(file, doc, &describe, value)?;
+            if raw.spec.gateway_class_name != WAYPOINT_CLASS {
+                return Err(ConfigError::field(
+                    file,
+                    doc,
+                    &describe,
+                    "spec.gatewayClassName",
+                    format!(
+                        "`{}` is not handled by ambit; waypoints use `{WAYPOINT_CLASS}`",
+                        raw.spec.gateway_class_name
+                    ),
+                ));
+            }
+            let waypoint_for = match raw.metadata.labels.get(WAYPOINT_FOR_LABEL).map(String::as_str) {
+                None | Some("service") => WaypointFor::Service,
+                Some("workload") => WaypointFor::Workload,
+                Some("all") => WaypointFor::All,
+                Some("none") => WaypointFor::None,
+                Some(other) => {
+                    return Err(ConfigError::field(
+                        file,
+                        doc,
+                        &describe,
+                        &format!("metadata.labels.{WAYPOINT_FOR_LABEL}"),
+                        format!("`{other}` is not a traffic type; use service, workload, all or none"),
+                    ));
+                }
+            };
+            Ok(Object::Gateway(Gateway {
+                namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
+                name: raw.metadata.name,
+                waypoint_for,
+            }))
+        }
         "RequestAuthentication" => {
             Ok(Object::RequestAuthentication(authz::parse::request_authentication(file, doc, &describe, value)?))
         }
@@ -468,6 +557,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
+    /// Keyed by `namespace/name`.
+    pub gateways: BTreeMap<String, Gateway>,
     /// JWT rules, enforced by waypoints (public keys only).
     pub request_authentications: Vec<RequestAuthentication>,
 }
@@ -542,6 +633,9 @@ impl ConfigDir {
                     Object::PeerAuthentication(pa) => snapshot.peer_authentications.push(pa.clone()),
                     Object::AuthorizationPolicy(ap) => snapshot.authorization_policies.push(ap.clone()),
                     Object::RequestAuthentication(ra) => snapshot.request_authentications.push(ra.clone()),
+                    Object::Gateway(gw) => {
+                        snapshot.gateways.insert(gw.id(), gw.clone());
+                    }
                 }
             }
         }
@@ -601,7 +695,11 @@ status:
         let objects = parse_file(Path::new("a.yaml"), GOOD).unwrap();
         assert_eq!(
             objects[0],
-            Object::Namespace(Namespace { name: "shop".into(), dataplane_mode: Some(DataplaneMode::Ambient) })
+            Object::Namespace(Namespace {
+                name: "shop".into(),
+                dataplane_mode: Some(DataplaneMode::Ambient),
+                use_waypoint: None
+            })
         );
         let Object::Pod(pod) = &objects[1] else { panic!("expected a pod") };
         assert_eq!(pod.id(), "shop/cart");
@@ -667,7 +765,7 @@ status:
         assert_eq!(
             errors_of("kind: Deployment\nmetadata: {name: x}\n"),
             vec![
-                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service, PeerAuthentication, AuthorizationPolicy or RequestAuthentication"
+                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service, Gateway, PeerAuthentication, AuthorizationPolicy or RequestAuthentication"
             ]
         );
         assert!(errors_of("metadata: {name: x}\n")[0].contains("missing `kind`"));

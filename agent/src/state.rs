@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     authz::{Connection, Decision, PolicySet},
-    config::{DataplaneMode, MtlsMode, PeerAuthentication, Pod, Service, Snapshot},
+    config::{DataplaneMode, GATEWAY_NAME_LABEL, MtlsMode, PeerAuthentication, Pod, Service, Snapshot, WaypointFor},
     identity::Identity,
 };
 
@@ -22,6 +22,10 @@ pub const ROOT_NAMESPACE: &str = "ambit-system";
 pub enum Destination {
     /// A service's virtual IP: one of its endpoints takes the connection.
     Service { service: String, endpoints: Vec<Endpoint> },
+    /// A service whose traffic goes through a waypoint: the waypoint's pods
+    /// (their HBONE addresses) take the connection, never the service's
+    /// endpoints directly. No pods: the connection fails closed.
+    Waypoint { service: String, waypoint: String, endpoints: Vec<Endpoint> },
     /// A pod the mesh knows.
     Workload(Endpoint),
     /// Anything else: passed through as plain TCP.
@@ -97,6 +101,10 @@ impl State {
             let Some(port) = service.ports.iter().find(|p| p.port == dst.port()) else {
                 return Destination::External;
             };
+            if let Some(waypoint) = self.waypoint_of(service) {
+                let endpoints = self.waypoint_endpoints(&waypoint, dst.is_ipv4());
+                return Destination::Waypoint { service: service.id(), waypoint, endpoints };
+            }
             let endpoints = self
                 .endpoints(service)
                 .flat_map(|pod| pod.ips.iter().filter(|ip| ip.is_ipv4() == dst.is_ipv4()).map(move |ip| (pod, *ip)))
@@ -108,6 +116,41 @@ impl State {
             Some(pod) => Destination::Workload(self.endpoint(pod, dst)),
             None => Destination::External,
         }
+    }
+
+    /// The waypoint (`namespace/name`) a service's traffic must take: the
+    /// service's label, else its namespace's; `none` on the service opts out.
+    /// Only a waypoint for service traffic counts; a label naming a Gateway
+    /// that does not exist still names it, so traffic fails closed.
+    fn waypoint_of(&self, service: &Service) -> Option<String> {
+        let namespace = self.snapshot.namespaces.get(&service.namespace);
+        let name = service.use_waypoint.as_deref().or(namespace.and_then(|ns| ns.use_waypoint.as_deref()))?;
+        if name == "none" {
+            return None;
+        }
+        let id = format!("{}/{name}", service.namespace);
+        match self.snapshot.gateways.get(&id).map(|gw| gw.waypoint_for) {
+            Some(WaypointFor::Workload | WaypointFor::None) => None,
+            _ => Some(id),
+        }
+    }
+
+    /// The HBONE addresses of a waypoint's pods, with the identity each must prove.
+    fn waypoint_endpoints(&self, waypoint: &str, ipv4: bool) -> Vec<Endpoint> {
+        let Some(gateway) = self.snapshot.gateways.get(waypoint) else { return Vec::new() };
+        self.snapshot
+            .pods
+            .values()
+            .filter(|pod| {
+                pod.namespace == gateway.namespace && pod.labels.get(GATEWAY_NAME_LABEL) == Some(&gateway.name)
+            })
+            .flat_map(|pod| pod.ips.iter().filter(move |ip| ip.is_ipv4() == ipv4).map(move |ip| (pod, *ip)))
+            .map(|(pod, ip)| Endpoint {
+                workload: pod.id(),
+                addr: SocketAddr::new(ip, ambit_common::HBONE_PORT),
+                identity: Some(self.identity_of(pod)),
+            })
+            .collect()
     }
 
     fn endpoint(&self, pod: &Pod, addr: SocketAddr) -> Endpoint {
@@ -168,9 +211,14 @@ impl State {
         }
     }
 
-    /// The ambient pods scheduled on `node`.
+    /// The ambient pods scheduled on `node`. Waypoint pods are left out
+    /// even in an ambient namespace: they speak HBONE themselves, and
+    /// capturing them would send waypoint traffic to a waypoint again.
     pub fn pods_to_enrol<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.snapshot.pods.values().filter(move |pod| pod.node == node && self.is_ambient(pod))
+        self.snapshot
+            .pods
+            .values()
+            .filter(move |pod| pod.node == node && self.is_ambient(pod) && !pod.labels.contains_key(GATEWAY_NAME_LABEL))
     }
 }
 
@@ -202,7 +250,9 @@ mod tests {
     fn enrolment_follows_namespace_then_pod_label() {
         let mut snapshot = Snapshot::default();
         for (name, mode) in [("shop", Some(DataplaneMode::Ambient)), ("legacy", None)] {
-            snapshot.namespaces.insert(name.into(), Namespace { name: name.into(), dataplane_mode: mode });
+            snapshot
+                .namespaces
+                .insert(name.into(), Namespace { name: name.into(), dataplane_mode: mode, use_waypoint: None });
         }
         for p in [
             pod("shop", "a", "n1", None),                              // ambient via namespace
@@ -236,9 +286,10 @@ mod tests {
 
     fn shop_state(peer_authentications: Vec<PeerAuthentication>) -> State {
         let mut snapshot = Snapshot::default();
-        snapshot
-            .namespaces
-            .insert("shop".into(), Namespace { name: "shop".into(), dataplane_mode: Some(DataplaneMode::Ambient) });
+        snapshot.namespaces.insert(
+            "shop".into(),
+            Namespace { name: "shop".into(), dataplane_mode: Some(DataplaneMode::Ambient), use_waypoint: None },
+        );
         for p in
             [web_pod("web-1", "10.1.0.1", "web"), web_pod("web-2", "10.1.0.2", "web"), web_pod("db", "10.1.0.3", "db")]
         {
@@ -252,6 +303,7 @@ mod tests {
                 cluster_ip: "10.96.0.10".parse().unwrap(),
                 ports: vec![crate::config::ServicePort { port: 80, target_port: 8080 }],
                 selector: [("app".to_string(), "web".to_string())].into(),
+                use_waypoint: None,
             },
         );
         snapshot.peer_authentications = peer_authentications;
@@ -316,5 +368,62 @@ mod tests {
         let state = shop_state(vec![]);
         assert_eq!(state.identity_at("10.1.0.3".parse().unwrap()).unwrap().service_account, "db");
         assert_eq!(state.identity_at("10.9.9.9".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn waypoint_routing_follows_labels_and_fails_closed() {
+        use crate::config::{GATEWAY_NAME_LABEL, Gateway};
+        let gateway = |waypoint_for| Gateway { namespace: "shop".into(), name: "wp".into(), waypoint_for };
+        let with = |service_label: Option<&str>, ns_label: Option<&str>, gw: Option<Gateway>, wp_pod: bool| {
+            let mut state = shop_state(vec![]);
+            state.snapshot.services.get_mut("shop/web").unwrap().use_waypoint = service_label.map(str::to_string);
+            state.snapshot.namespaces.get_mut("shop").unwrap().use_waypoint = ns_label.map(str::to_string);
+            if let Some(gw) = gw {
+                state.snapshot.gateways.insert(gw.id(), gw);
+            }
+            if wp_pod {
+                let mut pod = web_pod("wp-1", "10.1.0.9", "wp");
+                pod.labels.insert(GATEWAY_NAME_LABEL.into(), "wp".into());
+                state.snapshot.pods.insert(pod.id(), pod);
+            }
+            State::new(state.snapshot, "cluster.local").destination("10.96.0.10:80".parse().unwrap())
+        };
+        let via = |d: Destination| match d {
+            Destination::Waypoint { waypoint, endpoints, .. } => {
+                Some((waypoint, endpoints.iter().map(|e| e.addr.to_string()).collect::<Vec<_>>()))
+            }
+            _ => None,
+        };
+        let wp = Some(gateway(WaypointFor::Service));
+        assert_eq!(via(with(None, None, wp.clone(), true)), None, "no label: pure L4");
+        assert_eq!(
+            via(with(Some("wp"), None, wp.clone(), true)),
+            Some(("shop/wp".into(), vec!["10.1.0.9:15008".into()]))
+        );
+        assert_eq!(via(with(None, Some("wp"), wp.clone(), true)).unwrap().0, "shop/wp", "namespace label");
+        assert_eq!(via(with(Some("none"), Some("wp"), wp.clone(), true)), None, "service opts out");
+        assert_eq!(
+            via(with(Some("wp"), None, wp.clone(), false)),
+            Some(("shop/wp".into(), vec![])),
+            "no pod: fails closed"
+        );
+        assert_eq!(
+            via(with(Some("wp"), None, None, true)),
+            Some(("shop/wp".into(), vec![])),
+            "no Gateway: fails closed"
+        );
+        assert_eq!(
+            via(with(Some("wp"), None, Some(gateway(WaypointFor::Workload)), true)),
+            None,
+            "workload-only waypoint"
+        );
+        assert_eq!(via(with(Some("wp"), None, Some(gateway(WaypointFor::All)), true)).unwrap().0, "shop/wp");
+
+        let mut snapshot = shop_state(vec![]).snapshot;
+        let mut pod = web_pod("wp-1", "10.1.0.9", "wp");
+        pod.labels.insert(GATEWAY_NAME_LABEL.into(), "wp".into());
+        snapshot.pods.insert(pod.id(), pod);
+        let state = State::new(snapshot, "cluster.local");
+        assert!(!state.pods_to_enrol("n1").any(|p| p.name == "wp-1"), "waypoint pods are not captured");
     }
 }

@@ -2,8 +2,10 @@
 //! redirected it to this listener (127.0.0.1:15001 in the pod) and recorded
 //! where it was going. The proxy finds that original destination in the
 //! ORIG_DST_BY_CONN map. A meshed destination (an ambient pod) is reached
-//! over HBONE with this pod's identity; anything else passes through as
-//! plain TCP from inside the pod, logged as such.
+//! over HBONE with this pod's identity; a service that uses a waypoint is
+//! reached through the waypoint, over HBONE too, and never around it;
+//! anything else passes through as plain TCP from inside the pod, logged as
+//! such.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -18,10 +20,7 @@ use super::{
     hbone::{self, HBONE_PORT, HboneStream, HboneTarget},
     relay,
 };
-use crate::{
-    identity::Identity,
-    state::{Destination, Endpoint},
-};
+use crate::{config::GATEWAY_NAME_LABEL, identity::Identity, state::Destination};
 
 pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     // The entry is keyed by this connection's 4-tuple as the app sees it.
@@ -47,21 +46,29 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
     log.src_workload = Some(pod.id.clone());
     log.src_identity = Some(pod.identity.to_string());
     let destination = ctx.state.borrow().destination(orig_dst);
-    let endpoints = match destination {
+    // A waypoint takes service traffic whole: the CONNECT names the service
+    // address, and the waypoint picks the endpoint.
+    let mut waypoint = None;
+    let mut endpoints = match destination {
         Destination::External => {
             return passthrough(app, orig_dst, &pod, &ctx, &mut log).await;
         }
         Destination::Workload(endpoint) => vec![endpoint],
-        Destination::Service { service, mut endpoints } => {
+        Destination::Service { service, endpoints } => {
             log.dst_service = Some(service);
-            // Round robin over the endpoints; on a failed connect, the next one.
-            if !endpoints.is_empty() {
-                let start = ctx.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len();
-                endpoints.rotate_left(start);
-            }
+            endpoints
+        }
+        Destination::Waypoint { service, waypoint: name, endpoints } => {
+            log.dst_service = Some(service);
+            waypoint = Some(name);
             endpoints
         }
     };
+    // Round robin over the endpoints; on a failed connect, the next one.
+    if endpoints.len() > 1 {
+        let start = ctx.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        endpoints.rotate_left(start);
+    }
     let mut last_error = None;
     for endpoint in endpoints {
         log.dst_addr = endpoint.addr;
@@ -69,7 +76,13 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
         log.dst_identity = endpoint.identity.as_ref().map(ToString::to_string);
         log.mtls = endpoint.identity.is_some();
         let opened = match &endpoint.identity {
-            Some(expected) => open_hbone(&endpoint, expected, source_ip, &pod, &ctx).await.map(Upstream::Hbone),
+            Some(expected) => {
+                let (hbone, authority) = match waypoint {
+                    Some(_) => (endpoint.addr, orig_dst),
+                    None => (SocketAddr::new(endpoint.addr.ip(), HBONE_PORT), endpoint.addr),
+                };
+                open_hbone(hbone, expected, authority, source_ip, &pod, &ctx).await.map(Upstream::Hbone)
+            }
             None => pod.connect(endpoint.addr).await.map(Upstream::Tcp).map_err(|e| e.to_string()),
         };
         match opened {
@@ -81,7 +94,16 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
         }
     }
     relay::reset(&app);
-    let error = last_error.unwrap_or_else(|| "the service has no endpoints".to_string());
+    let error = match (waypoint, last_error) {
+        (Some(waypoint), Some(e)) => format!("waypoint {waypoint} unreachable ({e}); not sent around it"),
+        (Some(waypoint), None) => {
+            format!(
+                "waypoint {waypoint} has no pod (is its Gateway declared and a pod labelled {GATEWAY_NAME_LABEL}?); not sent around it"
+            )
+        }
+        (None, Some(e)) => e,
+        (None, None) => "the service has no endpoints".to_string(),
+    };
     log.flag = Flag::ConnectFailure;
     log.finish(0, 0, Some(&error));
 }
@@ -106,24 +128,20 @@ impl Upstream {
     }
 }
 
-/// Opens an HBONE stream to a meshed endpoint, as this pod's identity, to a
-/// server that must prove it is `expected`. Fails closed without a valid
-/// certificate.
+/// Opens an HBONE stream (to a meshed endpoint or a waypoint) as this pod's
+/// identity, to a server that must prove it is `target.expected`. Fails
+/// closed without a valid certificate.
 async fn open_hbone(
-    endpoint: &Endpoint,
+    hbone: SocketAddr,
     expected: &Identity,
+    app: SocketAddr,
     source_ip: Option<IpAddr>,
     pod: &PodContext,
     ctx: &ProxyContext,
 ) -> Result<HboneStream, String> {
     let svid = pod.current_svid().ok_or_else(|| format!("no valid certificate for {} yet", pod.identity))?;
     let source_ip = source_ip.ok_or("the pod has no address of the destination's family")?;
-    let target = HboneTarget {
-        hbone: SocketAddr::new(endpoint.addr.ip(), HBONE_PORT),
-        expected: expected.clone(),
-        app: endpoint.addr,
-        source_ip,
-    };
+    let target = HboneTarget { hbone, expected: expected.clone(), app, source_ip };
     ctx.pool.open(pod, &svid, &ctx.bundle, &target).await.map_err(|e| e.to_string())
 }
 

@@ -8,6 +8,7 @@ pub mod capture;
 pub mod config;
 pub mod enrolment;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod netns;
 pub mod probe;

@@ -12,15 +12,15 @@ use ambit_agent::{
     config::{self, ConfigDir},
     enrolment::Enrolments,
     identity::{ca::CertificateAuthority, ca_client::CaClient, ca_server::CaServer, manager::CertManager},
+    logging::{self, LogFormat},
     metrics::Metrics,
     netns, probe,
     proxy::{ProxyContext, hbone::HbonePool},
     state::State,
-    tls::TrustBundle,
     watch,
 };
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How often pods that failed to enrol are retried.
@@ -107,12 +107,6 @@ enum CaCommand {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
     let n: u64 = number.parse().map_err(|_| format!("`{text}`: expected a number and a unit, e.g. 1h, 30m, 10s"))?;
@@ -130,7 +124,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    logging::init(cli.log_format);
     let result = match cli.command {
         Some(Command::Ca(command)) => run_ca(command),
         None => agent_runtime(cli.agent.worker_threads).and_then(|rt| rt.block_on(run_agent(cli.agent))),
@@ -141,16 +135,6 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
 }
 
@@ -216,7 +200,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             config_dir.display()
         );
     }
-    let bundle = load_bundle(&ca_root, &args.trust_domain)?;
+    let bundle = ambit_agent::tls::load_bundle(&ca_root, &args.trust_domain)?;
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("--node-token-file {}: cannot read it", token_file.display()))?;
     let provider = CaClient::new(ca_addr, node.clone(), token.trim().to_string(), &bundle)?;
@@ -299,21 +283,6 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     drop(enrolments); // detaches every program
     tracing::info!("agent stopped");
     Ok(())
-}
-
-fn load_bundle(path: &std::path::Path, trust_domain: &str) -> anyhow::Result<TrustBundle> {
-    let pem = std::fs::read(path).with_context(|| format!("--ca-root {}: cannot read it", path.display()))?;
-    let roots = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("--ca-root {}: not PEM certificates", path.display()))?;
-    if roots.is_empty() {
-        bail!("--ca-root {}: holds no certificate; give the CA's root.pem", path.display());
-    }
-    for root in &roots {
-        ambit_agent::identity::svid::check_root(root)
-            .map_err(|e| anyhow::anyhow!("--ca-root {}: {e}", path.display()))?;
-    }
-    Ok(TrustBundle::new(trust_domain, &roots)?)
 }
 
 /// Logs what `ambit policy lint` would warn about, once per finding for as

@@ -97,25 +97,33 @@ impl State {
 
     /// Resolves a captured connection's original destination.
     pub fn destination(&self, dst: SocketAddr) -> Destination {
-        if let Some(service) = self.snapshot.services.values().find(|s| s.cluster_ip == dst.ip()) {
-            let Some(port) = service.ports.iter().find(|p| p.port == dst.port()) else {
+        if self.snapshot.services.values().any(|s| s.cluster_ip == dst.ip()) {
+            let Some((service, endpoints)) = self.service_endpoints(dst) else {
                 return Destination::External;
             };
-            if let Some(waypoint) = self.waypoint_of(service) {
+            if let Some(waypoint) = self.waypoint_of(&self.snapshot.services[&service]) {
                 let endpoints = self.waypoint_endpoints(&waypoint, dst.is_ipv4());
-                return Destination::Waypoint { service: service.id(), waypoint, endpoints };
+                return Destination::Waypoint { service, waypoint, endpoints };
             }
-            let endpoints = self
-                .endpoints(service)
-                .flat_map(|pod| pod.ips.iter().filter(|ip| ip.is_ipv4() == dst.is_ipv4()).map(move |ip| (pod, *ip)))
-                .map(|(pod, ip)| self.endpoint(pod, SocketAddr::new(ip, port.target_port)))
-                .collect();
-            return Destination::Service { service: service.id(), endpoints };
+            return Destination::Service { service, endpoints };
         }
         match self.workload_by_ip.get(&dst.ip()).and_then(|id| self.snapshot.pods.get(id)) {
             Some(pod) => Destination::Workload(self.endpoint(pod, dst)),
             None => Destination::External,
         }
+    }
+
+    /// The service at `dst` (`namespace/name`) and its endpoints on the
+    /// target port, whatever waypoint it uses: what a waypoint forwards to.
+    pub fn service_endpoints(&self, dst: SocketAddr) -> Option<(String, Vec<Endpoint>)> {
+        let service = self.snapshot.services.values().find(|s| s.cluster_ip == dst.ip())?;
+        let port = service.ports.iter().find(|p| p.port == dst.port())?;
+        let endpoints = self
+            .endpoints(service)
+            .flat_map(|pod| pod.ips.iter().filter(|ip| ip.is_ipv4() == dst.is_ipv4()).map(move |ip| (pod, *ip)))
+            .map(|(pod, ip)| self.endpoint(pod, SocketAddr::new(ip, port.target_port)))
+            .collect();
+        Some((service.id(), endpoints))
     }
 
     /// The waypoint (`namespace/name`) a service's traffic must take: the

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use anyhow::{Context as _, bail};
 use rustls::{
     DigitallySignedStruct, DistinguishedName, Error as TlsError, RootCertStore, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -25,6 +26,21 @@ pub const ALPN_H2: &[u8] = b"h2";
 
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The trust bundle from the CA's root certificate file (`--ca-root`).
+pub fn load_bundle(path: &std::path::Path, trust_domain: &str) -> anyhow::Result<TrustBundle> {
+    let pem = std::fs::read(path).with_context(|| format!("--ca-root {}: cannot read it", path.display()))?;
+    let roots = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("--ca-root {}: not PEM certificates", path.display()))?;
+    if roots.is_empty() {
+        bail!("--ca-root {}: holds no certificate; give the CA's root.pem", path.display());
+    }
+    for root in &roots {
+        crate::identity::svid::check_root(root).map_err(|e| anyhow::anyhow!("--ca-root {}: {e}", path.display()))?;
+    }
+    Ok(TrustBundle::new(trust_domain, &roots)?)
 }
 
 /// The trust anchors of one trust domain: the SPIFFE bundle, and the same

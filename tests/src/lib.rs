@@ -98,6 +98,38 @@ impl Pod {
     }
 }
 
+/// A running `ambit-waypoint`; killed on drop.
+pub struct Waypoint {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Waypoint {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The access-log lines (one per request), parsed.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["message"] == "request")
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Waypoint {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The whole simulated cluster of one test.
 pub struct Bed {
     run: String,
@@ -163,6 +195,8 @@ impl Bed {
                 let range = format!("10.244.{}.0/24", b.index);
                 ip_in(&a.netns, &["route", "add", &range, "via", &b.ip.to_string()])?;
             }
+            // Pods reach the CA too (a waypoint obtains its own certificate).
+            ip_in(&bed.fabric, &["route", "add", &format!("10.244.{}.0/24", a.index), "via", &a.ip.to_string()])?;
         }
         Ok(bed)
     }
@@ -431,6 +465,31 @@ impl Bed {
             token_file: self.node_token_file(&node.name),
         };
         Agent::start(&self.agent_binary, node, &cgroup, attach, &self.config_dir(), self.dir.path(), &ca)
+    }
+
+    /// Starts `ambit-waypoint` (built next to the agent binary) in a waypoint
+    /// pod, with the CA access of the pod's node, logging JSON to a file.
+    pub fn start_waypoint(&self, pod: &str) -> Result<Waypoint> {
+        let p = self.pod(pod);
+        let binary = self.agent_binary.with_file_name("ambit-waypoint");
+        let log = self.dir.path().join(format!("waypoint-{}.log", pod.replace('/', "-")));
+        let mut cmd = p.command(binary.to_str().context("UTF-8 path")?);
+        cmd.args(["--pod", pod, "--log-format", "json", "--ca-addr", CA_ADDR, "--config-dir"])
+            .arg(self.config_dir())
+            .arg("--ca-root")
+            .arg(self.ca_dir().join("root.pem"))
+            .arg("--node-token-file")
+            .arg(self.node_token_file(&p.node))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?);
+        let child = cmd.spawn().with_context(|| format!("start {} in {pod}", binary.display()))?;
+        let waypoint = Waypoint { child, log };
+        wait_until(Duration::from_secs(20), &format!("waypoint {pod} ready"), || {
+            Ok(waypoint.log_text().contains("waypoint ready"))
+        })
+        .with_context(|| waypoint.log_text())?;
+        Ok(waypoint)
     }
 
     /// Starts a long-running process in a pod; the bed kills it on drop.

@@ -5,7 +5,7 @@
 use std::fmt;
 
 use super::{Action, Attribute, Condition, Scope, StringMatch, Values};
-use crate::config::Snapshot;
+use crate::config::{Snapshot, USE_WAYPOINT_LABEL};
 
 /// A warning about one policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,10 +28,11 @@ pub fn lint(snapshot: &Snapshot, trust_domain: &str) -> Vec<Finding> {
                 .push(Finding { message: format!("AuthorizationPolicy {} ({}): {what}", policy.id(), policy.action) })
         };
         if let Scope::TargetRefs(targets) = &policy.scope {
-            warn(format!(
-                "targets {}: enforced by waypoints only, never by the node tunnel; without a waypoint it has no effect",
-                targets.join(", ")
-            ));
+            for target in targets.iter().filter(|t| !waypoint_enforces(snapshot, &policy.namespace, t)) {
+                warn(format!(
+                    "targets {target}, which no waypoint serves (no such Gateway, or a Service without {USE_WAYPOINT_LABEL}): it has no effect there"
+                ));
+            }
             continue;
         }
         if let Scope::Selector(labels) = &policy.scope {
@@ -76,6 +77,19 @@ pub fn lint(snapshot: &Snapshot, trust_domain: &str) -> Vec<Finding> {
         }
     }
     findings
+}
+
+/// Whether a waypoint enforces policies that target `target` (`Kind/name`).
+fn waypoint_enforces(snapshot: &Snapshot, namespace: &str, target: &str) -> bool {
+    let id = |name: &str| format!("{namespace}/{name}");
+    match target.split_once('/') {
+        Some(("Gateway", name)) => snapshot.gateways.contains_key(&id(name)),
+        Some(("Service", name)) => snapshot.services.get(&id(name)).is_some_and(|svc| {
+            let namespace_label = snapshot.namespaces.get(namespace).and_then(|ns| ns.use_waypoint.as_deref());
+            svc.use_waypoint.as_deref().or(namespace_label).is_some_and(|w| w != "none")
+        }),
+        _ => false,
+    }
 }
 
 /// A principal value whose trust domain (written without wildcards) is not ours.

@@ -582,6 +582,8 @@ impl Decision {
 #[derive(Debug, Default)]
 pub struct PolicySet {
     by_namespace: HashMap<String, NamespacePolicies>,
+    /// Waypoint policies, under `namespace/Kind/name` of each target.
+    by_target: HashMap<String, Vec<Arc<AuthorizationPolicy>>>,
     len: usize,
 }
 
@@ -606,7 +608,13 @@ impl PolicySet {
                     // An empty selector selects every workload of the namespace.
                     None => entry.whole.push(policy.clone()),
                 },
-                Scope::TargetRefs(_) => continue,
+                Scope::TargetRefs(targets) => {
+                    for target in targets {
+                        let key = format!("{}/{target}", policy.namespace);
+                        set.by_target.entry(key).or_default().push(policy.clone());
+                    }
+                    continue;
+                }
             }
             set.len += 1;
         }
@@ -644,6 +652,22 @@ impl PolicySet {
     /// Decides a connection to `pod`.
     pub fn evaluate(&self, pod: &Pod, conn: &Connection) -> Decision {
         decide(&self.applicable(pod), conn)
+    }
+
+    /// Decides a request at a waypoint: the policies that target any of
+    /// `targets` (`namespace/Kind/name`, e.g. `shop/Gateway/wp`), plus the
+    /// mesh-wide root-namespace ones without a selector.
+    pub fn evaluate_targets(&self, targets: &[String], conn: &Connection) -> Decision {
+        let mut policies: Vec<Arc<AuthorizationPolicy>> =
+            self.by_namespace.get(ROOT_NAMESPACE).map(|root| root.whole.clone()).unwrap_or_default();
+        for target in targets {
+            for policy in self.by_target.get(target).into_iter().flatten() {
+                if !policies.iter().any(|p| Arc::ptr_eq(p, policy)) {
+                    policies.push(policy.clone());
+                }
+            }
+        }
+        decide(&policies, conn)
     }
 
     /// Every applicable policy with each rule's field-by-field outcome.

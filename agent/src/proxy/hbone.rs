@@ -77,16 +77,9 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
         relay::reset(&tcp);
         return;
     };
-    let tls = TlsAcceptor::from(config).accept(tcp).await;
-    ctx.metrics.handshake("inbound", tls.is_ok());
-    let tls = match tls {
-        Ok(tls) => tls,
-        Err(e) => return reject(&format_args!("mTLS handshake failed: {e}")),
-    };
-    let peer_certs = tls.get_ref().1.peer_certificates();
-    let peer_id = match tls::peer_identity(peer_certs, &ctx.bundle.trust_domain) {
-        Ok(id) => id,
-        Err(e) => return reject(&e),
+    let (tls, peer_id, serial) = match accept_mtls(tcp, config, &ctx.bundle.trust_domain, &ctx.metrics).await {
+        Ok(accepted) => accepted,
+        Err(reason) => return reject(&reason),
     };
     // Connections leave from inside the source pod, so the peer address is
     // that pod's: a certificate presented from a known pod's address must be
@@ -103,22 +96,47 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
         src_addr = %peer,
         dst_workload = %pod.id,
         src_identity = %peer_id,
-        peer_serial = %peer_certs.and_then(|c| c.first()).map(leaf_serial).unwrap_or_default(),
+        peer_serial = %serial,
         "mTLS connection accepted"
     );
-    let mut conn = match h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
+    let mut conn = match serve_h2(tls).await {
         Ok(conn) => conn,
         Err(e) => return reject(&format_args!("HTTP/2 handshake failed: {e}")),
     };
     while let Some(Ok((request, respond))) = conn.accept().await {
         tokio::spawn(stream(request, respond, peer_id.clone(), peer, pod.clone(), ctx.clone()));
     }
+}
+
+/// The server half of an HBONE handshake: mTLS with `config` (which
+/// requires and SPIFFE-verifies a client certificate), counted in the
+/// handshake metrics; returns the stream, the peer's SPIFFE ID and its leaf
+/// certificate's serial, or why the peer was refused.
+pub async fn accept_mtls(
+    tcp: TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    trust_domain: &str,
+    metrics: &Metrics,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, SpiffeId, String), String> {
+    let tls = TlsAcceptor::from(config).accept(tcp).await;
+    metrics.handshake("inbound", tls.is_ok());
+    let tls = tls.map_err(|e| format!("mTLS handshake failed: {e}"))?;
+    let peer_certs = tls.get_ref().1.peer_certificates();
+    let peer_id = tls::peer_identity(peer_certs, trust_domain).map_err(|e| e.to_string())?;
+    let serial = peer_certs.and_then(|c| c.first()).map(leaf_serial).unwrap_or_default();
+    Ok((tls, peer_id, serial))
+}
+
+/// HTTP/2 over an accepted mTLS stream, with the tunnel's windows and frame size.
+pub async fn serve_h2<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    io: T,
+) -> Result<h2::server::Connection<T, Bytes>, h2::Error> {
+    h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .handshake::<_, Bytes>(io)
+        .await
 }
 
 async fn stream(
@@ -298,6 +316,25 @@ impl Drop for StreamGuard {
     }
 }
 
+/// Where outbound HBONE connections start: a pod's network namespace (the
+/// node agent, on the pod's behalf) or the process's own (a waypoint).
+pub trait Dialer: Sync {
+    /// Names the origin in the pool key: connections are never shared
+    /// between origins.
+    fn origin(&self) -> &str;
+    fn dial(&self, dst: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send;
+}
+
+impl Dialer for PodContext {
+    fn origin(&self) -> &str {
+        &self.id
+    }
+
+    async fn dial(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        self.connect(dst).await
+    }
+}
+
 /// Outbound HTTP/2 connections, reused across streams.
 pub struct HbonePool {
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
@@ -332,21 +369,25 @@ impl HbonePool {
     /// `svid`, accepting only a server that proves it is `target.expected`.
     pub async fn open(
         &self,
-        pod: &PodContext,
+        from: &impl Dialer,
         svid: &Svid,
         bundle: &TrustBundle,
         target: &HboneTarget,
     ) -> Result<HboneStream, HboneError> {
         let HboneTarget { hbone: dst, expected, app: target, source_ip } = target;
         let (dst, target, source_ip) = (*dst, *target, *source_ip);
-        let key =
-            PoolKey { src_pod: pod.id.clone(), src_identity: svid.identity.clone(), dst, expected: expected.clone() };
+        let key = PoolKey {
+            src_pod: from.origin().to_string(),
+            src_identity: svid.identity.clone(),
+            dst,
+            expected: expected.clone(),
+        };
         let (mut send, active) = match self.reuse(&key, &svid.serial).await {
             Some(found) => {
                 self.metrics.hbone_pool_reuse.inc();
                 found
             }
-            None => self.dial(key, pod, svid, bundle).await?,
+            None => self.dial(key, from, svid, bundle).await?,
         };
         active.fetch_add(1, Ordering::Relaxed);
         let guard = StreamGuard(active);
@@ -401,7 +442,7 @@ impl HbonePool {
     async fn dial(
         &self,
         key: PoolKey,
-        pod: &PodContext,
+        from: &impl Dialer,
         svid: &Svid,
         bundle: &TrustBundle,
     ) -> Result<(SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
@@ -409,7 +450,7 @@ impl HbonePool {
         let tls_error = |reason: String| HboneError::Tls { dst, expected: key.expected.to_string(), reason };
         let config =
             tls::client_config(Some(svid), bundle, key.expected.spiffe_id()).map_err(|e| tls_error(e.to_string()))?;
-        let tcp = pod.connect(dst).await.map_err(|e| HboneError::Connect(dst, e))?;
+        let tcp = from.dial(dst).await.map_err(|e| HboneError::Connect(dst, e))?;
         let tls = TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(dst.ip().into()), tcp).await;
         self.metrics.handshake("outbound", tls.is_ok());
         let tls = tls.map_err(|e| tls_error(e.to_string()))?;

@@ -1,0 +1,431 @@
+//! `ambit-waypoint`: the L7 proxy of the services that declare a waypoint.
+//!
+//! It runs as a workload of its own, with its own SVID. It accepts only HBONE
+//! on its pod's port 15008: source tunnels send it the streams of clients
+//! calling a service that uses it, presenting the client pod's SVID. Inside
+//! each CONNECT stream (`:authority` = the service address) it serves
+//! HTTP/1.1 or HTTP/2, and for every request it normalizes the path,
+//! authenticates the end user (RequestAuthentication JWT), authorizes
+//! (AuthorizationPolicies that target its Gateway or the Service), and
+//! forwards the request over HBONE to one of the service's endpoints,
+//! presenting its own SVID. It never dials an endpoint any other way.
+#![forbid(unsafe_code)]
+
+mod io;
+
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use ambit_agent::{
+    authz::{
+        Connection, Peer, Scope,
+        jwt::{JwtRule, JwtVerifier},
+        request::{Request as PolicyRequest, normalize_path},
+    },
+    config::{ConfigDir, GATEWAY_NAME_LABEL},
+    identity::{Identity, Svid, ca_client::CaClient, manager::CertManager},
+    logging::{self, LogFormat},
+    metrics::Metrics,
+    proxy::hbone::{self, Dialer, HBONE_PORT, HbonePool, HboneTarget},
+    state::{Endpoint, State},
+    tls::{self, TrustBundle},
+    watch,
+};
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use spiffe::SpiffeId;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch as state_watch};
+
+use crate::io::StreamIo;
+
+#[derive(Parser)]
+#[command(name = "ambit-waypoint", version, about = "ambit waypoint: L7 authorization for the services that use it")]
+struct Args {
+    /// The standalone configuration directory (the agents' own).
+    #[arg(long, env = "AMBIT_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// This waypoint's pod, `namespace/name`, labelled with its Gateway's name.
+    #[arg(long)]
+    pod: String,
+    /// The CA, and the token of the node this pod runs on.
+    #[arg(long)]
+    ca_addr: SocketAddr,
+    #[arg(long)]
+    ca_root: PathBuf,
+    #[arg(long)]
+    node_token_file: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Merge runs of `/` in request paths before policies see them.
+    #[arg(long)]
+    merge_slashes: bool,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What the waypoint acts on, rebuilt on every configuration change.
+struct View {
+    state: State,
+    jwt: JwtVerifier,
+}
+
+struct Waypoint {
+    /// `namespace/name` of its Gateway.
+    gateway: String,
+    namespace: String,
+    identity: Identity,
+    svid: state_watch::Receiver<Option<Arc<Svid>>>,
+    bundle: TrustBundle,
+    view: state_watch::Receiver<Arc<View>>,
+    pool: HbonePool,
+    metrics: Arc<Metrics>,
+    merge_slashes: bool,
+    next_endpoint: AtomicUsize,
+    server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
+}
+
+/// The waypoint dials from its own network namespace.
+struct Host;
+
+impl Dialer for Host {
+    fn origin(&self) -> &str {
+        "waypoint"
+    }
+
+    async fn dial(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        let tcp = TcpStream::connect(dst).await?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+}
+
+fn view(config: &mut ConfigDir, trust_domain: &str, gateway: &str) -> View {
+    let (snapshot, errors) = config.reload();
+    for error in &errors {
+        tracing::error!(error = %error, "configuration error; the last good version of this file stays in force");
+    }
+    let target = gateway.split_once('/').map(|(_, name)| format!("Gateway/{name}")).unwrap_or_default();
+    let namespace = gateway.split_once('/').map(|(ns, _)| ns).unwrap_or_default();
+    let rules: Vec<JwtRule> = snapshot
+        .request_authentications
+        .iter()
+        .filter(|ra| ra.namespace == namespace && matches!(&ra.scope, Scope::TargetRefs(t) if t.contains(&target)))
+        .flat_map(|ra| ra.rules.iter().cloned())
+        .collect();
+    View { state: State::new(snapshot, trust_domain), jwt: JwtVerifier::new(rules) }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let bundle = tls::load_bundle(&args.ca_root, &args.trust_domain)?;
+    let mut config = ConfigDir::new(&args.config_dir);
+    let (snapshot, _) = config.reload();
+    let pod = snapshot
+        .pods
+        .get(&args.pod)
+        .with_context(|| format!("--pod {}: no such pod in {}", args.pod, args.config_dir.display()))?
+        .clone();
+    let Some(gateway_name) = pod.labels.get(GATEWAY_NAME_LABEL) else {
+        bail!("--pod {}: not a waypoint pod; label it {GATEWAY_NAME_LABEL}: <gateway>", args.pod);
+    };
+    let gateway = format!("{}/{gateway_name}", pod.namespace);
+    if !snapshot.gateways.contains_key(&gateway) {
+        bail!("--pod {}: Gateway {gateway} is not in the configuration", args.pod);
+    }
+    let listen = SocketAddr::new(*pod.ips.first().context("the waypoint pod has no IP")?, HBONE_PORT);
+    let identity = Identity::new(&args.trust_domain, &pod.namespace, &pod.service_account);
+    let token = std::fs::read_to_string(&args.node_token_file)
+        .with_context(|| format!("--node-token-file {}", args.node_token_file.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let provider = CaClient::new(args.ca_addr, pod.node.clone(), token.trim().to_string(), &bundle)?;
+    let certs = CertManager::new(Arc::new(provider), metrics.clone());
+    let mut svid = certs.acquire(&identity, &args.pod);
+    svid.wait_for(Option::is_some).await.context("certificate manager stopped")?;
+
+    let (view_tx, view_rx) = state_watch::channel(Arc::new(view(&mut config, &args.trust_domain, &gateway)));
+    let (_watcher, mut changes) = watch::watch_dir(config.path())?;
+    let trust_domain = args.trust_domain.clone();
+    let gateway_for_reload = gateway.clone();
+    tokio::spawn(async move {
+        while changes.recv().await.is_some() && watch::settle(&mut changes).await {
+            view_tx.send_replace(Arc::new(view(&mut config, &trust_domain, &gateway_for_reload)));
+            tracing::info!("configuration applied");
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+    let waypoint = Arc::new(Waypoint {
+        gateway: gateway.clone(),
+        namespace: pod.namespace.clone(),
+        identity,
+        svid,
+        bundle,
+        view: view_rx,
+        pool: HbonePool::new(metrics.clone()),
+        metrics,
+        merge_slashes: args.merge_slashes,
+        next_endpoint: AtomicUsize::new(0),
+        server_tls: Mutex::new(None),
+    });
+    tracing::info!(%gateway, %listen, identity = %waypoint.identity, "waypoint ready");
+    loop {
+        let (tcp, peer) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(waypoint.clone().connection(tcp, peer));
+    }
+}
+
+impl Waypoint {
+    fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let svid = self.svid.borrow().clone()?;
+        let mut cached = self.server_tls.lock().expect("server tls lock");
+        if let Some((_, config)) = cached.as_ref().filter(|(serial, _)| *serial == svid.serial) {
+            return Some(config.clone());
+        }
+        let config = Arc::new(tls::server_config(&svid, &self.bundle, true).ok()?);
+        *cached = Some((svid.serial.clone(), config.clone()));
+        Some(config)
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let Some(config) = self.server_tls() else { return };
+        let (tls, peer_id, _) = match hbone::accept_mtls(tcp, config, &self.bundle.trust_domain, &self.metrics).await {
+            Ok(accepted) => accepted,
+            Err(reason) => return tracing::warn!(src_addr = %peer, error = %reason, "HBONE connection rejected"),
+        };
+        let Ok(mut h2) = hbone::serve_h2(tls).await else { return };
+        while let Some(Ok((request, respond))) = h2.accept().await {
+            tokio::spawn(self.clone().stream(request, respond, peer_id.clone(), peer));
+        }
+    }
+
+    /// One CONNECT stream: a client's connection to a service, carrying HTTP.
+    async fn stream(
+        self: Arc<Self>,
+        request: Request<h2::RecvStream>,
+        mut respond: h2::server::SendResponse<Bytes>,
+        client: SpiffeId,
+        peer: SocketAddr,
+    ) {
+        let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
+            let _ = respond.send_response(Response::builder().status(status).body(()).expect("valid"), true);
+        };
+        let service = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let known = service.and_then(|addr| self.view.borrow().state.service_endpoints(addr).map(|(id, _)| (addr, id)));
+        let (Method::CONNECT, Some((service_addr, service_id))) = (request.method().clone(), known) else {
+            tracing::warn!(src_identity = %client, authority = ?request.uri().authority(), "not a CONNECT to a known service");
+            return refuse(&mut respond, StatusCode::BAD_REQUEST);
+        };
+        let Ok(send) =
+            respond.send_response(Response::builder().status(StatusCode::OK).body(()).expect("valid"), false)
+        else {
+            return;
+        };
+        let downstream = StreamIo::new(send, request.into_body());
+        let caller = Arc::new(Caller { identity: client, ip: peer.ip(), service_addr, service_id });
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| this.clone().request(req, caller.clone()));
+        if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(downstream), service)
+            .await
+        {
+            tracing::debug!(error = %e, "downstream HTTP connection ended");
+        }
+    }
+
+    /// One HTTP request: normalize, authenticate, authorize, forward.
+    async fn request(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        caller: Arc<Caller>,
+    ) -> Result<Response<BoxBody<Bytes, hyper::Error>>, Infallible> {
+        let started = Instant::now();
+        let view = self.view.borrow().clone();
+        let method = req.method().to_string();
+        let raw_path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let mut log = AccessLog { caller: &caller, method: &method, path: raw_path.clone(), principal: None, started };
+        let path = match normalize_path(&raw_path, self.merge_slashes) {
+            Ok(path) => path,
+            Err(e) => return Ok(log.local(StatusCode::BAD_REQUEST, &format!("bad path: {e}"))),
+        };
+        log.path = path.clone();
+        let auth = match view.jwt.authenticate(req.headers()) {
+            Ok(auth) => auth,
+            Err(e) => return Ok(log.local(StatusCode::UNAUTHORIZED, &format!("Jwt is not valid: {e}"))),
+        };
+        log.principal = auth.as_ref().map(|a| a.principal.clone());
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(req.uri().authority().map(|a| a.as_str()))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let conn = Connection {
+            peer: Some(Peer::from_spiffe_id(&caller.identity)),
+            src_ip: Some(caller.ip),
+            dst_ip: Some(caller.service_addr.ip()),
+            dst_port: Some(caller.service_addr.port()),
+            request: Some(PolicyRequest {
+                method: method.clone(),
+                host,
+                path: path.clone(),
+                headers: req.headers().clone(),
+                auth,
+            }),
+        };
+        let (service_ns, service_name) = caller.service_id.split_once('/').unwrap_or_default();
+        let targets = [
+            format!("{}/Gateway/{}", self.namespace, self.gateway_name()),
+            format!("{service_ns}/Service/{service_name}"),
+        ];
+        let decision = view.state.policies().evaluate_targets(&targets, &conn);
+        if !decision.allows() {
+            return Ok(log.local(StatusCode::FORBIDDEN, &format!("RBAC: access denied ({})", decision.reason)));
+        }
+        let Some((_, endpoints)) = view.state.service_endpoints(caller.service_addr) else {
+            return Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, "the service is gone"));
+        };
+        match self.forward(req, &path, &endpoints, caller.ip).await {
+            Ok((response, endpoint)) => {
+                log.done(response.status(), &endpoint);
+                Ok(response.map(|body| body.boxed()))
+            }
+            Err(e) => Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, &format!("upstream: {e}"))),
+        }
+    }
+
+    fn gateway_name(&self) -> &str {
+        self.gateway.split_once('/').map(|(_, name)| name).unwrap_or(&self.gateway)
+    }
+
+    /// Sends the request, with the normalized path, to an endpoint over
+    /// HBONE as the waypoint's own identity.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        path: &str,
+        endpoints: &[Endpoint],
+        client_ip: IpAddr,
+    ) -> anyhow::Result<(Response<Incoming>, String)> {
+        if endpoints.is_empty() {
+            bail!("the service has no endpoints");
+        }
+        let endpoint = &endpoints[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
+        let expected =
+            endpoint.identity.clone().with_context(|| format!("{} is not in the mesh", endpoint.workload))?;
+        let svid = self.svid.borrow().clone().context("no certificate")?;
+        let target = HboneTarget {
+            hbone: SocketAddr::new(endpoint.addr.ip(), HBONE_PORT),
+            expected,
+            app: endpoint.addr,
+            source_ip: client_ip,
+        };
+        let stream = self.pool.open(&Host, &svid, &self.bundle, &target).await?;
+        let guard = stream.guard;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(StreamIo::new(stream.send, stream.recv))).await?;
+        tokio::spawn(async move {
+            // A clean end of the exchange ends the stream cleanly: half-close,
+            // then wait for the destination's end, so neither side sees a reset.
+            if let Ok(parts) = conn.without_shutdown().await {
+                let mut io = parts.io.into_inner();
+                let _ = io.shutdown().await;
+                let _ = tokio::io::copy(&mut io, &mut tokio::io::sink()).await;
+            }
+            drop(guard);
+        });
+        // Upstream is HTTP/1.1 in origin form, with the normalized path.
+        let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+        let authority = req.uri().authority().map(|a| a.to_string());
+        *req.uri_mut() = Uri::try_from(format!("{path}{query}"))?;
+        *req.version_mut() = http::Version::HTTP_11;
+        if let (false, Some(authority)) = (req.headers().contains_key(header::HOST), authority) {
+            req.headers_mut().insert(header::HOST, HeaderValue::try_from(authority)?);
+        }
+        for hop in ["connection", "keep-alive", "proxy-connection", "upgrade", "te"] {
+            req.headers_mut().remove(hop);
+        }
+        Ok((sender.send_request(req).await?, endpoint.workload.clone()))
+    }
+}
+
+struct Caller {
+    identity: SpiffeId,
+    ip: IpAddr,
+    service_addr: SocketAddr,
+    service_id: String,
+}
+
+/// One access-log line per request.
+struct AccessLog<'a> {
+    caller: &'a Caller,
+    method: &'a str,
+    path: String,
+    principal: Option<String>,
+    started: Instant,
+}
+
+impl AccessLog<'_> {
+    /// Answers locally (refusals and failures) and logs why.
+    fn local(&self, status: StatusCode, reason: &str) -> Response<BoxBody<Bytes, hyper::Error>> {
+        self.write(status, "-", Some(reason));
+        let body = match status {
+            StatusCode::FORBIDDEN => "RBAC: access denied\n",
+            StatusCode::UNAUTHORIZED => "Jwt is not valid\n",
+            StatusCode::BAD_REQUEST => "bad request\n",
+            _ => "upstream unavailable\n",
+        };
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from_static(body.as_bytes())).map_err(|never| match never {}).boxed())
+            .expect("valid response")
+    }
+
+    fn done(&self, status: StatusCode, endpoint: &str) {
+        self.write(status, endpoint, None);
+    }
+
+    fn write(&self, status: StatusCode, endpoint: &str, reason: Option<&str>) {
+        tracing::info!(
+            target: "ambit::request",
+            method = self.method,
+            path = %self.path,
+            status = status.as_u16(),
+            src_identity = %self.caller.identity,
+            src_addr = %self.caller.ip,
+            request_principal = self.principal.as_deref().unwrap_or("-"),
+            dst_service = %self.caller.service_id,
+            dst_workload = endpoint,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            reason = reason.unwrap_or("-"),
+            "request"
+        );
+    }
+}

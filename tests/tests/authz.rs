@@ -21,12 +21,7 @@ fn callers_and_web(bed: &mut Bed) -> (Agent, Agent, String) {
     bed.add_pods(&[("n1", "shop/client"), ("n1", "shop/other"), ("n1", "legacy/plain"), ("n2", "shop/web")]).unwrap();
     let n1 = agent(bed, "n1");
     let n2 = agent(bed, "n2");
-    for node in ["n1", "n2"] {
-        ambit_testbed::wait_until(std::time::Duration::from_secs(20), "certificates", || {
-            Ok(bed.admin_get(node, "/healthz/ready")?.0 == 200)
-        })
-        .unwrap();
-    }
+    wait_nodes_ready(bed, &["n1", "n2"]);
     let (root, _) = web_root(bed, 1024);
     for port in [HTTP_PORT, OTHER_PORT] {
         bed.http_server("shop/web", port, &root, &bed.scratch().join(format!("web-{port}.log"))).unwrap();

@@ -31,12 +31,7 @@ fn service_traffic_takes_its_waypoint_and_never_goes_around_it() {
     bed.write_config("service.yaml", &service(None)).unwrap();
     let mut n1 = agent(&bed, "n1");
     let mut n2 = agent(&bed, "n2");
-    for node in ["n1", "n2"] {
-        ambit_testbed::wait_until(std::time::Duration::from_secs(20), "certificates", || {
-            Ok(bed.admin_get(node, "/healthz/ready")?.0 == 200)
-        })
-        .unwrap();
-    }
+    wait_nodes_ready(&bed, &["n1", "n2"]);
     let (root, _) = web_root(&bed, 1024);
     bed.http_server("shop/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
     assert!(
@@ -186,12 +181,7 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
     bed.write_config("payments.yaml", &payments_config(&jwks)).unwrap();
     let mut n1 = agent(&bed, "n1");
     let mut n2 = agent(&bed, "n2");
-    for node in ["n1", "n2"] {
-        ambit_testbed::wait_until(std::time::Duration::from_secs(20), "certificates", || {
-            Ok(bed.admin_get(node, "/healthz/ready")?.0 == 200)
-        })
-        .unwrap();
-    }
+    wait_nodes_ready(&bed, &["n1", "n2"]);
     let api_ip = bed.pod("payments/api").ip.to_string();
     bed.spawn("payments/api", env!("CARGO_BIN_EXE_ambit-bench"), &["http", "--listen", &format!("{api_ip}:8080")])
         .unwrap();

@@ -110,3 +110,14 @@ pub fn wait_applied(agent: &Agent, nth: usize) {
     })
     .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_text()));
 }
+
+/// Waits until every named node's agent is ready (programs attached, every
+/// local pod's certificate loaded).
+pub fn wait_nodes_ready(bed: &Bed, nodes: &[&str]) {
+    for node in nodes {
+        ambit_testbed::wait_until(std::time::Duration::from_secs(20), &format!("{node} ready"), || {
+            Ok(bed.admin_get(node, "/healthz/ready")?.0 == 200)
+        })
+        .unwrap();
+    }
+}

@@ -8,7 +8,12 @@ use std::sync::Mutex;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
@@ -50,6 +55,16 @@ pub struct AuthorizationLabels {
     pub policy: String,
 }
 
+/// Labels of the waypoint's request metrics (Istio's names; no end-user
+/// principal, whose values are unbounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: String,
+    pub source_principal: String,
+    pub destination_service: String,
+    pub response_code: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
     pub identity: String,
@@ -68,6 +83,8 @@ pub struct Metrics {
     pub received_bytes: Family<ConnectionLabels, Counter>,
     pub tls_handshakes: Family<DirectionLabels, Counter>,
     pub authorization_decisions: Family<AuthorizationLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram>,
     pub hbone_streams: Counter,
     /// Streams that rode an existing HTTP/2 connection (no handshake).
     pub hbone_pool_reuse: Counter,
@@ -97,6 +114,9 @@ impl Metrics {
             received_bytes: Family::default(),
             tls_handshakes: Family::default(),
             authorization_decisions: Family::default(),
+            requests: Family::default(),
+            // 0.5 ms to about 16 s.
+            request_duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.5, 2.0, 16))),
             hbone_streams: Counter::default(),
             hbone_pool_reuse: Counter::default(),
             certificate_expiry: Family::default(),
@@ -121,6 +141,12 @@ impl Metrics {
                 "authorization_decisions",
                 "Authorization outcomes of inbound connections, with the deciding policy",
                 metrics.authorization_decisions.clone(),
+            );
+            r.register("requests", "HTTP requests a waypoint handled", metrics.requests.clone());
+            r.register(
+                "request_duration_milliseconds",
+                "Time from request to response head at a waypoint",
+                metrics.request_duration.clone(),
             );
             r.register("hbone_streams", "HBONE CONNECT streams opened", metrics.hbone_streams.clone());
             r.register(

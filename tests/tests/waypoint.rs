@@ -221,6 +221,17 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
     assert_eq!(first["src_identity"], "spiffe://cluster.local/ns/shop/sa/checkout");
     assert_eq!(first["request_principal"], "https://issuer.example/alice");
     assert_eq!(first["dst_workload"], "payments/api");
+    // Istio-style request metrics, by response code.
+    let metrics = bed.run_ok("payments/wp", "curl", &["-sS", "http://127.0.0.1:15020/metrics"]).unwrap();
+    let count = |code: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("ambit_requests_total{") && l.contains(&format!("response_code=\"{code}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!((count("200"), count("403"), count("401"), count("400")), (4, 5, 2, 1), "{metrics}");
+    assert!(metrics.contains("ambit_request_duration_milliseconds_bucket{"), "{metrics}");
     // mTLS on both hops: client -> waypoint (n1's log), waypoint -> api (n2's log).
     let to_waypoint = n1.wait_connections(1, |c| c.dst_service == "payments/api").unwrap();
     assert!(to_waypoint[0].mtls && to_waypoint[0].dst_workload == "payments/wp", "{to_waypoint:?}");

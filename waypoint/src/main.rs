@@ -34,7 +34,7 @@ use ambit_agent::{
     config::{ConfigDir, GATEWAY_NAME_LABEL},
     identity::{Identity, Svid, ca_client::CaClient, manager::CertManager},
     logging::{self, LogFormat},
-    metrics::Metrics,
+    metrics::{Metrics, RequestLabels},
     proxy::hbone::{self, Dialer, HBONE_PORT, HbonePool, HboneTarget},
     state::{Endpoint, State},
     tls::{self, TrustBundle},
@@ -73,6 +73,9 @@ struct Args {
     /// Merge runs of `/` in request paths before policies see them.
     #[arg(long)]
     merge_slashes: bool,
+    /// Serves `/metrics` (Prometheus) here, inside the pod.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    admin_addr: SocketAddr,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -180,6 +183,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
+    tokio::spawn(serve_metrics(admin, metrics.clone()));
     let waypoint = Arc::new(Waypoint {
         gateway: gateway.clone(),
         namespace: pod.namespace.clone(),
@@ -269,7 +276,14 @@ impl Waypoint {
         let view = self.view.borrow().clone();
         let method = req.method().to_string();
         let raw_path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
-        let mut log = AccessLog { caller: &caller, method: &method, path: raw_path.clone(), principal: None, started };
+        let mut log = AccessLog {
+            caller: &caller,
+            metrics: &self.metrics,
+            method: &method,
+            path: raw_path.clone(),
+            principal: None,
+            started,
+        };
         let path = match normalize_path(&raw_path, self.merge_slashes) {
             Ok(path) => path,
             Err(e) => return Ok(log.local(StatusCode::BAD_REQUEST, &format!("bad path: {e}"))),
@@ -376,6 +390,23 @@ impl Waypoint {
     }
 }
 
+/// `/metrics` for Prometheus; every other path is 404.
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (status, body) = match req.uri().path() {
+                    "/metrics" => (StatusCode::OK, metrics.encode()),
+                    _ => (StatusCode::NOT_FOUND, "endpoints: /metrics\n".to_string()),
+                };
+                async move { Response::builder().status(status).body(Full::new(Bytes::from(body))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}
+
 struct Caller {
     identity: SpiffeId,
     ip: IpAddr,
@@ -386,6 +417,7 @@ struct Caller {
 /// One access-log line per request.
 struct AccessLog<'a> {
     caller: &'a Caller,
+    metrics: &'a Metrics,
     method: &'a str,
     path: String,
     principal: Option<String>,
@@ -413,6 +445,14 @@ impl AccessLog<'_> {
     }
 
     fn write(&self, status: StatusCode, endpoint: &str, reason: Option<&str>) {
+        let labels = RequestLabels {
+            reporter: "waypoint".into(),
+            source_principal: self.caller.identity.to_string(),
+            destination_service: self.caller.service_id.clone(),
+            response_code: status.as_u16().to_string(),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics.request_duration.get_or_create(&labels).observe(self.started.elapsed().as_secs_f64() * 1000.0);
         tracing::info!(
             target: "ambit::request",
             method = self.method,

@@ -213,6 +213,58 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
         &["--http2-prior-knowledge", "-X", "POST", "-H", &bearer(&charge), &format!("{API}/v1/charge")],
     );
     assert_eq!(h2, 200);
+    // A 403 leaves the connection usable: the next request on it passes.
+    let pair = bed
+        .run_ok(
+            "shop/checkout",
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{num_connects}\n",
+                "-H",
+                &bearer(&charge),
+                &format!("{API}/v1/charge"),
+                "--next",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{num_connects}\n",
+                "-X",
+                "POST",
+                "-H",
+                &bearer(&charge),
+                &format!("{API}/v1/charge"),
+            ],
+        )
+        .unwrap();
+    assert_eq!(pair, "403 1\n200 0\n", "the second request rides the same connection");
+    // h2load: HTTP/2 (prior knowledge), 50 requests over 2 connections.
+    let body = bed.scratch().join("charge.json");
+    std::fs::write(&body, "{}").unwrap();
+    let h2load = bed
+        .run_ok(
+            "shop/checkout",
+            "h2load",
+            &[
+                "-n",
+                "50",
+                "-c",
+                "2",
+                "-m",
+                "5",
+                "-d",
+                body.to_str().unwrap(),
+                "-H",
+                &bearer(&charge),
+                &format!("{API}/v1/charge"),
+            ],
+        )
+        .unwrap();
+    assert!(h2load.contains("50 succeeded") && h2load.contains("50 2xx"), "{h2load}");
 
     // The access log names both identities and the end user.
     let requests = waypoint.requests();
@@ -230,7 +282,7 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
     };
-    assert_eq!((count("200"), count("403"), count("401"), count("400")), (4, 5, 2, 1), "{metrics}");
+    assert_eq!((count("200"), count("403"), count("401"), count("400")), (55, 6, 2, 1), "{metrics}");
     assert!(metrics.contains("ambit_request_duration_milliseconds_bucket{"), "{metrics}");
     // mTLS on both hops: client -> waypoint (n1's log), waypoint -> api (n2's log).
     let to_waypoint = n1.wait_connections(1, |c| c.dst_service == "payments/api").unwrap();

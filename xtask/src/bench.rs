@@ -63,7 +63,17 @@ struct Sample {
 
 pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     setup::run()?;
-    exec(cargo().args(["build", "--release", "--package", "ambit-agent", "--package", "ambit-testbed", "--bins"]))?;
+    exec(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "ambit-agent",
+        "--package",
+        "ambit-waypoint",
+        "--package",
+        "ambit-testbed",
+        "--bins",
+    ]))?;
     let release = root().join("target/release");
     let tool = release.join("ambit-bench");
     let plan = if quick {
@@ -90,6 +100,11 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     for client in ["legacy/client", "shop/client"] {
         bed.run_ok(client, "sysctl", &["-qw", "net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"])?;
     }
+    // The same server behind two services: one plain (L4 only), one through
+    // a waypoint, for the HTTP comparison.
+    bed.add_pod("n2", "shop", "wp")?;
+    bed.set_pod_label("shop/wp", "gateway.networking.k8s.io/gateway-name", Some("wp"))?;
+    bed.write_config("bench-waypoint.yaml", WAYPOINT_CONFIG)?;
     for i in 0..IDLE_PODS - 2 {
         bed.add_pod("n1", "shop", &format!("idle-{i}"))?;
     }
@@ -110,10 +125,12 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
             bed.wait_listening(server, port)?;
         }
     }
+    let _waypoint = bed.start_waypoint("shop/wp")?;
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss_kb = proc_status(agents[0].pid(), "VmRSS:")?;
 
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    let mut http: Vec<[HttpSample; 2]> = Vec::new();
     for round in 0..plan.rounds {
         eprintln!("bench: round {}/{}", round + 1, plan.rounds);
         for scenario in &SCENARIOS {
@@ -121,12 +138,17 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
                 .with_context(|| format!("{} (round {})", scenario.name, round + 1))?;
             samples.entry(scenario.name).or_default().push(sample);
         }
+        let secs = plan.seconds.to_string();
+        http.push([
+            wrk_latency(&bed, &format!("{L4_VIP}:80"), &secs)?,
+            wrk_latency(&bed, &format!("{L7_VIP}:80"), &secs)?,
+        ]);
     }
     let peak_rss_kb = agents.iter().map(|a| proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
     let elapsed = started.elapsed();
 
     let report =
-        Report { samples, idle_rss_kb, peak_rss_kb: peak_rss_kb.into_iter().max().unwrap_or(0), authorization };
+        Report { samples, idle_rss_kb, peak_rss_kb: peak_rss_kb.into_iter().max().unwrap_or(0), authorization, http };
     println!("{}", report.markdown(&plan, elapsed));
     if let Some(path) = out {
         std::fs::write(&path, serde_json::to_string_pretty(&report.json(&plan, elapsed))?)?;
@@ -224,6 +246,82 @@ struct Report<'a> {
     peak_rss_kb: u64,
     /// The output of agent/benches/authz.rs.
     authorization: Value,
+    /// Per round: the L4-only service, then the same through the waypoint.
+    http: Vec<[HttpSample; 2]>,
+}
+
+const L4_VIP: &str = "10.96.0.30";
+const L7_VIP: &str = "10.96.0.31";
+
+/// Two services for shop/server's HTTP port, the second through waypoint
+/// shop/wp, whose L7 policy admits GET from shop/client.
+const WAYPOINT_CONFIG: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: l4, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8000}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: l7
+  namespace: shop
+  labels: {ambit.dev/use-waypoint: wp}
+spec:
+  clusterIP: 10.96.0.31
+  selector: {app: server}
+  ports: [{port: 80, targetPort: 8000}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: ambit-waypoint}
+---
+apiVersion: security.ambit.dev/v1
+kind: AuthorizationPolicy
+metadata: {name: bench, namespace: shop}
+spec:
+  targetRefs: [{kind: Gateway, name: wp}]
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]
+    to: [{operation: {methods: [GET], paths: ["/*"]}}]
+"#;
+
+type ReadHttp = fn(&HttpSample) -> f64;
+
+/// wrk over 16 keep-alive connections: requests per second and latency.
+#[derive(Clone, Copy, Default)]
+struct HttpSample {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn wrk_latency(bed: &Bed, target: &str, secs: &str) -> Result<HttpSample> {
+    let out = bed.run_ok(
+        "shop/client",
+        "wrk",
+        &["-t", "2", "-c", "16", "-d", &format!("{secs}s"), "--latency", &format!("http://{target}/")],
+    )?;
+    let field = |prefix: &str| out.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string()));
+    let millis = |v: String| -> Option<f64> {
+        let (number, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+        let n: f64 = number.parse().ok()?;
+        Some(match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            _ => return None,
+        })
+    };
+    let context = || format!("wrk output not understood:\n{out}");
+    Ok(HttpSample {
+        rps: field("Requests/sec:").and_then(|v| v.parse().ok()).with_context(context)?,
+        p50_ms: field("50%").and_then(millis).with_context(context)?,
+        p99_ms: field("99%").and_then(millis).with_context(context)?,
+    })
 }
 
 /// L4 authorization with 10,000 policies (agent/benches/authz.rs), outside
@@ -326,7 +424,45 @@ impl Report<'_> {
                 run["policies"], run["index_build_ms"], run["decision_ns"], run["applicable"], self.authorization["iterations"]
             ));
         }
+        out.push_str(&self.http_markdown());
         out.push_str(&format!("Run time: {:.0} s.\n", elapsed.as_secs_f64()));
+        out
+    }
+
+    /// HTTP through the waypoint against the L4-only path, per round.
+    fn http_markdown(&self) -> String {
+        let column = |i: usize, read: ReadHttp| median(self.http.iter().map(|r| read(&r[i])).collect());
+        let spread = |read: ReadHttp, ratio: bool| {
+            let per_round: Vec<f64> = self
+                .http
+                .iter()
+                .map(|r| if ratio { read(&r[1]) / read(&r[0]) } else { read(&r[1]) - read(&r[0]) })
+                .collect();
+            let min = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let m = median(per_round);
+            if ratio {
+                format!("{m:.2}× ({min:.2}…{max:.2})")
+            } else {
+                format!("{m:+.2} ms ({min:+.2}…{max:+.2})")
+            }
+        };
+        let rows: [(&str, ReadHttp, bool); 3] = [
+            ("HTTP keep-alive req/s (wrk, 16 conns)", |s| s.rps, true),
+            ("HTTP latency p50 (ms)", |s| s.p50_ms, false),
+            ("HTTP latency p99 (ms)", |s| s.p99_ms, false),
+        ];
+        let mut out = String::from(
+            "\nHTTP through a waypoint (L7 policy, HBONE both hops) against the same server on the L4-only path, cross-node:\n\n| metric | L4 only | via waypoint | waypoint vs L4 |\n|---|---|---|---|\n",
+        );
+        for (name, read, ratio) in rows {
+            out.push_str(&format!(
+                "| {name} | {:.2} | {:.2} | {} |\n",
+                column(0, read),
+                column(1, read),
+                spread(read, ratio)
+            ));
+        }
         out
     }
 
@@ -367,6 +503,10 @@ impl Report<'_> {
             "idle_enrolled_pods": IDLE_PODS,
             "agent_peak_rss_mb": self.peak_rss_kb as f64 / 1024.0,
             "authorization": self.authorization,
+            "http_via_waypoint": self.http.iter().map(|[l4, l7]| json!({
+                "l4": {"rps": l4.rps, "p50_ms": l4.p50_ms, "p99_ms": l4.p99_ms},
+                "waypoint": {"rps": l7.rps, "p50_ms": l7.p50_ms, "p99_ms": l7.p99_ms},
+            })).collect::<Vec<_>>(),
             "elapsed_seconds": elapsed.as_secs_f64(),
             "machine": machine(),
         })

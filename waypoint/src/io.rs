@@ -16,11 +16,13 @@ pub struct StreamIo {
     recv: RecvStream,
     /// Received bytes not yet read.
     pending: Bytes,
+    /// Our end of stream has been sent.
+    ended: bool,
 }
 
 impl StreamIo {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self { send, recv, pending: Bytes::new() }
+        Self { send, recv, pending: Bytes::new(), ended: false }
     }
 }
 
@@ -68,8 +70,21 @@ impl AsyncWrite for StreamIo {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let _ = self.send.send_data(Bytes::new(), true);
-        Poll::Ready(Ok(()))
+    /// Sends our end of stream, then waits for the peer's (discarding what
+    /// it still sends): a stream dropped before both ends are seen would be
+    /// reset, and the other tunnel would log a clean exchange as an error.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.ended {
+            self.ended = true;
+            let _ = self.send.send_data(Bytes::new(), true);
+        }
+        loop {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                }
+                Some(Err(_)) | None => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }

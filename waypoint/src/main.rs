@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod io;
+mod upstream;
 
 use std::{
     convert::Infallible,
@@ -32,13 +33,12 @@ use ambit_agent::{
         request::{Request as PolicyRequest, normalize_path},
     },
     config::{ConfigDir, GATEWAY_NAME_LABEL},
-    identity::{Identity, Svid, ca_client::CaClient, manager::CertManager},
+    identity::{Identity, ca_client::CaClient, manager::CertManager},
     logging::{self, LogFormat},
     metrics::{Metrics, RequestLabels},
-    proxy::hbone::{self, Dialer, HBONE_PORT, HbonePool, HboneTarget},
+    proxy::hbone::{self, HBONE_PORT, HbonePool},
     state::{Endpoint, State},
-    tls::{self, TrustBundle},
-    watch,
+    tls, watch,
 };
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -46,11 +46,17 @@ use clap::Parser;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
+};
 use spiffe::SpiffeId;
-use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch as state_watch};
+use tokio::{net::TcpStream, sync::watch as state_watch};
 
-use crate::io::StreamIo;
+use crate::{
+    io::StreamIo,
+    upstream::{Dial, HboneConnector},
+};
 
 #[derive(Parser)]
 #[command(name = "ambit-waypoint", version, about = "ambit waypoint: L7 authorization for the services that use it")]
@@ -104,29 +110,13 @@ struct Waypoint {
     gateway: String,
     namespace: String,
     identity: Identity,
-    svid: state_watch::Receiver<Option<Arc<Svid>>>,
-    bundle: TrustBundle,
-    view: state_watch::Receiver<Arc<View>>,
-    pool: HbonePool,
+    dial: Arc<Dial>,
+    /// Pooled upstream HTTP/1.1 connections, each an HBONE stream.
+    client: Client<HboneConnector, Incoming>,
     metrics: Arc<Metrics>,
     merge_slashes: bool,
     next_endpoint: AtomicUsize,
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
-}
-
-/// The waypoint dials from its own network namespace.
-struct Host;
-
-impl Dialer for Host {
-    fn origin(&self) -> &str {
-        "waypoint"
-    }
-
-    async fn dial(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
-        let tcp = TcpStream::connect(dst).await?;
-        tcp.set_nodelay(true)?;
-        Ok(tcp)
-    }
 }
 
 fn view(config: &mut ConfigDir, trust_domain: &str, gateway: &str) -> View {
@@ -187,14 +177,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
     tokio::spawn(serve_metrics(admin, metrics.clone()));
+    let dial = Arc::new(Dial { ip: listen.ip(), svid, bundle, view: view_rx, pool: HbonePool::new(metrics.clone()) });
+    let client = Client::builder(TokioExecutor::new()).build(HboneConnector(dial.clone()));
     let waypoint = Arc::new(Waypoint {
         gateway: gateway.clone(),
         namespace: pod.namespace.clone(),
         identity,
-        svid,
-        bundle,
-        view: view_rx,
-        pool: HbonePool::new(metrics.clone()),
+        dial,
+        client,
         metrics,
         merge_slashes: args.merge_slashes,
         next_endpoint: AtomicUsize::new(0),
@@ -210,22 +200,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 impl Waypoint {
     fn server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
-        let svid = self.svid.borrow().clone()?;
+        let svid = self.dial.svid.borrow().clone()?;
         let mut cached = self.server_tls.lock().expect("server tls lock");
         if let Some((_, config)) = cached.as_ref().filter(|(serial, _)| *serial == svid.serial) {
             return Some(config.clone());
         }
-        let config = Arc::new(tls::server_config(&svid, &self.bundle, true).ok()?);
+        let config = Arc::new(tls::server_config(&svid, &self.dial.bundle, true).ok()?);
         *cached = Some((svid.serial.clone(), config.clone()));
         Some(config)
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let Some(config) = self.server_tls() else { return };
-        let (tls, peer_id, _) = match hbone::accept_mtls(tcp, config, &self.bundle.trust_domain, &self.metrics).await {
-            Ok(accepted) => accepted,
-            Err(reason) => return tracing::warn!(src_addr = %peer, error = %reason, "HBONE connection rejected"),
-        };
+        let (tls, peer_id, _) =
+            match hbone::accept_mtls(tcp, config, &self.dial.bundle.trust_domain, &self.metrics).await {
+                Ok(accepted) => accepted,
+                Err(reason) => return tracing::warn!(src_addr = %peer, error = %reason, "HBONE connection rejected"),
+            };
         let Ok(mut h2) = hbone::serve_h2(tls).await else { return };
         while let Some(Ok((request, respond))) = h2.accept().await {
             tokio::spawn(self.clone().stream(request, respond, peer_id.clone(), peer));
@@ -244,7 +235,8 @@ impl Waypoint {
             let _ = respond.send_response(Response::builder().status(status).body(()).expect("valid"), true);
         };
         let service = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-        let known = service.and_then(|addr| self.view.borrow().state.service_endpoints(addr).map(|(id, _)| (addr, id)));
+        let known =
+            service.and_then(|addr| self.dial.view.borrow().state.service_endpoints(addr).map(|(id, _)| (addr, id)));
         let (Method::CONNECT, Some((service_addr, service_id))) = (request.method().clone(), known) else {
             tracing::warn!(src_identity = %client, authority = ?request.uri().authority(), "not a CONNECT to a known service");
             return refuse(&mut respond, StatusCode::BAD_REQUEST);
@@ -273,7 +265,7 @@ impl Waypoint {
         caller: Arc<Caller>,
     ) -> Result<Response<BoxBody<Bytes, hyper::Error>>, Infallible> {
         let started = Instant::now();
-        let view = self.view.borrow().clone();
+        let view = self.dial.view.borrow().clone();
         let method = req.method().to_string();
         let raw_path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
         let mut log = AccessLog {
@@ -326,7 +318,7 @@ impl Waypoint {
         let Some((_, endpoints)) = view.state.service_endpoints(caller.service_addr) else {
             return Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, "the service is gone"));
         };
-        match self.forward(req, &path, &endpoints, caller.ip).await {
+        match self.forward(req, &path, &endpoints).await {
             Ok((response, endpoint)) => {
                 log.done(response.status(), &endpoint);
                 Ok(response.map(|body| body.boxed()))
@@ -339,46 +331,22 @@ impl Waypoint {
         self.gateway.split_once('/').map(|(_, name)| name).unwrap_or(&self.gateway)
     }
 
-    /// Sends the request, with the normalized path, to an endpoint over
-    /// HBONE as the waypoint's own identity.
+    /// Sends the request, with the normalized path, to an endpoint (round
+    /// robin) over a pooled HBONE stream, as the waypoint's own identity.
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         path: &str,
         endpoints: &[Endpoint],
-        client_ip: IpAddr,
     ) -> anyhow::Result<(Response<Incoming>, String)> {
         if endpoints.is_empty() {
             bail!("the service has no endpoints");
         }
         let endpoint = &endpoints[self.next_endpoint.fetch_add(1, Ordering::Relaxed) % endpoints.len()];
-        let expected =
-            endpoint.identity.clone().with_context(|| format!("{} is not in the mesh", endpoint.workload))?;
-        let svid = self.svid.borrow().clone().context("no certificate")?;
-        let target = HboneTarget {
-            hbone: SocketAddr::new(endpoint.addr.ip(), HBONE_PORT),
-            expected,
-            app: endpoint.addr,
-            source_ip: client_ip,
-        };
-        let stream = self.pool.open(&Host, &svid, &self.bundle, &target).await?;
-        let guard = stream.guard;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(StreamIo::new(stream.send, stream.recv))).await?;
-        tokio::spawn(async move {
-            // A clean end of the exchange ends the stream cleanly: half-close,
-            // then wait for the destination's end, so neither side sees a reset.
-            if let Ok(parts) = conn.without_shutdown().await {
-                let mut io = parts.io.into_inner();
-                let _ = io.shutdown().await;
-                let _ = tokio::io::copy(&mut io, &mut tokio::io::sink()).await;
-            }
-            drop(guard);
-        });
-        // Upstream is HTTP/1.1 in origin form, with the normalized path.
+        // The pool is keyed by this URI; upstream gets the origin form.
         let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
         let authority = req.uri().authority().map(|a| a.to_string());
-        *req.uri_mut() = Uri::try_from(format!("{path}{query}"))?;
+        *req.uri_mut() = Uri::try_from(format!("http://{}{path}{query}", endpoint.addr))?;
         *req.version_mut() = http::Version::HTTP_11;
         if let (false, Some(authority)) = (req.headers().contains_key(header::HOST), authority) {
             req.headers_mut().insert(header::HOST, HeaderValue::try_from(authority)?);
@@ -386,7 +354,7 @@ impl Waypoint {
         for hop in ["connection", "keep-alive", "proxy-connection", "upgrade", "te"] {
             req.headers_mut().remove(hop);
         }
-        Ok((sender.send_request(req).await?, endpoint.workload.clone()))
+        Ok((self.client.request(req).await?, endpoint.workload.clone()))
     }
 }
 

@@ -65,6 +65,7 @@ fn main() {
         ips: vec!["10.244.1.5".parse().unwrap()],
         netns: None,
         dataplane_mode: None,
+        use_waypoint: None,
         source: "bench".into(),
     };
     let caller = Identity::new("cluster.local", "ns-8", "caller-107");

@@ -60,6 +60,9 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     pub netns: Option<PathBuf>,
     pub dataplane_mode: Option<DataplaneMode>,
+    /// [`USE_WAYPOINT_LABEL`]: its own traffic (addressed to the pod) goes
+    /// through that waypoint if the waypoint takes workload traffic.
+    pub use_waypoint: Option<String>,
     /// The file the pod came from, for error messages.
     pub source: PathBuf,
 }
@@ -384,6 +387,7 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
                     ));
                 }
             };
+            let use_waypoint = raw.metadata.labels.get(USE_WAYPOINT_LABEL).cloned();
             Ok(Object::Pod(Pod {
                 namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
                 name: raw.metadata.name,
@@ -393,6 +397,7 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
                 ips: raw.status.pod_ips.into_iter().map(|p| p.ip).collect(),
                 netns,
                 dataplane_mode,
+                use_waypoint,
                 source: file.to_path_buf(),
             }))
         }

@@ -25,7 +25,9 @@ pub enum Destination {
     /// A service whose traffic goes through a waypoint: the waypoint's pods
     /// (their HBONE addresses) take the connection, never the service's
     /// endpoints directly. No pods: the connection fails closed.
-    Waypoint { service: String, waypoint: String, endpoints: Vec<Endpoint> },
+    /// `service` is `None` for traffic addressed to a pod (a waypoint for
+    /// workload traffic).
+    Waypoint { service: Option<String>, waypoint: String, endpoints: Vec<Endpoint> },
     /// A pod the mesh knows.
     Workload(Endpoint),
     /// Anything else: passed through as plain TCP.
@@ -101,13 +103,24 @@ impl State {
             let Some((service, endpoints)) = self.service_endpoints(dst) else {
                 return Destination::External;
             };
-            if let Some(waypoint) = self.waypoint_of(&self.snapshot.services[&service]) {
+            let svc = &self.snapshot.services[&service];
+            if let Some(waypoint) = self.waypoint_for(&svc.namespace, svc.use_waypoint.as_deref(), WaypointFor::Service)
+            {
                 let endpoints = self.waypoint_endpoints(&waypoint, dst.is_ipv4());
-                return Destination::Waypoint { service, waypoint, endpoints };
+                return Destination::Waypoint { service: Some(service), waypoint, endpoints };
             }
             return Destination::Service { service, endpoints };
         }
         match self.workload_by_ip.get(&dst.ip()).and_then(|id| self.snapshot.pods.get(id)) {
+            Some(pod) if !pod.labels.contains_key(GATEWAY_NAME_LABEL) => {
+                match self.waypoint_for(&pod.namespace, pod.use_waypoint.as_deref(), WaypointFor::Workload) {
+                    Some(waypoint) => {
+                        let endpoints = self.waypoint_endpoints(&waypoint, dst.is_ipv4());
+                        Destination::Waypoint { service: None, waypoint, endpoints }
+                    }
+                    None => Destination::Workload(self.endpoint(pod, dst)),
+                }
+            }
             Some(pod) => Destination::Workload(self.endpoint(pod, dst)),
             None => Destination::External,
         }
@@ -126,21 +139,32 @@ impl State {
         Some((service.id(), endpoints))
     }
 
-    /// The waypoint (`namespace/name`) a service's traffic must take: the
-    /// service's label, else its namespace's; `none` on the service opts out.
-    /// Only a waypoint for service traffic counts; a label naming a Gateway
-    /// that does not exist still names it, so traffic fails closed.
-    fn waypoint_of(&self, service: &Service) -> Option<String> {
-        let namespace = self.snapshot.namespaces.get(&service.namespace);
-        let name = service.use_waypoint.as_deref().or(namespace.and_then(|ns| ns.use_waypoint.as_deref()))?;
+    /// The waypoint (`namespace/name`) that traffic of `kind` to an object
+    /// in `namespace` must take: the object's own label, else its
+    /// namespace's; `none` opts out. A label naming a Gateway that does not
+    /// exist still names it, so that traffic fails closed.
+    fn waypoint_for(&self, namespace: &str, own_label: Option<&str>, kind: WaypointFor) -> Option<String> {
+        let namespace_label = self.snapshot.namespaces.get(namespace).and_then(|ns| ns.use_waypoint.as_deref());
+        let name = own_label.or(namespace_label)?;
         if name == "none" {
             return None;
         }
-        let id = format!("{}/{name}", service.namespace);
+        let id = format!("{namespace}/{name}");
         match self.snapshot.gateways.get(&id).map(|gw| gw.waypoint_for) {
-            Some(WaypointFor::Workload | WaypointFor::None) => None,
-            _ => Some(id),
+            Some(WaypointFor::None) => None,
+            Some(WaypointFor::All) | None => Some(id),
+            Some(takes) => (takes == kind).then_some(id),
         }
+    }
+
+    /// What a waypoint forwards a CONNECT to `addr` to: a service address
+    /// (its endpoints) or a pod address (that pod), with the service's id.
+    pub fn waypoint_target(&self, addr: SocketAddr) -> Option<(Option<String>, Vec<Endpoint>)> {
+        if let Some((service, endpoints)) = self.service_endpoints(addr) {
+            return Some((Some(service), endpoints));
+        }
+        let pod = self.snapshot.pods.get(self.workload_by_ip.get(&addr.ip())?)?;
+        Some((None, vec![self.endpoint(pod, addr)]))
     }
 
     /// The HBONE addresses of a waypoint's pods, with the identity each must prove.
@@ -250,6 +274,7 @@ mod tests {
             ips: vec![format!("10.0.0.{}", name.len()).parse().unwrap()],
             netns: None,
             dataplane_mode: mode,
+            use_waypoint: None,
             source: "pods.yaml".into(),
         }
     }
@@ -426,6 +451,17 @@ mod tests {
             "workload-only waypoint"
         );
         assert_eq!(via(with(Some("wp"), None, Some(gateway(WaypointFor::All)), true)).unwrap().0, "shop/wp");
+
+        // Traffic addressed to a pod takes a waypoint for workloads (or all).
+        let to_pod = |takes| {
+            let mut state = shop_state(vec![]);
+            state.snapshot.pods.get_mut("shop/db").unwrap().use_waypoint = Some("wp".into());
+            state.snapshot.gateways.insert("shop/wp".into(), gateway(takes));
+            via(State::new(state.snapshot, "cluster.local").destination("10.1.0.3:5432".parse().unwrap()))
+        };
+        assert_eq!(to_pod(WaypointFor::Service), None, "a service waypoint leaves pod traffic alone");
+        assert_eq!(to_pod(WaypointFor::Workload), Some(("shop/wp".into(), vec![])));
+        assert_eq!(to_pod(WaypointFor::All).unwrap().0, "shop/wp");
 
         let mut snapshot = shop_state(vec![]).snapshot;
         let mut pod = web_pod("wp-1", "10.1.0.9", "wp");

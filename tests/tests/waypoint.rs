@@ -106,7 +106,7 @@ impl Issuer {
 
 const API: &str = "http://10.96.0.20";
 
-fn payments_config(jwks: &std::path::Path) -> String {
+fn payments_config(jwks: &std::path::Path, waypoint_for: &str) -> String {
     format!(
         r#"apiVersion: v1
 kind: Service
@@ -122,7 +122,10 @@ spec:
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
-metadata: {{name: wp, namespace: payments}}
+metadata:
+  name: wp
+  namespace: payments
+  labels: {{ambit.dev/waypoint-for: {waypoint_for}}}
 spec: {{gatewayClassName: ambit-waypoint}}
 ---
 apiVersion: security.ambit.dev/v1
@@ -157,7 +160,7 @@ spec:
   rules:
   - from: [{{source: {{principals: [cluster.local/ns/payments/sa/wp]}}}}]
 "#,
-        jwks = jwks.display()
+        jwks = jwks.display(),
     )
 }
 
@@ -176,9 +179,11 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
     bed.add_pods(&[("n1", "shop/checkout"), ("n1", "shop/other"), ("n2", "payments/api"), ("n2", "payments/wp")])
         .unwrap();
     bed.set_pod_label("payments/wp", "gateway.networking.k8s.io/gateway-name", Some("wp")).unwrap();
+    // Counts only once the waypoint takes workload traffic (below).
+    bed.set_pod_label("payments/api", "ambit.dev/use-waypoint", Some("wp")).unwrap();
     let jwks = bed.scratch().join("jwks.json");
     let issuer = Issuer::new(&jwks);
-    bed.write_config("payments.yaml", &payments_config(&jwks)).unwrap();
+    bed.write_config("payments.yaml", &payments_config(&jwks, "service")).unwrap();
     let mut n1 = agent(&bed, "n1");
     let mut n2 = agent(&bed, "n2");
     wait_nodes_ready(&bed, &["n1", "n2"]);
@@ -304,6 +309,16 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
     let checkout = "spiffe://cluster.local/ns/shop/sa/checkout";
     let bypass = n2.wait_connections(1, |c| c.src_identity == checkout && c.dst_workload == "payments/api").unwrap();
     assert_eq!(bypass[0].decision, "deny", "{bypass:?}");
+
+    // A waypoint for all traffic also takes traffic addressed to the pod.
+    bed.write_config("payments.yaml", &payments_config(&jwks, "all")).unwrap();
+    wait_applied(&n1, 0);
+    let direct_url = format!("http://{api_ip}:8080/v1/charge");
+    let to_pod = |token: &str| status(&bed, "shop/checkout", &["-X", "POST", "-H", &bearer(token), &direct_url]);
+    assert_eq!(to_pod(&charge), 200, "{}", waypoint.log_text());
+    assert_eq!(to_pod(&issuer.token("read", 300, false)), 403, "L7 policy on pod-addressed traffic");
+    let served = waypoint.requests().into_iter().rev().find(|r| r["status"] == 200).unwrap();
+    assert_eq!((served["dst_service"].as_str(), served["dst_workload"].as_str()), (Some("-"), Some("payments/api")));
 
     // Waypoint down: requests fail, and nothing goes around it.
     waypoint.stop();

@@ -234,11 +234,11 @@ impl Waypoint {
         let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
             let _ = respond.send_response(Response::builder().status(status).body(()).expect("valid"), true);
         };
-        let service = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let authority = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
         let known =
-            service.and_then(|addr| self.dial.view.borrow().state.service_endpoints(addr).map(|(id, _)| (addr, id)));
-        let (Method::CONNECT, Some((service_addr, service_id))) = (request.method().clone(), known) else {
-            tracing::warn!(src_identity = %client, authority = ?request.uri().authority(), "not a CONNECT to a known service");
+            authority.and_then(|addr| self.dial.view.borrow().state.waypoint_target(addr).map(|(svc, _)| (addr, svc)));
+        let (Method::CONNECT, Some((target, service))) = (request.method().clone(), known) else {
+            tracing::warn!(src_identity = %client, authority = ?request.uri().authority(), "not a CONNECT to a known service or pod");
             return refuse(&mut respond, StatusCode::BAD_REQUEST);
         };
         let Ok(send) =
@@ -247,7 +247,7 @@ impl Waypoint {
             return;
         };
         let downstream = StreamIo::new(send, request.into_body());
-        let caller = Arc::new(Caller { identity: client, ip: peer.ip(), service_addr, service_id });
+        let caller = Arc::new(Caller { identity: client, ip: peer.ip(), target, service });
         let this = self.clone();
         let service = hyper::service::service_fn(move |req| this.clone().request(req, caller.clone()));
         if let Err(e) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -296,8 +296,8 @@ impl Waypoint {
         let conn = Connection {
             peer: Some(Peer::from_spiffe_id(&caller.identity)),
             src_ip: Some(caller.ip),
-            dst_ip: Some(caller.service_addr.ip()),
-            dst_port: Some(caller.service_addr.port()),
+            dst_ip: Some(caller.target.ip()),
+            dst_port: Some(caller.target.port()),
             request: Some(PolicyRequest {
                 method: method.clone(),
                 host,
@@ -306,17 +306,18 @@ impl Waypoint {
                 auth,
             }),
         };
-        let (service_ns, service_name) = caller.service_id.split_once('/').unwrap_or_default();
-        let targets = [
-            format!("{}/Gateway/{}", self.namespace, self.gateway_name()),
-            format!("{service_ns}/Service/{service_name}"),
-        ];
+        // Policies on the Gateway apply to all its traffic; those on a
+        // Service, to that service's.
+        let mut targets = vec![format!("{}/Gateway/{}", self.namespace, self.gateway_name())];
+        if let Some((ns, name)) = caller.service.as_deref().and_then(|s| s.split_once('/')) {
+            targets.push(format!("{ns}/Service/{name}"));
+        }
         let decision = view.state.policies().evaluate_targets(&targets, &conn);
         if !decision.allows() {
             return Ok(log.local(StatusCode::FORBIDDEN, &format!("RBAC: access denied ({})", decision.reason)));
         }
-        let Some((_, endpoints)) = view.state.service_endpoints(caller.service_addr) else {
-            return Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, "the service is gone"));
+        let Some((_, endpoints)) = view.state.waypoint_target(caller.target) else {
+            return Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, "the destination is gone"));
         };
         match self.forward(req, &path, &endpoints).await {
             Ok((response, endpoint)) => {
@@ -378,8 +379,10 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>)
 struct Caller {
     identity: SpiffeId,
     ip: IpAddr,
-    service_addr: SocketAddr,
-    service_id: String,
+    /// The CONNECT `:authority`: a service address or a pod address.
+    target: SocketAddr,
+    /// `namespace/name` when `target` is a service.
+    service: Option<String>,
 }
 
 /// One access-log line per request.
@@ -416,7 +419,7 @@ impl AccessLog<'_> {
         let labels = RequestLabels {
             reporter: "waypoint".into(),
             source_principal: self.caller.identity.to_string(),
-            destination_service: self.caller.service_id.clone(),
+            destination_service: self.caller.service.clone().unwrap_or_else(|| "unknown".into()),
             response_code: status.as_u16().to_string(),
         };
         self.metrics.requests.get_or_create(&labels).inc();
@@ -429,7 +432,7 @@ impl AccessLog<'_> {
             src_identity = %self.caller.identity,
             src_addr = %self.caller.ip,
             request_principal = self.principal.as_deref().unwrap_or("-"),
-            dst_service = %self.caller.service_id,
+            dst_service = self.caller.service.as_deref().unwrap_or("-"),
             dst_workload = endpoint,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             reason = reason.unwrap_or("-"),

@@ -17,6 +17,7 @@ fn api_pod() -> Pod {
         ips: vec!["10.0.0.5".parse().unwrap()],
         netns: None,
         dataplane_mode: None,
+        use_waypoint: None,
         source: "pods.yaml".into(),
     }
 }

@@ -59,7 +59,7 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
             endpoints
         }
         Destination::Waypoint { service, waypoint: name, endpoints } => {
-            log.dst_service = Some(service);
+            log.dst_service = service;
             waypoint = Some(name);
             endpoints
         }

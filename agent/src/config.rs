@@ -568,6 +568,33 @@ pub struct Snapshot {
     pub request_authentications: Vec<RequestAuthentication>,
 }
 
+impl Snapshot {
+    /// The waypoint (`namespace/name`) that traffic of `kind` to an object
+    /// in `namespace` must take: the object's own label, else its
+    /// namespace's; `none` opts out. A label naming a Gateway that does not
+    /// exist still names it, so that traffic fails closed.
+    pub fn waypoint_for(&self, namespace: &str, own_label: Option<&str>, kind: WaypointFor) -> Option<String> {
+        let namespace_label = self.namespaces.get(namespace).and_then(|ns| ns.use_waypoint.as_deref());
+        let name = own_label.or(namespace_label)?;
+        if name == "none" {
+            return None;
+        }
+        let id = format!("{namespace}/{name}");
+        match self.gateways.get(&id).map(|gw| gw.waypoint_for) {
+            Some(WaypointFor::None) => None,
+            Some(WaypointFor::All) | None => Some(id),
+            Some(takes) => (takes == kind).then_some(id),
+        }
+    }
+}
+
+/// Logs what a reload could not apply; those files keep their last good objects.
+pub fn log_errors(errors: &[ConfigError]) {
+    for error in errors {
+        tracing::error!(error = %error, "configuration error; the last good version of this file stays in force");
+    }
+}
+
 /// The configuration directory and the last good objects of each file in it.
 pub struct ConfigDir {
     dir: PathBuf,

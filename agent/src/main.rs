@@ -214,7 +214,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
     let mut config = ConfigDir::new(&config_dir);
     let (snapshot, errors) = config.reload();
-    report(&errors);
+    config::log_errors(&errors);
     let mut policy_warnings = HashSet::new();
     warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
     let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(State::new(snapshot, &args.trust_domain)));
@@ -262,7 +262,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                     bail!("the configuration watcher stopped");
                 }
                 let (snapshot, errors) = config.reload();
-                report(&errors);
+                config::log_errors(&errors);
                 warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
                 state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
                 apply(&mut enrolments);
@@ -294,10 +294,4 @@ fn warn_policies(snapshot: &config::Snapshot, trust_domain: &str, warned: &mut H
         tracing::warn!(warning = %finding, "authorization policy");
     }
     *warned = findings;
-}
-
-fn report(errors: &[config::ConfigError]) {
-    for error in errors {
-        tracing::error!(error = %error, "configuration error; the last good version of this file stays in force");
-    }
 }

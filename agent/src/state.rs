@@ -99,21 +99,22 @@ impl State {
 
     /// Resolves a captured connection's original destination.
     pub fn destination(&self, dst: SocketAddr) -> Destination {
-        if self.snapshot.services.values().any(|s| s.cluster_ip == dst.ip()) {
-            let Some((service, endpoints)) = self.service_endpoints(dst) else {
-                return Destination::External;
+        // A service address with an undeclared port matches no pod either: External.
+        if let Some((svc, endpoints)) = self.service_endpoints(dst) {
+            let waypoint =
+                self.snapshot.waypoint_for(&svc.namespace, svc.use_waypoint.as_deref(), WaypointFor::Service);
+            return match waypoint {
+                Some(waypoint) => Destination::Waypoint {
+                    service: Some(svc.id()),
+                    endpoints: self.waypoint_endpoints(&waypoint, dst.is_ipv4()),
+                    waypoint,
+                },
+                None => Destination::Service { service: svc.id(), endpoints },
             };
-            let svc = &self.snapshot.services[&service];
-            if let Some(waypoint) = self.waypoint_for(&svc.namespace, svc.use_waypoint.as_deref(), WaypointFor::Service)
-            {
-                let endpoints = self.waypoint_endpoints(&waypoint, dst.is_ipv4());
-                return Destination::Waypoint { service: Some(service), waypoint, endpoints };
-            }
-            return Destination::Service { service, endpoints };
         }
         match self.workload_by_ip.get(&dst.ip()).and_then(|id| self.snapshot.pods.get(id)) {
             Some(pod) if !pod.labels.contains_key(GATEWAY_NAME_LABEL) => {
-                match self.waypoint_for(&pod.namespace, pod.use_waypoint.as_deref(), WaypointFor::Workload) {
+                match self.snapshot.waypoint_for(&pod.namespace, pod.use_waypoint.as_deref(), WaypointFor::Workload) {
                     Some(waypoint) => {
                         let endpoints = self.waypoint_endpoints(&waypoint, dst.is_ipv4());
                         Destination::Waypoint { service: None, waypoint, endpoints }
@@ -126,9 +127,9 @@ impl State {
         }
     }
 
-    /// The service at `dst` (`namespace/name`) and its endpoints on the
-    /// target port, whatever waypoint it uses: what a waypoint forwards to.
-    pub fn service_endpoints(&self, dst: SocketAddr) -> Option<(String, Vec<Endpoint>)> {
+    /// The service at `dst` and its endpoints on the target port, whatever
+    /// waypoint it uses.
+    fn service_endpoints(&self, dst: SocketAddr) -> Option<(&Service, Vec<Endpoint>)> {
         let service = self.snapshot.services.values().find(|s| s.cluster_ip == dst.ip())?;
         let port = service.ports.iter().find(|p| p.port == dst.port())?;
         let endpoints = self
@@ -136,32 +137,14 @@ impl State {
             .flat_map(|pod| pod.ips.iter().filter(|ip| ip.is_ipv4() == dst.is_ipv4()).map(move |ip| (pod, *ip)))
             .map(|(pod, ip)| self.endpoint(pod, SocketAddr::new(ip, port.target_port)))
             .collect();
-        Some((service.id(), endpoints))
-    }
-
-    /// The waypoint (`namespace/name`) that traffic of `kind` to an object
-    /// in `namespace` must take: the object's own label, else its
-    /// namespace's; `none` opts out. A label naming a Gateway that does not
-    /// exist still names it, so that traffic fails closed.
-    fn waypoint_for(&self, namespace: &str, own_label: Option<&str>, kind: WaypointFor) -> Option<String> {
-        let namespace_label = self.snapshot.namespaces.get(namespace).and_then(|ns| ns.use_waypoint.as_deref());
-        let name = own_label.or(namespace_label)?;
-        if name == "none" {
-            return None;
-        }
-        let id = format!("{namespace}/{name}");
-        match self.snapshot.gateways.get(&id).map(|gw| gw.waypoint_for) {
-            Some(WaypointFor::None) => None,
-            Some(WaypointFor::All) | None => Some(id),
-            Some(takes) => (takes == kind).then_some(id),
-        }
+        Some((service, endpoints))
     }
 
     /// What a waypoint forwards a CONNECT to `addr` to: a service address
     /// (its endpoints) or a pod address (that pod), with the service's id.
     pub fn waypoint_target(&self, addr: SocketAddr) -> Option<(Option<String>, Vec<Endpoint>)> {
         if let Some((service, endpoints)) = self.service_endpoints(addr) {
-            return Some((Some(service), endpoints));
+            return Some((Some(service.id()), endpoints));
         }
         let pod = self.snapshot.pods.get(self.workload_by_ip.get(&addr.ip())?)?;
         Some((None, vec![self.endpoint(pod, addr)]))

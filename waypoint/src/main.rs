@@ -32,7 +32,7 @@ use ambit_agent::{
         jwt::{JwtRule, JwtVerifier},
         request::{Request as PolicyRequest, normalize_path},
     },
-    config::{ConfigDir, GATEWAY_NAME_LABEL},
+    config::{ConfigDir, GATEWAY_NAME_LABEL, Gateway, Snapshot},
     identity::{Identity, ca_client::CaClient, manager::CertManager},
     logging::{self, LogFormat},
     metrics::{Metrics, RequestLabels},
@@ -106,9 +106,7 @@ struct View {
 }
 
 struct Waypoint {
-    /// `namespace/name` of its Gateway.
-    gateway: String,
-    namespace: String,
+    gateway: Gateway,
     identity: Identity,
     dial: Arc<Dial>,
     /// Pooled upstream HTTP/1.1 connections, each an HBONE stream.
@@ -119,17 +117,21 @@ struct Waypoint {
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
 }
 
-fn view(config: &mut ConfigDir, trust_domain: &str, gateway: &str) -> View {
+/// Reads the configuration directory again, logging what failed.
+fn reload(config: &mut ConfigDir) -> Snapshot {
     let (snapshot, errors) = config.reload();
-    for error in &errors {
-        tracing::error!(error = %error, "configuration error; the last good version of this file stays in force");
-    }
-    let target = gateway.split_once('/').map(|(_, name)| format!("Gateway/{name}")).unwrap_or_default();
-    let namespace = gateway.split_once('/').map(|(ns, _)| ns).unwrap_or_default();
+    ambit_agent::config::log_errors(&errors);
+    snapshot
+}
+
+fn view(snapshot: Snapshot, trust_domain: &str, gateway: &Gateway) -> View {
+    let target = format!("Gateway/{}", gateway.name);
     let rules: Vec<JwtRule> = snapshot
         .request_authentications
         .iter()
-        .filter(|ra| ra.namespace == namespace && matches!(&ra.scope, Scope::TargetRefs(t) if t.contains(&target)))
+        .filter(|ra| {
+            ra.namespace == gateway.namespace && matches!(&ra.scope, Scope::TargetRefs(t) if t.contains(&target))
+        })
         .flat_map(|ra| ra.rules.iter().cloned())
         .collect();
     View { state: State::new(snapshot, trust_domain), jwt: JwtVerifier::new(rules) }
@@ -138,7 +140,7 @@ fn view(config: &mut ConfigDir, trust_domain: &str, gateway: &str) -> View {
 async fn run(args: Args) -> anyhow::Result<()> {
     let bundle = tls::load_bundle(&args.ca_root, &args.trust_domain)?;
     let mut config = ConfigDir::new(&args.config_dir);
-    let (snapshot, _) = config.reload();
+    let snapshot = reload(&mut config);
     let pod = snapshot
         .pods
         .get(&args.pod)
@@ -147,10 +149,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let Some(gateway_name) = pod.labels.get(GATEWAY_NAME_LABEL) else {
         bail!("--pod {}: not a waypoint pod; label it {GATEWAY_NAME_LABEL}: <gateway>", args.pod);
     };
-    let gateway = format!("{}/{gateway_name}", pod.namespace);
-    if !snapshot.gateways.contains_key(&gateway) {
-        bail!("--pod {}: Gateway {gateway} is not in the configuration", args.pod);
-    }
+    let gateway_id = format!("{}/{gateway_name}", pod.namespace);
+    let Some(gateway) = snapshot.gateways.get(&gateway_id).cloned() else {
+        bail!("--pod {}: Gateway {gateway_id} is not in the configuration", args.pod);
+    };
     let listen = SocketAddr::new(*pod.ips.first().context("the waypoint pod has no IP")?, HBONE_PORT);
     let identity = Identity::new(&args.trust_domain, &pod.namespace, &pod.service_account);
     let token = std::fs::read_to_string(&args.node_token_file)
@@ -161,13 +163,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut svid = certs.acquire(&identity, &args.pod);
     svid.wait_for(Option::is_some).await.context("certificate manager stopped")?;
 
-    let (view_tx, view_rx) = state_watch::channel(Arc::new(view(&mut config, &args.trust_domain, &gateway)));
+    let (view_tx, view_rx) = state_watch::channel(Arc::new(view(snapshot, &args.trust_domain, &gateway)));
     let (_watcher, mut changes) = watch::watch_dir(config.path())?;
     let trust_domain = args.trust_domain.clone();
     let gateway_for_reload = gateway.clone();
     tokio::spawn(async move {
         while changes.recv().await.is_some() && watch::settle(&mut changes).await {
-            view_tx.send_replace(Arc::new(view(&mut config, &trust_domain, &gateway_for_reload)));
+            view_tx.send_replace(Arc::new(view(reload(&mut config), &trust_domain, &gateway_for_reload)));
             tracing::info!("configuration applied");
         }
     });
@@ -180,8 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dial = Arc::new(Dial { ip: listen.ip(), svid, bundle, view: view_rx, pool: HbonePool::new(metrics.clone()) });
     let client = Client::builder(TokioExecutor::new()).build(HboneConnector(dial.clone()));
     let waypoint = Arc::new(Waypoint {
-        gateway: gateway.clone(),
-        namespace: pod.namespace.clone(),
+        gateway,
         identity,
         dial,
         client,
@@ -190,7 +191,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         next_endpoint: AtomicUsize::new(0),
         server_tls: Mutex::new(None),
     });
-    tracing::info!(%gateway, %listen, identity = %waypoint.identity, "waypoint ready");
+    tracing::info!(gateway = %gateway_id, %listen, identity = %waypoint.identity, "waypoint ready");
     loop {
         let (tcp, peer) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);
@@ -308,7 +309,7 @@ impl Waypoint {
         };
         // Policies on the Gateway apply to all its traffic; those on a
         // Service, to that service's.
-        let mut targets = vec![format!("{}/Gateway/{}", self.namespace, self.gateway_name())];
+        let mut targets = vec![format!("{}/Gateway/{}", self.gateway.namespace, self.gateway.name)];
         if let Some((ns, name)) = caller.service.as_deref().and_then(|s| s.split_once('/')) {
             targets.push(format!("{ns}/Service/{name}"));
         }
@@ -326,10 +327,6 @@ impl Waypoint {
             }
             Err(e) => Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, &format!("upstream: {e}"))),
         }
-    }
-
-    fn gateway_name(&self) -> &str {
-        self.gateway.split_once('/').map(|(_, name)| name).unwrap_or(&self.gateway)
     }
 
     /// Sends the request, with the normalized path, to an endpoint (round

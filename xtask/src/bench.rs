@@ -140,8 +140,8 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         }
         let secs = plan.seconds.to_string();
         http.push([
-            wrk_latency(&bed, &format!("{L4_VIP}:80"), &secs)?,
-            wrk_latency(&bed, &format!("{L7_VIP}:80"), &secs)?,
+            wrk(&bed, "shop/client", &format!("{L4_VIP}:80"), &secs)?,
+            wrk(&bed, "shop/client", &format!("{L7_VIP}:80"), &secs)?,
         ]);
     }
     let peak_rss_kb = agents.iter().map(|a| proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
@@ -185,7 +185,7 @@ fn measure(bed: &Bed, agents: &[Agent], tool: &Path, scenario: &Scenario, plan: 
         p50_us: pings["p50_us"].as_f64().unwrap_or_default(),
         p90_us: pings["p90_us"].as_f64().unwrap_or_default(),
         p99_us: pings["p99_us"].as_f64().unwrap_or_default(),
-        http_rps: wrk(bed, scenario.client, &server, &secs)?,
+        http_rps: wrk(bed, scenario.client, &format!("{server}:{HTTP_PORT}"), &secs)?.rps,
         conn_rate: rate["connections_per_sec"].as_f64().unwrap_or_default(),
         cpu_s_per_gb: if scenario.meshed { cpu / ((bytes_1 + bytes_8) as f64 / 1e9) } else { 0.0 },
     })
@@ -201,18 +201,6 @@ fn iperf3(bed: &Bed, client: &str, server: &str, secs: &str, streams: usize) -> 
     let report: Value = serde_json::from_str(&out)?;
     let received = &report["end"]["sum_received"];
     Ok((received["bits_per_second"].as_f64().unwrap_or_default() / 1e9, received["bytes"].as_u64().unwrap_or_default()))
-}
-
-/// wrk with 16 keep-alive connections: requests per second.
-fn wrk(bed: &Bed, client: &str, server: &str, secs: &str) -> Result<f64> {
-    let out = bed.run_ok(
-        client,
-        "wrk",
-        &["-t", "2", "-c", "16", "-d", &format!("{secs}s"), &format!("http://{server}:{HTTP_PORT}/")],
-    )?;
-    out.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:").and_then(|v| v.trim().parse().ok()))
-        .with_context(|| format!("wrk printed no Requests/sec:\n{out}"))
 }
 
 fn agents_cpu_seconds(agents: &[Agent]) -> Result<f64> {
@@ -291,7 +279,7 @@ spec:
 
 type ReadHttp = fn(&HttpSample) -> f64;
 
-/// wrk over 16 keep-alive connections: requests per second and latency.
+/// What wrk measured: requests per second and latency.
 #[derive(Clone, Copy, Default)]
 struct HttpSample {
     rps: f64,
@@ -299,9 +287,10 @@ struct HttpSample {
     p99_ms: f64,
 }
 
-fn wrk_latency(bed: &Bed, target: &str, secs: &str) -> Result<HttpSample> {
+/// wrk from `client` to `http://<target>/` over 16 keep-alive connections.
+fn wrk(bed: &Bed, client: &str, target: &str, secs: &str) -> Result<HttpSample> {
     let out = bed.run_ok(
-        "shop/client",
+        client,
         "wrk",
         &["-t", "2", "-c", "16", "-d", &format!("{secs}s"), "--latency", &format!("http://{target}/")],
     )?;

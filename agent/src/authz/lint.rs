@@ -5,7 +5,7 @@
 use std::fmt;
 
 use super::{Action, Attribute, Condition, Scope, StringMatch, Values};
-use crate::config::{Snapshot, USE_WAYPOINT_LABEL};
+use crate::config::{Snapshot, USE_WAYPOINT_LABEL, WaypointFor};
 
 /// A warning about one policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,8 +85,7 @@ fn waypoint_enforces(snapshot: &Snapshot, namespace: &str, target: &str) -> bool
     match target.split_once('/') {
         Some(("Gateway", name)) => snapshot.gateways.contains_key(&id(name)),
         Some(("Service", name)) => snapshot.services.get(&id(name)).is_some_and(|svc| {
-            let namespace_label = snapshot.namespaces.get(namespace).and_then(|ns| ns.use_waypoint.as_deref());
-            svc.use_waypoint.as_deref().or(namespace_label).is_some_and(|w| w != "none")
+            snapshot.waypoint_for(namespace, svc.use_waypoint.as_deref(), WaypointFor::Service).is_some()
         }),
         _ => false,
     }

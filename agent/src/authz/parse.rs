@@ -183,16 +183,7 @@ pub fn policy(file: &Path, doc: usize, object: &str, value: Value) -> Result<Aut
     if spec.provider.is_some() {
         return Err(ctx.err("spec.provider", "a provider belongs to CUSTOM actions, which are not supported"));
     }
-    let target_refs: Vec<String> =
-        spec.target_ref.into_iter().chain(spec.target_refs).map(|t| format!("{}/{}", t.kind, t.name)).collect();
-    let scope = match (spec.selector, target_refs.is_empty()) {
-        (Some(_), false) => {
-            return Err(ctx.err("spec.selector", "set either selector or targetRefs, not both"));
-        }
-        (Some(selector), true) => Scope::Selector(selector.match_labels),
-        (None, false) => Scope::TargetRefs(target_refs),
-        (None, true) => Scope::Namespace,
-    };
+    let scope = scope(&ctx, spec.selector, spec.target_ref.into_iter().chain(spec.target_refs))?;
     let dry_run = match raw.metadata.annotations.get(DRY_RUN_ANNOTATION).map(String::as_str) {
         None | Some("false") => false,
         Some("true") => true,
@@ -214,6 +205,21 @@ pub fn policy(file: &Path, doc: usize, object: &str, value: Value) -> Result<Aut
         action,
         rules,
         dry_run,
+    })
+}
+
+/// Selector, `targetRefs` (as `Kind/name`), or neither (the namespace).
+fn scope(
+    ctx: &Ctx,
+    selector: Option<RawSelector>,
+    target_refs: impl IntoIterator<Item = RawTargetRef>,
+) -> Result<Scope, ConfigError> {
+    let target_refs: Vec<String> = target_refs.into_iter().map(|t| format!("{}/{}", t.kind, t.name)).collect();
+    Ok(match (selector, target_refs.is_empty()) {
+        (Some(_), false) => return Err(ctx.err("spec.selector", "set either selector or targetRefs, not both")),
+        (Some(selector), true) => Scope::Selector(selector.match_labels),
+        (None, false) => Scope::TargetRefs(target_refs),
+        (None, true) => Scope::Namespace,
     })
 }
 
@@ -461,13 +467,7 @@ pub fn request_authentication(
 ) -> Result<RequestAuthentication, ConfigError> {
     let ctx = Ctx { file, doc, object };
     let raw: RawRequestAuthentication = deserialize(file, doc, object, value)?;
-    let target_refs: Vec<String> = raw.spec.target_refs.into_iter().map(|t| format!("{}/{}", t.kind, t.name)).collect();
-    let scope = match (raw.spec.selector, target_refs.is_empty()) {
-        (Some(_), false) => return Err(ctx.err("spec.selector", "set either selector or targetRefs, not both")),
-        (Some(selector), true) => Scope::Selector(selector.match_labels),
-        (None, false) => Scope::TargetRefs(target_refs),
-        (None, true) => Scope::Namespace,
-    };
+    let scope = scope(&ctx, raw.spec.selector, raw.spec.target_refs)?;
     let mut rules = Vec::new();
     for (index, rule) in raw.spec.jwt_rules.into_iter().enumerate() {
         let at = format!("spec.jwtRules[{index}]");

@@ -108,18 +108,11 @@ enum CaCommand {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: u64 = number.parse().map_err(|_| format!("`{text}`: expected a number and a unit, e.g. 1h, 30m, 10s"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("`{text}`: unit must be s, m or h")),
-    };
-    if secs == 0 {
-        return Err("a lifetime of zero cannot work".into());
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("a lifetime of zero cannot work".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("`{text}`: {e}; e.g. 1h, 30m, 10s")),
     }
-    Ok(Duration::from_secs(secs))
 }
 
 fn main() -> ExitCode {

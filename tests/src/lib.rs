@@ -468,8 +468,9 @@ impl Bed {
     }
 
     /// Starts `ambit-waypoint` (built next to the agent binary) in a waypoint
-    /// pod, with the CA access of the pod's node, logging JSON to a file.
-    pub fn start_waypoint(&self, pod: &str) -> Result<Waypoint> {
+    /// pod, with the CA access of the pod's node and extra `args`, logging
+    /// JSON to a file.
+    pub fn start_waypoint(&self, pod: &str, args: &[&str]) -> Result<Waypoint> {
         let p = self.pod(pod);
         let binary = self.agent_binary.with_file_name("ambit-waypoint");
         let log = self.dir.path().join(format!("waypoint-{}.log", pod.replace('/', "-")));
@@ -480,6 +481,7 @@ impl Bed {
             .arg(self.ca_dir().join("root.pem"))
             .arg("--node-token-file")
             .arg(self.node_token_file(&p.node))
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log)?);

@@ -72,41 +72,71 @@ fn service_traffic_takes_its_waypoint_and_never_goes_around_it() {
     n2.wait_connections(2, |c| c.direction == "inbound" && c.src_workload == "shop/client").unwrap();
 }
 
-/// The JWT issuer of the payments test: a P-256 key, its JWKS file, and
-/// tokens signed with it (or with a forger's key).
+/// The JWT issuer of the payments tests: P-256 keys `k1` and `k2`, the
+/// JWKS files it publishes, and tokens signed with its keys (or with a
+/// forger's key under kid `k1`).
 struct Issuer {
-    key: jsonwebtoken::EncodingKey,
+    keys: Vec<(&'static str, jsonwebtoken::EncodingKey, serde_json::Value)>,
     forger: jsonwebtoken::EncodingKey,
 }
 
 impl Issuer {
-    fn new(jwks_file: &std::path::Path) -> Issuer {
+    fn new() -> Issuer {
         use base64::Engine as _;
-        let pair = |()| rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let (real, forged) = (pair(()), pair(()));
-        let point = real.public_key_raw();
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256",
-            "x": b64(&point[1..33]), "y": b64(&point[33..65])}]});
-        std::fs::write(jwks_file, jwks.to_string()).unwrap();
-        let encoding =
-            |k: &rcgen::KeyPair| jsonwebtoken::EncodingKey::from_ec_pem(k.serialize_pem().as_bytes()).unwrap();
-        Issuer { key: encoding(&real), forger: encoding(&forged) }
+        let generate = || {
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            (
+                jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+                pair.public_key_raw().to_vec(),
+            )
+        };
+        let keys = ["k1", "k2"]
+            .into_iter()
+            .map(|kid| {
+                let (key, point) = generate();
+                let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
+                    "x": b64(&point[1..33]), "y": b64(&point[33..65])});
+                (kid, key, jwk)
+            })
+            .collect();
+        Issuer { keys, forger: generate().0 }
     }
 
+    /// Writes a JWKS with the public keys `kids` to `file`.
+    fn publish(&self, file: &std::path::Path, kids: &[&str]) {
+        let keys: Vec<_> = self.keys.iter().filter(|(kid, ..)| kids.contains(kid)).map(|(_, _, jwk)| jwk).collect();
+        std::fs::write(file, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    }
+
+    /// A token for alice with `scope`, expiring in `expires_in` seconds,
+    /// signed with `k1` (or by the forger, under kid `k1`).
     fn token(&self, scope: &str, expires_in: i64, forged: bool) -> String {
+        let key = if forged { &self.forger } else { &self.keys[0].1 };
+        Self::sign("k1", key, scope, expires_in)
+    }
+
+    /// A valid token with `scope`, signed with key `kid`.
+    fn signed_by(&self, kid: &str, scope: &str) -> String {
+        let (_, key, _) = self.keys.iter().find(|(k, ..)| *k == kid).unwrap();
+        Self::sign(kid, key, scope, 300)
+    }
+
+    fn sign(kid: &str, key: &jsonwebtoken::EncodingKey, scope: &str, expires_in: i64) -> String {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
         let claims = serde_json::json!({"iss": "https://issuer.example", "sub": "alice", "aud": "payments",
             "exp": now + expires_in, "scope": scope});
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some("k1".into());
-        jsonwebtoken::encode(&header, &claims, if forged { &self.forger } else { &self.key }).unwrap()
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
     }
 }
 
 const API: &str = "http://10.96.0.20";
 
-fn payments_config(jwks: &std::path::Path, waypoint_for: &str) -> String {
+/// The payments namespace: service `api` behind waypoint `wp`, whose JWT
+/// issuer publishes its keys at `jwks_uri`, and the charge policy.
+fn payments_config(jwks_uri: &str, waypoint_for: &str) -> String {
     format!(
         r#"apiVersion: v1
 kind: Service
@@ -136,7 +166,7 @@ spec:
   jwtRules:
   - issuer: https://issuer.example
     audiences: [payments]
-    jwksUri: "file://{jwks}"
+    jwksUri: "{jwks_uri}"
 ---
 apiVersion: security.ambit.dev/v1
 kind: AuthorizationPolicy
@@ -159,8 +189,7 @@ spec:
   action: ALLOW
   rules:
   - from: [{{source: {{principals: [cluster.local/ns/payments/sa/wp]}}}}]
-"#,
-        jwks = jwks.display(),
+"#
     )
 }
 
@@ -172,28 +201,57 @@ fn status(bed: &ambit_testbed::Bed, from: &str, args: &[&str]) -> u16 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
 }
 
-#[test]
-fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
-    let Some(mut bed) = bed() else { return };
+/// `Authorization` header with a bearer token.
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}")
+}
+
+/// The payments bed: shop/checkout and shop/other on n1, the api pod
+/// (serving HTTP on 8080, labelled to use wp) and the waypoint pod wp on
+/// n2, plus `extra` pods;
+/// the configuration of [`payments_config`] with the issuer's keys at the
+/// URI `jwks_uri` returns; both agents ready.
+struct Payments {
+    bed: ambit_testbed::Bed,
+    n1: Agent,
+    n2: Agent,
+    api_ip: String,
+}
+
+fn payments(extra: &[(&str, &str)], jwks_uri: impl FnOnce(&ambit_testbed::Bed) -> String) -> Option<Payments> {
+    let mut bed = bed()?;
     bed.namespace("payments", true).unwrap();
-    bed.add_pods(&[("n1", "shop/checkout"), ("n1", "shop/other"), ("n2", "payments/api"), ("n2", "payments/wp")])
-        .unwrap();
+    let mut pods = vec![("n1", "shop/checkout"), ("n1", "shop/other"), ("n2", "payments/api"), ("n2", "payments/wp")];
+    pods.extend_from_slice(extra);
+    bed.add_pods(&pods).unwrap();
     bed.set_pod_label("payments/wp", "gateway.networking.k8s.io/gateway-name", Some("wp")).unwrap();
-    // Counts only once the waypoint takes workload traffic (below).
+    // Counts only once the waypoint takes workload traffic.
     bed.set_pod_label("payments/api", "ambit.dev/use-waypoint", Some("wp")).unwrap();
-    let jwks = bed.scratch().join("jwks.json");
-    let issuer = Issuer::new(&jwks);
-    bed.write_config("payments.yaml", &payments_config(&jwks, "service")).unwrap();
-    let mut n1 = agent(&bed, "n1");
-    let mut n2 = agent(&bed, "n2");
+    let uri = jwks_uri(&bed);
+    bed.write_config("payments.yaml", &payments_config(&uri, "service")).unwrap();
+    let n1 = agent(&bed, "n1");
+    let n2 = agent(&bed, "n2");
     wait_nodes_ready(&bed, &["n1", "n2"]);
     let api_ip = bed.pod("payments/api").ip.to_string();
     bed.spawn("payments/api", env!("CARGO_BIN_EXE_ambit-bench"), &["http", "--listen", &format!("{api_ip}:8080")])
         .unwrap();
     bed.wait_listening("payments/api", 8080).unwrap();
-    let mut waypoint = bed.start_waypoint("payments/wp").unwrap();
+    Some(Payments { bed, n1, n2, api_ip })
+}
 
-    let bearer = |token: &str| format!("Authorization: Bearer {token}");
+#[test]
+fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
+    let issuer = Issuer::new();
+    let mut jwks = String::new();
+    let Some(Payments { bed, mut n1, mut n2, api_ip }) = payments(&[], |bed| {
+        issuer.publish(&bed.scratch().join("jwks.json"), &["k1"]);
+        jwks = format!("file://{}", bed.scratch().join("jwks.json").display());
+        jwks.clone()
+    }) else {
+        return;
+    };
+    let mut waypoint = bed.start_waypoint("payments/wp", &[]).unwrap();
+
     let charge = issuer.token("payments:charge read", 300, false);
     let post = |from: &str, path: &str, token: &str| {
         status(&bed, from, &["--path-as-is", "-X", "POST", "-H", &bearer(token), &format!("{API}{path}")])
@@ -332,4 +390,110 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
         "{failed:?}"
     );
     assert_eq!(reached(&n2), before, "no direct fallback");
+}
+
+/// A key server for the issuer: Python's HTTP server over TLS, serving the
+/// JWKS directory, in pod `legacy/keys` (not in the mesh).
+const KEY_SERVER: &str = r#"
+import functools, http.server, ssl, sys
+ip, root, cert, key = sys.argv[1:5]
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
+server = http.server.ThreadingHTTPServer((ip, 8443), handler)
+tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+tls.load_cert_chain(cert, key)
+server.socket = tls.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"#;
+
+/// Writes a CA and a server certificate for `ip` signed by it; returns the
+/// CA file, and the server's certificate and key files.
+fn key_server_tls(dir: &std::path::Path, ip: std::net::IpAddr) -> [std::path::PathBuf; 3] {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.clone().self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![SanType::IpAddress(ip)];
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    let files = [dir.join("idp-ca.pem"), dir.join("idp.pem"), dir.join("idp.key")];
+    for (file, pem) in files.iter().zip([ca_cert.pem(), leaf_cert.pem(), leaf_key.serialize_pem()]) {
+        std::fs::write(file, pem).unwrap();
+    }
+    files
+}
+
+#[test]
+fn https_key_sets_are_fetched_cached_and_refreshed() {
+    let issuer = Issuer::new();
+    let mut key_server = None;
+    let Some(Payments { bed, n1, n2, .. }) = payments(&[("n1", "legacy/keys")], |bed| {
+        let idp = bed.pod("legacy/keys").ip;
+        let keys_dir = bed.scratch().join("idp");
+        std::fs::create_dir(&keys_dir).unwrap();
+        issuer.publish(&keys_dir.join("jwks.json"), &["k1"]);
+        let [ca, cert, key] = key_server_tls(bed.scratch(), idp.into());
+        let script = bed.scratch().join("key-server.py");
+        std::fs::write(&script, KEY_SERVER).unwrap();
+        key_server = Some((keys_dir, ca, cert, key, script));
+        format!("https://{idp}:8443/jwks.json")
+    }) else {
+        return;
+    };
+    let (keys_dir, ca, cert, key, script) = key_server.unwrap();
+    let [ca, cert, key, script] = [&ca, &cert, &key, &script].map(|p| p.to_str().unwrap().to_string());
+    let start_key_server = || {
+        let idp = bed.pod("legacy/keys").ip.to_string();
+        bed.spawn("legacy/keys", "python3", &[&script, &idp, keys_dir.to_str().unwrap(), &cert, &key]).unwrap();
+        bed.wait_listening("legacy/keys", 8443).unwrap();
+    };
+    let stop_key_server = || {
+        let killed = std::process::Command::new("pkill").args(["-f", &script]).status().unwrap();
+        assert!(killed.success(), "the key server was running");
+    };
+    let post = |path: &str, token: &str| {
+        status(&bed, "shop/checkout", &["--path-as-is", "-X", "POST", "-H", &bearer(token), &format!("{API}{path}")])
+    };
+    let until = |what: &str, path: &str, token: &str, want: u16, waypoint: &ambit_testbed::Waypoint| {
+        ambit_testbed::wait_until(std::time::Duration::from_secs(15), what, || Ok(post(path, token) == want))
+            .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", waypoint.log_text(), n2.log_text()));
+    };
+    let (k1, k2) = (issuer.signed_by("k1", "payments:charge"), issuer.signed_by("k2", "payments:charge"));
+
+    // The key server is down when the waypoint starts: the issuer's tokens
+    // are refused (never accepted unchecked), and the fetch is retried.
+    let waypoint = bed.start_waypoint("payments/wp", &["--jwks-ca", &ca, "--jwks-refresh", "1h"]).unwrap();
+    assert_eq!(post("/v1/charge", &k1), 401, "{}\n{}", waypoint.log_text(), n1.log_text());
+    assert!(
+        waypoint.log_text().contains("JWKS fetch failed; tokens of this issuer are refused until a fetch succeeds")
+    );
+    start_key_server();
+    until("the keys fetched on retry", "/v1/charge", &k1, 200, &waypoint);
+
+    // The issuer rotates to k2: the first k2 token names a key the cached
+    // set lacks, which fetches the set again at once (at most every 5 s).
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    issuer.publish(&keys_dir.join("jwks.json"), &["k2"]);
+    assert_eq!(post("/v1/charge", &k2), 200, "{}", waypoint.log_text());
+    assert_eq!(post("/v1/charge", &k1), 401, "k1 is gone from the fetched set");
+
+    // Key server down: the cached keys stay in use.
+    stop_key_server();
+    assert_eq!(post("/v1/charge", &k2), 200, "cached keys");
+    drop(waypoint);
+
+    // A short refresh: a key the issuer withdraws stops working within one
+    // refresh, without a restart. Slash merging is on for this waypoint.
+    start_key_server();
+    let waypoint =
+        bed.start_waypoint("payments/wp", &["--jwks-ca", &ca, "--jwks-refresh", "2s", "--merge-slashes"]).unwrap();
+    until("k2 accepted", "/v1/charge", &k2, 200, &waypoint);
+    assert_eq!(post("/v1//charge", &k2), 200, "//charge merges to /charge");
+    issuer.publish(&keys_dir.join("jwks.json"), &["k1"]);
+    until("k2 withdrawn on refresh", "/v1/charge", &k2, 401, &waypoint);
+    assert_eq!(post("/v1/charge", &k1), 200);
+    let fetched = waypoint.log_text().matches("JWKS fetched").count();
+    assert!(fetched >= 2, "refreshed: {fetched} fetches\n{}", waypoint.log_text());
 }

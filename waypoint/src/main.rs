@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod io;
+mod jwks;
 mod upstream;
 
 use std::{
@@ -23,7 +24,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use ambit_agent::{
@@ -55,6 +56,7 @@ use tokio::{net::TcpStream, sync::watch as state_watch};
 
 use crate::{
     io::StreamIo,
+    jwks::JwksStore,
     upstream::{Dial, HboneConnector},
 };
 
@@ -79,6 +81,12 @@ struct Args {
     /// Merge runs of `/` in request paths before policies see them.
     #[arg(long)]
     merge_slashes: bool,
+    /// CA certificates (PEM) trusted for https JWKS servers, besides the system's.
+    #[arg(long)]
+    jwks_ca: Option<PathBuf>,
+    /// How often https JWKS are fetched again, e.g. 20m, 1h, 30s.
+    #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
+    jwks_refresh: Duration,
     /// Serves `/metrics` (Prometheus) here, inside the pod.
     #[arg(long, default_value = "127.0.0.1:15020")]
     admin_addr: SocketAddr,
@@ -113,6 +121,7 @@ struct Waypoint {
     client: Client<HboneConnector, Incoming>,
     metrics: Arc<Metrics>,
     merge_slashes: bool,
+    jwks: Arc<JwksStore>,
     next_endpoint: AtomicUsize,
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
 }
@@ -163,13 +172,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut svid = certs.acquire(&identity, &args.pod);
     svid.wait_for(Option::is_some).await.context("certificate manager stopped")?;
 
-    let (view_tx, view_rx) = state_watch::channel(Arc::new(view(snapshot, &args.trust_domain, &gateway)));
+    let jwks = JwksStore::new(args.jwks_ca.as_deref(), args.jwks_refresh)?;
+    let first = view(snapshot, &args.trust_domain, &gateway);
+    jwks.want(first.jwt.https_uris());
+    let (view_tx, view_rx) = state_watch::channel(Arc::new(first));
     let (_watcher, mut changes) = watch::watch_dir(config.path())?;
     let trust_domain = args.trust_domain.clone();
     let gateway_for_reload = gateway.clone();
+    let jwks_for_reload = jwks.clone();
     tokio::spawn(async move {
         while changes.recv().await.is_some() && watch::settle(&mut changes).await {
-            view_tx.send_replace(Arc::new(view(reload(&mut config), &trust_domain, &gateway_for_reload)));
+            let next = view(reload(&mut config), &trust_domain, &gateway_for_reload);
+            jwks_for_reload.want(next.jwt.https_uris());
+            view_tx.send_replace(Arc::new(next));
             tracing::info!("configuration applied");
         }
     });
@@ -188,6 +203,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         client,
         metrics,
         merge_slashes: args.merge_slashes,
+        jwks,
         next_endpoint: AtomicUsize::new(0),
         server_tls: Mutex::new(None),
     });
@@ -282,7 +298,12 @@ impl Waypoint {
             Err(e) => return Ok(log.local(StatusCode::BAD_REQUEST, &format!("bad path: {e}"))),
         };
         log.path = path.clone();
-        let auth = match view.jwt.authenticate(req.headers()) {
+        let mut auth = view.jwt.authenticate(req.headers(), &self.jwks.keys());
+        if let Some(uri) = auth.as_ref().err().and_then(|e| e.refetch_uri()) {
+            self.jwks.refetch(uri).await;
+            auth = view.jwt.authenticate(req.headers(), &self.jwks.keys());
+        }
+        let auth = match auth {
             Ok(auth) => auth,
             Err(e) => return Ok(log.local(StatusCode::UNAUTHORIZED, &format!("Jwt is not valid: {e}"))),
         };
@@ -325,7 +346,7 @@ impl Waypoint {
                 log.done(response.status(), &endpoint);
                 Ok(response.map(|body| body.boxed()))
             }
-            Err(e) => Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, &format!("upstream: {e}"))),
+            Err(e) => Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, &format!("upstream: {e:#}"))),
         }
     }
 

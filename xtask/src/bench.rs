@@ -125,7 +125,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
             bed.wait_listening(server, port)?;
         }
     }
-    let _waypoint = bed.start_waypoint("shop/wp")?;
+    let _waypoint = bed.start_waypoint("shop/wp", &[])?;
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss_kb = proc_status(agents[0].pid(), "VmRSS:")?;
 

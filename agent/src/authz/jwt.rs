@@ -5,7 +5,12 @@
 //! ECDSA, EdDSA; never `none` or HMAC) by a key of that issuer's JWKS, an
 //! allowed audience, and `exp`/`nbf` within a small leeway. A request
 //! without a token passes unauthenticated (policy decides, as in Istio); a
-//! request with a bad token is refused (401).
+//! request with a bad token is refused (401). Keys published over https are
+//! fetched and cached by the waypoint, which passes what it holds to
+//! [`JwtVerifier::authenticate`]; an issuer whose keys are not fetched yet
+//! has its tokens refused, never accepted unchecked.
+
+use std::{collections::HashMap, sync::Arc};
 
 use base64::Engine as _;
 use jsonwebtoken::{
@@ -37,8 +42,21 @@ pub struct JwtRule {
     pub issuer: String,
     /// Accepted `aud` values; empty: `aud` is not checked.
     pub audiences: Vec<String>,
-    pub jwks: JwkSet,
+    pub jwks: Jwks,
 }
+
+/// Where an issuer's keys come from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Jwks {
+    /// Given inline, or read from a file when the configuration loads.
+    Loaded(JwkSet),
+    /// Published at this https URI; the waypoint fetches and refreshes it.
+    Https(String),
+}
+
+/// Key sets fetched over https, by URI.
+pub type FetchedKeys = HashMap<String, Arc<JwkSet>>;
 
 /// Why a token was refused. The text goes to the log, not to the client.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -52,9 +70,27 @@ pub enum JwtError {
     #[error("algorithm {0:?} is not accepted; only asymmetric signatures (RS*, PS*, ES256, ES384, EdDSA)")]
     Algorithm(Algorithm),
     #[error("no key of issuer `{issuer}` matches the token (kid {kid:?})")]
-    NoKey { issuer: String, kid: Option<String> },
+    NoKey {
+        issuer: String,
+        kid: Option<String>,
+        /// The https URI of the issuer's keys, which may have rotated.
+        uri: Option<String>,
+    },
+    #[error("the keys of issuer `{issuer}` have not been fetched from {uri} yet (the waypoint log says why)")]
+    KeysUnavailable { issuer: String, uri: String },
     #[error("token rejected: {0}")]
     Invalid(String),
+}
+
+impl JwtError {
+    /// The https key set to fetch again before refusing: the token names a
+    /// key the cached set lacks, so the issuer may have rotated its keys.
+    pub fn refetch_uri(&self) -> Option<&str> {
+        match self {
+            JwtError::NoKey { uri, .. } => uri.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// The JWT rules that apply to one waypoint.
@@ -69,18 +105,30 @@ impl JwtVerifier {
     }
 
     /// The end user of a request: `None` without a token, an error for a
-    /// token that does not verify.
-    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Option<RequestAuth>, JwtError> {
+    /// token that does not verify. `fetched` holds the https key sets.
+    pub fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        fetched: &FetchedKeys,
+    ) -> Result<Option<RequestAuth>, JwtError> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Ok(None) };
         let value = value.to_str().map_err(|_| JwtError::NotBearer)?;
         let token = match value.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
             _ => return Err(JwtError::NotBearer),
         };
-        self.verify(token).map(Some)
+        self.verify(token, fetched).map(Some)
     }
 
-    pub fn verify(&self, token: &str) -> Result<RequestAuth, JwtError> {
+    /// The https URIs whose keys these rules need.
+    pub fn https_uris(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().filter_map(|r| match &r.jwks {
+            Jwks::Https(uri) => Some(uri.as_str()),
+            Jwks::Loaded(_) => None,
+        })
+    }
+
+    pub fn verify(&self, token: &str, fetched: &FetchedKeys) -> Result<RequestAuth, JwtError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| JwtError::Malformed(e.to_string()))?;
         if !ALLOWED.contains(&header.alg) {
             return Err(JwtError::Algorithm(header.alg));
@@ -97,15 +145,21 @@ impl JwtVerifier {
         } else {
             validation.set_audience(&rule.audiences);
         }
-        let keys: Vec<&Jwk> = rule
-            .jwks
+        let (set, uri) = match &rule.jwks {
+            Jwks::Loaded(set) => (set, None),
+            Jwks::Https(uri) => match fetched.get(uri) {
+                Some(set) => (set.as_ref(), Some(uri)),
+                None => return Err(JwtError::KeysUnavailable { issuer: rule.issuer.clone(), uri: uri.clone() }),
+            },
+        };
+        let keys: Vec<&Jwk> = set
             .keys
             .iter()
             .filter(|k| header.kid.is_none() || k.common.key_id == header.kid)
             .filter(|k| k.common.key_algorithm.is_none_or(|a| format!("{a:?}") == format!("{:?}", header.alg)))
             .collect();
         if keys.is_empty() {
-            return Err(JwtError::NoKey { issuer: rule.issuer.clone(), kid: header.kid });
+            return Err(JwtError::NoKey { issuer: rule.issuer.clone(), kid: header.kid, uri: uri.cloned() });
         }
         let mut last_error = None;
         for jwk in keys {
@@ -202,15 +256,21 @@ mod tests {
         let verifier = JwtVerifier::new(vec![JwtRule {
             issuer: ISSUER.into(),
             audiences: vec!["payments".into()],
-            jwks: JwkSet { keys: vec![jwk] },
+            jwks: Jwks::Loaded(JwkSet { keys: vec![jwk] }),
         }]);
-        let good = verifier.authenticate(&bearer(&sign(&signing, "k1", claims(json!({}))))).unwrap().unwrap();
+        let unfetched = FetchedKeys::new();
+        let good =
+            verifier.authenticate(&bearer(&sign(&signing, "k1", claims(json!({})))), &unfetched).unwrap().unwrap();
         assert_eq!(good.principal, "https://issuer.example/user-1");
         assert_eq!(good.audiences, vec!["payments"]);
 
-        assert_eq!(verifier.authenticate(&http::HeaderMap::new()), Ok(None), "no token: unauthenticated, not refused");
+        assert_eq!(
+            verifier.authenticate(&http::HeaderMap::new(), &unfetched),
+            Ok(None),
+            "no token: unauthenticated, not refused"
+        );
         let leeway = claims(json!({"exp": now() - 10}));
-        assert!(verifier.verify(&sign(&signing, "k1", leeway)).is_ok(), "expired within the leeway");
+        assert!(verifier.verify(&sign(&signing, "k1", leeway), &unfetched).is_ok(), "expired within the leeway");
 
         let hs256 =
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims(json!({})), &EncodingKey::from_secret(b"s"))
@@ -233,11 +293,29 @@ mod tests {
             ("garbage", "a.b.c".into(), "not a JWT"),
         ];
         for (name, token, want) in cases {
-            let error = verifier.authenticate(&bearer(&token)).unwrap_err().to_string();
+            let error = verifier.authenticate(&bearer(&token), &unfetched).unwrap_err().to_string();
             assert!(error.contains(want), "{name}: {error}");
         }
         let mut basic = http::HeaderMap::new();
         basic.insert(http::header::AUTHORIZATION, "Basic dXNlcjpwdw==".parse().unwrap());
-        assert_eq!(verifier.authenticate(&basic), Err(JwtError::NotBearer));
+        assert_eq!(verifier.authenticate(&basic, &unfetched), Err(JwtError::NotBearer));
+    }
+
+    #[test]
+    fn https_keys_are_used_once_fetched_and_an_unknown_kid_asks_for_a_refetch() {
+        const URI: &str = "https://issuer.example/jwks.json";
+        let (signing, jwk) = key("k1");
+        let verifier =
+            JwtVerifier::new(vec![JwtRule { issuer: ISSUER.into(), audiences: vec![], jwks: Jwks::Https(URI.into()) }]);
+        assert_eq!(verifier.https_uris().collect::<Vec<_>>(), vec![URI]);
+        let token = sign(&signing, "k1", claims(json!({})));
+        let unfetched = verifier.verify(&token, &FetchedKeys::new()).unwrap_err();
+        assert!(matches!(unfetched, JwtError::KeysUnavailable { .. }), "not fetched yet: refused, {unfetched}");
+        assert_eq!(unfetched.refetch_uri(), None, "the fetcher already retries on its own");
+
+        let fetched = FetchedKeys::from([(URI.to_string(), Arc::new(JwkSet { keys: vec![jwk] }))]);
+        assert!(verifier.verify(&token, &fetched).is_ok());
+        let rotated = verifier.verify(&sign(&signing, "k2", claims(json!({}))), &fetched).unwrap_err();
+        assert_eq!(rotated.refetch_uri(), Some(URI), "{rotated}");
     }
 }

@@ -457,8 +457,20 @@ struct RawJwtRule {
     jwks_uri: Option<String>,
 }
 
-/// Parses one `RequestAuthentication` document. JWKS files are read now, so
-/// a missing or broken key set is an error here, not a 401 later.
+/// A `jwksUri` the waypoint can fetch: https with a host. Keys are never
+/// fetched in plaintext, where anyone on the path could swap them.
+fn https_uri(uri: &str) -> Result<String, String> {
+    let parsed: http::Uri = uri.parse().map_err(|e| format!("`{uri}` is not a URI: {e}"))?;
+    match (parsed.scheme_str(), parsed.host()) {
+        (Some("https"), Some(_)) => Ok(uri.to_string()),
+        (Some("http"), _) => Err(format!("`{uri}`: keys are fetched over https only; use https://")),
+        _ => Err(format!("`{uri}`: give an https:// URL, or file:///path to a JWKS file")),
+    }
+}
+
+/// Parses one `RequestAuthentication` document. Inline and file key sets
+/// are read now, so a missing or broken one is an error here, not a 401
+/// later; https key sets are the waypoint's to fetch.
 pub fn request_authentication(
     file: &Path,
     doc: usize,
@@ -479,18 +491,20 @@ pub fn request_authentication(
             (Some(text), None) => (text, format!("{at}.jwks")),
             (None, Some(uri)) => {
                 let field = format!("{at}.jwksUri");
-                let Some(path) = uri.strip_prefix("file://") else {
-                    return Err(ctx.err(
-                        &field,
-                        format!("`{uri}`: only file:// URIs are supported yet; or give the key set inline in `jwks`"),
-                    ));
-                };
-                let text =
-                    std::fs::read_to_string(path).map_err(|e| ctx.err(&field, format!("cannot read {path}: {e}")))?;
-                (text, field)
+                if let Some(path) = uri.strip_prefix("file://") {
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| ctx.err(&field, format!("cannot read {path}: {e}")))?;
+                    (text, field)
+                } else {
+                    let jwks = super::jwt::Jwks::Https(https_uri(&uri).map_err(|fix| ctx.err(&field, fix))?);
+                    rules.push(super::jwt::JwtRule { issuer: rule.issuer, audiences: rule.audiences, jwks });
+                    continue;
+                }
             }
             (None, None) => {
-                return Err(ctx.err(&at, "give the issuer's keys: `jwks` (inline JSON) or `jwksUri: file:///...`"));
+                return Err(
+                    ctx.err(&at, "give the issuer's keys: `jwks` (inline JSON) or `jwksUri` (https:// or file://)")
+                );
             }
         };
         let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text)
@@ -498,6 +512,7 @@ pub fn request_authentication(
         if jwks.keys.is_empty() {
             return Err(ctx.err(&field, "the key set is empty: no token could ever verify"));
         }
+        let jwks = super::jwt::Jwks::Loaded(jwks);
         rules.push(super::jwt::JwtRule { issuer: rule.issuer, audiences: rule.audiences, jwks });
     }
     Ok(RequestAuthentication {
@@ -511,6 +526,7 @@ pub fn request_authentication(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authz::jwt::Jwks;
     use crate::config::{Object, parse_file};
 
     fn parse(spec: &str) -> Result<AuthorizationPolicy, String> {
@@ -646,16 +662,17 @@ mod tests {
         );
         let Object::RequestAuthentication(ra) = parse(&uri).unwrap().remove(0) else { panic!() };
         assert_eq!(ra.scope, Scope::TargetRefs(vec!["Gateway/waypoint".into()]));
-        assert_eq!((ra.rules[0].issuer.as_str(), ra.rules[0].jwks.keys.len()), ("https://issuer.example", 1));
+        assert_eq!(ra.rules[0].issuer, "https://issuer.example");
+        assert!(matches!(&ra.rules[0].jwks, Jwks::Loaded(set) if set.keys.len() == 1));
         let inline = format!("{{issuer: https://issuer.example, jwks: '{jwks}'}}");
         assert!(parse(&inline).is_ok());
+        let https = "{issuer: https://i.example, jwksUri: \"https://i.example:8443/keys\"}";
+        let Object::RequestAuthentication(ra) = parse(https).unwrap().remove(0) else { panic!() };
+        assert_eq!(ra.rules[0].jwks, Jwks::Https("https://i.example:8443/keys".into()), "fetched by the waypoint");
         let cases = [
             ("{issuer: https://i.example}", "spec.jwtRules[0]", "give the issuer's keys"),
-            (
-                "{issuer: https://i.example, jwksUri: \"https://i.example/jwks\"}",
-                "spec.jwtRules[0].jwksUri",
-                "only file://",
-            ),
+            ("{issuer: https://i.example, jwksUri: \"http://i.example/jwks\"}", "jwksUri", "https only"),
+            ("{issuer: https://i.example, jwksUri: \"ldap://i.example/jwks\"}", "jwksUri", "give an https:// URL"),
             ("{issuer: https://i.example, jwksUri: \"file:///nonexistent/jwks.json\"}", "jwksUri", "cannot read"),
             ("{issuer: https://i.example, jwks: '{\"keys\": []}'}", "spec.jwtRules[0].jwks", "empty"),
             ("{issuer: https://i.example, jwks: 'nope'}", "jwks", "not a JWKS"),

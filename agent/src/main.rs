@@ -15,7 +15,7 @@ use ambit_agent::{
     logging::{self, LogFormat},
     metrics::Metrics,
     netns, probe,
-    proxy::{ProxyContext, hbone::HbonePool},
+    proxy::{ProxyContext, hbone::HbonePool, workers::Workers},
     state::State,
     watch,
 };
@@ -66,7 +66,7 @@ struct AgentArgs {
     /// Admin endpoint: /metrics, /healthz/ready, /config_dump, /certs.
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     admin_addr: SocketAddr,
-    /// Proxy worker threads; 0 means one per CPU.
+    /// Proxy worker threads (each connection runs on one); 0 means one per CPU.
     #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
 }
@@ -120,7 +120,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Some(Command::Ca(command)) => run_ca(command),
-        None => agent_runtime(cli.agent.worker_threads).and_then(|rt| rt.block_on(run_agent(cli.agent))),
+        None => control_runtime().and_then(|rt| rt.block_on(run_agent(cli.agent))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -161,12 +161,10 @@ async fn shutdown_signal() {
     }
 }
 
-fn agent_runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
-        builder.worker_threads(worker_threads);
-    }
-    Ok(builder.enable_all().build()?)
+/// The control plane's runtime (configuration, certificates, admin, accept
+/// loops); connections run on the proxy workers.
+fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?)
 }
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
@@ -220,7 +218,13 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         next_endpoint: Default::default(),
         stats: Default::default(),
         metrics: metrics.clone(),
+        workers: Workers::start(match args.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        })
+        .context("start the proxy worker threads")?,
     });
+    tracing::info!(workers = ctx.workers.count(), "proxy workers started");
     let capture_counters = capture.counters();
     let mut enrolments = Enrolments::new(node.clone(), capture, ctx.clone());
     let (enrolled_tx, enrolled_rx) = tokio::sync::watch::channel(Vec::new());

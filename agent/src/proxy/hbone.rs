@@ -292,6 +292,8 @@ pub enum HboneError {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
+    /// The proxy worker whose tasks use the connection and drive it.
+    worker: usize,
     /// The source pod (its netns is where the connection starts).
     src_pod: String,
     src_identity: Identity,
@@ -377,6 +379,7 @@ impl HbonePool {
         let HboneTarget { hbone: dst, expected, app: target, source_ip } = target;
         let (dst, target, source_ip) = (*dst, *target, *source_ip);
         let key = PoolKey {
+            worker: super::workers::current(),
             src_pod: from.origin().to_string(),
             src_identity: svid.identity.clone(),
             dst,

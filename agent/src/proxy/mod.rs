@@ -8,6 +8,7 @@ pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
+pub mod workers;
 
 use std::{
     future::Future,
@@ -52,6 +53,8 @@ pub struct ProxyContext {
     pub next_endpoint: AtomicUsize,
     pub stats: Stats,
     pub metrics: Arc<Metrics>,
+    /// Where accepted connections run.
+    pub workers: workers::Workers,
 }
 
 /// Counters the agent reports (in its log on shutdown; as metrics later).
@@ -373,10 +376,10 @@ impl ConnectionLog {
 }
 
 /// Accepts connections on one of a pod's listeners for as long as the pod
-/// is enrolled, handling each in a task of its own.
+/// is enrolled, handling each in a task of its own on a proxy worker.
 pub async fn serve<F, Fut>(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, handle: F)
 where
-    F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyContext>) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyContext>) -> Fut + Copy + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -385,7 +388,8 @@ where
                 // Small writes (HTTP/2 frames, request/response apps) must not
                 // wait for ACKs: Nagle off on every proxied socket.
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handle(stream, peer, pod.clone(), ctx.clone()));
+                let (pod, for_task) = (pod.clone(), ctx.clone());
+                ctx.workers.dispatch(stream, move |stream| handle(stream, peer, pod, for_task));
             }
             Err(error) => {
                 // Accept errors such as EMFILE are transient: wait a little and go on.

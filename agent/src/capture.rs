@@ -13,7 +13,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use ambit_common::{ConnKey, Counter, EnrolledPod, IpKey, SockAddrKey, names};
+use ambit_common::{ConnKey, Counter, DeliveryKey, EnrolledPod, IpKey, SockAddrKey, names};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
@@ -77,10 +77,26 @@ impl OrigDstTable {
     }
 }
 
+/// Deliveries in flight: connections the agent is opening to an app from
+/// the client's address, which `ambit_sk_lookup` lets through.
+pub struct DeliveryTable {
+    map: Mutex<HashMap<MapData, DeliveryKey, u8>>,
+}
+
+impl DeliveryTable {
+    pub fn begin(&self, key: DeliveryKey) -> std::io::Result<()> {
+        self.map.lock().expect("deliveries map lock").insert(key, 1, 0).map_err(std::io::Error::other)
+    }
+
+    pub fn end(&self, key: &DeliveryKey) {
+        let _ = self.map.lock().expect("deliveries map lock").remove(key);
+    }
+}
+
 impl Capture {
     /// Loads the programs and attaches the cgroup ones under `cgroup`. They act
     /// only for sockets of enrolled pods, which the ENROLLED map names.
-    pub fn attach(cgroup: &Path) -> Result<(Capture, OrigDstTable), CaptureError> {
+    pub fn attach(cgroup: &Path) -> Result<(Capture, OrigDstTable, DeliveryTable), CaptureError> {
         // The programs use no CO-RE relocations, so the kernel's BTF is not
         // needed: skipping it saves parsing several MB at start-up, which
         // would otherwise stay in the agent's resident memory.
@@ -106,13 +122,14 @@ impl Capture {
         sk_lookup.load().map_err(|source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source })?;
 
         let orig_dst = OrigDstTable { map: Mutex::new(map(&mut ebpf, names::ORIG_DST_BY_CONN)?) };
+        let deliveries = DeliveryTable { map: Mutex::new(map(&mut ebpf, names::DELIVERIES)?) };
         let capture = Capture {
             enrolled: map(&mut ebpf, names::ENROLLED)?,
             listeners: map(&mut ebpf, names::INBOUND_LISTENERS)?,
             counters: Arc::new(CaptureCounters { map: Mutex::new(map(&mut ebpf, names::COUNTERS)?) }),
             ebpf,
         };
-        Ok((capture, orig_dst))
+        Ok((capture, orig_dst, deliveries))
     }
 
     /// Starts capturing a pod: outbound by its netns cookie, inbound by

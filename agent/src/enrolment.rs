@@ -48,8 +48,7 @@ impl From<&Pod> for EnrolmentSpec {
 
 struct ActivePod {
     spec: EnrolmentSpec,
-    identity: Identity,
-    netns_cookie: u64,
+    pod: Arc<PodContext>,
     inbound_ips: Vec<IpKey>,
     sk_lookup: SkLookupLinkId,
     proxies: Vec<JoinHandle<()>>,
@@ -80,9 +79,9 @@ impl Enrolments {
             .iter()
             .map(|(id, active)| crate::admin::EnrolledPod {
                 pod: id.clone(),
-                identity: active.identity.to_string(),
+                identity: active.pod.identity.to_string(),
                 ips: active.spec.ips.clone(),
-                netns_cookie: active.netns_cookie,
+                netns_cookie: active.pod.netns_cookie,
             })
             .collect()
     }
@@ -106,7 +105,7 @@ impl Enrolments {
             }
             match self.enrol(pod, state.identity_of(pod)) {
                 Ok(active) => {
-                    tracing::info!(pod = %id, ips = ?pod.ips, netns_cookie = active.netns_cookie, "pod enrolled");
+                    tracing::info!(pod = %id, ips = ?pod.ips, netns_cookie = active.pod.netns_cookie, "pod enrolled");
                     self.failed.remove(&id);
                     self.active.insert(id, active);
                 }
@@ -177,6 +176,9 @@ impl Enrolments {
         // Fetch the identity's certificate now, ahead of the first connection.
         let svid = self.ctx.certs.acquire(&identity, &pod.id());
         let pod_ctx = Arc::new(PodContext::new(pod.id(), netns, netns_cookie, pod.ips.clone(), identity.clone(), svid));
+        // Ahead of the first connection, like the certificate.
+        let prepare = pod_ctx.clone();
+        tokio::spawn(async move { prepare.transparent().await });
         let serve_outbound =
             |listener| tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), outbound::handle));
         let mut proxies = vec![serve_outbound(outbound_v4)];
@@ -188,28 +190,30 @@ impl Enrolments {
         for listener in hbone_listeners {
             proxies.push(tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), hbone::connection)));
         }
-        Ok(ActivePod { spec: pod.into(), identity, netns_cookie, inbound_ips, sk_lookup, proxies })
+        Ok(ActivePod { spec: pod.into(), pod: pod_ctx, inbound_ips, sk_lookup, proxies })
     }
 
-    fn unenrol(&mut self, id: &str) {
-        let Some(active) = self.active.remove(id) else {
-            return;
-        };
-        self.capture.unenrol(active.netns_cookie, &active.inbound_ips, active.sk_lookup);
+    /// Stops capturing a pod. The returned task finishes the cleanup inside
+    /// the pod's netns.
+    fn unenrol(&mut self, id: &str) -> Option<JoinHandle<()>> {
+        let active = self.active.remove(id)?;
+        self.capture.unenrol(active.pod.netns_cookie, &active.inbound_ips, active.sk_lookup);
         // Dropping the accept loops closes the listeners.
         for task in active.proxies {
             task.abort();
         }
-        self.ctx.certs.release(&active.identity, id);
+        self.ctx.certs.release(&active.pod.identity, id);
         self.ctx.pool.forget_pod(id);
         tracing::info!(pod = %id, "pod unenrolled");
+        Some(tokio::spawn(async move { active.pod.stop_transparent().await }))
     }
 
-    /// Unenrols every pod (on shutdown).
-    pub fn clear(&mut self) {
+    /// Unenrols every pod (on shutdown) and leaves their netns as they were.
+    pub async fn clear(&mut self) {
         let ids: Vec<String> = self.active.keys().cloned().collect();
-        for id in ids {
-            self.unenrol(&id);
+        let cleanups: Vec<_> = ids.iter().filter_map(|id| self.unenrol(id)).collect();
+        for cleanup in cleanups {
+            let _ = cleanup.await;
         }
     }
 }

@@ -196,7 +196,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--node-token-file {}: cannot read it", token_file.display()))?;
     let provider = CaClient::new(ca_addr, node.clone(), token.trim().to_string(), &bundle)?;
 
-    let (capture, orig_dst) = Capture::attach(&cgroup)?;
+    let (capture, orig_dst, deliveries) = Capture::attach(&cgroup)?;
     tracing::info!(cgroup = %cgroup.display(), "kernel programs attached");
     let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
         .await
@@ -211,6 +211,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(State::new(snapshot, &args.trust_domain)));
     let ctx = Arc::new(ProxyContext {
         orig_dst,
+        deliveries,
         state: state_rx.clone(),
         bundle,
         certs: CertManager::new(Arc::new(provider), metrics.clone()),
@@ -276,7 +277,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(counters = %counters.join(" "), "kernel capture counters");
     let counters: Vec<String> = ctx.counters().iter().map(|(name, value)| format!("{name}={value}")).collect();
     tracing::info!(counters = %counters.join(" "), "proxy counters");
-    enrolments.clear();
+    enrolments.clear().await;
     drop(enrolments); // detaches every program
     tracing::info!("agent stopped");
     Ok(())

@@ -8,15 +8,61 @@
 use std::{
     fs::File,
     io,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::Path,
     sync::OnceLock,
 };
 
-use ambit_common::AGENT_SOCKET_MARK;
+use ambit_common::{AGENT_SOCKET_MARK, DELIVERY_SOCKET_MARK};
 use nix::sched::{CloneFlags, setns};
+use rtnetlink::{
+    RouteMessageBuilder, RuleAddRequest,
+    packet_route::{
+        route::{RouteMessage, RouteScope, RouteType},
+        rule::RuleAction,
+    },
+};
 use socket2::{Domain, Protocol, Socket, Type};
+
+/// The routing table, and the priority of the rule that selects it, that
+/// send a pod's packets on delivery connections back to the agent.
+const DELIVERY_TABLE: u32 = 15006;
+const DELIVERY_RULE_PRIORITY: u32 = 15006;
+/// The loopback interface's index, the same in every netns.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// The pod's sysctls that [`Netns::route_deliveries`] turns on.
+const DELIVERY_SYSCTLS: [&str; 2] = ["/proc/sys/net/ipv4/tcp_fwmark_accept", "/proc/sys/net/ipv4/fwmark_reflect"];
+
+/// What [`Netns::route_deliveries`] changed in a pod, to undo it.
+#[derive(Debug)]
+pub struct DeliveryRouting {
+    /// The values of [`DELIVERY_SYSCTLS`] before, in that order.
+    sysctls: Vec<String>,
+}
+
+/// The rule that sends delivery-marked packets to [`DELIVERY_TABLE`].
+fn delivery_rule(handle: &rtnetlink::Handle) -> RuleAddRequest<Ipv4Addr> {
+    handle
+        .rule()
+        .add()
+        .v4()
+        .fw_mark(DELIVERY_SOCKET_MARK)
+        .table_id(DELIVERY_TABLE)
+        .priority(DELIVERY_RULE_PRIORITY)
+        .action(RuleAction::ToTable)
+}
+
+/// The route of [`DELIVERY_TABLE`]: every address is local, on loopback.
+fn delivery_route() -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new()
+        .table_id(DELIVERY_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .output_interface(LOOPBACK_IFINDEX)
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .build()
+}
 
 /// The agent's own netns, recorded by [`record_agent_netns`] at start-up.
 static AGENT_NETNS: OnceLock<File> = OnceLock::new();
@@ -62,6 +108,97 @@ impl Netns {
         socket.set_nodelay(true)?;
         socket.set_nonblocking(true)?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// A socket for delivering a connection to an app in this pod from the
+    /// client's address `from` (IPv4; transparent, like the client itself
+    /// had connected), so the app sees its real client and each client has
+    /// its own ports and TIME_WAIT entries. Needs [`Netns::route_deliveries`].
+    /// The socket is bound, so its port is known before connect().
+    pub fn delivery_socket(&self, from: Ipv4Addr) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))?;
+        socket.set_mark(DELIVERY_SOCKET_MARK)?;
+        socket.set_ip_transparent(true)?;
+        socket.bind(&SocketAddr::new(from.into(), 0).into())?;
+        socket.set_nodelay(true)?;
+        socket.set_nonblocking(true)?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// Makes the pod's replies on delivery connections come back to the
+    /// agent: accepted sockets take the mark of the SYN that opened them
+    /// (`tcp_fwmark_accept`), resets and ICMP errors take the mark of the
+    /// packet they answer (`fwmark_reflect`: a refused delivery must reach
+    /// the agent as a reset), and packets with the delivery mark are routed
+    /// to the pod's own loopback (a `local` default route in a table of
+    /// their own), where the agent's transparent socket receives them.
+    /// Only those packets are affected. [`Netns::unroute_deliveries`] undoes
+    /// it with what this returns.
+    pub async fn route_deliveries(&self) -> io::Result<DeliveryRouting> {
+        let previous = self.run(|| {
+            let mut previous = Vec::new();
+            for path in DELIVERY_SYSCTLS {
+                previous.push(std::fs::read_to_string(path)?);
+                std::fs::write(path, "1")?;
+            }
+            Ok(previous)
+        })?;
+        let routing = DeliveryRouting { sysctls: previous };
+        let added = self
+            .netlink(|handle| async move {
+                let rule = delivery_rule(&handle).execute().await;
+                let route = handle.route().add(delivery_route()).replace().execute().await;
+                [rule, route]
+            })
+            .await?;
+        for result in added {
+            match result {
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {}
+                Err(e) => {
+                    let _ = self.unroute_deliveries(&routing).await;
+                    return Err(io::Error::other(e));
+                }
+                Ok(()) => {}
+            }
+        }
+        Ok(routing)
+    }
+
+    /// Removes what [`Netns::route_deliveries`] added and restores the
+    /// sysctls it changed. Parts already gone are fine.
+    pub async fn unroute_deliveries(&self, routing: &DeliveryRouting) -> io::Result<()> {
+        let removed = self
+            .netlink(|handle| async move {
+                let rule = handle.rule().del(delivery_rule(&handle).message_mut().clone()).execute().await;
+                let route = handle.route().del(delivery_route()).execute().await;
+                [rule, route]
+            })
+            .await?;
+        self.run(|| {
+            for (path, value) in DELIVERY_SYSCTLS.iter().zip(&routing.sysctls) {
+                std::fs::write(path, value)?;
+            }
+            Ok(())
+        })?;
+        for result in removed {
+            match result {
+                Err(rtnetlink::Error::NetlinkError(e)) if [-libc::ENOENT, -libc::ESRCH].contains(&e.raw_code()) => {}
+                other => other.map_err(io::Error::other)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with a route-netlink handle whose socket is in this netns.
+    async fn netlink<F, T>(&self, f: impl FnOnce(rtnetlink::Handle) -> F) -> io::Result<T>
+    where
+        F: Future<Output = T>,
+    {
+        let (connection, handle, _) = self.run(rtnetlink::new_connection)?;
+        let connection = tokio::spawn(connection);
+        let result = f(handle).await;
+        connection.abort();
+        Ok(result)
     }
 
     /// A listening socket inside this netns.

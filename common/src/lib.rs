@@ -12,6 +12,7 @@ pub mod names {
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     pub const ORIG_DST_BY_CONN: &str = "ORIG_DST_BY_CONN";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const DELIVERIES: &str = "DELIVERIES";
     pub const COUNTERS: &str = "COUNTERS";
 
     pub const PROG_CONNECT4: &str = "ambit_connect4";
@@ -23,6 +24,16 @@ pub mod names {
 /// Socket mark the agent puts on every socket it opens inside a pod, so the
 /// capture programs leave the agent's own connections alone (no loops).
 pub const AGENT_SOCKET_MARK: u32 = 0x616d_6274; // "ambt"
+/// The mark of the agent's delivery sockets (connections to a pod's app
+/// from the client's address): the agent mark with its low bit set. The
+/// pod's replies on these connections inherit it and are routed back to
+/// the agent inside the pod.
+pub const DELIVERY_SOCKET_MARK: u32 = AGENT_SOCKET_MARK | 1;
+
+/// Whether a socket mark is one of the agent's.
+pub const fn is_agent_mark(mark: u32) -> bool {
+    mark & !1 == AGENT_SOCKET_MARK
+}
 
 /// HBONE port: never steered to the plaintext inbound listener.
 pub const HBONE_PORT: u16 = 15008;
@@ -120,6 +131,16 @@ pub struct SockAddrKey {
     pub port: u16,
 }
 
+/// Key of the deliveries map: a connection the agent is opening to an app
+/// from the client's address, which `ambit_sk_lookup` must let through
+/// instead of steering it back to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DeliveryKey {
+    pub client: SockAddrKey,
+    pub app: SockAddrKey,
+}
+
 /// Per enrolled pod, keyed by the pod's network-namespace cookie.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -214,6 +235,7 @@ mod user {
     unsafe impl aya::Pod for EnrolledPod {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for DeliveryKey {}
 }
 
 #[cfg(feature = "user")]

@@ -14,8 +14,8 @@
 use core::ptr::{read_volatile, write_volatile};
 
 use ambit_common::{
-    AGENT_SOCKET_MARK, ConnKey, Counter, EnrolledPod, HBONE_PORT, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst,
-    SockAddrKey,
+    ConnKey, Counter, DeliveryKey, EnrolledPod, HBONE_PORT, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst, SockAddrKey,
+    is_agent_mark,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -48,6 +48,10 @@ static ORIG_DST_BY_CONN: LruHashMap<ConnKey, SockAddrKey> = LruHashMap::with_max
 /// Plaintext inbound listener of each enrolled pod IP.
 #[map(name = "INBOUND_LISTENERS")]
 static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::with_max_entries(MAX_PODS * 2, 0);
+
+/// Deliveries in flight, written by the agent around each connect().
+#[map(name = "DELIVERIES")]
+static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -122,7 +126,7 @@ fn capture_connect(ctx: &SockAddrContext, ip: IpKey, v6_socket: bool) -> Option<
     let pod = unsafe { ENROLLED.get(&netns_cookie) }?;
     // The agent's own sockets inside the pod carry its mark: never capture
     // them, or the agent's forwarded connection would loop back to itself.
-    if sk.is_null() || unsafe { read_volatile(&raw const (*sk).mark) } == AGENT_SOCKET_MARK {
+    if sk.is_null() || is_agent_mark(unsafe { read_volatile(&raw const (*sk).mark) }) {
         return None;
     }
     let to_v4 = !v6_socket || ip.ipv4_octets().is_some();
@@ -207,7 +211,7 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn steer_inbound(ctx: &SkLookupContext) {
     let l = ctx.lookup;
-    let (family, protocol, local_port, local_ip4, remote_ip4, local_ip6, remote_ip6) = unsafe {
+    let (family, protocol, local_port, local_ip4, remote_ip4, local_ip6, remote_ip6, remote_port) = unsafe {
         (
             read_volatile(&raw const (*l).family),
             read_volatile(&raw const (*l).protocol),
@@ -216,6 +220,7 @@ fn steer_inbound(ctx: &SkLookupContext) {
             read_volatile(&raw const (*l).remote_ip4),
             read_ip6(&raw const (*l).local_ip6),
             read_ip6(&raw const (*l).remote_ip6),
+            read_volatile(&raw const (*l).remote_port),
         )
     };
     if protocol != IPPROTO_TCP || local_port == u32::from(HBONE_PORT) {
@@ -228,8 +233,16 @@ fn steer_inbound(ctx: &SkLookupContext) {
     };
     // A connection from the pod's own address to itself never crossed the
     // pod boundary: it is either the app talking to itself (already captured
-    // on the way out) or the agent delivering a captured connection.
+    // on the way out) or the agent delivering from the pod's address.
     if local == remote {
+        return;
+    }
+    // The agent delivering a connection from the client's own address.
+    let delivery = DeliveryKey {
+        client: SockAddrKey { ip: remote, port: u16::from_be(remote_port) },
+        app: SockAddrKey { ip: local, port: local_port as u16 },
+    };
+    if unsafe { DELIVERIES.get(&delivery) }.is_some() {
         return;
     }
     if INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0).is_ok() {

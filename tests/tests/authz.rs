@@ -52,7 +52,7 @@ const ALLOW_CLIENT: &str =
 fn allow_one_principal_then_edit_then_break_the_file() {
     let Some(mut bed) = bed() else { return };
     let (_n1, mut n2, web) = callers_and_web(&mut bed);
-    assert!(get(&bed, "shop/other", &web, HTTP_PORT), "no policy: allowed");
+    assert!(get(&bed, "shop/other", &web, HTTP_PORT), "no policy: allowed\n{}", n2.log_text());
 
     bed.write_config("authz.yaml", &policy("only-client", ALLOW_CLIENT)).unwrap();
     wait_applied(&n2, 0);

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeSet, path::Path, process::Command, time::Duration};
 
-use ambit_testbed::{Agent, ConnectionRecord, wait_until};
+use ambit_testbed::{Agent, Bed, ConnectionRecord, wait_until};
 use anyhow::Context as _;
 use serde_json::Value;
 
@@ -105,6 +105,10 @@ fn inbound_from_plain_pod_is_captured_with_original_destination() {
     let iperf = n2.wait_connections(2, |c| c.dst_addr == iperf_dst).unwrap();
     assert!(iperf.iter().map(|r| r.bytes_sent).sum::<u64>() >= uploaded);
     assert!(n1.connections().is_empty(), "the caller is not enrolled: {:?}", n1.connections());
+    // Delivered from the caller's own address: the app sees who called.
+    let access = std::fs::read_to_string(bed.scratch().join("api.log")).unwrap();
+    let sources: BTreeSet<&str> = access.lines().filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(sources, BTreeSet::from([caller.ip.to_string().as_str()]), "{access}");
 }
 
 #[test]
@@ -142,7 +146,7 @@ fn agent_traffic_does_not_loop() {
     // to the server, then delivery to the app) pass the programs attached
     // above the agent's cgroup and must not be captured again.
     let Some(mut bed) = bed() else { return };
-    let _client = bed.add_pod("n1", "shop", "client").unwrap();
+    let client = bed.add_pod("n1", "shop", "client").unwrap();
     let server = bed.add_pod("n1", "shop", "server").unwrap();
     let mut n1 = agent(&bed, "n1");
     n1.wait_pod_event("pod enrolled", "shop/server", 0).unwrap();
@@ -171,6 +175,9 @@ fn agent_traffic_does_not_loop() {
     assert_eq!(records.iter().filter(|c| c.direction == "inbound").count(), 6, "{records:#?}");
     let delivery_failure = records.iter().find(|c| c.direction == "inbound" && c.dst_addr.ends_with(":9")).unwrap();
     assert!(delivery_failure.error.as_deref().unwrap_or_default().contains("refused"), "{delivery_failure:?}");
+    // Over HBONE too, the app sees the client pod's address, not its own.
+    let access = std::fs::read_to_string(bed.scratch().join("server.log")).unwrap();
+    assert_eq!(access.lines().filter(|l| l.starts_with(&format!("{} - -", client.ip))).count(), 5, "{access}");
 }
 
 #[test]
@@ -188,10 +195,12 @@ fn enrol_and_unenrol_at_run_time() {
     curl(&bed, "shop/app", &url).unwrap();
     assert_eq!(captured(&n1), 0, "namespace not ambient yet");
 
+    assert_eq!(delivery_routing(&bed, "shop/app"), (false, false), "not enrolled yet");
     bed.set_namespace_mode("shop", Some("ambient")).unwrap();
     n1.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
     curl(&bed, "shop/app", &url).unwrap();
     n1.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
+    assert_eq!(delivery_routing(&bed, "shop/app"), (true, true), "routing for deliveries set up at enrolment");
 
     // A broken edit is reported with file and field; capture goes on.
     bed.write_config(
@@ -219,6 +228,15 @@ fn enrol_and_unenrol_at_run_time() {
     curl(&bed, "shop/app", &url).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(captured(&n1), 2, "opted-out pod is not captured: {:?}", n1.connections());
+    assert_eq!(delivery_routing(&bed, "shop/app"), (false, false), "the pod's netns is left as it was");
+}
+
+/// Whether a pod's netns has the agent's routing for deliveries: the rule
+/// for delivery-marked packets, and `tcp_fwmark_accept` on.
+fn delivery_routing(bed: &Bed, pod: &str) -> (bool, bool) {
+    let rules = bed.run_ok(pod, "ip", &["rule", "show"]).unwrap();
+    let accept = bed.run_ok(pod, "cat", &["/proc/sys/net/ipv4/tcp_fwmark_accept"]).unwrap();
+    (rules.contains("lookup 15006"), accept.trim() == "1")
 }
 
 /// Kernel object ids held by one agent process.

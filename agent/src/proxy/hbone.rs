@@ -188,7 +188,7 @@ async fn stream(
         refuse(&mut respond, StatusCode::UNAUTHORIZED);
         return log.finish(0, 0, None);
     }
-    let app = match pod.connect(dst).await {
+    let app = match pod.deliver(&ctx.deliveries, peer.ip(), dst).await {
         Ok(app) => app,
         Err(e) => {
             refuse(&mut respond, StatusCode::SERVICE_UNAVAILABLE);

@@ -2,8 +2,8 @@
 //! `ambit_sk_lookup` to this listener (podIP:15006). The accepted socket's
 //! local address is the original destination, untouched. The proxy delivers
 //! the connection to the app by connecting to that address from inside the
-//! pod; `ambit_sk_lookup` lets that connection through because its source
-//! and destination are the same address.
+//! pod, from the client's address (`PodContext::deliver`); `ambit_sk_lookup`
+//! lets that connection through because the agent listed it in `DELIVERIES`.
 //!
 //! This is the plaintext path: PeerAuthentication decides whether it is
 //! allowed (PERMISSIVE, the default, and DISABLE) or reset (STRICT), and
@@ -64,7 +64,7 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
         log.finish(0, 0, None);
         return;
     }
-    let app = match pod.connect(orig_dst).await {
+    let app = match pod.deliver(&ctx.deliveries, client_addr.ip(), orig_dst).await {
         Ok(app) => app,
         Err(e) => {
             relay::reset(&client);

@@ -25,12 +25,14 @@ use tokio::{
     sync::watch,
 };
 
+use ambit_common::DeliveryKey;
+
 use crate::{
     authz::{Connection, Decision},
-    capture::OrigDstTable,
+    capture::{DeliveryTable, OrigDstTable},
     identity::{Identity, Svid, manager::CertManager},
     metrics::{ConnectionLabels, Metrics},
-    netns::Netns,
+    netns::{DeliveryRouting, Netns},
     state::State,
     tls::{self, TrustBundle},
 };
@@ -45,6 +47,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// What every proxy task shares.
 pub struct ProxyContext {
     pub orig_dst: OrigDstTable,
+    pub deliveries: DeliveryTable,
     pub state: watch::Receiver<Arc<State>>,
     pub bundle: TrustBundle,
     pub certs: CertManager,
@@ -149,6 +152,9 @@ pub struct PodContext {
     pub svid: watch::Receiver<Option<Arc<Svid>>>,
     /// Server TLS configuration for the current SVID, rebuilt on rotation.
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
+    /// The pod's routing for deliveries from the client's address, set up
+    /// once, at enrolment or first use; `None` if that failed.
+    transparent: tokio::sync::OnceCell<Option<DeliveryRouting>>,
 }
 
 impl PodContext {
@@ -160,7 +166,16 @@ impl PodContext {
         identity: Identity,
         svid: watch::Receiver<Option<Arc<Svid>>>,
     ) -> Self {
-        Self { id, netns, netns_cookie, ips, identity, svid, server_tls: Mutex::new(None) }
+        Self {
+            id,
+            netns,
+            netns_cookie,
+            ips,
+            identity,
+            svid,
+            server_tls: Mutex::new(None),
+            transparent: tokio::sync::OnceCell::new(),
+        }
     }
 
     /// The current SVID, if one is valid now.
@@ -188,11 +203,68 @@ impl PodContext {
 
     /// Connects from inside the pod's netns, as the agent (marked socket).
     async fn connect(&self, dst: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
-        let socket = self.netns.tcp_socket(dst)?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
-            Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+        connect_within_timeout(self.netns.tcp_socket(dst)?, dst).await
+    }
+
+    /// Connects to an app of this pod, `dst`, for a client at `client`:
+    /// from the client's own address (IPv4), so the app sees who called and
+    /// the tuples differ per client; otherwise from the pod's address.
+    /// While it connects, `deliveries` tells `ambit_sk_lookup` to let it
+    /// through to the app.
+    async fn deliver(
+        &self,
+        deliveries: &DeliveryTable,
+        client: IpAddr,
+        dst: SocketAddr,
+    ) -> std::io::Result<tokio::net::TcpStream> {
+        let IpAddr::V4(from) = client else { return self.connect(dst).await };
+        if !dst.is_ipv4() || self.ips.contains(&client) || !self.transparent().await {
+            return self.connect(dst).await;
         }
+        let socket = self.netns.delivery_socket(from)?;
+        let key = DeliveryKey { client: socket.local_addr()?.into(), app: dst.into() };
+        deliveries.begin(key)?;
+        let result = connect_within_timeout(socket, dst).await;
+        deliveries.end(&key);
+        result
+    }
+
+    /// Sets up (once) and reports whether deliveries can come from clients'
+    /// addresses. Without it, apps see connections from their pod's address.
+    pub async fn transparent(&self) -> bool {
+        self.transparent
+            .get_or_init(|| async {
+                match self.netns.route_deliveries().await {
+                    Ok(routing) => Some(routing),
+                    Err(error) => {
+                        tracing::warn!(pod = %self.id, %error, "cannot route deliveries back to the agent in this pod; its apps see connections from the pod's own address");
+                        None
+                    }
+                }
+            })
+            .await
+            .is_some()
+    }
+
+    /// Undoes [`PodContext::transparent`] when the pod leaves the mesh.
+    pub async fn stop_transparent(&self) {
+        // Waits for a setup still running, so nothing is left behind.
+        self.transparent().await;
+        if let Some(Some(routing)) = self.transparent.get()
+            && let Err(error) = self.netns.unroute_deliveries(routing).await
+        {
+            tracing::warn!(pod = %self.id, %error, "cannot remove the delivery routing from this pod");
+        }
+    }
+}
+
+async fn connect_within_timeout(
+    socket: tokio::net::TcpSocket,
+    dst: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
     }
 }
 

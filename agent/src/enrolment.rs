@@ -178,7 +178,9 @@ impl Enrolments {
         let pod_ctx = Arc::new(PodContext::new(pod.id(), netns, netns_cookie, pod.ips.clone(), identity.clone(), svid));
         // Ahead of the first connection, like the certificate.
         let prepare = pod_ctx.clone();
-        tokio::spawn(async move { prepare.transparent().await });
+        tokio::spawn(async move {
+            prepare.route_deliveries().await;
+        });
         let serve_outbound =
             |listener| tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), outbound::handle));
         let mut proxies = vec![serve_outbound(outbound_v4)];
@@ -205,7 +207,7 @@ impl Enrolments {
         self.ctx.certs.release(&active.pod.identity, id);
         self.ctx.pool.forget_pod(id);
         tracing::info!(pod = %id, "pod unenrolled");
-        Some(tokio::spawn(async move { active.pod.stop_transparent().await }))
+        Some(tokio::spawn(async move { active.pod.unroute_deliveries().await }))
     }
 
     /// Unenrols every pod (on shutdown) and leaves their netns as they were.

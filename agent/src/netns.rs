@@ -8,10 +8,14 @@
 use std::{
     fs::File,
     io,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    ops::RangeInclusive,
     os::fd::{AsFd, AsRawFd},
     path::Path,
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
 };
 
 use ambit_common::{AGENT_SOCKET_MARK, DELIVERY_SOCKET_MARK};
@@ -34,11 +38,33 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// The pod's sysctls that [`Netns::route_deliveries`] turns on.
 const DELIVERY_SYSCTLS: [&str; 2] = ["/proc/sys/net/ipv4/tcp_fwmark_accept", "/proc/sys/net/ipv4/fwmark_reflect"];
 
-/// What [`Netns::route_deliveries`] changed in a pod, to undo it.
+/// A pod set up by [`Netns::route_deliveries`]: what it changed, to undo
+/// it, and the source ports for deliveries.
 #[derive(Debug)]
 pub struct DeliveryRouting {
     /// The values of [`DELIVERY_SYSCTLS`] before, in that order.
     sysctls: Vec<String>,
+    /// The pod's ephemeral port range, which its apps leave free.
+    ports: RangeInclusive<u16>,
+    next_port: AtomicU32,
+}
+
+impl DeliveryRouting {
+    /// The next source port for a delivery: the pod's ephemeral range, in
+    /// turn, so a tuple comes back only after the whole range was used.
+    pub fn next_port(&self) -> u16 {
+        let (first, last) = (u32::from(*self.ports.start()), u32::from(*self.ports.end()));
+        (first + self.next_port.fetch_add(1, Ordering::Relaxed) % (last - first + 1)) as u16
+    }
+}
+
+/// Parses `net.ipv4.ip_local_port_range` ("32768\t60999").
+fn parse_port_range(text: &str) -> io::Result<RangeInclusive<u16>> {
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(first)), Some(Ok(last))) if first <= last => Ok(first..=last),
+        _ => Err(io::Error::other(format!("unexpected net.ipv4.ip_local_port_range {text:?}"))),
+    }
 }
 
 /// The rule that sends delivery-marked packets to [`DELIVERY_TABLE`].
@@ -113,13 +139,21 @@ impl Netns {
     /// A socket for delivering a connection to an app in this pod from the
     /// client's address `from` (IPv4; transparent, like the client itself
     /// had connected), so the app sees its real client and each client has
-    /// its own ports and TIME_WAIT entries. Needs [`Netns::route_deliveries`].
-    /// The socket is bound, so its port is known before connect().
-    pub fn delivery_socket(&self, from: Ipv4Addr) -> io::Result<tokio::net::TcpSocket> {
+    /// its own tuples. Needs [`Netns::route_deliveries`].
+    ///
+    /// The caller picks the port ([`DeliveryRouting::next_port`]), so it is
+    /// known before connect(). The
+    /// agent closes first, so each delivery leaves a TIME_WAIT in the pod:
+    /// `SO_REUSEADDR` lets the bind share a port with those, and binding to
+    /// loopback lets connect() reuse a TIME_WAIT tuple (`tcp_tw_reuse`'s
+    /// default covers loopback), as a client's own kernel would.
+    pub fn delivery_socket(&self, from: SocketAddrV4) -> io::Result<tokio::net::TcpSocket> {
         let socket = self.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))?;
         socket.set_mark(DELIVERY_SOCKET_MARK)?;
         socket.set_ip_transparent(true)?;
-        socket.bind(&SocketAddr::new(from.into(), 0).into())?;
+        socket.set_reuse_address(true)?;
+        socket.bind_device(Some(b"lo"))?;
+        socket.bind(&SocketAddr::V4(from).into())?;
         socket.set_nodelay(true)?;
         socket.set_nonblocking(true)?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
@@ -135,15 +169,16 @@ impl Netns {
     /// Only those packets are affected. [`Netns::unroute_deliveries`] undoes
     /// it with what this returns.
     pub async fn route_deliveries(&self) -> io::Result<DeliveryRouting> {
-        let previous = self.run(|| {
+        let (sysctls, ports) = self.run(|| {
+            let ports = parse_port_range(&std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?)?;
             let mut previous = Vec::new();
             for path in DELIVERY_SYSCTLS {
                 previous.push(std::fs::read_to_string(path)?);
                 std::fs::write(path, "1")?;
             }
-            Ok(previous)
+            Ok((previous, ports))
         })?;
-        let routing = DeliveryRouting { sysctls: previous };
+        let routing = DeliveryRouting { sysctls, ports, next_port: AtomicU32::new(0) };
         let added = self
             .netlink(|handle| async move {
                 let rule = delivery_rule(&handle).execute().await;
@@ -242,4 +277,18 @@ pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_port_range;
+
+    #[test]
+    fn port_range_as_the_kernel_writes_it() {
+        assert_eq!(parse_port_range("32768\t60999\n").unwrap(), 32768..=60999);
+        assert_eq!(parse_port_range("40000 40000").unwrap(), 40000..=40000);
+        for bad in ["", "32768", "60999 32768", "a b", "1 70000"] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -397,3 +397,35 @@ fn agent_refuses_to_start_without_a_cgroup_v2_directory() {
     let log = agent.log_text();
     assert!(log.contains("this node cannot run ambit") && log.contains("must be a cgroup v2 directory"), "{log}");
 }
+
+#[test]
+fn connection_churn_outlasts_the_server_pods_port_range() {
+    // Every delivery leaves a TIME_WAIT in the server pod (the agent closes
+    // first, like the client did). With the pod's port range cut to 500,
+    // a thousand and more short connections from one client must all pass:
+    // deliveries reuse TIME_WAIT tuples, as the client's own kernel does.
+    let Some(mut bed) = bed() else { return };
+    let client = bed.add_pod("n1", "shop", "client").unwrap();
+    let server = bed.add_pod("n1", "shop", "server").unwrap();
+    // Read by the agent at enrolment: deliveries take their ports from it.
+    bed.run_ok("shop/server", "sysctl", &["-qw", "net.ipv4.ip_local_port_range=40000 40499"]).unwrap();
+    let mut n1 = agent(&bed, "n1");
+    n1.wait_pod_event("pod enrolled", "shop/server", 0).unwrap();
+    n1.wait_pod_event("pod enrolled", "shop/client", 0).unwrap();
+    let tool = env!("CARGO_BIN_EXE_ambit-bench");
+    let echo = format!("{}:7000", server.ip);
+    bed.spawn("shop/server", tool, &["echo", "--listen", &echo]).unwrap();
+    wait_until(Duration::from_secs(5), "the echo server listens", || {
+        Ok(!bed.run_ok("shop/server", "ss", &["-Htln", "sport = :7000"])?.is_empty())
+    })
+    .unwrap();
+
+    let report = bed.run_ok("shop/client", tool, &["connrate", "--to", &echo, "--seconds", "3"]).unwrap();
+    let report: Value = serde_json::from_str(report.trim()).unwrap();
+    let rate = report["connections_per_sec"].as_f64().unwrap();
+    assert!(rate * 3.0 > 1000.0, "well past the 500 ports: {report}");
+    let errors: Vec<_> = n1.connections().into_iter().filter_map(|c| c.error).take(3).collect();
+    assert_eq!(report["failed"], 0, "{report} {errors:?}");
+    let time_wait = bed.run_ok("shop/server", "ss", &["-Htan", "state", "time-wait"]).unwrap();
+    assert!(time_wait.lines().all(|l| l.contains(&client.ip.to_string())), "delivered from the client's address");
+}

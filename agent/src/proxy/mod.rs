@@ -12,7 +12,8 @@ pub mod workers;
 
 use std::{
     future::Future,
-    net::{IpAddr, SocketAddr},
+    io::ErrorKind,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -154,7 +155,7 @@ pub struct PodContext {
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
     /// The pod's routing for deliveries from the client's address, set up
     /// once, at enrolment or first use; `None` if that failed.
-    transparent: tokio::sync::OnceCell<Option<DeliveryRouting>>,
+    delivery_routing: tokio::sync::OnceCell<Option<DeliveryRouting>>,
 }
 
 impl PodContext {
@@ -174,7 +175,7 @@ impl PodContext {
             identity,
             svid,
             server_tls: Mutex::new(None),
-            transparent: tokio::sync::OnceCell::new(),
+            delivery_routing: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -218,21 +219,37 @@ impl PodContext {
         dst: SocketAddr,
     ) -> std::io::Result<tokio::net::TcpStream> {
         let IpAddr::V4(from) = client else { return self.connect(dst).await };
-        if !dst.is_ipv4() || self.ips.contains(&client) || !self.transparent().await {
+        if !dst.is_ipv4() || self.ips.contains(&client) {
             return self.connect(dst).await;
         }
-        let socket = self.netns.delivery_socket(from)?;
-        let key = DeliveryKey { client: socket.local_addr()?.into(), app: dst.into() };
-        deliveries.begin(key)?;
-        let result = connect_within_timeout(socket, dst).await;
-        deliveries.end(&key);
-        result
+        let Some(routing) = self.route_deliveries().await else { return self.connect(dst).await };
+        // A port can be taken: by a listener (bind), or by a live or recent
+        // delivery with the same tuple (connect). Then the next one is tried.
+        for _ in 0..DELIVERY_PORT_ATTEMPTS {
+            let from = SocketAddrV4::new(from, routing.next_port());
+            let socket = match self.netns.delivery_socket(from) {
+                Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
+                other => other?,
+            };
+            let key = DeliveryKey { client: SocketAddr::V4(from).into(), app: dst.into() };
+            deliveries.begin(key)?;
+            let result = connect_within_timeout(socket, dst).await;
+            deliveries.end(&key);
+            match result {
+                Err(e) if e.kind() == ErrorKind::AddrNotAvailable => continue,
+                other => return other,
+            }
+        }
+        Err(std::io::Error::new(
+            ErrorKind::AddrNotAvailable,
+            format!("no free port for a delivery from {client} after {DELIVERY_PORT_ATTEMPTS} tries"),
+        ))
     }
 
-    /// Sets up (once) and reports whether deliveries can come from clients'
+    /// Sets up (once) the pod's routing for deliveries from clients'
     /// addresses. Without it, apps see connections from their pod's address.
-    pub async fn transparent(&self) -> bool {
-        self.transparent
+    pub async fn route_deliveries(&self) -> Option<&DeliveryRouting> {
+        self.delivery_routing
             .get_or_init(|| async {
                 match self.netns.route_deliveries().await {
                     Ok(routing) => Some(routing),
@@ -243,20 +260,22 @@ impl PodContext {
                 }
             })
             .await
-            .is_some()
+            .as_ref()
     }
 
-    /// Undoes [`PodContext::transparent`] when the pod leaves the mesh.
-    pub async fn stop_transparent(&self) {
+    /// Undoes [`PodContext::route_deliveries`] when the pod leaves the mesh.
+    pub async fn unroute_deliveries(&self) {
         // Waits for a setup still running, so nothing is left behind.
-        self.transparent().await;
-        if let Some(Some(routing)) = self.transparent.get()
+        if let Some(routing) = self.route_deliveries().await
             && let Err(error) = self.netns.unroute_deliveries(routing).await
         {
             tracing::warn!(pod = %self.id, %error, "cannot remove the delivery routing from this pod");
         }
     }
 }
+
+/// How many ports [`PodContext::deliver`] tries before it gives up.
+const DELIVERY_PORT_ATTEMPTS: usize = 16;
 
 async fn connect_within_timeout(
     socket: tokio::net::TcpSocket,

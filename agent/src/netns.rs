@@ -142,11 +142,11 @@ impl Netns {
     /// its own tuples. Needs [`Netns::route_deliveries`].
     ///
     /// The caller picks the port ([`DeliveryRouting::next_port`]), so it is
-    /// known before connect(). The
-    /// agent closes first, so each delivery leaves a TIME_WAIT in the pod:
-    /// `SO_REUSEADDR` lets the bind share a port with those, and binding to
-    /// loopback lets connect() reuse a TIME_WAIT tuple (`tcp_tw_reuse`'s
-    /// default covers loopback), as a client's own kernel would.
+    /// known before connect(). The agent closes first, so each delivery
+    /// leaves a TIME_WAIT in the pod: `SO_REUSEADDR` lets the bind share a
+    /// port with those, and binding to loopback lets connect() reuse a
+    /// TIME_WAIT tuple (`tcp_tw_reuse`'s default covers loopback), as a
+    /// client's own kernel would.
     pub fn delivery_socket(&self, from: SocketAddrV4) -> io::Result<tokio::net::TcpSocket> {
         let socket = self.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))?;
         socket.set_mark(DELIVERY_SOCKET_MARK)?;

@@ -62,11 +62,14 @@ pub struct Enrolments {
     /// Pods that failed, with the error last logged, so a retry that fails
     /// the same way does not log again.
     failed: BTreeMap<String, String>,
+    /// Cleanups inside unenrolled pods' netns, still running or not yet
+    /// awaited: a pod enrolled again waits for its own first.
+    cleanups: BTreeMap<String, JoinHandle<()>>,
 }
 
 impl Enrolments {
     pub fn new(node: String, capture: Capture, ctx: Arc<ProxyContext>) -> Self {
-        Self { node, capture, ctx, active: BTreeMap::new(), failed: BTreeMap::new() }
+        Self { node, capture, ctx, active: BTreeMap::new(), failed: BTreeMap::new(), cleanups: BTreeMap::new() }
     }
 
     pub fn enrolled(&self) -> usize {
@@ -99,6 +102,7 @@ impl Enrolments {
             self.unenrol(&id);
         }
         self.failed.retain(|id, _| desired.contains_key(id));
+        self.cleanups.retain(|_, cleanup| !cleanup.is_finished());
         for (id, pod) in desired {
             if self.active.contains_key(&id) {
                 continue;
@@ -175,7 +179,15 @@ impl Enrolments {
 
         // Fetch the identity's certificate now, ahead of the first connection.
         let svid = self.ctx.certs.acquire(&identity, &pod.id());
-        let pod_ctx = Arc::new(PodContext::new(pod.id(), netns, netns_cookie, pod.ips.clone(), identity.clone(), svid));
+        let pod_ctx = Arc::new(PodContext::new(
+            pod.id(),
+            netns,
+            netns_cookie,
+            pod.ips.clone(),
+            identity.clone(),
+            svid,
+            self.cleanups.remove(&pod.id()),
+        ));
         // Ahead of the first connection, like the certificate.
         let prepare = pod_ctx.clone();
         tokio::spawn(async move {
@@ -195,10 +207,11 @@ impl Enrolments {
         Ok(ActivePod { spec: pod.into(), pod: pod_ctx, inbound_ips, sk_lookup, proxies })
     }
 
-    /// Stops capturing a pod. The returned task finishes the cleanup inside
-    /// the pod's netns.
-    fn unenrol(&mut self, id: &str) -> Option<JoinHandle<()>> {
-        let active = self.active.remove(id)?;
+    /// Stops capturing a pod; a task finishes the cleanup inside its netns.
+    fn unenrol(&mut self, id: &str) {
+        let Some(active) = self.active.remove(id) else {
+            return;
+        };
         self.capture.unenrol(active.pod.netns_cookie, &active.inbound_ips, active.sk_lookup);
         // Dropping the accept loops closes the listeners.
         for task in active.proxies {
@@ -207,14 +220,17 @@ impl Enrolments {
         self.ctx.certs.release(&active.pod.identity, id);
         self.ctx.pool.forget_pod(id);
         tracing::info!(pod = %id, "pod unenrolled");
-        Some(tokio::spawn(async move { active.pod.unroute_deliveries().await }))
+        let cleanup = tokio::spawn(async move { active.pod.unroute_deliveries().await });
+        self.cleanups.insert(id.to_string(), cleanup);
     }
 
     /// Unenrols every pod (on shutdown) and leaves their netns as they were.
     pub async fn clear(&mut self) {
         let ids: Vec<String> = self.active.keys().cloned().collect();
-        let cleanups: Vec<_> = ids.iter().filter_map(|id| self.unenrol(id)).collect();
-        for cleanup in cleanups {
+        for id in ids {
+            self.unenrol(&id);
+        }
+        for (_, cleanup) in std::mem::take(&mut self.cleanups) {
             let _ = cleanup.await;
         }
     }

@@ -422,6 +422,14 @@ impl Bed {
         self.write_pod(&pod)
     }
 
+    /// Changes a pod's service account and rewrites its configuration file.
+    pub fn set_pod_service_account(&mut self, id: &str, service_account: &str) -> Result<()> {
+        let pod = self.pods.iter_mut().find(|p| p.id() == id).with_context(|| format!("no pod {id}"))?;
+        pod.service_account = service_account.to_string();
+        let pod = pod.clone();
+        self.write_pod(&pod)
+    }
+
     fn write_pod(&self, pod: &Pod) -> Result<()> {
         let labels: String = pod.labels.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
         let yaml = format!(

@@ -221,10 +221,17 @@ fn enrol_and_unenrol_at_run_time() {
     curl(&bed, "shop/app", &url).unwrap();
     n1.wait_connections(2, |c| c.src_workload == "shop/app").unwrap();
 
+    // A new service account means a new enrolment in the same netns: the
+    // old one's cleanup must not undo the new one's routing.
+    bed.set_pod_service_account("shop/app", "app-v2").unwrap();
+    n1.wait_pod_event("pod enrolled", "shop/app", 1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(delivery_routing(&bed, "shop/app"), (true, true), "routing kept across re-enrolment");
+
     // The pod's own label opts it out.
     bed.set_namespace_mode("shop", Some("ambient")).unwrap();
     bed.set_pod_label("shop/app", "ambit.dev/dataplane-mode", Some("none")).unwrap();
-    n1.wait_pod_event("pod unenrolled", "shop/app", 0).unwrap();
+    n1.wait_pod_event("pod unenrolled", "shop/app", 1).unwrap();
     curl(&bed, "shop/app", &url).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(captured(&n1), 2, "opted-out pod is not captured: {:?}", n1.connections());

@@ -156,6 +156,9 @@ pub struct PodContext {
     /// The pod's routing for deliveries from the client's address, set up
     /// once, at enrolment or first use; `None` if that failed.
     delivery_routing: tokio::sync::OnceCell<Option<DeliveryRouting>>,
+    /// The cleanup of this pod's previous enrolment, if it may still run:
+    /// the setup waits for it, or it would undo the new routing.
+    previous_cleanup: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl PodContext {
@@ -166,6 +169,7 @@ impl PodContext {
         ips: Vec<IpAddr>,
         identity: Identity,
         svid: watch::Receiver<Option<Arc<Svid>>>,
+        previous_cleanup: Option<tokio::task::JoinHandle<()>>,
     ) -> Self {
         Self {
             id,
@@ -176,6 +180,7 @@ impl PodContext {
             svid,
             server_tls: Mutex::new(None),
             delivery_routing: tokio::sync::OnceCell::new(),
+            previous_cleanup: Mutex::new(previous_cleanup),
         }
     }
 
@@ -251,6 +256,10 @@ impl PodContext {
     pub async fn route_deliveries(&self) -> Option<&DeliveryRouting> {
         self.delivery_routing
             .get_or_init(|| async {
+                let previous = self.previous_cleanup.lock().expect("previous cleanup lock").take();
+                if let Some(previous) = previous {
+                    let _ = previous.await;
+                }
                 match self.netns.route_deliveries().await {
                     Ok(routing) => Some(routing),
                     Err(error) => {

@@ -129,11 +129,17 @@ impl Netns {
     /// A TCP socket inside this netns, marked as the agent's own so the
     /// capture programs let it through, ready for tokio.
     pub fn tcp_socket(&self, peer: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self.run(|| Socket::new(Domain::for_address(peer), Type::STREAM, Some(Protocol::TCP)))?;
-        socket.set_mark(AGENT_SOCKET_MARK)?;
+        let socket = self.agent_socket(Domain::for_address(peer), AGENT_SOCKET_MARK)?;
+        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+    }
+
+    /// A non-blocking TCP socket inside this netns with `mark`, Nagle off.
+    fn agent_socket(&self, domain: Domain, mark: u32) -> io::Result<Socket> {
+        let socket = self.run(|| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))?;
+        socket.set_mark(mark)?;
         socket.set_nodelay(true)?;
         socket.set_nonblocking(true)?;
-        Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
+        Ok(socket)
     }
 
     /// A socket for delivering a connection to an app in this pod from the
@@ -148,14 +154,11 @@ impl Netns {
     /// TIME_WAIT tuple (`tcp_tw_reuse`'s default covers loopback), as a
     /// client's own kernel would.
     pub fn delivery_socket(&self, from: SocketAddrV4) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))?;
-        socket.set_mark(DELIVERY_SOCKET_MARK)?;
+        let socket = self.agent_socket(Domain::IPV4, DELIVERY_SOCKET_MARK)?;
         socket.set_ip_transparent(true)?;
         socket.set_reuse_address(true)?;
         socket.bind_device(Some(b"lo"))?;
         socket.bind(&SocketAddr::V4(from).into())?;
-        socket.set_nodelay(true)?;
-        socket.set_nonblocking(true)?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 

@@ -413,19 +413,24 @@ impl Bed {
 
     /// Sets or removes a label on a pod and rewrites its configuration file.
     pub fn set_pod_label(&mut self, id: &str, key: &str, value: Option<&str>) -> Result<()> {
-        let pod = self.pods.iter_mut().find(|p| p.id() == id).with_context(|| format!("no pod {id}"))?;
-        match value {
-            Some(v) => pod.labels.insert(key.to_string(), v.to_string()),
-            None => pod.labels.remove(key),
-        };
-        let pod = pod.clone();
-        self.write_pod(&pod)
+        self.update_pod(id, |pod| match value {
+            Some(v) => {
+                pod.labels.insert(key.to_string(), v.to_string());
+            }
+            None => {
+                pod.labels.remove(key);
+            }
+        })
     }
 
     /// Changes a pod's service account and rewrites its configuration file.
     pub fn set_pod_service_account(&mut self, id: &str, service_account: &str) -> Result<()> {
+        self.update_pod(id, |pod| pod.service_account = service_account.to_string())
+    }
+
+    fn update_pod(&mut self, id: &str, change: impl FnOnce(&mut Pod)) -> Result<()> {
         let pod = self.pods.iter_mut().find(|p| p.id() == id).with_context(|| format!("no pod {id}"))?;
-        pod.service_account = service_account.to_string();
+        change(pod);
         let pod = pod.clone();
         self.write_pod(&pod)
     }

@@ -422,10 +422,7 @@ fn connection_churn_outlasts_the_server_pods_port_range() {
     let tool = env!("CARGO_BIN_EXE_ambit-bench");
     let echo = format!("{}:7000", server.ip);
     bed.spawn("shop/server", tool, &["echo", "--listen", &echo]).unwrap();
-    wait_until(Duration::from_secs(5), "the echo server listens", || {
-        Ok(!bed.run_ok("shop/server", "ss", &["-Htln", "sport = :7000"])?.is_empty())
-    })
-    .unwrap();
+    bed.wait_listening("shop/server", 7000).unwrap();
 
     let report = bed.run_ok("shop/client", tool, &["connrate", "--to", &echo, "--seconds", "3"]).unwrap();
     let report: Value = serde_json::from_str(report.trim()).unwrap();

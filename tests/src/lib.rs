@@ -507,13 +507,15 @@ impl Bed {
         Ok(waypoint)
     }
 
-    /// Starts a long-running process in a pod; the bed kills it on drop.
-    pub fn spawn(&self, pod: &str, program: &str, args: &[&str]) -> Result<()> {
+    /// Starts a long-running process in a pod and returns its pid; the bed
+    /// kills it on drop.
+    pub fn spawn(&self, pod: &str, program: &str, args: &[&str]) -> Result<u32> {
         let mut cmd = self.pod(pod).command(program);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().with_context(|| format!("start {program} in {pod}"))?;
+        let pid = child.id();
         self.children.lock().expect("children lock").push(child);
-        Ok(())
+        Ok(pid)
     }
 
     /// Runs a command in a pod to completion.

@@ -1,13 +1,18 @@
 //! `cargo xtask bench`: the data path measured against no mesh, in one run.
 //!
-//! One bed, three scenarios run alternately in every round (direct, ambit
-//! cross-node, ambit same-node), so each mesh figure has a no-mesh figure
-//! taken moments before it: ratios are computed within a round, and the
-//! table shows their median and spread (min-max), which makes a noisy run
-//! visible. Release builds of the agent and of the traffic tools.
+//! One bed, four scenarios run alternately in every round (direct, plain
+//! relays, ambit cross-node, ambit same-node), so each figure has a no-mesh
+//! figure taken moments before it: ratios are computed within a round, and
+//! the table shows their median and spread (min-max), which makes a noisy
+//! run visible. "Plain relays" puts a byte-for-byte TCP relay where each
+//! node's agent has its sockets (in the client pod on loopback, and in the
+//! server pod), without TLS, HTTP/2 or policy: what proxying in user space
+//! on both nodes costs on this machine before ambit does any work. Release
+//! builds of the agent and of the traffic tools.
 
 use std::{
     collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -22,6 +27,9 @@ use crate::{cargo, exec, root, setup};
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7000;
 const HTTP_PORT: u16 = 8000;
+/// The server-side relay of the plain-relays scenario listens on each
+/// server port plus this.
+const RELAY_PORT_OFFSET: u16 = 10_000;
 /// Pods enrolled on node 1 while its idle memory is measured.
 const IDLE_PODS: usize = 50;
 
@@ -33,19 +41,36 @@ struct Plan {
     decisions: usize,
 }
 
-/// One scenario: who talks to whom.
+/// How a scenario's client reaches its server.
+#[derive(PartialEq)]
+enum Route {
+    /// Straight to the server pod's address.
+    Direct,
+    /// To the plain relay on the client pod's loopback.
+    Relays,
+    /// To the server pod's address, captured by ambit.
+    Mesh,
+}
+
+/// One scenario: who talks to whom, and how.
 struct Scenario {
     name: &'static str,
     client: &'static str,
     server: &'static str,
-    meshed: bool,
+    route: Route,
 }
 
-const SCENARIOS: [Scenario; 3] = [
-    Scenario { name: "direct", client: "legacy/client", server: "legacy/server", meshed: false },
-    Scenario { name: "ambit cross-node", client: "shop/client", server: "shop/server", meshed: true },
-    Scenario { name: "ambit same-node", client: "shop/client", server: "shop/local", meshed: true },
+const SCENARIOS: [Scenario; 4] = [
+    Scenario { name: "direct", client: "legacy/client", server: "legacy/server", route: Route::Direct },
+    Scenario { name: "plain relays", client: "legacy/client", server: "legacy/server", route: Route::Relays },
+    Scenario { name: "ambit cross-node", client: "shop/client", server: "shop/server", route: Route::Mesh },
+    Scenario { name: "ambit same-node", client: "shop/client", server: "shop/local", route: Route::Mesh },
 ];
+
+/// The scenarios compared with direct, in table order.
+fn compared() -> impl Iterator<Item = &'static Scenario> {
+    SCENARIOS.iter().filter(|s| s.route != Route::Direct)
+}
 
 /// What one scenario measured in one round.
 #[derive(Default, Clone)]
@@ -57,7 +82,8 @@ struct Sample {
     p99_us: f64,
     http_rps: f64,
     conn_rate: f64,
-    /// Agent CPU seconds (both agents) per GB moved by iperf3.
+    /// CPU seconds of the two proxies (agents or relays) per GB moved by
+    /// iperf3; 0 for direct.
     cpu_s_per_gb: f64,
 }
 
@@ -95,9 +121,10 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         ("n1", "shop/local"),
     ])?;
     // Connection-rate runs open thousands of connections a second; give the
-    // clients the whole port range and let them reuse TIME_WAIT ports, so
-    // the direct path is not capped by ephemeral ports.
-    for client in ["legacy/client", "shop/client"] {
+    // clients (and the server-side relay, which connects from legacy/server)
+    // the whole port range and let them reuse TIME_WAIT ports, so no path is
+    // capped by ephemeral ports.
+    for client in ["legacy/client", "legacy/server", "shop/client"] {
         bed.run_ok(client, "sysctl", &["-qw", "net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"])?;
     }
     // The same server behind two services: one plain (L4 only), one through
@@ -125,6 +152,8 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
             bed.wait_listening(server, port)?;
         }
     }
+    let relays = start_relays(&bed, &tool)?;
+    let agent_pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
     let _waypoint = bed.start_waypoint("shop/wp", &[])?;
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss_kb = proc_status(agents[0].pid(), "VmRSS:")?;
@@ -134,7 +163,12 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     for round in 0..plan.rounds {
         eprintln!("bench: round {}/{}", round + 1, plan.rounds);
         for scenario in &SCENARIOS {
-            let sample = measure(&bed, &agents, &tool, scenario, &plan)
+            let proxies: &[u32] = match scenario.route {
+                Route::Direct => &[],
+                Route::Relays => &relays,
+                Route::Mesh => &agent_pids,
+            };
+            let sample = measure(&bed, proxies, &tool, scenario, &plan)
                 .with_context(|| format!("{} (round {})", scenario.name, round + 1))?;
             samples.entry(scenario.name).or_default().push(sample);
         }
@@ -159,13 +193,40 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn measure(bed: &Bed, agents: &[Agent], tool: &Path, scenario: &Scenario, plan: &Plan) -> Result<Sample> {
-    let server = bed.pod(scenario.server).ip.to_string();
+/// The plain-relays scenario's two relays: legacy/client's loopback ->
+/// legacy/server's address (port + RELAY_PORT_OFFSET) -> the server.
+/// Returns their pids.
+fn start_relays(bed: &Bed, tool: &Path) -> Result<Vec<u32>> {
+    let tool = tool.to_str().context("UTF-8 path")?;
+    let server = IpAddr::V4(bed.pod("legacy/server").ip);
+    let hop = |port: u16| SocketAddr::new(server, port + RELAY_PORT_OFFSET);
+    let ports = [IPERF_PORT, ECHO_PORT, HTTP_PORT];
+    let server_side = ports.map(|p| (hop(p), SocketAddr::new(server, p)));
+    let client_side = ports.map(|p| (SocketAddr::from(([127, 0, 0, 1], p)), hop(p)));
+    let mut pids = Vec::new();
+    for (pod, forwards) in [("legacy/server", server_side), ("legacy/client", client_side)] {
+        let mut args = vec!["relay".to_string()];
+        for (listen, to) in forwards {
+            args.extend(["--forward".to_string(), format!("{listen}={to}")]);
+        }
+        pids.push(bed.spawn(pod, tool, &args.iter().map(String::as_str).collect::<Vec<_>>())?);
+        for (listen, _) in forwards {
+            bed.wait_listening(pod, listen.port())?;
+        }
+    }
+    Ok(pids)
+}
+
+/// One scenario's measurements; `proxies` are the processes whose CPU time
+/// is charged to it.
+fn measure(bed: &Bed, proxies: &[u32], tool: &Path, scenario: &Scenario, plan: &Plan) -> Result<Sample> {
+    let server =
+        if scenario.route == Route::Relays { "127.0.0.1".to_string() } else { bed.pod(scenario.server).ip.to_string() };
     let secs = plan.seconds.to_string();
-    let cpu_before = agents_cpu_seconds(agents)?;
+    let cpu_before = cpu_seconds(proxies)?;
     let (gbps_1, bytes_1) = iperf3(bed, scenario.client, &server, &secs, 1)?;
     let (gbps_8, bytes_8) = iperf3(bed, scenario.client, &server, &secs, 8)?;
-    let cpu = agents_cpu_seconds(agents)? - cpu_before;
+    let cpu = cpu_seconds(proxies)? - cpu_before;
     let tool = tool.to_str().context("UTF-8 path")?;
     let pings = bed.run_ok(
         scenario.client,
@@ -187,7 +248,7 @@ fn measure(bed: &Bed, agents: &[Agent], tool: &Path, scenario: &Scenario, plan: 
         p99_us: pings["p99_us"].as_f64().unwrap_or_default(),
         http_rps: wrk(bed, scenario.client, &format!("{server}:{HTTP_PORT}"), &secs)?.rps,
         conn_rate: rate["connections_per_sec"].as_f64().unwrap_or_default(),
-        cpu_s_per_gb: if scenario.meshed { cpu / ((bytes_1 + bytes_8) as f64 / 1e9) } else { 0.0 },
+        cpu_s_per_gb: cpu / ((bytes_1 + bytes_8) as f64 / 1e9),
     })
 }
 
@@ -203,11 +264,12 @@ fn iperf3(bed: &Bed, client: &str, server: &str, secs: &str, streams: usize) -> 
     Ok((received["bits_per_second"].as_f64().unwrap_or_default() / 1e9, received["bytes"].as_u64().unwrap_or_default()))
 }
 
-fn agents_cpu_seconds(agents: &[Agent]) -> Result<f64> {
+/// User and system CPU seconds of `pids`, summed.
+fn cpu_seconds(pids: &[u32]) -> Result<f64> {
     let ticks_per_second = 100.0; // USER_HZ on Linux
     let mut total = 0.0;
-    for agent in agents {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", agent.pid()))?;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // Fields after the command name (which may hold spaces): utime is
         // field 14, stime 15, counting from 1.
         let after = stat.rsplit_once(')').context("/proc/pid/stat format")?.1;
@@ -379,31 +441,32 @@ impl Report<'_> {
             "ambit bench: {} rounds, {} s per throughput/rate run, {} ping-pongs; medians over rounds, ratios taken within each round (min…max in brackets)\n\n",
             plan.rounds, plan.seconds, plan.pings
         ));
-        out.push_str("| metric | direct | ambit cross-node | vs direct | ambit same-node | vs direct |\n|---|---|---|---|---|---|\n");
+        out.push_str("| metric | direct |");
+        for scenario in compared() {
+            out.push_str(&format!(" {} | vs direct |", scenario.name));
+        }
+        out.push_str(&format!("\n|---|---|{}\n", "---|---|".repeat(compared().count())));
         for metric in METRICS {
             let value = |s: &str| median(self.series(s, metric.read));
-            out.push_str(&format!(
-                "| {} | {:.1} | {:.1} | {} | {:.1} | {} |\n",
-                metric.name,
-                value("direct"),
-                value("ambit cross-node"),
-                format_comparison(self.comparison("ambit cross-node", metric), metric.added_half_rtt),
-                value("ambit same-node"),
-                format_comparison(self.comparison("ambit same-node", metric), metric.added_half_rtt),
-            ));
+            out.push_str(&format!("| {} | {:.1} |", metric.name, value("direct")));
+            for scenario in compared() {
+                let comparison = format_comparison(self.comparison(scenario.name, metric), metric.added_half_rtt);
+                out.push_str(&format!(" {:.1} | {comparison} |", value(scenario.name)));
+            }
+            out.push('\n');
         }
-        let cpu = |s: &str| median(self.series(s, |x| x.cpu_s_per_gb));
-        out.push_str(&format!(
-            "| agent CPU s per GB (iperf3 runs, both agents) | - | {:.2} | | {:.2} | |\n",
-            cpu("ambit cross-node"),
-            cpu("ambit same-node")
-        ));
+        out.push_str("| proxy CPU s per GB (iperf3 runs; both relays or both agents) | - |");
+        for scenario in compared() {
+            out.push_str(&format!(" {:.2} | |", median(self.series(scenario.name, |x| x.cpu_s_per_gb))));
+        }
+        out.push('\n');
         out.push_str(&format!(
             "\nAgent memory: {:.1} MB RSS idle with {IDLE_PODS} enrolled pods (node 1), {:.1} MB peak RSS during the run (the larger of the two agents).\n",
             self.idle_rss_kb as f64 / 1024.0,
             self.peak_rss_kb as f64 / 1024.0
         ));
-        out.push_str("Latency rows compare as added latency per direction: (mesh − direct) / 2 of the round trip, as sockperf reports it.\n");
+        out.push_str("Latency rows compare as added latency per direction: (scenario − direct) / 2 of the round trip, as sockperf reports it.\n");
+        out.push_str("Plain relays: a byte-for-byte TCP relay on the client pod's loopback and another in the server pod (ambit-bench relay: no TLS, HTTP/2 or policy), where the agents' sockets are; what any pair of user-space proxies costs on this machine.\n");
         for (layout, label) in
             [("100_namespaces", "spread over 100 namespaces"), ("one_namespace", "all in the destination's namespace")]
         {
@@ -467,20 +530,19 @@ impl Report<'_> {
                             "iperf3_1_stream_gbps": s.gbps_1, "iperf3_8_streams_gbps": s.gbps_8,
                             "pingpong_p50_us": s.p50_us, "pingpong_p90_us": s.p90_us, "pingpong_p99_us": s.p99_us,
                             "http_keepalive_rps": s.http_rps, "new_connections_per_sec": s.conn_rate,
-                            "agent_cpu_seconds_per_gb": s.cpu_s_per_gb,
+                            "proxy_cpu_seconds_per_gb": s.cpu_s_per_gb,
                         })
                     })
                     .collect();
                 (*name, values)
             })
             .collect();
-        let comparisons: BTreeMap<String, Value> = ["ambit cross-node", "ambit same-node"]
-            .iter()
+        let comparisons: BTreeMap<String, Value> = compared()
             .flat_map(|scenario| {
                 METRICS.iter().map(move |metric| {
-                    let (median, min, max) = self.comparison(scenario, metric);
+                    let (median, min, max) = self.comparison(scenario.name, metric);
                     let kind = if metric.added_half_rtt { "added_half_rtt_us" } else { "ratio" };
-                    (format!("{scenario}: {}", metric.name), json!({ kind: median, "min": min, "max": max }))
+                    (format!("{}: {}", scenario.name, metric.name), json!({ kind: median, "min": min, "max": max }))
                 })
             })
             .collect();

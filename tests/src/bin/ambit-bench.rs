@@ -2,7 +2,8 @@
 //! test bed's pods. Servers: a TCP echo server and an HTTP/1.1 keep-alive
 //! server (hyper) for wrk. Clients: request/response latency on one
 //! persistent connection, and new-connection rate with a 1-byte exchange.
-//! Clients print one JSON object.
+//! Clients print one JSON object. A plain TCP relay stands for the least any
+//! user-space proxy pair costs: no TLS, no HTTP/2, no policy.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -39,6 +40,12 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Relay each connection accepted on LISTEN to TO, byte for byte
+    /// (`--forward LISTEN=TO`, repeated).
+    Relay {
+        #[arg(long = "forward", value_parser = parse_forward, required = true)]
+        forwards: Vec<(SocketAddr, SocketAddr)>,
+    },
     /// Round trips of `size`-byte messages on one connection; prints percentiles in microseconds.
     Pingpong {
         #[arg(long)]
@@ -66,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Http { listen } => http(listen).await,
         Command::Pingpong { to, size, count } => pingpong(to, size, count).await,
         Command::Connrate { to, seconds, concurrency } => connrate(to, seconds, concurrency).await,
+        Command::Relay { forwards } => relay(forwards).await,
     }
 }
 
@@ -78,6 +86,42 @@ async fn echo(listen: SocketAddr) -> anyhow::Result<()> {
             let (mut read, mut write) = stream.split();
             let _ = tokio::io::copy(&mut read, &mut write).await;
         });
+    }
+}
+
+fn parse_forward(value: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (listen, to) = value.split_once('=').ok_or("expected LISTEN=TO, e.g. 127.0.0.1:7000=10.0.0.2:17000")?;
+    let parse = |addr: &str| addr.parse::<SocketAddr>().map_err(|e| format!("{addr}: {e}"));
+    Ok((parse(listen)?, parse(to)?))
+}
+
+/// Copy buffer per direction, as the agent's relay uses.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+async fn relay(forwards: Vec<(SocketAddr, SocketAddr)>) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (listen, to) in forwards {
+        let listener = TcpListener::bind(listen).await?;
+        tasks.spawn(async move {
+            loop {
+                let (mut inbound, _) = listener.accept().await?;
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(to).await else { return };
+                    let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut inbound,
+                        &mut outbound,
+                        RELAY_BUFFER,
+                        RELAY_BUFFER,
+                    )
+                    .await;
+                });
+            }
+        });
+    }
+    match tasks.join_next().await {
+        Some(result) => result?,
+        None => Ok(()),
     }
 }
 

@@ -52,9 +52,11 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 const MAX_FRAME_SIZE: u32 = 256 * 1024;
 /// Streams share one TLS connection up to this many; past it a new
-/// connection opens, so parallel bulk transfers spread over several
-/// connections (one TLS connection is encrypted on one core).
-const MAX_STREAMS_PER_CONNECTION: usize = 4;
+/// connection opens. Cores are spread by the proxy workers (each has its
+/// own pooled connections), so sharing is bounded only to keep one busy
+/// TCP connection from queueing too many streams behind each other; more
+/// sharing means fewer TLS records and system calls per request.
+const MAX_STREAMS_PER_CONNECTION: usize = 16;
 /// Bytes read from a TCP socket per HTTP/2 DATA frame at most.
 const READ_CHUNK: usize = 128 * 1024;
 

@@ -423,6 +423,9 @@ fn connection_churn_outlasts_the_server_pods_port_range() {
     let echo = format!("{}:7000", server.ip);
     bed.spawn("shop/server", tool, &["echo", "--listen", &echo]).unwrap();
     bed.wait_listening("shop/server", 7000).unwrap();
+    // Enrolment comes before the certificates; without them the client's
+    // first connections are refused (fail closed), which is not under test.
+    wait_nodes_ready(&bed, &["n1"]);
 
     let report = bed.run_ok("shop/client", tool, &["connrate", "--to", &echo, "--seconds", "3"]).unwrap();
     let report: Value = serde_json::from_str(report.trim()).unwrap();

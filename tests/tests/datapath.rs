@@ -151,6 +151,7 @@ fn agent_traffic_does_not_loop() {
     let mut n1 = agent(&bed, "n1");
     n1.wait_pod_event("pod enrolled", "shop/server", 0).unwrap();
     n1.wait_pod_event("pod enrolled", "shop/client", 0).unwrap();
+    wait_nodes_ready(&bed, &["n1"]);
     let (root, _) = web_root(&bed, 1024);
     bed.http_server("shop/server", HTTP_PORT, &root, &bed.scratch().join("server.log")).unwrap();
 

@@ -345,8 +345,11 @@ fn certificates_rotate_under_open_connections_and_survive_a_ca_outage() {
     let failure = n1.connections().into_iter().last().unwrap();
     assert!(failure.error.unwrap_or_default().contains("no valid certificate"));
 
+    // Both ends' certificates expired during the outage: both must be renewed.
     bed.start_ca("4s").unwrap();
+    let web_id = spiffe("shop", "web");
     wait_certificate(&n1, &client_id, certificates(&n1, &client_id).len());
+    wait_certificate(&n2, &web_id, certificates(&n2, &web_id).len());
     curl(&bed, "shop/client", &format!("{base}/index.html")).expect("recovers when the CA is back");
 }
 

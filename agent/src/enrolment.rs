@@ -193,16 +193,15 @@ impl Enrolments {
         tokio::spawn(async move {
             prepare.route_deliveries().await;
         });
-        let serve_outbound =
-            |listener| tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), outbound::handle));
+        let serve_outbound = |listener| proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), outbound::handle);
         let mut proxies = vec![serve_outbound(outbound_v4)];
         proxies.extend(outbound_v6.map(serve_outbound));
         let inbound_ips = inbound_listeners.iter().map(|(ip, _)| *ip).collect();
         for (_, listener) in inbound_listeners {
-            proxies.push(tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), inbound::handle)));
+            proxies.push(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), inbound::handle));
         }
         for listener in hbone_listeners {
-            proxies.push(tokio::spawn(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), hbone::connection)));
+            proxies.push(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), hbone::connection));
         }
         Ok(ActivePod { spec: pod.into(), pod: pod_ctx, inbound_ips, sk_lookup, proxies })
     }

@@ -239,8 +239,9 @@ impl Netns {
         Ok(result)
     }
 
-    /// A listening socket inside this netns.
-    pub fn listen(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+    /// A non-blocking listening socket inside this netns, not yet registered
+    /// with a runtime: the proxy worker that accepts on it does that.
+    pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
         let socket = self.run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?;
         socket.set_reuse_address(true)?;
         if addr.is_ipv6() {
@@ -249,7 +250,7 @@ impl Netns {
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
         socket.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(socket.into())
+        Ok(socket.into())
     }
 }
 

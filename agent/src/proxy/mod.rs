@@ -475,13 +475,34 @@ impl ConnectionLog {
     }
 }
 
-/// Accepts connections on one of a pod's listeners for as long as the pod
-/// is enrolled, handling each in a task of its own on a proxy worker.
-pub async fn serve<F, Fut>(listener: TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, handle: F)
+/// Accepts connections on one of a pod's listeners, in a task on a proxy
+/// worker, for as long as the pod is enrolled (until the task is aborted);
+/// each connection is handled in a task of its own
+/// ([`workers::Workers::dispatch`] picks the worker).
+pub fn serve<F, Fut>(
+    listener: std::net::TcpListener,
+    pod: Arc<PodContext>,
+    ctx: Arc<ProxyContext>,
+    handle: F,
+) -> tokio::task::JoinHandle<()>
 where
     F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyContext>) -> Fut + Copy + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    ctx.workers.spawn(accept_loop(listener, pod, ctx.clone(), handle))
+}
+
+async fn accept_loop<F, Fut>(listener: std::net::TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, handle: F)
+where
+    F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyContext>) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            return tracing::error!(pod = %pod.id, %error, "a proxy worker cannot take a listener; not served");
+        }
+    };
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

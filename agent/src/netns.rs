@@ -135,10 +135,9 @@ impl Netns {
 
     /// A non-blocking TCP socket inside this netns with `mark`, Nagle off.
     fn agent_socket(&self, domain: Domain, mark: u32) -> io::Result<Socket> {
-        let socket = self.run(|| Socket::new(domain, Type::STREAM, Some(Protocol::TCP)))?;
+        let socket = self.run(|| stream_socket(domain))?;
         socket.set_mark(mark)?;
         socket.set_nodelay(true)?;
-        socket.set_nonblocking(true)?;
         Ok(socket)
     }
 
@@ -242,16 +241,21 @@ impl Netns {
     /// A non-blocking listening socket inside this netns, not yet registered
     /// with a runtime: the proxy worker that accepts on it does that.
     pub fn listen(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-        let socket = self.run(|| Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)))?;
+        let socket = self.run(|| stream_socket(Domain::for_address(addr)))?;
         socket.set_reuse_address(true)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
-        socket.set_nonblocking(true)?;
         Ok(socket.into())
     }
+}
+
+/// A TCP socket, non-blocking from its creation (`SOCK_NONBLOCK`: no
+/// `fcntl` calls per connection).
+fn stream_socket(domain: Domain) -> io::Result<Socket> {
+    Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))
 }
 
 impl AsFd for Netns {

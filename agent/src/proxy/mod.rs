@@ -489,34 +489,30 @@ where
     F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyContext>) -> Fut + Copy + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    ctx.workers.spawn(accept_loop(listener, pod, ctx.clone(), handle))
-}
-
-async fn accept_loop<F, Fut>(listener: std::net::TcpListener, pod: Arc<PodContext>, ctx: Arc<ProxyContext>, handle: F)
-where
-    F: Fn(TcpStream, SocketAddr, Arc<PodContext>, Arc<ProxyContext>) -> Fut + Copy + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = match TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(error) => {
-            return tracing::error!(pod = %pod.id, %error, "a proxy worker cannot take a listener; not served");
-        }
-    };
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // Small writes (HTTP/2 frames, request/response apps) must not
-                // wait for ACKs: Nagle off on every proxied socket.
-                let _ = stream.set_nodelay(true);
-                let (pod, for_task) = (pod.clone(), ctx.clone());
-                ctx.workers.dispatch(stream, move |stream| handle(stream, peer, pod, for_task));
-            }
+    let workers = &ctx.workers;
+    let ctx = ctx.clone();
+    workers.spawn(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
             Err(error) => {
-                // Accept errors such as EMFILE are transient: wait a little and go on.
-                tracing::warn!(pod = %pod.id, %error, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                return tracing::error!(pod = %pod.id, %error, "a proxy worker cannot take a listener; not served");
+            }
+        };
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    // Small writes (HTTP/2 frames, request/response apps) must not
+                    // wait for ACKs: Nagle off on every proxied socket.
+                    let _ = stream.set_nodelay(true);
+                    let (pod, for_task) = (pod.clone(), ctx.clone());
+                    ctx.workers.dispatch(stream, move |stream| handle(stream, peer, pod, for_task));
+                }
+                Err(error) => {
+                    // Accept errors such as EMFILE are transient: wait a little and go on.
+                    tracing::warn!(pod = %pod.id, %error, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
-    }
+    })
 }

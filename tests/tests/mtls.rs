@@ -371,6 +371,31 @@ fn a_thousand_short_connections_share_a_few_tls_handshakes() {
 }
 
 #[test]
+fn connections_opened_together_share_one_tls_handshake_per_worker() {
+    let Some(mut bed) = bed() else { return };
+    let (mut n1, n2, base, _) = client_and_web(&mut bed, 1024);
+    // 24 connections at once into an empty pool: on each proxy worker the
+    // first one dials and the others wait for its connection and share it.
+    let urls = format!("{base}/index.html?n=[1-24]");
+    bed.run_ok(
+        "shop/client",
+        "curl",
+        &["-sS", "--fail", "--parallel", "--parallel-immediate", "--parallel-max", "24", "-o", "/dev/null", &urls],
+    )
+    .unwrap();
+    let mut n2 = n2;
+    let dst = format!("{}:{HTTP_PORT}", bed.pod("shop/web").ip);
+    n2.wait_connections(24, |c| c.dst_addr == dst && c.mtls).unwrap();
+    let started = n1.lines().into_iter().find(|l| l["message"] == "proxy workers started").unwrap();
+    let workers = started["workers"].as_u64().unwrap();
+    let counters = stop_and_read_counters(&mut n1);
+    let (handshakes, streams) = (counter(&counters, "hbone_handshakes"), counter(&counters, "hbone_streams"));
+    assert_eq!(streams, 24, "{counters:?}");
+    assert!(handshakes <= workers, "{handshakes} handshakes for 24 streams opened together on {workers} workers");
+    assert_eq!(accepted_serials(&n2).len() as u64, handshakes, "the destination saw as many TLS connections");
+}
+
+#[test]
 fn service_traffic_is_balanced_over_endpoints_on_both_nodes_over_mtls() {
     let Some(mut bed) = bed() else { return };
     bed.add_pod("n1", "shop", "client").unwrap();

@@ -95,10 +95,15 @@ fn metrics_carry_istio_labels_for_mtls_and_plaintext_traffic() {
     assert_eq!(sample(&source, "ambit_tcp_connections_opened_total", &out), Some(3.0), "{source}");
     let reused = sample(&source, "ambit_hbone_pool_reuse_total", &[]).unwrap();
     let streams = sample(&source, "ambit_hbone_streams_total", &[]).unwrap();
-    // Connections take the proxy workers in turn, and each worker pools its own.
+    // Each proxy worker pools its own connections; one at a time, the
+    // connections stay on the worker that accepted them unless it is busier.
     let started = n1.lines().into_iter().find(|l| l["message"] == "proxy workers started").unwrap();
     let workers = started["workers"].as_f64().unwrap();
-    assert_eq!((streams, reused), (3.0, 3.0 - workers.min(3.0)), "one handshake per worker, then pooled");
+    assert_eq!(streams, 3.0);
+    assert!(
+        (3.0 - workers.min(3.0)..=2.0).contains(&reused),
+        "at most one handshake per worker, then pooled: {reused}"
+    );
 }
 
 #[test]

@@ -18,6 +18,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Instant,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -106,7 +107,14 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
         Err(e) => return reject(&format_args!("HTTP/2 handshake failed: {e}")),
     };
     while let Some(Ok((request, respond))) = conn.accept().await {
-        tokio::spawn(stream(request, respond, peer_id.clone(), peer, pod.clone(), ctx.clone()));
+        // A stream is work on this worker, like a connection: counted, it
+        // steers the next connections to less busy workers.
+        let counted = ctx.workers.count_stream();
+        let stream = stream(request, respond, peer_id.clone(), peer, pod.clone(), ctx.clone());
+        tokio::spawn(async move {
+            stream.await;
+            drop(counted);
+        });
     }
 }
 
@@ -290,6 +298,8 @@ pub enum HboneError {
     Http2(SocketAddr, h2::Error),
     #[error("{0} answered CONNECT with {1}")]
     Status(SocketAddr, StatusCode),
+    #[error("the connection to {0} this stream waited for was not made: {1}")]
+    SharedDial(SocketAddr, String),
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -341,8 +351,19 @@ impl Dialer for PodContext {
 
 /// Outbound HTTP/2 connections, reused across streams.
 pub struct HbonePool {
-    conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    keys: Mutex<HashMap<PoolKey, Arc<KeyPool>>>,
     metrics: Arc<Metrics>,
+}
+
+/// The connections of one pool key, and the turn to dial another.
+#[derive(Default)]
+struct KeyPool {
+    conns: Mutex<Vec<Pooled>>,
+    /// Held while a connection is dialled, so that streams opened together
+    /// share one new connection (one TLS handshake, not one each). It keeps
+    /// when and why the last dial failed: the streams that waited for that
+    /// dial report its failure instead of each dialling again in turn.
+    dial: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
 /// Where an outbound HBONE stream goes.
@@ -366,7 +387,7 @@ pub struct HboneStream {
 
 impl HbonePool {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { conns: Mutex::new(HashMap::new()), metrics }
+        Self { keys: Mutex::new(HashMap::new()), metrics }
     }
 
     /// Opens a CONNECT stream to `target.app` through `target.hbone`, as
@@ -387,12 +408,13 @@ impl HbonePool {
             dst,
             expected: expected.clone(),
         };
-        let (mut send, active) = match self.reuse(&key, &svid.serial).await {
+        let pool = self.keys.lock().expect("pool lock").entry(key.clone()).or_default().clone();
+        let (mut send, active) = match pool.reuse(&svid.serial).await {
             Some(found) => {
                 self.metrics.hbone_pool_reuse.inc();
                 found
             }
-            None => self.dial(key, from, svid, bundle).await?,
+            None => self.dial_once(&pool, &key, from, svid, bundle).await?,
         };
         active.fetch_add(1, Ordering::Relaxed);
         let guard = StreamGuard(active);
@@ -411,42 +433,48 @@ impl HbonePool {
         Ok(HboneStream { send: send_stream, recv: response.into_body(), guard })
     }
 
-    /// A live pooled connection with room for another stream, made with the
-    /// current certificate. Dead ones are dropped on the way.
-    async fn reuse(&self, key: &PoolKey, serial: &str) -> Option<(SendRequest<Bytes>, Arc<AtomicUsize>)> {
-        let candidates: Vec<(SendRequest<Bytes>, Arc<AtomicUsize>)> = {
-            let mut conns = self.conns.lock().expect("pool lock");
-            let list = conns.get_mut(key)?;
-            list.retain(|c| c.serial == serial || c.active.load(Ordering::Relaxed) > 0);
-            list.iter()
-                .filter(|c| c.serial == serial && c.active.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION)
-                .map(|c| (c.send.clone(), c.active.clone()))
-                .collect()
-        };
-        for (send, active) in candidates {
-            match send.ready().await {
-                Ok(send) => return Some((send, active)),
-                Err(_) => self.remove(key, &active),
-            }
-        }
-        None
-    }
-
     /// Drops the connections of a pod that left this node (open streams
     /// keep theirs until they end).
     pub fn forget_pod(&self, pod: &str) {
-        self.conns.lock().expect("pool lock").retain(|key, _| key.src_pod != pod);
+        self.keys.lock().expect("pool lock").retain(|key, _| key.src_pod != pod);
     }
 
-    fn remove(&self, key: &PoolKey, active: &Arc<AtomicUsize>) {
-        if let Some(list) = self.conns.lock().expect("pool lock").get_mut(key) {
-            list.retain(|c| !Arc::ptr_eq(&c.active, active));
+    /// A connection for `key` with room for a stream: dialled by this call,
+    /// or by the call it waited for.
+    async fn dial_once(
+        &self,
+        pool: &KeyPool,
+        key: &PoolKey,
+        from: &impl Dialer,
+        svid: &Svid,
+        bundle: &TrustBundle,
+    ) -> Result<(SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
+        let waiting_since = Instant::now();
+        let mut last_failure = pool.dial.lock().await;
+        if let Some(found) = pool.reuse(&svid.serial).await {
+            self.metrics.hbone_pool_reuse.inc();
+            return Ok(found);
+        }
+        if let Some((_, reason)) = last_failure.as_ref().filter(|(failed_at, _)| *failed_at >= waiting_since) {
+            return Err(HboneError::SharedDial(key.dst, reason.clone()));
+        }
+        match self.dial(key, from, svid, bundle).await {
+            Ok((send, active)) => {
+                *last_failure = None;
+                let pooled = Pooled { send: send.clone(), active: active.clone(), serial: svid.serial.clone() };
+                pool.conns.lock().expect("pool lock").push(pooled);
+                Ok((send, active))
+            }
+            Err(e) => {
+                *last_failure = Some((Instant::now(), e.to_string()));
+                Err(e)
+            }
         }
     }
 
     async fn dial(
         &self,
-        key: PoolKey,
+        key: &PoolKey,
         from: &impl Dialer,
         svid: &Svid,
         bundle: &TrustBundle,
@@ -473,11 +501,29 @@ impl HbonePool {
             }
         });
         let send = send.ready().await.map_err(|e| HboneError::Http2(dst, e))?;
-        self.conns.lock().expect("pool lock").entry(key).or_default().push(Pooled {
-            send: send.clone(),
-            active: active.clone(),
-            serial: svid.serial.clone(),
-        });
         Ok((send, active))
+    }
+}
+
+impl KeyPool {
+    /// A live connection with room for another stream, made with the
+    /// current certificate. Dead ones are dropped on the way.
+    async fn reuse(&self, serial: &str) -> Option<(SendRequest<Bytes>, Arc<AtomicUsize>)> {
+        let candidates: Vec<(SendRequest<Bytes>, Arc<AtomicUsize>)> = {
+            let mut conns = self.conns.lock().expect("pool lock");
+            conns.retain(|c| c.serial == serial || c.active.load(Ordering::Relaxed) > 0);
+            conns
+                .iter()
+                .filter(|c| c.serial == serial && c.active.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION)
+                .map(|c| (c.send.clone(), c.active.clone()))
+                .collect()
+        };
+        for (send, active) in candidates {
+            match send.ready().await {
+                Ok(send) => return Some((send, active)),
+                Err(_) => self.conns.lock().expect("pool lock").retain(|c| !Arc::ptr_eq(&c.active, &active)),
+            }
+        }
+        None
     }
 }

@@ -100,6 +100,8 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         "ambit-testbed",
         "--bins",
     ]))?;
+    // Built here so that compiling it is not part of the measured run.
+    exec(cargo().args(["bench", "--package", "ambit-agent", "--bench", "authz", "--no-run"]))?;
     let release = root().join("target/release");
     let tool = release.join("ambit-bench");
     let plan = if quick {

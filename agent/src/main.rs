@@ -69,6 +69,10 @@ struct AgentArgs {
     /// Proxy worker threads (each connection runs on one); 0 means one per CPU.
     #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
+    /// A pooled HBONE connection that carries no stream for this long (up
+    /// to twice this long) is closed, e.g. 5m, 30s.
+    #[arg(long, env = "AMBIT_HBONE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    hbone_idle_timeout: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -109,7 +113,7 @@ enum CaCommand {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("a lifetime of zero cannot work".into()),
+        Ok(d) if d.is_zero() => Err("a duration of zero cannot work".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(format!("`{text}`: {e}; e.g. 1h, 30m, 10s")),
     }
@@ -215,7 +219,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         state: state_rx.clone(),
         bundle,
         certs: CertManager::new(Arc::new(provider), metrics.clone()),
-        pool: HbonePool::new(metrics.clone()),
+        pool: HbonePool::new(metrics.clone(), args.hbone_idle_timeout),
         next_endpoint: Default::default(),
         stats: Default::default(),
         metrics: metrics.clone(),

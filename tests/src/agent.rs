@@ -86,8 +86,9 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts `cmd` (the agent binary, with any extra arguments) as `node`'s agent.
     pub(crate) fn start(
-        binary: &Path,
+        mut cmd: Command,
         node: &Node,
         cgroup: &Path,
         attach: &Path,
@@ -96,7 +97,6 @@ impl Agent {
         ca: &CaAccess,
     ) -> Result<Agent> {
         let log = dir.join(format!("agent-{}-{}.log", node.name, LOG_COUNTER.fetch_add(1, Ordering::SeqCst)));
-        let mut cmd = Command::new(binary);
         cmd.args(["--node", &node.name, "--log-format", "json", "--config-dir"])
             .arg(config)
             .arg("--cgroup")
@@ -110,7 +110,7 @@ impl Agent {
             .stdout(File::create(&log)?)
             .stderr(File::options().append(true).open(&log)?);
         enter(&mut cmd, &Path::new("/run/netns").join(&node.netns), Some(cgroup))?;
-        let child = cmd.spawn().with_context(|| format!("start {}", binary.display()))?;
+        let child = cmd.spawn().with_context(|| format!("start {}", cmd.get_program().display()))?;
         Ok(Agent { node: node.name.clone(), child, log })
     }
 

@@ -462,11 +462,16 @@ impl Bed {
     /// below the one it attaches to (so its own sockets meet its programs,
     /// as on a real node), logging JSON to a file.
     pub fn start_agent(&self, node: &str) -> Result<Agent> {
-        self.start_agent_attached_at(node, &self.node(node).cgroup)
+        self.start_agent_with(node, &[])
     }
 
-    /// Like [`Bed::start_agent`], with another `--cgroup` (to test bad ones).
-    pub fn start_agent_attached_at(&self, node: &str, attach: &Path) -> Result<Agent> {
+    /// Like [`Bed::start_agent`], with more command-line arguments.
+    pub fn start_agent_with(&self, node: &str, args: &[&str]) -> Result<Agent> {
+        self.start_agent_attached_at(node, &self.node(node).cgroup, args)
+    }
+
+    /// Like [`Bed::start_agent_with`], with another `--cgroup` (to test bad ones).
+    pub fn start_agent_attached_at(&self, node: &str, attach: &Path, args: &[&str]) -> Result<Agent> {
         let node = self.node(node);
         let cgroup = node.cgroup.join("agent");
         if !cgroup.exists() {
@@ -477,7 +482,9 @@ impl Bed {
             root: self.ca_dir().join("root.pem"),
             token_file: self.node_token_file(&node.name),
         };
-        Agent::start(&self.agent_binary, node, &cgroup, attach, &self.config_dir(), self.dir.path(), &ca)
+        let mut cmd = Command::new(&self.agent_binary);
+        cmd.args(args);
+        Agent::start(cmd, node, &cgroup, attach, &self.config_dir(), self.dir.path(), &ca)
     }
 
     /// Starts `ambit-waypoint` (built next to the agent binary) in a waypoint

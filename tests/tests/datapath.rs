@@ -399,7 +399,7 @@ fn two_hundred_concurrent_connections_through_one_pod() {
 fn agent_refuses_to_start_without_a_cgroup_v2_directory() {
     let Some(bed) = bed() else { return };
     let not_a_cgroup = bed.scratch().to_path_buf();
-    let mut agent = bed.start_agent_attached_at("n1", &not_a_cgroup).unwrap();
+    let mut agent = bed.start_agent_attached_at("n1", &not_a_cgroup, &[]).unwrap();
     let status = agent.wait_exit(Duration::from_secs(10)).unwrap();
     assert!(!status.success());
     let log = agent.log_text();

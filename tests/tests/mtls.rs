@@ -65,9 +65,15 @@ fn rejections(agent: &Agent) -> Vec<String> {
 /// A bed with shop/client on n1 and shop/web on n2 serving `root`, both
 /// agents up and both certificates issued.
 fn client_and_web(bed: &mut Bed, big_bytes: usize) -> (Agent, Agent, String, String) {
+    client_and_web_with(bed, big_bytes, &[])
+}
+
+/// [`client_and_web`], with more arguments for n1's agent.
+fn client_and_web_with(bed: &mut Bed, big_bytes: usize, n1_args: &[&str]) -> (Agent, Agent, String, String) {
     bed.add_pod("n1", "shop", "client").unwrap();
     let web = bed.add_pod("n2", "shop", "web").unwrap();
-    let n1 = agent(bed, "n1");
+    let mut n1 = bed.start_agent_with("n1", n1_args).unwrap();
+    n1.wait_ready().unwrap();
     let n2 = agent(bed, "n2");
     wait_certificate(&n1, &spiffe("shop", "client"), 0);
     wait_certificate(&n2, &spiffe("shop", "web"), 0);
@@ -393,6 +399,25 @@ fn connections_opened_together_share_one_tls_handshake_per_worker() {
     assert_eq!(streams, 24, "{counters:?}");
     assert!(handshakes <= workers, "{handshakes} handshakes for 24 streams opened together on {workers} workers");
     assert_eq!(accepted_serials(&n2).len() as u64, handshakes, "the destination saw as many TLS connections");
+}
+
+#[test]
+fn pooled_connections_close_when_idle() {
+    let Some(mut bed) = bed() else { return };
+    let (mut n1, _n2, base, _) = client_and_web_with(&mut bed, 1024, &["--hbone-idle-timeout", "1s"]);
+    let tunnels = || {
+        let established = ["-Htn", "state", "established", "( dport = :15008 )"];
+        bed.run_ok("shop/client", "ss", &established).unwrap().lines().count()
+    };
+    let url = format!("{base}/index.html");
+    for round in 1..=2 {
+        bed.run_ok("shop/client", "curl", &["-sS", "--fail", "-o", "/dev/null", &url]).unwrap();
+        assert_eq!(tunnels(), 1, "round {round}: the connection stays pooled after its stream");
+        // Unused for one to two timeouts, it is closed.
+        wait_until(Duration::from_secs(10), "the idle connection closed", || Ok(tunnels() == 0)).unwrap();
+    }
+    let counters = stop_and_read_counters(&mut n1);
+    assert_eq!(counter(&counters, "hbone_handshakes"), 2, "the second request dialled again: {counters:?}");
 }
 
 #[test]

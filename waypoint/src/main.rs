@@ -37,7 +37,7 @@ use ambit_agent::{
     identity::{Identity, ca_client::CaClient, manager::CertManager},
     logging::{self, LogFormat},
     metrics::{Metrics, RequestLabels},
-    proxy::hbone::{self, HBONE_PORT, HbonePool},
+    proxy::hbone::{self, DEFAULT_POOL_IDLE_TIMEOUT, HBONE_PORT, HbonePool},
     state::{Endpoint, State},
     tls, watch,
 };
@@ -194,7 +194,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
     tokio::spawn(serve_metrics(admin, metrics.clone()));
-    let dial = Arc::new(Dial { ip: listen.ip(), svid, bundle, view: view_rx, pool: HbonePool::new(metrics.clone()) });
+    let dial = Arc::new(Dial {
+        ip: listen.ip(),
+        svid,
+        bundle,
+        view: view_rx,
+        pool: HbonePool::new(metrics.clone(), DEFAULT_POOL_IDLE_TIMEOUT),
+    });
     let client = Client::builder(TokioExecutor::new()).build(HboneConnector(dial.clone()));
     let waypoint = Arc::new(Waypoint {
         gateway,

@@ -15,10 +15,10 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -60,6 +60,9 @@ const MAX_FRAME_SIZE: u32 = 256 * 1024;
 const MAX_STREAMS_PER_CONNECTION: usize = 16;
 /// Bytes read from a TCP socket per HTTP/2 DATA frame at most.
 const READ_CHUNK: usize = 128 * 1024;
+/// A pooled connection that carries no stream for this long (up to twice
+/// this long) is closed.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The destination side: mTLS from other tunnels, on one pod IP's port 15008.
 pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -316,6 +319,8 @@ struct PoolKey {
 struct Pooled {
     send: SendRequest<Bytes>,
     active: Arc<AtomicUsize>,
+    /// Whether a stream was opened on it since the idle sweep last looked.
+    used: Arc<AtomicBool>,
     /// Serial of the client certificate the connection was made with: a
     /// rotated certificate retires the connections made with the old one.
     serial: String,
@@ -351,9 +356,11 @@ impl Dialer for PodContext {
 
 /// Outbound HTTP/2 connections, reused across streams.
 pub struct HbonePool {
-    keys: Mutex<HashMap<PoolKey, Arc<KeyPool>>>,
+    keys: Arc<Keys>,
     metrics: Arc<Metrics>,
 }
+
+type Keys = Mutex<HashMap<PoolKey, Arc<KeyPool>>>;
 
 /// The connections of one pool key, and the turn to dial another.
 #[derive(Default)]
@@ -386,8 +393,12 @@ pub struct HboneStream {
 }
 
 impl HbonePool {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { keys: Mutex::new(HashMap::new()), metrics }
+    /// A pool that closes connections idle for `idle_timeout`; call it
+    /// within a tokio runtime, which runs the idle sweep.
+    pub fn new(metrics: Arc<Metrics>, idle_timeout: Duration) -> Self {
+        let keys = Arc::new(Keys::default());
+        tokio::spawn(release_idle(Arc::downgrade(&keys), idle_timeout));
+        Self { keys, metrics }
     }
 
     /// Opens a CONNECT stream to `target.app` through `target.hbone`, as
@@ -461,7 +472,8 @@ impl HbonePool {
         match self.dial(key, from, svid, bundle).await {
             Ok((send, active)) => {
                 *last_failure = None;
-                let pooled = Pooled { send: send.clone(), active: active.clone(), serial: svid.serial.clone() };
+                let used = Arc::new(AtomicBool::new(true));
+                let pooled = Pooled { send: send.clone(), active: active.clone(), used, serial: svid.serial.clone() };
                 pool.conns.lock().expect("pool lock").push(pooled);
                 Ok((send, active))
             }
@@ -509,21 +521,43 @@ impl KeyPool {
     /// A live connection with room for another stream, made with the
     /// current certificate. Dead ones are dropped on the way.
     async fn reuse(&self, serial: &str) -> Option<(SendRequest<Bytes>, Arc<AtomicUsize>)> {
-        let candidates: Vec<(SendRequest<Bytes>, Arc<AtomicUsize>)> = {
+        let candidates: Vec<(SendRequest<Bytes>, Arc<AtomicUsize>, Arc<AtomicBool>)> = {
             let mut conns = self.conns.lock().expect("pool lock");
             conns.retain(|c| c.serial == serial || c.active.load(Ordering::Relaxed) > 0);
             conns
                 .iter()
                 .filter(|c| c.serial == serial && c.active.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION)
-                .map(|c| (c.send.clone(), c.active.clone()))
+                .map(|c| (c.send.clone(), c.active.clone(), c.used.clone()))
                 .collect()
         };
-        for (send, active) in candidates {
+        for (send, active, used) in candidates {
             match send.ready().await {
-                Ok(send) => return Some((send, active)),
+                Ok(send) => {
+                    used.store(true, Ordering::Relaxed);
+                    return Some((send, active));
+                }
                 Err(_) => self.conns.lock().expect("pool lock").retain(|c| !Arc::ptr_eq(&c.active, &active)),
             }
         }
         None
+    }
+}
+
+/// Every `idle_timeout`, drops the pooled connections that carried no
+/// stream since the sweep before, and the keys left with none. Dropping a
+/// connection's last handle makes h2 close it (GOAWAY) once its streams are
+/// done. Ends when the pool is dropped.
+async fn release_idle(keys: Weak<Keys>, idle_timeout: Duration) {
+    let mut sweeps = tokio::time::interval(idle_timeout);
+    sweeps.tick().await; // the first tick is immediate
+    loop {
+        sweeps.tick().await;
+        let Some(keys) = keys.upgrade() else { return };
+        keys.lock().expect("pool lock").retain(|_, pool| {
+            let mut conns = pool.conns.lock().expect("pool lock");
+            conns.retain(|c| c.active.load(Ordering::Relaxed) > 0 || c.used.swap(false, Ordering::Relaxed));
+            // A key whose dial is under way stays: its connection joins it.
+            !conns.is_empty() || pool.dial.try_lock().is_err()
+        });
     }
 }

@@ -112,12 +112,8 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
     while let Some(Ok((request, respond))) = conn.accept().await {
         // A stream is work on this worker, like a connection: counted, it
         // steers the next connections to less busy workers.
-        let counted = ctx.workers.count_stream();
         let stream = stream(request, respond, peer_id.clone(), peer, pod.clone(), ctx.clone());
-        tokio::spawn(async move {
-            stream.await;
-            drop(counted);
-        });
+        tokio::spawn(ctx.workers.count_stream().around(stream));
     }
 }
 
@@ -419,7 +415,7 @@ impl HbonePool {
             dst,
             expected: expected.clone(),
         };
-        let pool = self.keys.lock().expect("pool lock").entry(key.clone()).or_default().clone();
+        let pool = self.key_pool(&key);
         let (mut send, active) = match pool.reuse(&svid.serial).await {
             Some(found) => {
                 self.metrics.hbone_pool_reuse.inc();
@@ -442,6 +438,16 @@ impl HbonePool {
             return Err(HboneError::Status(dst, response.status()));
         }
         Ok(HboneStream { send: send_stream, recv: response.into_body(), guard })
+    }
+
+    /// The connections of `key`, made empty on first use (the key is
+    /// cloned only then).
+    fn key_pool(&self, key: &PoolKey) -> Arc<KeyPool> {
+        let mut keys = self.keys.lock().expect("pool lock");
+        match keys.get(key) {
+            Some(pool) => pool.clone(),
+            None => keys.entry(key.clone()).or_default().clone(),
+        }
     }
 
     /// Drops the connections of a pod that left this node (open streams

@@ -55,6 +55,12 @@ impl Counted {
         load[index].fetch_add(1, Ordering::Relaxed);
         Self { load: load.clone(), index }
     }
+
+    /// `task`, counted until it ends or is dropped.
+    pub async fn around<F: Future>(self, task: F) -> F::Output {
+        let _counted = self;
+        task.await
+    }
 }
 
 impl Drop for Counted {
@@ -123,10 +129,7 @@ impl Workers {
         let counted = self.least_busy();
         let index = counted.index;
         if WORKER.get() == Some(index) {
-            tokio::spawn(async move {
-                handle(stream).await;
-                drop(counted);
-            });
+            tokio::spawn(counted.around(handle(stream)));
             return;
         }
         // The socket leaves this runtime's reactor and joins the worker's.
@@ -134,13 +137,12 @@ impl Workers {
             Ok(stream) => stream,
             Err(error) => return tracing::warn!(%error, "cannot hand a connection to a proxy worker; closed"),
         };
-        self.handles[index].spawn(async move {
+        self.handles[index].spawn(counted.around(async move {
             match TcpStream::from_std(stream) {
                 Ok(stream) => handle(stream).await,
                 Err(error) => tracing::warn!(%error, "a proxy worker cannot take a connection; closed"),
             }
-            drop(counted);
-        });
+        }));
     }
 }
 

@@ -41,7 +41,7 @@ pub struct Admin {
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (tcp, _) = crate::proxy::accept_next(&listener, "admin").await;
             let admin = self.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request| {

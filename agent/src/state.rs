@@ -140,9 +140,18 @@ impl State {
         Some((service, endpoints))
     }
 
-    /// What a waypoint forwards a CONNECT to `addr` to: a service address
-    /// (its endpoints) or a pod address (that pod), with the service's id.
-    pub fn waypoint_target(&self, addr: SocketAddr) -> Option<(Option<String>, Vec<Endpoint>)> {
+    /// What the waypoint `gateway` (`namespace/name`) forwards a CONNECT to
+    /// `addr` to: a service address that uses it (the service's endpoints,
+    /// with the service's id), or the address of a pod that sends its
+    /// workload traffic through it (that pod). `None` for any other target,
+    /// one that another waypoint guards or none does: a waypoint serves only
+    /// what sources must send through it, so that its L7 policy cannot be
+    /// skipped by naming a pod, or another service, in the CONNECT.
+    pub fn waypoint_target(&self, gateway: &str, addr: SocketAddr) -> Option<(Option<String>, Vec<Endpoint>)> {
+        match self.destination(addr) {
+            Destination::Waypoint { waypoint, .. } if waypoint == gateway => {}
+            _ => return None,
+        }
         if let Some((service, endpoints)) = self.service_endpoints(addr) {
             return Some((Some(service.id()), endpoints));
         }
@@ -445,6 +454,29 @@ mod tests {
         assert_eq!(to_pod(WaypointFor::Service), None, "a service waypoint leaves pod traffic alone");
         assert_eq!(to_pod(WaypointFor::Workload), Some(("shop/wp".into(), vec![])));
         assert_eq!(to_pod(WaypointFor::All).unwrap().0, "shop/wp");
+
+        // A waypoint forwards only what is sent through it.
+        let targets = |takes, addr: &str| {
+            let mut state = shop_state(vec![]);
+            state.snapshot.services.get_mut("shop/web").unwrap().use_waypoint = Some("wp".into());
+            state.snapshot.pods.get_mut("shop/db").unwrap().use_waypoint = Some("wp".into());
+            state.snapshot.gateways.insert("shop/wp".into(), gateway(takes));
+            let state = State::new(state.snapshot, "cluster.local");
+            let target = |gw: &str| state.waypoint_target(gw, addr.parse().unwrap()).map(|(service, _)| service);
+            (target("shop/wp"), target("shop/other"))
+        };
+        let cases = [
+            (WaypointFor::Service, "10.96.0.10:80", Some(Some("shop/web".to_string())), "a service that uses it"),
+            (WaypointFor::Service, "10.1.0.3:5432", None, "a pod, to a service waypoint"),
+            (WaypointFor::Service, "10.1.0.2:8080", None, "a pod of a service that uses it"),
+            (WaypointFor::Workload, "10.1.0.3:5432", Some(None), "a pod that uses it for workloads"),
+            (WaypointFor::Workload, "10.96.0.10:80", None, "a service, to a workload waypoint"),
+            (WaypointFor::All, "10.1.0.3:5432", Some(None), "a pod, to a waypoint for all"),
+            (WaypointFor::All, "10.9.9.9:80", None, "an address the mesh does not know"),
+        ];
+        for (takes, addr, want, case) in cases {
+            assert_eq!(targets(takes, addr), (want, None), "{case}: {addr}");
+        }
 
         let mut snapshot = shop_state(vec![]).snapshot;
         let mut pod = web_pod("wp-1", "10.1.0.9", "wp");

@@ -97,6 +97,17 @@ fn allow_one_principal_then_edit_then_break_the_file() {
     let data = cut.iter().max_by_key(|c| c.bytes_sent).unwrap();
     assert!(data.decision == "deny" && data.bytes_sent > 100_000, "{cut:?}");
     assert!(data.error.as_deref().unwrap().starts_with("access revoked: denied: no rule"), "{cut:?}");
+    // Every connection has ended: each label set counts as many closed as
+    // opened, the cut one included (closed with the labels it opened with).
+    let (_, metrics) = bed.admin_get("n2", "/metrics").unwrap();
+    let series = |name: &str| -> Vec<String> {
+        let mut found: Vec<String> = metrics.lines().filter_map(|l| l.strip_prefix(name)).map(str::to_string).collect();
+        found.sort();
+        found
+    };
+    let opened = series("ambit_tcp_connections_opened_total");
+    assert!(opened.iter().any(|l| l.contains("source_workload=\"client\"")), "{metrics}");
+    assert_eq!(opened, series("ambit_tcp_connections_closed_total"), "{metrics}");
     assert!(get(&bed, "shop/other", &web, HTTP_PORT), "the edit admits shop/other");
     assert!(!get(&bed, "shop/client", &web, HTTP_PORT), "the edit shuts out shop/client");
 
@@ -122,6 +133,9 @@ fn allow_one_principal_then_edit_then_break_the_file() {
     );
     assert!(get(&bed, "shop/other", &web, HTTP_PORT), "last good policy: shop/other still allowed");
     assert!(!get(&bed, "shop/client", &web, HTTP_PORT), "last good policy: shop/client still denied");
+    // legacy/plain passed PERMISSIVE but not authorization: not admitted.
+    let counters = stop_and_read_counters(&mut n2);
+    assert_eq!(counter(&counters, "plaintext_accepted"), 0, "{counters:?}");
 }
 
 #[test]

@@ -294,6 +294,98 @@ fn a_server_with_an_unexpected_identity_is_rejected() {
     );
 }
 
+/// Accepts TCP on :15008 and never says a word: a frozen agent, as far as
+/// its peers can tell.
+const SILENT_LISTENER: &str = "import socket\n\
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+s.bind(('0.0.0.0', 15008)); s.listen(64); held = []\n\
+while True: held.append(s.accept())";
+
+/// Connects to argv[1]:15008, sends nothing, and prints the seconds until
+/// the other side closes.
+const SILENT_CALLER: &str = "import socket, sys, time\n\
+s = socket.create_connection((sys.argv[1], 15008)); t = time.monotonic()\n\
+try:\n    while s.recv(4096): pass\nexcept OSError: pass\n\
+print(time.monotonic() - t)";
+
+/// Seconds `curl` in `from` took to fail on `url`; panics if it succeeded.
+fn seconds_to_fail(bed: &Bed, from: &str, url: &str) -> f64 {
+    let started = std::time::Instant::now();
+    let out = bed.run(from, "curl", &["-sS", "--max-time", "40", url]).unwrap();
+    assert!(!out.status.success(), "{url} must fail");
+    started.elapsed().as_secs_f64()
+}
+
+#[test]
+fn peers_that_accept_and_then_say_nothing_are_given_up_on_in_bounded_time() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pods(&[("n1", "shop/client"), ("n1", "legacy/prober"), ("n2", "shop/fake")]).unwrap();
+    // n2 has no agent: shop/fake's :15008 is whatever the test puts there.
+    let mut n1 = agent(&bed, "n1");
+    wait_certificate(&n1, &spiffe("shop", "client"), 0);
+    let url = format!("http://{}:{HTTP_PORT}/", bed.pod("shop/fake").ip);
+
+    // A caller that says nothing to n1's HBONE port is closed after the
+    // handshake timeout (10 s), while a destination that says nothing
+    // fails the outbound connection after the same timeout.
+    let client_ip = bed.pod("shop/client").ip.to_string();
+    let mut prober = bed.pod("legacy/prober").command("python3");
+    prober.args(["-c", SILENT_CALLER, &client_ip]);
+    let listener = bed.spawn("shop/fake", "python3", &["-c", SILENT_LISTENER]).unwrap();
+    bed.wait_listening("shop/fake", 15008).unwrap();
+    let (silent_caller, outbound) = std::thread::scope(|scope| {
+        let caller = scope.spawn(move || prober.output().unwrap());
+        let outbound = seconds_to_fail(&bed, "shop/client", &url);
+        (caller.join().unwrap(), outbound)
+    });
+    let closed_after: f64 = String::from_utf8_lossy(&silent_caller.stdout).trim().parse().unwrap_or_else(|_| {
+        panic!("{}{}", String::from_utf8_lossy(&silent_caller.stdout), String::from_utf8_lossy(&silent_caller.stderr))
+    });
+    assert!((9.5..15.0).contains(&closed_after), "silent caller closed after {closed_after} s");
+    let refused = logged(&n1, "HBONE connection rejected", "error", |_| true);
+    assert!(refused.iter().any(|e| e.contains("no mTLS handshake within 10s")), "{refused:?}");
+    assert!((9.5..15.0).contains(&outbound), "outbound failed after {outbound} s");
+    let records = n1.wait_connections(1, |c| c.dst_workload == "shop/fake").unwrap();
+    let error = records[0].error.clone().unwrap_or_default();
+    assert!(error.contains("did not finish the mTLS and HTTP/2 handshakes within 10s"), "{error}");
+
+    // Past TLS (a genuine certificate of shop/fake) but no answer to
+    // CONNECT: the stream fails after the response timeout (15 s), and the
+    // silent connection leaves the pool instead of trapping the next stream.
+    nix_kill(listener).unwrap();
+    wait_until(Duration::from_secs(5), "the silent listener to go", || {
+        Ok(bed.run_ok("shop/fake", "ss", &["-Hltn", "sport = :15008"])?.trim().is_empty())
+    })
+    .unwrap();
+    let (cert, key) = Minter::mesh_root(&bed).valid("fake", &spiffe("shop", "fake"));
+    let mut s_server = bed
+        .pod("shop/fake")
+        .command("openssl")
+        .args(["s_server", "-quiet", "-alpn", "h2", "-accept", "15008", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    bed.wait_listening("shop/fake", 15008).unwrap();
+    let unanswered = seconds_to_fail(&bed, "shop/client", &url);
+    let records = n1.wait_connections(2, |c| c.dst_workload == "shop/fake").unwrap();
+    let error = records[1].error.clone().unwrap_or_default();
+    assert!(error.contains("did not answer CONNECT within 15s"), "{error}");
+    assert!((14.5..20.0).contains(&unanswered), "CONNECT given up after {unanswered} s");
+    let to_fake = format!("( dport = :15008 and dst {} )", bed.pod("shop/fake").ip);
+    wait_until(Duration::from_secs(5), "the silent connection to close", || {
+        let established = bed.run_ok("shop/client", "ss", &["-Htn", "state", "established", &to_fake])?;
+        Ok(established.trim().is_empty())
+    })
+    .unwrap();
+    let _ = s_server.kill();
+    let _ = s_server.wait();
+}
+
 #[test]
 fn certificates_rotate_under_open_connections_and_survive_a_ca_outage() {
     let Some(mut bed) = bed() else { return };
@@ -456,6 +548,22 @@ fn service_traffic_is_balanced_over_endpoints_on_both_nodes_over_mtls() {
             assert!(r.dst_addr.ends_with(":8080"), "sent to the target port: {r:?}");
         }
     }
+
+    // A denial is the destination's policy, not a failed endpoint: the
+    // source asks no other endpoint, and reports the connection denied.
+    bed.write_config(
+        "authz.yaml",
+        "apiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/client]\n",
+    )
+    .unwrap();
+    wait_applied(&n1, 0);
+    wait_applied(&n2, 0);
+    assert!(curl(&bed, "shop/client", "http://10.96.0.10/index.html").is_err(), "denied");
+    let outbound = n1.wait_connections(31, |c| c.dst_service == "shop/web" && c.direction == "outbound").unwrap();
+    assert_eq!(outbound[30].decision, "deny", "{:?}", outbound[30]);
+    let denials = |agent: &Agent| agent.connections().into_iter().filter(|c| c.decision == "deny").count();
+    let (at_n1, at_n2) = (denials(&n1) - 1, denials(&n2));
+    assert_eq!(at_n1 + at_n2, 1, "one endpoint was asked and refused: {at_n1} on n1, {at_n2} on n2");
 }
 
 fn write_peer_authentication(bed: &Bed, yaml: &str) {

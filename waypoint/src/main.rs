@@ -37,7 +37,10 @@ use ambit_agent::{
     identity::{Identity, ca_client::CaClient, manager::CertManager},
     logging::{self, LogFormat},
     metrics::{Metrics, RequestLabels},
-    proxy::hbone::{self, DEFAULT_POOL_IDLE_TIMEOUT, HBONE_PORT, HbonePool},
+    proxy::{
+        self,
+        hbone::{self, DEFAULT_POOL_IDLE_TIMEOUT, HBONE_PORT, HbonePool},
+    },
     state::{Endpoint, State},
     tls, watch,
 };
@@ -215,7 +218,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     tracing::info!(gateway = %gateway_id, %listen, identity = %waypoint.identity, "waypoint ready");
     loop {
-        let (tcp, peer) = listener.accept().await?;
+        let (tcp, peer) = proxy::accept_next(&listener, "hbone").await;
         let _ = tcp.set_nodelay(true);
         tokio::spawn(waypoint.clone().connection(tcp, peer));
     }
@@ -235,13 +238,13 @@ impl Waypoint {
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let Some(config) = self.server_tls() else { return };
-        let (tls, peer_id, _) =
-            match hbone::accept_mtls(tcp, config, &self.dial.bundle.trust_domain, &self.metrics).await {
+        let owner = self.dial.view.borrow().state.identity_at(peer.ip());
+        let hbone::Accepted { mut conn, peer_id, .. } =
+            match hbone::accept(tcp, peer, owner, config, &self.dial.bundle.trust_domain, &self.metrics).await {
                 Ok(accepted) => accepted,
                 Err(reason) => return tracing::warn!(src_addr = %peer, error = %reason, "HBONE connection rejected"),
             };
-        let Ok(mut h2) = hbone::serve_h2(tls).await else { return };
-        while let Some(Ok((request, respond))) = h2.accept().await {
+        while let Some(Ok((request, respond))) = conn.accept().await {
             tokio::spawn(self.clone().stream(request, respond, peer_id.clone(), peer));
         }
     }
@@ -258,10 +261,11 @@ impl Waypoint {
             let _ = respond.send_response(Response::builder().status(status).body(()).expect("valid"), true);
         };
         let authority = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-        let known =
-            authority.and_then(|addr| self.dial.view.borrow().state.waypoint_target(addr).map(|(svc, _)| (addr, svc)));
+        let gateway = self.gateway.id();
+        let known = authority
+            .and_then(|addr| self.dial.view.borrow().state.waypoint_target(&gateway, addr).map(|(svc, _)| (addr, svc)));
         let (Method::CONNECT, Some((target, service))) = (request.method().clone(), known) else {
-            tracing::warn!(src_identity = %client, authority = ?request.uri().authority(), "not a CONNECT to a known service or pod");
+            tracing::warn!(src_identity = %client, authority = ?request.uri().authority(), "not a CONNECT to a service or pod that uses this waypoint");
             return refuse(&mut respond, StatusCode::BAD_REQUEST);
         };
         let Ok(send) =
@@ -344,8 +348,10 @@ impl Waypoint {
         if !decision.allows() {
             return Ok(log.local(StatusCode::FORBIDDEN, &format!("RBAC: access denied ({})", decision.reason)));
         }
-        let Some((_, endpoints)) = view.state.waypoint_target(caller.target) else {
-            return Ok(log.local(StatusCode::SERVICE_UNAVAILABLE, "the destination is gone"));
+        let Some((_, endpoints)) = view.state.waypoint_target(&self.gateway.id(), caller.target) else {
+            return Ok(
+                log.local(StatusCode::SERVICE_UNAVAILABLE, "the destination is gone, or no longer uses this waypoint")
+            );
         };
         match self.forward(req, &path, &endpoints).await {
             Ok((response, endpoint)) => {
@@ -385,7 +391,8 @@ impl Waypoint {
 
 /// `/metrics` for Prometheus; every other path is 404.
 async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    while let Ok((tcp, _)) = listener.accept().await {
+    loop {
+        let (tcp, _) = proxy::accept_next(&listener, "metrics").await;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -102,9 +102,10 @@ pub fn normalize_path(raw: &str, merge_slashes: bool) -> Result<String, PathErro
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape(i))?;
-                let value = std::str::from_utf8(hex)
-                    .ok()
+                // Two hex digits, nothing else (from_str_radix alone would take "+F").
+                let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+                let value = hex
+                    .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or(PathError::BadEscape(i))?;
                 if value == 0 {
@@ -253,7 +254,7 @@ mod tests {
 
     #[test]
     fn path_normalization_cases() {
-        let cases: [(&str, bool, Result<&str, PathError>); 17] = [
+        let cases: [(&str, bool, Result<&str, PathError>); 19] = [
             ("/v1/charge", false, Ok("/v1/charge")),
             ("/v1/%63harge", false, Ok("/v1/charge")),
             ("/v1/%7Echarge%2d", false, Ok("/v1/~charge-")),
@@ -270,6 +271,8 @@ mod tests {
             ("/v1/%00", false, Err(PathError::Nul)),
             ("/v1/%zz", false, Err(PathError::BadEscape(4))),
             ("/v1/%4", false, Err(PathError::BadEscape(4))),
+            ("/v1/%+F", false, Err(PathError::BadEscape(4))),
+            ("/v1/%-1", false, Err(PathError::BadEscape(4))),
             ("v1/charge", false, Err(PathError::NotAbsolute)),
         ];
         for (raw, merge, want) in cases {

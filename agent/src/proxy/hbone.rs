@@ -63,6 +63,17 @@ const READ_CHUNK: usize = 128 * 1024;
 /// A pooled connection that carries no stream for this long (up to twice
 /// this long) is closed.
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the mTLS and HTTP/2 handshakes may take, on either side. A peer
+/// that accepts TCP and then says nothing (a frozen agent, a scanner) must
+/// not hold a connection, a task or the pool's turn to dial for ever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a CONNECT waits for its answer: longer than the destination's
+/// own connect to the app (10 s), so that its 503 arrives first.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Streams a peer may have open at once on one inbound connection; each
+/// is a task and a connection to the app. Sources in this mesh open at
+/// most [`MAX_STREAMS_PER_CONNECTION`].
+const MAX_INBOUND_STREAMS: u32 = 100;
 
 /// The destination side: mTLS from other tunnels, on one pod IP's port 15008.
 pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
@@ -83,20 +94,12 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
         relay::reset(&tcp);
         return;
     };
-    let (tls, peer_id, serial) = match accept_mtls(tcp, config, &ctx.bundle.trust_domain, &ctx.metrics).await {
-        Ok(accepted) => accepted,
-        Err(reason) => return reject(&reason),
-    };
-    // Connections leave from inside the source pod, so the peer address is
-    // that pod's: a certificate presented from a known pod's address must be
-    // that pod's identity (a stolen key does not work from elsewhere).
     let owner = ctx.state.borrow().identity_at(peer.ip());
-    if let Some(owner) = owner.filter(|owner| owner.spiffe_id() != peer_id) {
-        return reject(&format_args!(
-            "{peer_id} presented from {}, the address of a pod running as {owner}",
-            peer.ip()
-        ));
-    }
+    let Accepted { mut conn, peer_id, serial } =
+        match accept(tcp, peer, owner, config, &ctx.bundle.trust_domain, &ctx.metrics).await {
+            Ok(accepted) => accepted,
+            Err(reason) => return reject(&reason),
+        };
     tracing::info!(
         target: "ambit::conn",
         src_addr = %peer,
@@ -105,10 +108,6 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
         peer_serial = %serial,
         "mTLS connection accepted"
     );
-    let mut conn = match serve_h2(tls).await {
-        Ok(conn) => conn,
-        Err(e) => return reject(&format_args!("HTTP/2 handshake failed: {e}")),
-    };
     while let Some(Ok((request, respond))) = conn.accept().await {
         // A stream is work on this worker, like a connection: counted, it
         // steers the next connections to less busy workers.
@@ -117,35 +116,53 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
     }
 }
 
-/// The server half of an HBONE handshake: mTLS with `config` (which
-/// requires and SPIFFE-verifies a client certificate), counted in the
-/// handshake metrics; returns the stream, the peer's SPIFFE ID and its leaf
-/// certificate's serial, or why the peer was refused.
-pub async fn accept_mtls(
+/// An inbound HBONE connection past its handshakes.
+pub struct Accepted {
+    pub conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+    /// The peer's verified SPIFFE ID.
+    pub peer_id: SpiffeId,
+    /// Serial of the peer's leaf certificate, hex.
+    pub serial: String,
+}
+
+/// The server half of an HBONE handshake from `peer`: mTLS with `config`
+/// (which requires and SPIFFE-verifies a client certificate), counted in
+/// the handshake metrics, then HTTP/2 with the tunnel's windows and frame
+/// size, all within [`HANDSHAKE_TIMEOUT`]. `owner` is the identity of the
+/// pod at the peer's address, if it is one: connections leave from inside
+/// the source pod, so a certificate presented from a known pod's address
+/// must be that pod's (a stolen key does not work from elsewhere). Returns
+/// why the peer was refused otherwise.
+pub async fn accept(
     tcp: TcpStream,
+    peer: SocketAddr,
+    owner: Option<Identity>,
     config: Arc<rustls::ServerConfig>,
     trust_domain: &str,
     metrics: &Metrics,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, SpiffeId, String), String> {
-    let tls = TlsAcceptor::from(config).accept(tcp).await;
-    metrics.handshake("inbound", tls.is_ok());
-    let tls = tls.map_err(|e| format!("mTLS handshake failed: {e}"))?;
+) -> Result<Accepted, String> {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let timed_out = |what: &str| format!("no {what} within {HANDSHAKE_TIMEOUT:?} of connecting; closed");
+    let tls = tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept(tcp)).await;
+    metrics.handshake("inbound", matches!(tls, Ok(Ok(_))));
+    let tls = tls.map_err(|_| timed_out("mTLS handshake"))?.map_err(|e| format!("mTLS handshake failed: {e}"))?;
     let peer_certs = tls.get_ref().1.peer_certificates();
     let peer_id = tls::peer_identity(peer_certs, trust_domain).map_err(|e| e.to_string())?;
+    if let Some(owner) = owner.filter(|owner| owner.spiffe_id() != peer_id) {
+        return Err(format!("{peer_id} presented from {}, the address of a pod running as {owner}", peer.ip()));
+    }
     let serial = peer_certs.and_then(|c| c.first()).map(leaf_serial).unwrap_or_default();
-    Ok((tls, peer_id, serial))
-}
-
-/// HTTP/2 over an accepted mTLS stream, with the tunnel's windows and frame size.
-pub async fn serve_h2<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
-    io: T,
-) -> Result<h2::server::Connection<T, Bytes>, h2::Error> {
-    h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .handshake::<_, Bytes>(io)
+        .max_concurrent_streams(MAX_INBOUND_STREAMS)
+        .handshake::<_, Bytes>(tls);
+    let conn = tokio::time::timeout_at(deadline, handshake)
         .await
+        .map_err(|_| timed_out("HTTP/2 preface"))?
+        .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+    Ok(Accepted { conn, peer_id, serial })
 }
 
 async fn stream(
@@ -299,6 +316,27 @@ pub enum HboneError {
     Status(SocketAddr, StatusCode),
     #[error("the connection to {0} this stream waited for was not made: {1}")]
     SharedDial(SocketAddr, String),
+    #[error(
+        "{dst} accepted TCP but did not finish the mTLS and HTTP/2 handshakes within {HANDSHAKE_TIMEOUT:?}; \
+         is the agent on its node running?"
+    )]
+    HandshakeTimeout { dst: SocketAddr },
+    #[error("no valid certificate for {0} yet (not yet issued, or expired); the agent's log says why")]
+    NoCertificate(Identity),
+    #[error("the pod has no address of {0}'s family")]
+    NoSourceAddress(SocketAddr),
+    #[error(
+        "{dst} did not answer CONNECT within {RESPONSE_TIMEOUT:?}; its connection left the pool, \
+         the next stream dials anew"
+    )]
+    ResponseTimeout { dst: SocketAddr },
+}
+
+impl HboneError {
+    /// The destination refused the stream by policy (401 or 403).
+    pub fn is_denial(&self) -> bool {
+        matches!(self, HboneError::Status(_, status) if [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN].contains(status))
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -433,7 +471,15 @@ impl HbonePool {
             .body(())
             .expect("valid CONNECT request");
         let (response, send_stream) = send.send_request(request, false).map_err(|e| HboneError::Http2(dst, e))?;
-        let response = response.await.map_err(|e| HboneError::Http2(dst, e))?;
+        let response = match tokio::time::timeout(RESPONSE_TIMEOUT, response).await {
+            Ok(response) => response.map_err(|e| HboneError::Http2(dst, e))?,
+            Err(_) => {
+                // Silent, not closed: without this, every stream that
+                // reuses the connection would wait out the same timeout.
+                pool.retire(&guard.0);
+                return Err(HboneError::ResponseTimeout { dst });
+            }
+        };
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status(dst, response.status()));
         }
@@ -502,15 +548,21 @@ impl HbonePool {
         let config =
             tls::client_config(Some(svid), bundle, key.expected.spiffe_id()).map_err(|e| tls_error(e.to_string()))?;
         let tcp = from.dial(dst).await.map_err(|e| HboneError::Connect(dst, e))?;
-        let tls = TlsConnector::from(Arc::new(config)).connect(ServerName::IpAddress(dst.ip().into()), tcp).await;
-        self.metrics.handshake("outbound", tls.is_ok());
-        let tls = tls.map_err(|e| tls_error(e.to_string()))?;
-        let (send, conn) = h2::client::Builder::new()
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let timed_out = |_| HboneError::HandshakeTimeout { dst };
+        let connector = TlsConnector::from(Arc::new(config));
+        let tls =
+            tokio::time::timeout_at(deadline, connector.connect(ServerName::IpAddress(dst.ip().into()), tcp)).await;
+        self.metrics.handshake("outbound", matches!(tls, Ok(Ok(_))));
+        let tls = tls.map_err(timed_out)?.map_err(|e| tls_error(e.to_string()))?;
+        let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(tls);
+        let (send, conn) = tokio::time::timeout_at(deadline, handshake)
             .await
+            .map_err(timed_out)?
             .map_err(|e| HboneError::Http2(dst, e))?;
         let active = Arc::new(AtomicUsize::new(0));
         tokio::spawn(async move {
@@ -518,7 +570,10 @@ impl HbonePool {
                 tracing::debug!(%dst, error = %e, "HBONE connection closed");
             }
         });
-        let send = send.ready().await.map_err(|e| HboneError::Http2(dst, e))?;
+        let send = tokio::time::timeout_at(deadline, send.ready())
+            .await
+            .map_err(timed_out)?
+            .map_err(|e| HboneError::Http2(dst, e))?;
         Ok((send, active))
     }
 }
@@ -542,10 +597,16 @@ impl KeyPool {
                     used.store(true, Ordering::Relaxed);
                     return Some((send, active));
                 }
-                Err(_) => self.conns.lock().expect("pool lock").retain(|c| !Arc::ptr_eq(&c.active, &active)),
+                Err(_) => self.retire(&active),
             }
         }
         None
+    }
+
+    /// Takes the connection whose stream count is `active` out of the pool;
+    /// its open streams keep it until they end.
+    fn retire(&self, active: &Arc<AtomicUsize>) {
+        self.conns.lock().expect("pool lock").retain(|c| !Arc::ptr_eq(&c.active, active));
     }
 }
 

@@ -50,7 +50,6 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
         log.finish(0, 0, Some(&"plaintext rejected: PeerAuthentication mode is STRICT"));
         return;
     }
-    ctx.stats.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
     // A plaintext caller has no identity: only address-based rules can admit it.
     let conn = Connection {
         peer: None,
@@ -64,6 +63,7 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
         log.finish(0, 0, None);
         return;
     }
+    ctx.stats.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
     let app = match pod.deliver(&ctx.deliveries, client_addr.ip(), orig_dst).await {
         Ok(app) => app,
         Err(e) => {

@@ -64,7 +64,8 @@ pub struct ProxyContext {
 /// Counters the agent reports (in its log on shutdown; as metrics later).
 #[derive(Default)]
 pub struct Stats {
-    /// Plaintext inbound connections accepted (PERMISSIVE or DISABLE).
+    /// Plaintext inbound connections admitted: PERMISSIVE or DISABLE, and
+    /// allowed by authorization.
     pub plaintext_accepted: AtomicU64,
     /// Plaintext inbound connections reset by STRICT.
     pub plaintext_rejected: AtomicU64,
@@ -330,7 +331,10 @@ struct ConnectionLog {
     src_identity: Option<String>,
     dst_identity: Option<String>,
     flag: Flag,
-    opened: bool,
+    /// The metric labels the connection was counted as opened with; it is
+    /// counted as closed with the same ones, so that opened minus closed
+    /// is what is open even when a policy change cuts it later.
+    opened: Option<ConnectionLabels>,
     /// The policy rule that decided (`namespace/name rule N`).
     policy: Option<String>,
     /// AUDIT rules that matched.
@@ -356,7 +360,7 @@ impl ConnectionLog {
             src_identity: None,
             dst_identity: None,
             flag: Flag::None,
-            opened: false,
+            opened: None,
             policy: None,
             audit: None,
             dry_run: None,
@@ -394,17 +398,19 @@ impl ConnectionLog {
     }
 
     /// The connection reached its destination: count it as opened now.
-    fn opened(&mut self) {
-        if !self.opened {
-            self.opened = true;
-            self.metrics.connections_opened.get_or_create(&self.labels()).inc();
+    fn opened(&mut self) -> ConnectionLabels {
+        if let Some(labels) = &self.opened {
+            return labels.clone();
         }
+        let labels = self.labels();
+        self.metrics.connections_opened.get_or_create(&labels).inc();
+        self.opened = Some(labels.clone());
+        labels
     }
 
     /// `sent`: bytes from the source to the destination; `received`: back.
     fn finish(&mut self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
-        self.opened();
-        let labels = self.labels();
+        let labels = self.opened();
         self.metrics.connections_closed.get_or_create(&labels).inc();
         self.metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
         self.metrics.received_bytes.get_or_create(&labels).inc_by(received);
@@ -499,20 +505,27 @@ where
             }
         };
         loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    // Small writes (HTTP/2 frames, request/response apps) must not
-                    // wait for ACKs: Nagle off on every proxied socket.
-                    let _ = stream.set_nodelay(true);
-                    let (pod, for_task) = (pod.clone(), ctx.clone());
-                    ctx.workers.dispatch(stream, move |stream| handle(stream, peer, pod, for_task));
-                }
-                Err(error) => {
-                    // Accept errors such as EMFILE are transient: wait a little and go on.
-                    tracing::warn!(pod = %pod.id, %error, "accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+            let (stream, peer) = accept_next(&listener, &pod.id).await;
+            // Small writes (HTTP/2 frames, request/response apps) must not
+            // wait for ACKs: Nagle off on every proxied socket.
+            let _ = stream.set_nodelay(true);
+            let (pod, for_task) = (pod.clone(), ctx.clone());
+            ctx.workers.dispatch(stream, move |stream| handle(stream, peer, pod, for_task));
         }
     })
+}
+
+/// The next connection on `listener` (named `name` in the log). Accept
+/// errors such as EMFILE are transient: each is logged and retried after a
+/// pause, so a listener neither stops nor spins.
+pub async fn accept_next(listener: &TcpListener, name: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) => {
+                tracing::warn!(listener = name, %error, "accept failed; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }

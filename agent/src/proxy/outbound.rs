@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use super::{
     ConnectionLog, Direction, Flag, PodContext, ProxyContext,
-    hbone::{self, HBONE_PORT, HboneStream, HboneTarget},
+    hbone::{self, HBONE_PORT, HboneError, HboneStream, HboneTarget},
     relay,
 };
 use crate::{config::GATEWAY_NAME_LABEL, identity::Identity, state::Destination};
@@ -81,7 +81,16 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
                     Some(_) => (endpoint.addr, orig_dst),
                     None => (SocketAddr::new(endpoint.addr.ip(), HBONE_PORT), endpoint.addr),
                 };
-                open_hbone(hbone, expected, authority, source_ip, &pod, &ctx).await.map(Upstream::Hbone)
+                match open_hbone(hbone, expected, authority, source_ip, &pod, &ctx).await {
+                    // Policy at the destination, not a failure: another
+                    // endpoint would refuse too, and must not be asked.
+                    Err(e) if e.is_denial() => {
+                        relay::reset(&app);
+                        log.flag = Flag::Denied;
+                        return log.finish(0, 0, Some(&e));
+                    }
+                    opened => opened.map(Upstream::Hbone).map_err(|e| e.to_string()),
+                }
             }
             None => pod.connect(endpoint.addr).await.map(Upstream::Tcp).map_err(|e| e.to_string()),
         };
@@ -138,11 +147,11 @@ async fn open_hbone(
     source_ip: Option<IpAddr>,
     pod: &PodContext,
     ctx: &ProxyContext,
-) -> Result<HboneStream, String> {
-    let svid = pod.current_svid().ok_or_else(|| format!("no valid certificate for {} yet", pod.identity))?;
-    let source_ip = source_ip.ok_or("the pod has no address of the destination's family")?;
+) -> Result<HboneStream, HboneError> {
+    let svid = pod.current_svid().ok_or_else(|| HboneError::NoCertificate(pod.identity.clone()))?;
+    let source_ip = source_ip.ok_or(HboneError::NoSourceAddress(app))?;
     let target = HboneTarget { hbone, expected: expected.clone(), app, source_ip };
-    ctx.pool.open(pod, &svid, &ctx.bundle, &target).await.map_err(|e| e.to_string())
+    ctx.pool.open(pod, &svid, &ctx.bundle, &target).await
 }
 
 /// A destination outside the mesh: plain TCP from the pod's own address,

@@ -7,6 +7,8 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use spiffe::SpiffeId;
+
 use crate::{
     authz::{Connection, Decision, PolicySet},
     config::{DataplaneMode, GATEWAY_NAME_LABEL, MtlsMode, PeerAuthentication, Pod, Service, Snapshot, WaypointFor},
@@ -197,6 +199,16 @@ impl State {
         Some(self.identity_of(pod))
     }
 
+    /// The source of an HBONE stream from `peer`, which proved `peer_id`:
+    /// the address its `forwarded: for=` header names, if that is a pod
+    /// running as `peer_id`, else the peer itself. A peer cannot have its
+    /// connections logged and counted as another workload's.
+    pub fn source_of(&self, peer: SocketAddr, forwarded: Option<IpAddr>, peer_id: &SpiffeId) -> SocketAddr {
+        forwarded
+            .filter(|ip| self.identity_at(*ip).is_some_and(|id| id.spiffe_id() == *peer_id))
+            .map_or(peer, |ip| SocketAddr::new(ip, peer.port()))
+    }
+
     /// The PeerAuthentication mode in force for plaintext arriving at `port`
     /// of pod `pod_id`: workload (port first), then namespace, then mesh;
     /// PERMISSIVE when nothing says otherwise.
@@ -385,6 +397,26 @@ mod tests {
         ];
         for (name, policies, port, want) in cases {
             assert_eq!(shop_state(policies).mtls_mode("shop/web-1", port), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_forwarded_source_is_believed_only_for_the_peer_identitys_pods() {
+        let mut state = shop_state(vec![]);
+        state.snapshot.pods.get_mut("shop/web-2").unwrap().service_account = "web-1".into();
+        let state = State::new(state.snapshot, "cluster.local");
+        let peer: SocketAddr = "10.1.0.1:40000".parse().unwrap();
+        let web_1 = state.identity_at(peer.ip()).unwrap().spiffe_id();
+        let cases = [
+            (None, "10.1.0.1", "no header: the peer"),
+            (Some("10.1.0.1"), "10.1.0.1", "the peer's own address"),
+            (Some("10.1.0.2"), "10.1.0.2", "another pod running as the peer's identity"),
+            (Some("10.1.0.3"), "10.1.0.1", "a pod running as someone else"),
+            (Some("192.0.2.7"), "10.1.0.1", "an address the mesh does not know"),
+        ];
+        for (forwarded, want, case) in cases {
+            let source = state.source_of(peer, forwarded.map(|ip| ip.parse().unwrap()), &web_1);
+            assert_eq!(source, SocketAddr::new(want.parse().unwrap(), 40000), "{case}");
         }
     }
 

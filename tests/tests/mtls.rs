@@ -484,6 +484,16 @@ fn connections_opened_together_share_one_tls_handshake_per_worker() {
     let mut n2 = n2;
     let dst = format!("{}:{HTTP_PORT}", bed.pod("shop/web").ip);
     n2.wait_connections(24, |c| c.dst_addr == dst && c.mtls).unwrap();
+    // Both ends of the pooled connections probe them once idle (`ss -o`
+    // shows the keepalive timer when no retransmission is pending), so a
+    // peer that vanished without a FIN is found.
+    for (pod, filter) in [("shop/client", "( dport = :15008 )"), ("shop/web", "( sport = :15008 )")] {
+        wait_until(Duration::from_secs(5), &format!("{pod}: keepalive timers"), || {
+            let timers = bed.run_ok(pod, "ss", &["-Htno", "state", "established", filter])?;
+            Ok(!timers.is_empty() && timers.lines().all(|l| l.contains("timer:(keepalive")))
+        })
+        .unwrap();
+    }
     let started = n1.lines().into_iter().find(|l| l["message"] == "proxy workers started").unwrap();
     let workers = started["workers"].as_u64().unwrap();
     let counters = stop_and_read_counters(&mut n1);

@@ -70,6 +70,14 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a CONNECT waits for its answer: longer than the destination's
 /// own connect to the app (10 s), so that its 503 arrives first.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// TCP keepalive on HBONE connections: probed after this long without
+/// traffic, then every [`KEEPALIVE_INTERVAL`], and closed after
+/// [`KEEPALIVE_PROBES`] unanswered probes. A connection whose peer vanished
+/// (a node gone without a FIN) would otherwise hold its streams, and the
+/// connections to the apps behind them, for ever.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 5;
 /// Streams a peer may have open at once on one inbound connection; each
 /// is a task and a connection to the app. Sources in this mesh open at
 /// most [`MAX_STREAMS_PER_CONNECTION`].
@@ -141,6 +149,7 @@ pub async fn accept(
     trust_domain: &str,
     metrics: &Metrics,
 ) -> Result<Accepted, String> {
+    keep_alive(&tcp);
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let timed_out = |what: &str| format!("no {what} within {HANDSHAKE_TIMEOUT:?} of connecting; closed");
     let tls = tokio::time::timeout_at(deadline, TlsAcceptor::from(config).accept(tcp)).await;
@@ -174,9 +183,10 @@ async fn stream(
     ctx: Arc<ProxyContext>,
 ) {
     let authority = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
-    // The original source, as the source tunnel reports it; the TLS peer
-    // address is the same pod's IP with another port.
-    let src_addr = forwarded_for(&request).map(|ip| SocketAddr::new(ip, peer.port())).unwrap_or(peer);
+    // The original source, as the source tunnel reports it, if the peer's
+    // identity backs it (`State::source_of`); the TLS peer address is the
+    // same pod's IP with another port.
+    let src_addr = ctx.state.borrow().source_of(peer, forwarded_for(&request), &peer_id);
     let dst_addr = authority.unwrap_or_else(|| SocketAddr::new(peer.ip(), 0));
     let mut log = ConnectionLog::new(&ctx, Direction::Inbound, src_addr, dst_addr);
     log.src_workload = ctx.workload_at(src_addr.ip());
@@ -234,6 +244,17 @@ async fn stream(
     }
     // The tunnel is the source here: what it sends to the app came from the client.
     log.finish(outcome.b_to_a, outcome.a_to_b, outcome.error.as_ref().map(|e| e as _));
+}
+
+/// Turns on TCP keepalive (see [`KEEPALIVE_IDLE`]) for an HBONE connection.
+fn keep_alive(tcp: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(error) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+        tracing::warn!(%error, "cannot turn on TCP keepalive for an HBONE connection");
+    }
 }
 
 /// Serial number of a certificate, hex, as `Svid::serial` spells it.
@@ -548,6 +569,7 @@ impl HbonePool {
         let config =
             tls::client_config(Some(svid), bundle, key.expected.spiffe_id()).map_err(|e| tls_error(e.to_string()))?;
         let tcp = from.dial(dst).await.map_err(|e| HboneError::Connect(dst, e))?;
+        keep_alive(&tcp);
         let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
         let timed_out = |_| HboneError::HandshakeTimeout { dst };
         let connector = TlsConnector::from(Arc::new(config));

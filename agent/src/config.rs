@@ -294,8 +294,10 @@ struct RawPeerAuthentication {
     spec: RawPeerAuthenticationSpec,
 }
 
+// A misspelt field in a security setting must be an error, not a silent
+// default (`mdoe: STRICT` would leave the mode unset, i.e. PERMISSIVE).
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawPeerAuthenticationSpec {
     selector: Option<RawSelector>,
     mtls: Option<RawMtls>,
@@ -304,13 +306,14 @@ struct RawPeerAuthenticationSpec {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawSelector {
     #[serde(default)]
     match_labels: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawMtls {
     #[serde(default)]
     mode: Option<String>,
@@ -388,8 +391,17 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
                 }
             };
             let use_waypoint = raw.metadata.labels.get(USE_WAYPOINT_LABEL).cloned();
+            // Both become segments of the pod's SPIFFE ID.
+            let namespace = raw.metadata.namespace.unwrap_or_else(|| "default".to_string());
+            for (field, value) in
+                [("metadata.namespace", &namespace), ("spec.serviceAccountName", &raw.spec.service_account_name)]
+            {
+                if let Err(reason) = check_dns_name(value) {
+                    return Err(ConfigError::field(file, doc, &describe, field, reason));
+                }
+            }
             Ok(Object::Pod(Pod {
-                namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
+                namespace,
                 name: raw.metadata.name,
                 service_account: raw.spec.service_account_name,
                 node: raw.spec.node_name,
@@ -430,6 +442,16 @@ fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigE
             let raw: RawPeerAuthentication = deserialize(file, doc, &describe, value)?;
             let mode = mtls_mode(file, doc, &describe, "spec.mtls.mode", raw.spec.mtls.as_ref())?;
             let selector = raw.spec.selector.map(|s| s.match_labels);
+            if selector.as_ref().is_some_and(BTreeMap::is_empty) {
+                // It would select every pod of the namespace, at workload precedence.
+                return Err(ConfigError::field(
+                    file,
+                    doc,
+                    &describe,
+                    "spec.selector.matchLabels",
+                    "selects no labels; name the workload's labels, or remove spec.selector for a namespace-wide policy",
+                ));
+            }
             if selector.is_none() && !raw.spec.port_level_mtls.is_empty() {
                 return Err(ConfigError::field(
                     file,
@@ -508,6 +530,24 @@ pub(crate) fn deserialize<T: serde::de::DeserializeOwned>(
         let field = e.path().to_string();
         ConfigError::field(file, doc, object, &field, e.into_inner().to_string())
     })
+}
+
+/// Whether `name` is a Kubernetes DNS-1123 subdomain (what namespaces and
+/// service accounts must be), which is also a valid SPIFFE ID segment.
+fn check_dns_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let alphanumeric = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if name.len() > 253
+        || !name.chars().all(allowed)
+        || !alphanumeric(name.chars().next())
+        || !alphanumeric(name.chars().last())
+    {
+        return Err(format!(
+            "`{name}` is not a valid name: use at most 253 lowercase letters, digits, `-` and `.`, \
+             starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
 }
 
 fn mtls_mode(
@@ -743,6 +783,25 @@ status:
     }
 
     #[test]
+    fn names_that_cannot_be_spiffe_id_segments_are_refused() {
+        for (bad, field) in [
+            ("serviceAccountName: cart", "serviceAccountName: \"\"", "spec.serviceAccountName"),
+            ("serviceAccountName: cart", "serviceAccountName: my sa", "spec.serviceAccountName"),
+            ("serviceAccountName: cart", "serviceAccountName: Cart", "spec.serviceAccountName"),
+            ("serviceAccountName: cart", "serviceAccountName: \".\"", "spec.serviceAccountName"),
+            ("  namespace: shop\n  labels: {app", "  namespace: shop-\n  labels: {app", "metadata.namespace"),
+        ]
+        .map(|(good, bad, field)| (GOOD.replace(good, bad), field))
+        {
+            let errors = errors_of(&bad);
+            assert!(
+                errors.iter().any(|e| e.contains(&format!("field `{field}`")) && e.contains("not a valid name")),
+                "{errors:?}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_namespace_and_service_account() {
         let text = "kind: Pod\nmetadata: {name: p}\nspec: {nodeName: n}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n";
         let Object::Pod(pod) = &parse_file(Path::new("a.yaml"), text).unwrap()[0] else { panic!() };
@@ -831,6 +890,17 @@ status:
         assert!(bad_port[0].contains("spec.portLevelMtls.http"), "{}", bad_port[0]);
         let no_selector = errors_of(&text.replace("  selector: {matchLabels: {app: web}}\n", ""));
         assert!(no_selector[0].contains("add spec.selector.matchLabels"), "{}", no_selector[0]);
+        // Misspelt or empty security settings are errors, never a quiet PERMISSIVE.
+        let cases = [
+            ("mtls: {mode: STRICT}", "mtls: {mdoe: STRICT}", "field `spec.mtls.mdoe`"),
+            ("mtls: {mode: STRICT}", "mTLS: {mode: STRICT}", "unknown field `mTLS`"),
+            ("{matchLabels: {app: web}}", "{matchLabel: {app: web}}", "field `spec.selector.matchLabel`"),
+            ("{matchLabels: {app: web}}", "{matchLabels: {}}", "field `spec.selector.matchLabels`: selects no labels"),
+        ];
+        for (good, bad, want) in cases {
+            let errors = errors_of(&text.replace(good, bad));
+            assert!(errors[0].contains(want), "{bad}: {}", errors[0]);
+        }
     }
 
     #[test]

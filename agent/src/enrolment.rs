@@ -122,6 +122,8 @@ impl Enrolments {
                 }
             }
         }
+        // Only now: a pod unenrolled and enrolled again above kept its certificate.
+        self.ctx.certs.drop_unused();
     }
 
     fn enrol(&mut self, pod: &Pod, identity: Identity) -> anyhow::Result<ActivePod> {
@@ -229,6 +231,7 @@ impl Enrolments {
         for id in ids {
             self.unenrol(&id);
         }
+        self.ctx.certs.drop_unused();
         for (_, cleanup) in std::mem::take(&mut self.cleanups) {
             let _ = cleanup.await;
         }

@@ -11,7 +11,11 @@
 //!   (csr: base64 DER PKCS#10) returns `{"chain": [base64 DER, ...]}`;
 //! - `GET /v1/bundle` returns the SPIFFE bundle.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use bytes::{Bytes, BytesMut};
@@ -21,13 +25,22 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::{Identity, Svid, ca::CertificateAuthority};
-use crate::{config::ConfigDir, tls};
+use crate::{
+    config::{self, ConfigDir},
+    tls,
+};
 
 /// Namespace and service account of the CA's own identity.
 pub const CA_NAMESPACE: &str = "ambit-system";
 pub const CA_SERVICE_ACCOUNT: &str = "ambit-ca";
 /// Largest request body the CA reads.
 const MAX_BODY: usize = 64 * 1024;
+/// How long a client has for the TLS and HTTP/2 handshakes, and how long a
+/// connection may sit with no request: agents open one per request, so a
+/// connection that says nothing is not an agent, and must not hold a
+/// descriptor of the process every node renews from.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Serialize, Deserialize)]
 pub struct SvidRequest {
@@ -47,13 +60,18 @@ pub struct SvidResponse {
 
 pub struct CaServer {
     ca: CertificateAuthority,
-    config_dir: PathBuf,
+    /// Which pods run where, read again for every request. A file that
+    /// fails to parse keeps its last good objects, as on the agents, so a
+    /// typo does not make the CA refuse the renewals of the pods in it.
+    config: Mutex<ConfigDir>,
     leaf_ttl: Duration,
 }
 
 impl CaServer {
     pub fn new(ca: CertificateAuthority, config_dir: PathBuf, leaf_ttl: Duration) -> Self {
-        Self { ca, config_dir, leaf_ttl }
+        let mut config = ConfigDir::new(config_dir);
+        config::log_errors(&config.reload().1);
+        Self { ca, config: Mutex::new(config), leaf_ttl }
     }
 
     /// The CA's own serving identity and TLS configuration.
@@ -72,7 +90,7 @@ impl CaServer {
         let acceptor = TlsAcceptor::from(Arc::new(self.tls_config()?));
         tracing::info!(addr = %listener.local_addr()?, trust_domain = self.ca.trust_domain(), "CA serving");
         loop {
-            let (tcp, peer) = listener.accept().await?;
+            let (tcp, peer) = crate::proxy::accept_next(&listener, "ca").await;
             let (acceptor, server) = (acceptor.clone(), self.clone());
             tokio::spawn(async move {
                 if let Err(e) = server.connection(acceptor, tcp).await {
@@ -83,9 +101,11 @@ impl CaServer {
     }
 
     async fn connection(self: Arc<Self>, acceptor: TlsAcceptor, tcp: tokio::net::TcpStream) -> anyhow::Result<()> {
-        let tls = acceptor.accept(tcp).await?;
-        let mut conn = h2::server::handshake(tls).await?;
-        while let Some(request) = conn.accept().await {
+        let handshakes = async { anyhow::Ok(h2::server::handshake(acceptor.accept(tcp).await?).await?) };
+        let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes)
+            .await
+            .map_err(|_| anyhow::anyhow!("no TLS and HTTP/2 handshake within {HANDSHAKE_TIMEOUT:?}"))??;
+        while let Ok(Some(request)) = tokio::time::timeout(IDLE_TIMEOUT, conn.accept()).await {
             let (request, respond) = request?;
             let server = self.clone();
             tokio::spawn(async move { server.request(request, respond).await });
@@ -126,7 +146,8 @@ impl CaServer {
             return refuse(StatusCode::UNAUTHORIZED, format!("invalid token for node {}", request.node));
         }
         let identity = Identity::new(self.ca.trust_domain(), &request.namespace, &request.service_account);
-        let (snapshot, _) = ConfigDir::new(&self.config_dir).reload();
+        let (snapshot, errors) = self.config.lock().expect("config lock").reload();
+        config::log_errors(&errors);
         let scheduled = snapshot.pods.values().any(|p| {
             p.node == request.node && p.namespace == request.namespace && p.service_account == request.service_account
         });
@@ -161,4 +182,41 @@ pub async fn read_body(mut body: h2::RecvStream, limit: usize) -> anyhow::Result
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: &str = "kind: Pod\nmetadata: {name: web, namespace: shop}\nspec: {nodeName: n1, serviceAccountName: web}\nstatus: {podIPs: [{ip: 10.0.0.1}]}\n";
+
+    fn request(ca: &CertificateAuthority, node: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
+        let request = SvidRequest {
+            node: node.into(),
+            token: ca.node_token(node),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            csr: STANDARD.encode(csr.der()),
+        };
+        serde_json::to_vec(&request).unwrap()
+    }
+
+    #[test]
+    fn a_broken_edit_keeps_issuing_for_the_pods_of_the_last_good_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pods = dir.path().join("pods.yaml");
+        std::fs::write(&pods, POD).unwrap();
+        let ca = CertificateAuthority::create("cluster.local").unwrap();
+        let (to_n1, to_n2) = (request(&ca, "n1"), request(&ca, "n2"));
+        let server = CaServer::new(ca, dir.path().into(), Duration::from_secs(60));
+        assert_eq!(server.issue(&to_n1).0, StatusCode::OK);
+        assert_eq!(server.issue(&to_n2).0, StatusCode::FORBIDDEN, "n2 runs no pod as shop/web");
+
+        std::fs::write(&pods, POD.replace("10.0.0.1", "{{{")).unwrap();
+        assert_eq!(server.issue(&to_n1).0, StatusCode::OK, "the last good pods stand");
+        std::fs::remove_file(&pods).unwrap();
+        assert_eq!(server.issue(&to_n1).0, StatusCode::FORBIDDEN, "a deleted file takes its pods with it");
+    }
 }

@@ -13,7 +13,7 @@ use std::{
 
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{Identity, IdentityProvider, Svid};
+use super::{Identity, IdentityError, IdentityProvider, Svid};
 use crate::metrics::Metrics;
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
@@ -49,20 +49,29 @@ impl CertManager {
         entry.svid.clone()
     }
 
-    /// `pod` no longer uses `identity`; the last user takes the entry with it.
+    /// `pod` no longer uses `identity`. An identity left without users
+    /// stays until [`Self::drop_unused`], so that a pod enrolled again in
+    /// the same pass (a new IP or netns) keeps its certificate, which
+    /// matters when the CA cannot issue another.
     pub fn release(&self, identity: &Identity, pod: &str) {
-        let mut entries = self.entries.lock().expect("cert manager lock");
-        if let Some(entry) = entries.get_mut(identity) {
+        if let Some(entry) = self.entries.lock().expect("cert manager lock").get_mut(identity) {
             entry.users.remove(pod);
-            if entry.users.is_empty() {
-                entry.refresher.abort();
-                entries.remove(identity);
-                let labels = Metrics::identity(identity);
-                self.metrics.certificate_expiry.remove(&labels);
-                self.metrics.certificate_issued.remove(&labels);
-                tracing::info!(%identity, "identity no longer used on this node; certificate and key dropped");
-            }
         }
+    }
+
+    /// Drops the identities no pod uses any more, certificate and key with them.
+    pub fn drop_unused(&self) {
+        self.entries.lock().expect("cert manager lock").retain(|identity, entry| {
+            if !entry.users.is_empty() {
+                return true;
+            }
+            entry.refresher.abort();
+            let labels = Metrics::identity(identity);
+            self.metrics.certificate_expiry.remove(&labels);
+            self.metrics.certificate_issued.remove(&labels);
+            tracing::info!(%identity, "identity no longer used on this node; certificate and key dropped");
+            false
+        });
     }
 
     /// Every identity held, with its current SVID if it has one.
@@ -92,7 +101,17 @@ async fn refresh(
     let unix = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let mut backoff = INITIAL_BACKOFF;
     loop {
-        match provider.fetch(&identity).await {
+        // A certificate this node's clock does not accept yet (or any more)
+        // is a failed renewal: the current one stays in use.
+        let fetched = provider.fetch(&identity).await.and_then(|svid| match svid.is_valid_at(SystemTime::now()) {
+            true => Ok(svid),
+            false => Err(IdentityError::NotValidNow {
+                identity: identity.to_string(),
+                not_before: humantime::format_rfc3339_seconds(svid.not_before).to_string(),
+                not_after: humantime::format_rfc3339_seconds(svid.not_after).to_string(),
+            }),
+        });
+        match fetched {
             Ok(svid) => {
                 tracing::info!(
                     %identity,
@@ -104,8 +123,20 @@ async fn refresh(
                 metrics.certificate_expiry.get_or_create(&labels).set(unix(svid.not_after));
                 metrics.certificate_issued.get_or_create(&labels).set(unix(svid.not_before));
                 tx.send_replace(Some(Arc::new(svid)));
-                backoff = INITIAL_BACKOFF;
-                sleep_until(refresh_at).await;
+                if refresh_at > SystemTime::now() {
+                    backoff = INITIAL_BACKOFF;
+                    sleep_until(refresh_at).await;
+                } else {
+                    // Issued with half its life already gone by this node's
+                    // clock: asking again at once would get the same.
+                    tracing::warn!(
+                        %identity,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "certificate issued past its renewal time; is the CA's clock behind this node's?"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
             }
             Err(error) => {
                 metrics.certificate_renewal_failures.get_or_create(&labels).inc();
@@ -141,7 +172,7 @@ async fn sleep_until(at: SystemTime) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
     use super::*;
     use crate::identity::{IdentityError, ProviderFuture, ca::CertificateAuthority};
@@ -152,6 +183,8 @@ mod tests {
         ttl: Duration,
         up: AtomicBool,
         calls: AtomicUsize,
+        /// How far the CA's clock is ahead of this node's (negative: behind).
+        skew_secs: AtomicI64,
     }
 
     impl IdentityProvider for FlakyCa {
@@ -164,7 +197,15 @@ mod tests {
                 let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
                 let cert = self.ca.issue(identity, &key, self.ttl).unwrap();
                 let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-                Ok(Svid::from_chain(identity, vec![cert], key, "cluster.local").unwrap())
+                let mut svid = Svid::from_chain(identity, vec![cert], key, "cluster.local").unwrap();
+                // The manager judges the validity it reads, not the signature.
+                let skew = self.skew_secs.load(Ordering::SeqCst);
+                let shift = |t: SystemTime| match skew >= 0 {
+                    true => t + Duration::from_secs(skew as u64),
+                    false => t - Duration::from_secs(skew.unsigned_abs()),
+                };
+                (svid.not_before, svid.not_after) = (shift(svid.not_before), shift(svid.not_after));
+                Ok(svid)
             })
         }
     }
@@ -175,6 +216,7 @@ mod tests {
             ttl,
             up: AtomicBool::new(true),
             calls: AtomicUsize::new(0),
+            skew_secs: AtomicI64::new(0),
         })
     }
 
@@ -210,9 +252,54 @@ mod tests {
         assert_eq!(manager.held().len(), 1);
         assert_eq!(ca.calls.load(Ordering::SeqCst), 1, "two pods, one identity, one fetch");
         manager.release(&id, "shop/cart-1");
+        manager.drop_unused();
         assert_eq!(manager.held().len(), 1);
         manager.release(&id, "shop/cart-2");
+        manager.drop_unused();
         assert!(manager.held().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pod_enrolled_again_keeps_its_certificate_while_the_ca_is_down() {
+        let ca = flaky(Duration::from_secs(60));
+        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
+        let id = Identity::new("cluster.local", "shop", "cart");
+        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let serial = next_serial(&mut rx).await;
+        ca.up.store(false, Ordering::SeqCst);
+        // A new IP or netns: unenrolled, then enrolled in the same pass.
+        manager.release(&id, "shop/cart-1");
+        let rx = manager.acquire(&id, "shop/cart-1");
+        manager.drop_unused();
+        assert_eq!(rx.borrow().as_ref().map(|svid| svid.serial.clone()), Some(serial));
+    }
+
+    #[tokio::test]
+    async fn certificates_outside_this_nodes_clock_do_not_replace_one_or_loop() {
+        // The CA's clock 120 s ahead: its certificates are not valid yet here.
+        let ca = flaky(Duration::from_secs(2));
+        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
+        let id = Identity::new("cluster.local", "shop", "cart");
+        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let serial = next_serial(&mut rx).await;
+        ca.skew_secs.store(120, Ordering::SeqCst);
+        let calls_before = ca.calls.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        assert_eq!(rx.borrow().as_ref().unwrap().serial, serial, "the valid certificate stays in use");
+        let retries = ca.calls.load(Ordering::SeqCst) - calls_before;
+        assert!((1..=4).contains(&retries), "{retries} renewals in ~0.9 s: backed off");
+
+        // The CA's clock 40 s behind, 60 s certificates: valid here, but
+        // past half their life already. Used, and asked again with backoff.
+        let ca = flaky(Duration::from_secs(60));
+        ca.skew_secs.store(-40, Ordering::SeqCst);
+        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
+        let mut rx = manager.acquire(&id, "shop/cart-1");
+        next_serial(&mut rx).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let calls = ca.calls.load(Ordering::SeqCst);
+        assert!((2..=4).contains(&calls), "{calls} fetches in 1 s: backed off, not a busy loop");
+        assert!(rx.borrow().is_some(), "the certificate is in use");
     }
 
     #[tokio::test]

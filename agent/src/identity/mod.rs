@@ -128,6 +128,11 @@ pub enum IdentityError {
     InvalidSvid { identity: String, reason: String },
     #[error("generating a key or request failed: {0}")]
     Crypto(String),
+    #[error(
+        "the certificate authority issued {identity} valid from {not_before} to {not_after}, which does not \
+         include this node's time; check the clocks (NTP) of the CA and this node"
+    )]
+    NotValidNow { identity: String, not_before: String, not_after: String },
 }
 
 pub type ProviderFuture<'a> = Pin<Box<dyn Future<Output = Result<Svid, IdentityError>> + Send + 'a>>;

@@ -89,7 +89,7 @@ impl Enrolments {
             .collect()
     }
 
-    pub fn reconcile(&mut self, state: &State) {
+    pub async fn reconcile(&mut self, state: &State) {
         let node = self.node.clone();
         let desired: BTreeMap<String, &Pod> = state.pods_to_enrol(&node).map(|p| (p.id(), p)).collect();
         let stale: Vec<String> = self
@@ -98,8 +98,15 @@ impl Enrolments {
             .filter(|(id, active)| desired.get(*id).is_none_or(|pod| EnrolmentSpec::from(*pod) != active.spec))
             .map(|(id, _)| id.clone())
             .collect();
+        let mut stopping = Vec::new();
         for id in stale {
-            self.unenrol(&id);
+            stopping.extend(self.unenrol(&id));
+        }
+        // A pod enrolled again (new IP, netns or service account) binds the
+        // same addresses: its old listeners must be closed first, or the new
+        // bind fails and the pod goes uncaptured until the retry.
+        for accept_loop in stopping {
+            let _ = accept_loop.await;
         }
         self.failed.retain(|id, _| desired.contains_key(id));
         self.cleanups.retain(|_, cleanup| !cleanup.is_finished());
@@ -151,11 +158,12 @@ impl Enrolments {
         let mut inbound_listeners = Vec::new();
         let mut hbone_listeners = Vec::new();
         for ip in &pod.ips {
-            let listener = netns.listen(SocketAddr::new(*ip, INBOUND_PORT)).with_context(|| {
-                format!(
-                    "inbound listener {ip}:{INBOUND_PORT}: is {ip} (status.podIPs) configured in {}?",
-                    path.display()
-                )
+            let listener = netns.listen(SocketAddr::new(*ip, INBOUND_PORT)).map_err(|e| {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::AddrNotAvailable => " (is this status.podIPs address configured there?)",
+                    _ => "",
+                };
+                anyhow::anyhow!("inbound listener {ip}:{INBOUND_PORT} in {}: {e}{hint}", path.display())
             })?;
             inbound_listeners.push((IpKey::from(*ip), listener));
             let hbone = netns
@@ -209,13 +217,14 @@ impl Enrolments {
     }
 
     /// Stops capturing a pod; a task finishes the cleanup inside its netns.
-    fn unenrol(&mut self, id: &str) {
+    /// Returns its accept loops, aborted: each has closed its listener once
+    /// it has finished.
+    fn unenrol(&mut self, id: &str) -> Vec<tokio::task::JoinHandle<()>> {
         let Some(active) = self.active.remove(id) else {
-            return;
+            return Vec::new();
         };
         self.capture.unenrol(active.pod.netns_cookie, &active.inbound_ips, active.sk_lookup);
-        // Dropping the accept loops closes the listeners.
-        for task in active.proxies {
+        for task in &active.proxies {
             task.abort();
         }
         self.ctx.certs.release(&active.pod.identity, id);
@@ -223,13 +232,14 @@ impl Enrolments {
         tracing::info!(pod = %id, "pod unenrolled");
         let cleanup = tokio::spawn(async move { active.pod.unroute_deliveries().await });
         self.cleanups.insert(id.to_string(), cleanup);
+        active.proxies
     }
 
     /// Unenrols every pod (on shutdown) and leaves their netns as they were.
     pub async fn clear(&mut self) {
         let ids: Vec<String> = self.active.keys().cloned().collect();
         for id in ids {
-            self.unenrol(&id);
+            drop(self.unenrol(&id));
         }
         self.ctx.certs.drop_unused();
         for (_, cleanup) in std::mem::take(&mut self.cleanups) {

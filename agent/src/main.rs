@@ -233,15 +233,15 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let capture_counters = capture.counters();
     let mut enrolments = Enrolments::new(node.clone(), capture, ctx.clone());
     let (enrolled_tx, enrolled_rx) = tokio::sync::watch::channel(Vec::new());
-    let apply = |enrolments: &mut Enrolments| {
+    let apply = async |enrolments: &mut Enrolments| {
         let state = state_rx.borrow().clone();
-        enrolments.reconcile(&state);
+        enrolments.reconcile(&state).await;
         enrolled_tx.send_replace(enrolments.enrolled_pods());
         for (kind, count) in state.sizes() {
             metrics.state_objects.get_or_create(&Metrics::name(kind)).set(count as i64);
         }
     };
-    apply(&mut enrolments);
+    apply(&mut enrolments).await;
     let admin = Arc::new(Admin {
         node: node.clone(),
         ctx: ctx.clone(),
@@ -267,10 +267,10 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 config::log_errors(&errors);
                 warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
                 state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
-                apply(&mut enrolments);
+                apply(&mut enrolments).await;
                 tracing::info!(enrolled = enrolments.enrolled(), errors = errors.len(), "configuration applied");
             }
-            _ = retry.tick() => apply(&mut enrolments),
+            _ = retry.tick() => apply(&mut enrolments).await,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

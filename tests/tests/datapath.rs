@@ -226,6 +226,10 @@ fn enrol_and_unenrol_at_run_time() {
     // old one's cleanup must not undo the new one's routing.
     bed.set_pod_service_account("shop/app", "app-v2").unwrap();
     n1.wait_pod_event("pod enrolled", "shop/app", 1).unwrap();
+    // In the same pass: the old listeners are closed before the new ones
+    // bind, so there is no window without capture and no retry.
+    let failed: Vec<_> = n1.lines().into_iter().filter(|l| l["message"] == "cannot enrol pod; will retry").collect();
+    assert!(failed.is_empty(), "{failed:?}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(delivery_routing(&bed, "shop/app"), (true, true), "routing kept across re-enrolment");
 

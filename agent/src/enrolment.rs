@@ -76,6 +76,11 @@ impl Enrolments {
         self.active.len()
     }
 
+    /// Pods that should be enrolled but are not (their last attempt failed).
+    pub fn not_enrolled(&self) -> usize {
+        self.failed.len()
+    }
+
     /// The pods captured now, for the admin endpoint.
     pub fn enrolled_pods(&self) -> Vec<crate::admin::EnrolledPod> {
         self.active

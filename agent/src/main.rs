@@ -210,6 +210,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut config = ConfigDir::new(&config_dir);
     let (snapshot, errors) = config.reload();
     config::log_errors(&errors);
+    metrics.config_errors.set(errors.len() as i64);
     let mut policy_warnings = HashSet::new();
     warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
     let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(State::new(snapshot, &args.trust_domain)));
@@ -237,6 +238,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         let state = state_rx.borrow().clone();
         enrolments.reconcile(&state).await;
         enrolled_tx.send_replace(enrolments.enrolled_pods());
+        metrics.pods_not_enrolled.set(enrolments.not_enrolled() as i64);
         for (kind, count) in state.sizes() {
             metrics.state_objects.get_or_create(&Metrics::name(kind)).set(count as i64);
         }
@@ -265,6 +267,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 }
                 let (snapshot, errors) = config.reload();
                 config::log_errors(&errors);
+                metrics.config_errors.set(errors.len() as i64);
                 warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
                 state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
                 apply(&mut enrolments).await;

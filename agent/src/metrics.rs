@@ -96,6 +96,10 @@ pub struct Metrics {
     /// Objects in the state store, by kind.
     pub state_objects: Family<NameLabels, Gauge>,
     pub enrolled_pods: Gauge,
+    /// Pods this agent should capture but cannot (each retried).
+    pub pods_not_enrolled: Gauge,
+    /// Configuration errors in force (each file keeps its last good objects).
+    pub config_errors: Gauge,
 }
 
 impl Default for Metrics {
@@ -125,6 +129,8 @@ impl Metrics {
             capture_events: Family::default(),
             state_objects: Family::default(),
             enrolled_pods: Gauge::default(),
+            pods_not_enrolled: Gauge::default(),
+            config_errors: Gauge::default(),
         };
         {
             let mut r = metrics.registry.lock().expect("registry lock");
@@ -172,6 +178,16 @@ impl Metrics {
             r.register("capture_events", "Events counted by the kernel programs", metrics.capture_events.clone());
             r.register("state_objects", "Objects in the agent's state store", metrics.state_objects.clone());
             r.register("enrolled_pods", "Pods this agent captures", metrics.enrolled_pods.clone());
+            r.register(
+                "pods_not_enrolled",
+                "Pods this agent should capture but cannot; the log's `cannot enrol pod` says why",
+                metrics.pods_not_enrolled.clone(),
+            );
+            r.register(
+                "config_errors",
+                "Configuration errors in force; each failing file's last good version stands in for it",
+                metrics.config_errors.clone(),
+            );
         }
         metrics
     }

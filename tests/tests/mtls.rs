@@ -257,19 +257,13 @@ fn untrusted_expired_and_misused_client_certificates_are_rejected() {
     assert_eq!(counter(&counters, "mtls_rejected"), 3, "{counters:?}");
 }
 
-#[test]
-fn a_server_with_an_unexpected_identity_is_rejected() {
-    let Some(mut bed) = bed() else { return };
-    bed.add_pod("n1", "shop", "client").unwrap();
-    // shop/fake is ambient and runs as shop/fake, but node n2 has no agent:
-    // an impostor answers on its HBONE port with a genuine certificate of
-    // another identity.
-    let fake = bed.add_pod("n2", "shop", "fake").unwrap();
-    let mut n1 = agent(&bed, "n1");
-    wait_certificate(&n1, &spiffe("shop", "client"), 0);
-    let (cert, key) = Minter::mesh_root(&bed).valid("impostor", &spiffe("shop", "impostor"));
-    let mut s_server = bed
-        .pod("shop/fake")
+/// `openssl s_server` on `pod`'s port 15008 with a genuine certificate of
+/// `identity` (ALPN h2), which completes TLS and then never says a word.
+fn silent_tls_server(bed: &Bed, pod: &str, identity: &str) -> std::process::Child {
+    let name = identity.rsplit('/').next().unwrap();
+    let (cert, key) = Minter::mesh_root(bed).valid(name, identity);
+    let s_server = bed
+        .pod(pod)
         .command("openssl")
         .args(["s_server", "-quiet", "-alpn", "h2", "-accept", "15008", "-cert"])
         .arg(&cert)
@@ -280,7 +274,21 @@ fn a_server_with_an_unexpected_identity_is_rejected() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    bed.wait_listening("shop/fake", 15008).unwrap();
+    bed.wait_listening(pod, 15008).unwrap();
+    s_server
+}
+
+#[test]
+fn a_server_with_an_unexpected_identity_is_rejected() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "client").unwrap();
+    // shop/fake is ambient and runs as shop/fake, but node n2 has no agent:
+    // an impostor answers on its HBONE port with a genuine certificate of
+    // another identity.
+    let fake = bed.add_pod("n2", "shop", "fake").unwrap();
+    let mut n1 = agent(&bed, "n1");
+    wait_certificate(&n1, &spiffe("shop", "client"), 0);
+    let mut s_server = silent_tls_server(&bed, "shop/fake", &spiffe("shop", "impostor"));
 
     let failed = curl(&bed, "shop/client", &format!("http://{}:{HTTP_PORT}/", fake.ip));
     let _ = s_server.kill();
@@ -357,20 +365,7 @@ fn peers_that_accept_and_then_say_nothing_are_given_up_on_in_bounded_time() {
         Ok(bed.run_ok("shop/fake", "ss", &["-Hltn", "sport = :15008"])?.trim().is_empty())
     })
     .unwrap();
-    let (cert, key) = Minter::mesh_root(&bed).valid("fake", &spiffe("shop", "fake"));
-    let mut s_server = bed
-        .pod("shop/fake")
-        .command("openssl")
-        .args(["s_server", "-quiet", "-alpn", "h2", "-accept", "15008", "-cert"])
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    bed.wait_listening("shop/fake", 15008).unwrap();
+    let mut s_server = silent_tls_server(&bed, "shop/fake", &spiffe("shop", "fake"));
     let unanswered = seconds_to_fail(&bed, "shop/client", &url);
     let records = n1.wait_connections(2, |c| c.dst_workload == "shop/fake").unwrap();
     let error = records[1].error.clone().unwrap_or_default();

@@ -220,6 +220,14 @@ mod tests {
         })
     }
 
+    /// A manager in front of `ca`, with shop/cart acquired by one pod.
+    fn started(ca: Arc<FlakyCa>) -> (Arc<FlakyCa>, CertManager, Identity, watch::Receiver<Option<Arc<Svid>>>) {
+        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
+        let id = Identity::new("cluster.local", "shop", "cart");
+        let rx = manager.acquire(&id, "shop/cart-1");
+        (ca, manager, id, rx)
+    }
+
     async fn next_serial(rx: &mut watch::Receiver<Option<Arc<Svid>>>) -> String {
         tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.unwrap().unwrap();
         rx.borrow().as_ref().unwrap().serial.clone()
@@ -227,10 +235,7 @@ mod tests {
 
     #[tokio::test]
     async fn fetches_ahead_and_renews_at_half_life() {
-        let ca = flaky(Duration::from_secs(4));
-        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
-        let id = Identity::new("cluster.local", "shop", "cart");
-        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let (_ca, _manager, _, mut rx) = started(flaky(Duration::from_secs(4)));
         let first_serial = next_serial(&mut rx).await;
         let first = rx.borrow().clone().unwrap();
         let second_serial = next_serial(&mut rx).await;
@@ -243,10 +248,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_entry_per_identity_dropped_with_its_last_user() {
-        let ca = flaky(Duration::from_secs(60));
-        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
-        let id = Identity::new("cluster.local", "shop", "cart");
-        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let (ca, manager, id, mut rx) = started(flaky(Duration::from_secs(60)));
         let _ = manager.acquire(&id, "shop/cart-2");
         next_serial(&mut rx).await;
         assert_eq!(manager.held().len(), 1);
@@ -261,10 +263,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pod_enrolled_again_keeps_its_certificate_while_the_ca_is_down() {
-        let ca = flaky(Duration::from_secs(60));
-        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
-        let id = Identity::new("cluster.local", "shop", "cart");
-        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let (ca, manager, id, mut rx) = started(flaky(Duration::from_secs(60)));
         let serial = next_serial(&mut rx).await;
         ca.up.store(false, Ordering::SeqCst);
         // A new IP or netns: unenrolled, then enrolled in the same pass.
@@ -277,10 +276,7 @@ mod tests {
     #[tokio::test]
     async fn certificates_outside_this_nodes_clock_do_not_replace_one_or_loop() {
         // The CA's clock 120 s ahead: its certificates are not valid yet here.
-        let ca = flaky(Duration::from_secs(2));
-        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
-        let id = Identity::new("cluster.local", "shop", "cart");
-        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let (ca, _manager, _, mut rx) = started(flaky(Duration::from_secs(2)));
         let serial = next_serial(&mut rx).await;
         ca.skew_secs.store(120, Ordering::SeqCst);
         let calls_before = ca.calls.load(Ordering::SeqCst);
@@ -291,10 +287,9 @@ mod tests {
 
         // The CA's clock 40 s behind, 60 s certificates: valid here, but
         // past half their life already. Used, and asked again with backoff.
-        let ca = flaky(Duration::from_secs(60));
-        ca.skew_secs.store(-40, Ordering::SeqCst);
-        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
-        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let behind = flaky(Duration::from_secs(60));
+        behind.skew_secs.store(-40, Ordering::SeqCst);
+        let (ca, _manager, _, mut rx) = started(behind);
         next_serial(&mut rx).await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let calls = ca.calls.load(Ordering::SeqCst);
@@ -304,10 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_the_valid_certificate_while_the_ca_is_down_and_backs_off() {
-        let ca = flaky(Duration::from_secs(2));
-        let manager = CertManager::new(ca.clone(), Arc::new(Metrics::new()));
-        let id = Identity::new("cluster.local", "shop", "cart");
-        let mut rx = manager.acquire(&id, "shop/cart-1");
+        let (ca, _manager, _, mut rx) = started(flaky(Duration::from_secs(2)));
         let serial = next_serial(&mut rx).await;
         ca.up.store(false, Ordering::SeqCst);
         let calls_before = ca.calls.load(Ordering::SeqCst);

@@ -638,12 +638,24 @@ pub fn log_errors(errors: &[ConfigError]) {
 /// The configuration directory and the last good objects of each file in it.
 pub struct ConfigDir {
     dir: PathBuf,
+    /// Where the text of each file's last good version is kept, if anywhere
+    /// ([`ConfigDir::keeping_last_good_in`]).
+    kept: Option<PathBuf>,
     last_good: BTreeMap<PathBuf, Vec<Object>>,
 }
 
 impl ConfigDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), last_good: BTreeMap::new() }
+        Self { dir: dir.into(), kept: None, last_good: BTreeMap::new() }
+    }
+
+    /// Keeps the text of each file's last good version in `kept`, and falls
+    /// back to it for a file that fails to parse when this process has no
+    /// good version of its own (after a restart): a broken file's last good
+    /// version stands across restarts too, not only across edits.
+    pub fn keeping_last_good_in(mut self, kept: PathBuf) -> Self {
+        self.kept = Some(kept);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -663,18 +675,65 @@ impl ConfigDir {
             }
         };
         self.last_good.retain(|path, _| files.contains(path));
+        self.forget_kept(&files);
         for file in files {
-            let parsed = std::fs::read_to_string(&file)
-                .map_err(|e| vec![ConfigError::Read { file: file.clone(), reason: e.to_string() }])
-                .and_then(|text| parse_file(&file, &text));
-            match parsed {
-                Ok(objects) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| vec![ConfigError::Read { file: file.clone(), reason: e.to_string() }]);
+            match text.and_then(|text| parse_file(&file, &text).map(|objects| (text, objects))) {
+                Ok((text, objects)) => {
+                    self.keep(&file, &text);
                     self.last_good.insert(file, objects);
                 }
-                Err(file_errors) => errors.extend(file_errors),
+                Err(file_errors) => {
+                    errors.extend(file_errors);
+                    if !self.last_good.contains_key(&file)
+                        && let Some(objects) = self.kept_version(&file)
+                    {
+                        self.last_good.insert(file, objects);
+                    }
+                }
             }
         }
         (self.snapshot(&mut errors), errors)
+    }
+
+    fn kept_path(&self, file: &Path) -> Option<PathBuf> {
+        Some(self.kept.as_ref()?.join(file.file_name()?))
+    }
+
+    /// Saves `text` as the last good version of `file` (write, then rename,
+    /// so a crash leaves the previous version whole).
+    fn keep(&self, file: &Path, text: &str) {
+        let Some(path) = self.kept_path(file) else { return };
+        if std::fs::read_to_string(&path).is_ok_and(|kept| kept == text) {
+            return;
+        }
+        let temporary = path.with_extension("partial");
+        let saved = std::fs::create_dir_all(path.parent().expect("a file in a directory"))
+            .and_then(|()| std::fs::write(&temporary, text))
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        if let Err(error) = saved {
+            tracing::warn!(file = %file.display(), kept = %path.display(), %error, "cannot keep this file's last good version; it will not outlive a restart");
+        }
+    }
+
+    /// The objects of `file`'s kept last good version, if there is one.
+    fn kept_version(&self, file: &Path) -> Option<Vec<Object>> {
+        let path = self.kept_path(file)?;
+        let objects = parse_file(file, &std::fs::read_to_string(&path).ok()?).ok()?;
+        tracing::warn!(file = %file.display(), kept = %path.display(), "using the last good version of this file, kept from before a restart");
+        Some(objects)
+    }
+
+    /// Deletes the kept versions of files that are gone from the directory.
+    fn forget_kept(&self, files: &[PathBuf]) {
+        let Some(entries) = self.kept.as_ref().and_then(|kept| std::fs::read_dir(kept).ok()) else { return };
+        let names: Vec<_> = files.iter().filter_map(|f| f.file_name()).collect();
+        for entry in entries.flatten() {
+            if !names.contains(&entry.file_name().as_os_str()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn snapshot(&self, errors: &mut Vec<ConfigError>) -> Snapshot {
@@ -936,6 +995,27 @@ status:
         let (empty, errors) = config.reload();
         assert!(errors.is_empty());
         assert!(empty.pods.is_empty(), "a deleted file takes its objects with it");
+    }
+
+    #[test]
+    fn the_last_good_version_outlives_a_restart_when_kept() {
+        let (dir, kept) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let file = dir.path().join("pods.yaml");
+        std::fs::write(&file, GOOD).unwrap();
+        let (good, _) = ConfigDir::new(dir.path()).keeping_last_good_in(kept.path().into()).reload();
+        std::fs::write(&file, GOOD.replace("10.244.1.2", "not-an-ip")).unwrap();
+
+        // A restart: a new ConfigDir, the broken file on disk.
+        let (restarted, errors) = ConfigDir::new(dir.path()).keeping_last_good_in(kept.path().into()).reload();
+        assert_eq!(errors.len(), 1, "the broken file is still reported");
+        assert_eq!(restarted, good, "its kept last good version stands");
+        let (without, _) = ConfigDir::new(dir.path()).reload();
+        assert!(without.pods.is_empty(), "nothing kept, nothing to stand in");
+
+        std::fs::remove_file(&file).unwrap();
+        let (gone, _) = ConfigDir::new(dir.path()).keeping_last_good_in(kept.path().into()).reload();
+        assert!(gone.pods.is_empty());
+        assert_eq!(std::fs::read_dir(kept.path()).unwrap().count(), 0, "a deleted file's kept version goes too");
     }
 
     #[test]

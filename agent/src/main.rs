@@ -47,6 +47,11 @@ struct AgentArgs {
     /// Directory of standalone YAML objects (Namespace, Pod), watched for changes.
     #[arg(long, env = "AMBIT_CONFIG_DIR", required = true)]
     config_dir: Option<PathBuf>,
+    /// Where the agent keeps what must outlive a restart: the last good
+    /// version of each configuration file (in `config/`), which stands in
+    /// for a file that is broken when the agent starts.
+    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit")]
+    state_dir: PathBuf,
     /// cgroup v2 directory to attach the capture programs to: the cgroup
     /// root, or the directory that holds the pods' cgroups.
     #[arg(long, env = "AMBIT_CGROUP", required = true)]
@@ -207,7 +212,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
     let metrics = Arc::new(Metrics::new());
 
-    let mut config = ConfigDir::new(&config_dir);
+    let mut config = ConfigDir::new(&config_dir).keeping_last_good_in(args.state_dir.join("config"));
     let (snapshot, errors) = config.reload();
     config::log_errors(&errors);
     metrics.config_errors.set(errors.len() as i64);

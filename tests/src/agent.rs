@@ -99,6 +99,9 @@ impl Agent {
         let log = dir.join(format!("agent-{}-{}.log", node.name, LOG_COUNTER.fetch_add(1, Ordering::SeqCst)));
         cmd.args(["--node", &node.name, "--log-format", "json", "--config-dir"])
             .arg(config)
+            // Per node and run: agents of one node, one after the other, share it.
+            .arg("--state-dir")
+            .arg(dir.join(format!("state-{}", node.name)))
             .arg("--cgroup")
             .arg(attach)
             .args(["--ca-addr", &ca.addr, "--ca-root"])

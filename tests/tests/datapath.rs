@@ -345,9 +345,17 @@ fn agent_restart_resumes_capture_without_leftovers_or_duplicates() {
     })
     .unwrap();
     assert!(cgroup_attachments(&cgroup).is_empty());
+    // While no agent runs, the file that makes shop ambient breaks: its last
+    // good version, kept in the node's state directory, stands in.
+    bed.write_config(
+        "namespace-shop.yaml",
+        "kind: Namespace\nmetadata:\n  name: shop\n  labels:\n    ambit.dev/dataplane-mode: ambiant\n",
+    )
+    .unwrap();
 
     let mut second = agent(&bed, "n1");
     second.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
+    assert_eq!(config_errors(&bed), "1", "the broken file is reported");
     curl(&bed, "shop/app", &url).unwrap();
     second.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
     let after = objects_of(second.pid());

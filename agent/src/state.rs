@@ -103,9 +103,7 @@ impl State {
     pub fn destination(&self, dst: SocketAddr) -> Destination {
         // A service address with an undeclared port matches no pod either: External.
         if let Some((svc, endpoints)) = self.service_endpoints(dst) {
-            let waypoint =
-                self.snapshot.waypoint_for(&svc.namespace, svc.use_waypoint.as_deref(), WaypointFor::Service);
-            return match waypoint {
+            return match self.service_waypoint(svc) {
                 Some(waypoint) => Destination::Waypoint {
                     service: Some(svc.id()),
                     endpoints: self.waypoint_endpoints(&waypoint, dst.is_ipv4()),
@@ -114,19 +112,32 @@ impl State {
                 None => Destination::Service { service: svc.id(), endpoints },
             };
         }
-        match self.workload_by_ip.get(&dst.ip()).and_then(|id| self.snapshot.pods.get(id)) {
-            Some(pod) if !pod.labels.contains_key(GATEWAY_NAME_LABEL) => {
-                match self.snapshot.waypoint_for(&pod.namespace, pod.use_waypoint.as_deref(), WaypointFor::Workload) {
-                    Some(waypoint) => {
-                        let endpoints = self.waypoint_endpoints(&waypoint, dst.is_ipv4());
-                        Destination::Waypoint { service: None, waypoint, endpoints }
-                    }
-                    None => Destination::Workload(self.endpoint(pod, dst)),
-                }
+        let Some(pod) = self.pod_at(dst.ip()) else { return Destination::External };
+        match self.pod_waypoint(pod) {
+            Some(waypoint) => {
+                let endpoints = self.waypoint_endpoints(&waypoint, dst.is_ipv4());
+                Destination::Waypoint { service: None, waypoint, endpoints }
             }
-            Some(pod) => Destination::Workload(self.endpoint(pod, dst)),
-            None => Destination::External,
+            None => Destination::Workload(self.endpoint(pod, dst)),
         }
+    }
+
+    fn pod_at(&self, ip: IpAddr) -> Option<&Pod> {
+        self.snapshot.pods.get(self.workload_by_ip.get(&ip)?)
+    }
+
+    /// The waypoint a service's traffic takes, if any.
+    fn service_waypoint(&self, svc: &Service) -> Option<String> {
+        self.snapshot.waypoint_for(&svc.namespace, svc.use_waypoint.as_deref(), WaypointFor::Service)
+    }
+
+    /// The waypoint traffic addressed to a pod takes, if any; never for a
+    /// waypoint's own pods.
+    fn pod_waypoint(&self, pod: &Pod) -> Option<String> {
+        if pod.labels.contains_key(GATEWAY_NAME_LABEL) {
+            return None;
+        }
+        self.snapshot.waypoint_for(&pod.namespace, pod.use_waypoint.as_deref(), WaypointFor::Workload)
     }
 
     /// The service at `dst` and its endpoints on the target port, whatever
@@ -150,15 +161,13 @@ impl State {
     /// what sources must send through it, so that its L7 policy cannot be
     /// skipped by naming a pod, or another service, in the CONNECT.
     pub fn waypoint_target(&self, gateway: &str, addr: SocketAddr) -> Option<(Option<String>, Vec<Endpoint>)> {
-        match self.destination(addr) {
-            Destination::Waypoint { waypoint, .. } if waypoint == gateway => {}
-            _ => return None,
-        }
         if let Some((service, endpoints)) = self.service_endpoints(addr) {
-            return Some((Some(service.id()), endpoints));
+            let through_it = self.service_waypoint(service).is_some_and(|w| w == gateway);
+            return through_it.then(|| (Some(service.id()), endpoints));
         }
-        let pod = self.snapshot.pods.get(self.workload_by_ip.get(&addr.ip())?)?;
-        Some((None, vec![self.endpoint(pod, addr)]))
+        let pod = self.pod_at(addr.ip())?;
+        let through_it = self.pod_waypoint(pod).is_some_and(|w| w == gateway);
+        through_it.then(|| (None, vec![self.endpoint(pod, addr)]))
     }
 
     /// The HBONE addresses of a waypoint's pods, with the identity each must prove.
@@ -195,8 +204,7 @@ impl State {
     /// The identity of whichever pod owns `ip`, ambient or not: a peer
     /// presenting an SVID from that address must hold that identity.
     pub fn identity_at(&self, ip: IpAddr) -> Option<Identity> {
-        let pod = self.snapshot.pods.get(self.workload_by_ip.get(&ip)?)?;
-        Some(self.identity_of(pod))
+        Some(self.identity_of(self.pod_at(ip)?))
     }
 
     /// The source of an HBONE stream from `peer`, which proved `peer_id`:

@@ -134,8 +134,7 @@ async fn refresh(
                         retry_in_ms = backoff.as_millis() as u64,
                         "certificate issued past its renewal time; is the CA's clock behind this node's?"
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    back_off(&mut backoff).await;
                 }
             }
             Err(error) => {
@@ -157,11 +156,16 @@ async fn refresh(
                         "no valid certificate; connections for this identity fail until one is issued"
                     ),
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                back_off(&mut backoff).await;
             }
         }
     }
+}
+
+/// Waits `backoff`, then doubles it (up to [`MAX_BACKOFF`]) for next time.
+async fn back_off(backoff: &mut Duration) {
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
 }
 
 async fn sleep_until(at: SystemTime) {

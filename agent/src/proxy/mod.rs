@@ -398,19 +398,18 @@ impl ConnectionLog {
     }
 
     /// The connection reached its destination: count it as opened now.
-    fn opened(&mut self) -> ConnectionLabels {
-        if let Some(labels) = &self.opened {
-            return labels.clone();
+    fn opened(&mut self) -> &ConnectionLabels {
+        if self.opened.is_none() {
+            let labels = self.labels();
+            self.metrics.connections_opened.get_or_create(&labels).inc();
+            self.opened = Some(labels);
         }
-        let labels = self.labels();
-        self.metrics.connections_opened.get_or_create(&labels).inc();
-        self.opened = Some(labels.clone());
-        labels
+        self.opened.as_ref().expect("set just above")
     }
 
     /// `sent`: bytes from the source to the destination; `received`: back.
     fn finish(&mut self, sent: u64, received: u64, error: Option<&dyn std::fmt::Display>) {
-        let labels = self.opened();
+        let labels = self.opened().clone();
         self.metrics.connections_closed.get_or_create(&labels).inc();
         self.metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
         self.metrics.received_bytes.get_or_create(&labels).inc_by(received);

@@ -3,8 +3,8 @@
 fn main() -> anyhow::Result<()> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let ebpf_dir = root.join("ebpf");
-    // aya-build watches the ebpf crate; the shared types live in common/.
-    println!("cargo:rerun-if-changed={}", root.join("common/src").display());
+    // aya-build watches the ebpf crate; the shared map types live in common/abi.
+    println!("cargo:rerun-if-changed={}", root.join("common/abi/src").display());
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "ambit-ebpf",

@@ -20,7 +20,10 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{capture::CaptureCounters, identity::ca::pem, metrics::Metrics, proxy::ProxyContext};
+use ambit_identity::ca::pem;
+use ambit_runtime::{listener::accept_next, metrics::Metrics};
+
+use crate::{capture::CaptureCounters, proxy::ProxyContext};
 
 /// A pod the agent captures, as the admin endpoint shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -41,7 +44,7 @@ pub struct Admin {
 impl Admin {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let (tcp, _) = crate::proxy::accept_next(&listener, "admin").await;
+            let (tcp, _) = accept_next(&listener, "admin").await;
             let admin = self.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request| {

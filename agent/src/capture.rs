@@ -13,7 +13,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use ambit_common::{ConnKey, Counter, DeliveryKey, EnrolledPod, IpKey, SockAddrKey, names};
+use ambit_abi::{ConnKey, Counter, DeliveryKey, EnrolledPod, IpKey, SockAddrKey, names};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},

@@ -14,22 +14,20 @@ use std::{
     sync::Arc,
 };
 
-use ambit_common::{EnrolledPod, IpKey};
+use ambit_abi::{EnrolledPod, IpKey};
 use anyhow::Context as _;
 use aya::programs::sk_lookup::SkLookupLinkId;
 use tokio::task::JoinHandle;
 
+use ambit_hbone::HBONE_PORT;
+use ambit_identity::Identity;
+use ambit_model::{NETNS_ANNOTATION, Pod};
+use ambit_state::State;
+
 use crate::{
     capture::Capture,
-    config::{NETNS_ANNOTATION, Pod},
-    identity::Identity,
     netns::{Netns, netns_cookie},
-    proxy::{
-        self, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext,
-        hbone::{self, HBONE_PORT},
-        inbound, outbound,
-    },
-    state::State,
+    proxy::{self, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, hbone, inbound, outbound},
 };
 
 /// The parts of a pod that, when changed, need a fresh enrolment.

@@ -1,18 +1,14 @@
-//! The ambit node agent: eBPF capture, per-pod proxies, identity and mTLS.
+//! The ambit node agent: what only a node agent does. It loads and attaches
+//! the kernel programs, enters pods' network namespaces, enrols the node's
+//! ambient pods, runs their proxies and serves the admin endpoint. The mesh
+//! logic it shares with the waypoint and the CLI lives in `common/`.
 //! `main.rs` is the command line; docs/ARCHITECTURE.md walks the modules.
 #![deny(unsafe_code)]
 
 pub mod admin;
-pub mod authz;
+pub mod ca;
 pub mod capture;
-pub mod config;
 pub mod enrolment;
-pub mod identity;
-pub mod logging;
-pub mod metrics;
 pub mod netns;
 pub mod probe;
 pub mod proxy;
-pub mod state;
-pub mod tls;
-pub mod watch;

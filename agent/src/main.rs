@@ -8,17 +8,23 @@ use std::{collections::HashSet, net::SocketAddr, path::PathBuf, process::ExitCod
 
 use ambit_agent::{
     admin::Admin,
+    ca::DirectoryPlacement,
     capture::Capture,
-    config::{self, ConfigDir},
     enrolment::Enrolments,
-    identity::{ca::CertificateAuthority, ca_client::CaClient, ca_server::CaServer, manager::CertManager},
+    netns, probe,
+    proxy::{ProxyContext, workers::Workers},
+};
+use ambit_config::{ConfigDir, Update, log_errors, watch_dir};
+use ambit_hbone::HbonePool;
+use ambit_identity::{
+    ca::CertificateAuthority, ca_client::CaClient, ca_server::CaServer, manager::CertManager, tls::load_bundle,
+};
+use ambit_model::Snapshot;
+use ambit_runtime::{
     logging::{self, LogFormat},
     metrics::Metrics,
-    netns, probe,
-    proxy::{ProxyContext, hbone::HbonePool, workers::Workers},
-    state::State,
-    watch,
 };
+use ambit_state::State;
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
@@ -147,7 +153,7 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
-            let server = Arc::new(CaServer::new(ca, config_dir, leaf_ttl));
+            let server = Arc::new(CaServer::new(ca, Box::new(DirectoryPlacement::new(config_dir)), leaf_ttl));
             tokio::select! {
                 result = server.serve(listener) => result,
                 _ = shutdown_signal() => Ok(()),
@@ -200,7 +206,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             config_dir.display()
         );
     }
-    let bundle = ambit_agent::tls::load_bundle(&ca_root, &args.trust_domain)?;
+    let bundle = load_bundle(&ca_root, &args.trust_domain)?;
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("--node-token-file {}: cannot read it", token_file.display()))?;
     let provider = CaClient::new(ca_addr, node.clone(), token.trim().to_string(), &bundle)?;
@@ -212,9 +218,12 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
     let metrics = Arc::new(Metrics::new());
 
-    let mut config = ConfigDir::new(&config_dir).keeping_last_good_in(args.state_dir.join("config"));
-    let (snapshot, errors) = config.reload();
-    config::log_errors(&errors);
+    let config = ConfigDir::new(&config_dir).keeping_last_good_in(args.state_dir.join("config"));
+    let mut updates = watch_dir(config).with_context(|| format!("watch {}", config_dir.display()))?;
+    let Some(Update { snapshot, errors }) = updates.next().await else {
+        bail!("--config-dir {}: the configuration source stopped before its first read", config_dir.display());
+    };
+    log_errors(&errors);
     metrics.config_errors.set(errors.len() as i64);
     let mut policy_warnings = HashSet::new();
     warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
@@ -257,8 +266,6 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     });
     tokio::spawn(admin.serve(admin_listener));
 
-    let (_watcher, mut changes) =
-        watch::watch_dir(config.path()).with_context(|| format!("watch {}", config.path().display()))?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
@@ -266,12 +273,11 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
     loop {
         tokio::select! {
-            change = changes.recv() => {
-                if change.is_none() || !watch::settle(&mut changes).await {
+            update = updates.next() => {
+                let Some(Update { snapshot, errors }) = update else {
                     bail!("the configuration watcher stopped");
-                }
-                let (snapshot, errors) = config.reload();
-                config::log_errors(&errors);
+                };
+                log_errors(&errors);
                 metrics.config_errors.set(errors.len() as i64);
                 warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
                 state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
@@ -297,9 +303,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
 /// Logs what `ambit policy lint` would warn about, once per finding for as
 /// long as it stays true (e.g. an L7 field that the tunnel cannot enforce).
-fn warn_policies(snapshot: &config::Snapshot, trust_domain: &str, warned: &mut HashSet<String>) {
+fn warn_policies(snapshot: &Snapshot, trust_domain: &str, warned: &mut HashSet<String>) {
     let findings: HashSet<String> =
-        ambit_agent::authz::lint::lint(snapshot, trust_domain).into_iter().map(|f| f.message).collect();
+        ambit_authz::lint::lint(snapshot, trust_domain).into_iter().map(|f| f.message).collect();
     for finding in findings.difference(warned) {
         tracing::warn!(warning = %finding, "authorization policy");
     }

@@ -18,7 +18,7 @@ use std::{
     },
 };
 
-use ambit_common::{AGENT_SOCKET_MARK, DELIVERY_SOCKET_MARK};
+use ambit_abi::{AGENT_SOCKET_MARK, DELIVERY_SOCKET_MARK};
 use nix::sched::{CloneFlags, setns};
 use rtnetlink::{
     RouteMessageBuilder, RuleAddRequest,

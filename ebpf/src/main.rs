@@ -13,7 +13,7 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
-use ambit_common::{
+use ambit_abi::{
     ConnKey, Counter, DeliveryKey, EnrolledPod, HBONE_PORT, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst, SockAddrKey,
     is_agent_mark,
 };
@@ -59,7 +59,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // Per-CPU slot: no other CPU writes it.
+        // SAFETY: the map returned a valid pointer to this CPU's slot, and
+        // no other CPU writes it.
         unsafe { *slot += 1 };
     }
 }
@@ -68,8 +69,10 @@ fn count(counter: Counter) {
 pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // connect4 may read only the IPv4 fields, connect6 only the IPv6 ones.
+    // SAFETY: `sa` is the kernel's bpf_sock_addr for this call.
     let ip = IpKey::from_ipv4_be(unsafe { read_volatile(&raw const (*sa).user_ip4) });
     if let Some(listener_port) = capture_connect(&ctx, ip, false) {
+        // SAFETY: connect4 may write user_ip4 and user_port of its context.
         unsafe {
             write_volatile(&raw mut (*sa).user_ip4, u32::from_ne_bytes([127, 0, 0, 1]));
             write_volatile(&raw mut (*sa).user_port, u32::from(listener_port.to_be()));
@@ -82,6 +85,7 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: `sa` is the kernel's bpf_sock_addr for this call.
     let ip = IpKey::from_ipv6_be(unsafe { read_ip6(&raw const (*sa).user_ip6) });
     if let Some(listener_port) = capture_connect(&ctx, ip, true) {
         // An IPv4-mapped destination goes to the IPv4 listener, reachable
@@ -91,6 +95,7 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
         } else {
             [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]
         };
+        // SAFETY: connect6 may write user_ip6 (as four words) and user_port.
         unsafe {
             let words = (&raw mut (*sa).user_ip6).cast::<u32>();
             write_volatile(words, loopback[0]);
@@ -112,6 +117,7 @@ fn capture_connect(ctx: &SockAddrContext, ip: IpKey, v6_socket: bool) -> Option<
     // Read context fields up front with volatile loads: the verifier rejects
     // context loads through a pointer the compiler has offset and carried
     // across branches.
+    // SAFETY: `sa` is the kernel's bpf_sock_addr; these fields are readable.
     let (protocol, user_port, sk) = unsafe {
         (
             read_volatile(&raw const (*sa).protocol),
@@ -122,10 +128,13 @@ fn capture_connect(ctx: &SockAddrContext, ip: IpKey, v6_socket: bool) -> Option<
     if protocol != IPPROTO_TCP || ip.is_loopback() {
         return None;
     }
+    // SAFETY: a helper call with this program's own context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before anything can delete the entry.
     let pod = unsafe { ENROLLED.get(&netns_cookie) }?;
     // The agent's own sockets inside the pod carry its mark: never capture
     // them, or the agent's forwarded connection would loop back to itself.
+    // SAFETY: `sk` is checked for null first; the kernel owns the socket.
     if sk.is_null() || is_agent_mark(unsafe { read_volatile(&raw const (*sk).mark) }) {
         return None;
     }
@@ -135,6 +144,7 @@ fn capture_connect(ctx: &SockAddrContext, ip: IpKey, v6_socket: bool) -> Option<
         count(Counter::Connect6NoListener);
         return None;
     }
+    // SAFETY: a helper call with this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let orig = OrigDst { netns_cookie, dst: SockAddrKey { ip, port: u16::from_be(user_port as u16) }, _pad: [0; 6] };
     if ORIG_DST_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
@@ -154,7 +164,9 @@ pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn rekey_orig_dst(ctx: &SockOpsContext) {
+    // SAFETY: a helper call with this program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out (`*orig`) before the entry is removed.
     let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }) else {
         return;
     };
@@ -163,6 +175,7 @@ fn rekey_orig_dst(ctx: &SockOpsContext) {
     // rejects context loads through a pointer that the compiler has offset
     // and carried across branches.
     let ops = ctx.ops;
+    // SAFETY: `ops` is the kernel's bpf_sock_ops; these fields are readable.
     let (family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port) = unsafe {
         (
             read_volatile(&raw const (*ops).family),
@@ -194,9 +207,13 @@ fn rekey_orig_dst(ctx: &SockOpsContext) {
 
 /// Reads an IPv6 address field of a context struct word by word (the
 /// verifier allows only 4-byte loads there).
+///
+/// # Safety
+/// `field` must point to a readable IPv6 field of a context struct.
 #[inline(always)]
 unsafe fn read_ip6(field: *const [u32; 4]) -> [u32; 4] {
     let words = field.cast::<u32>();
+    // SAFETY: the caller's promise covers the four words.
     unsafe {
         [read_volatile(words), read_volatile(words.add(1)), read_volatile(words.add(2)), read_volatile(words.add(3))]
     }
@@ -211,6 +228,7 @@ pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
 #[inline(always)]
 fn steer_inbound(ctx: &SkLookupContext) {
     let l = ctx.lookup;
+    // SAFETY: `l` is the kernel's bpf_sk_lookup; these fields are readable.
     let (family, protocol, local_port, local_ip4, remote_ip4, local_ip6, remote_ip6, remote_port) = unsafe {
         (
             read_volatile(&raw const (*l).family),
@@ -242,6 +260,7 @@ fn steer_inbound(ctx: &SkLookupContext) {
         client: SockAddrKey { ip: remote, port: u16::from_be(remote_port) },
         app: SockAddrKey { ip: local, port: local_port as u16 },
     };
+    // SAFETY: only whether the entry exists is read.
     if unsafe { DELIVERIES.get(&delivery) }.is_some() {
         return;
     }

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use ambit_agent::authz::jwt::FetchedKeys;
+use ambit_authz::jwt::FetchedKeys;
 use anyhow::Context as _;
 use bytes::Bytes;
 use http::{StatusCode, Uri};
@@ -74,7 +74,7 @@ impl JwksStore {
                 roots.add(cert).with_context(|| format!("--jwks-ca {}: unusable certificate", path.display()))?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(ambit_agent::tls::provider())
+        let tls = rustls::ClientConfig::builder_with_provider(ambit_identity::tls::provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();

@@ -27,23 +27,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_agent::{
-    authz::{
-        Connection, Peer, Scope,
-        jwt::{JwtRule, JwtVerifier},
-        request::{Request as PolicyRequest, normalize_path},
-    },
-    config::{ConfigDir, GATEWAY_NAME_LABEL, Gateway, Snapshot},
-    identity::{Identity, ca_client::CaClient, manager::CertManager},
+use ambit_authz::{
+    Connection, Peer,
+    jwt::JwtVerifier,
+    request::{Request as PolicyRequest, normalize_path},
+};
+use ambit_config::{ConfigDir, Update, Updates, log_errors, watch_dir};
+use ambit_hbone::{
+    DEFAULT_POOL_IDLE_TIMEOUT, HBONE_PORT, HbonePool,
+    server::{Accepted, accept},
+};
+use ambit_identity::{Identity, ca_client::CaClient, manager::CertManager, tls};
+use ambit_model::{GATEWAY_NAME_LABEL, Gateway, JwtRule, Scope, Snapshot};
+use ambit_runtime::{
+    listener::accept_next,
     logging::{self, LogFormat},
     metrics::{Metrics, RequestLabels},
-    proxy::{
-        self,
-        hbone::{self, DEFAULT_POOL_IDLE_TIMEOUT, HBONE_PORT, HbonePool},
-    },
-    state::{Endpoint, State},
-    tls, watch,
 };
+use ambit_state::{Endpoint, State};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use clap::Parser;
@@ -129,11 +130,12 @@ struct Waypoint {
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
 }
 
-/// Reads the configuration directory again, logging what failed.
-fn reload(config: &mut ConfigDir) -> Snapshot {
-    let (snapshot, errors) = config.reload();
-    ambit_agent::config::log_errors(&errors);
-    snapshot
+/// The configuration's next snapshot, its errors logged; `None` once the
+/// source has stopped.
+async fn next_snapshot(updates: &mut Updates) -> Option<Snapshot> {
+    let Update { snapshot, errors } = updates.next().await?;
+    log_errors(&errors);
+    Some(snapshot)
 }
 
 fn view(snapshot: Snapshot, trust_domain: &str, gateway: &Gateway) -> View {
@@ -151,8 +153,9 @@ fn view(snapshot: Snapshot, trust_domain: &str, gateway: &Gateway) -> View {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let bundle = tls::load_bundle(&args.ca_root, &args.trust_domain)?;
-    let mut config = ConfigDir::new(&args.config_dir);
-    let snapshot = reload(&mut config);
+    let mut updates = watch_dir(ConfigDir::new(&args.config_dir))
+        .with_context(|| format!("--config-dir {}: cannot watch it", args.config_dir.display()))?;
+    let snapshot = next_snapshot(&mut updates).await.context("the configuration source stopped")?;
     let pod = snapshot
         .pods
         .get(&args.pod)
@@ -179,13 +182,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let first = view(snapshot, &args.trust_domain, &gateway);
     jwks.want(first.jwt.https_uris());
     let (view_tx, view_rx) = state_watch::channel(Arc::new(first));
-    let (_watcher, mut changes) = watch::watch_dir(config.path())?;
     let trust_domain = args.trust_domain.clone();
     let gateway_for_reload = gateway.clone();
     let jwks_for_reload = jwks.clone();
     tokio::spawn(async move {
-        while changes.recv().await.is_some() && watch::settle(&mut changes).await {
-            let next = view(reload(&mut config), &trust_domain, &gateway_for_reload);
+        while let Some(snapshot) = next_snapshot(&mut updates).await {
+            let next = view(snapshot, &trust_domain, &gateway_for_reload);
             jwks_for_reload.want(next.jwt.https_uris());
             view_tx.send_replace(Arc::new(next));
             tracing::info!("configuration applied");
@@ -218,7 +220,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     tracing::info!(gateway = %gateway_id, %listen, identity = %waypoint.identity, "waypoint ready");
     loop {
-        let (tcp, peer) = proxy::accept_next(&listener, "hbone").await;
+        let (tcp, peer) = accept_next(&listener, "hbone").await;
         let _ = tcp.set_nodelay(true);
         tokio::spawn(waypoint.clone().connection(tcp, peer));
     }
@@ -239,8 +241,8 @@ impl Waypoint {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let Some(config) = self.server_tls() else { return };
         let owner = self.dial.view.borrow().state.identity_at(peer.ip());
-        let hbone::Accepted { mut conn, peer_id, .. } =
-            match hbone::accept(tcp, peer, owner, config, &self.dial.bundle.trust_domain, &self.metrics).await {
+        let Accepted { mut conn, peer_id, .. } =
+            match accept(tcp, peer, owner, config, &self.dial.bundle.trust_domain, &self.metrics).await {
                 Ok(accepted) => accepted,
                 Err(reason) => return tracing::warn!(src_addr = %peer, error = %reason, "HBONE connection rejected"),
             };
@@ -392,7 +394,7 @@ impl Waypoint {
 /// `/metrics` for Prometheus; every other path is 404.
 async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let (tcp, _) = proxy::accept_next(&listener, "metrics").await;
+        let (tcp, _) = accept_next(&listener, "metrics").await;
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {

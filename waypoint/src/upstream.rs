@@ -10,11 +10,8 @@ use std::{
     task::{Context, Poll},
 };
 
-use ambit_agent::{
-    identity::Svid,
-    proxy::hbone::{Dialer, HBONE_PORT, HbonePool, HboneTarget, StreamGuard},
-    tls::TrustBundle,
-};
+use ambit_hbone::{Dialer, HBONE_PORT, HbonePool, HboneTarget, StreamGuard};
+use ambit_identity::{Svid, tls::TrustBundle};
 use http::Uri;
 use hyper_util::{
     client::legacy::connect::{Connected, Connection},

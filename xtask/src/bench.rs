@@ -101,7 +101,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         "--bins",
     ]))?;
     // Built here so that compiling it is not part of the measured run.
-    exec(cargo().args(["bench", "--package", "ambit-agent", "--bench", "authz", "--no-run"]))?;
+    exec(cargo().args(["bench", "--package", "ambit-authz", "--bench", "authz", "--no-run"]))?;
     let release = root().join("target/release");
     let tool = release.join("ambit-bench");
     let plan = if quick {
@@ -296,7 +296,7 @@ struct Report<'a> {
     samples: BTreeMap<&'a str, Vec<Sample>>,
     idle_rss_kb: u64,
     peak_rss_kb: u64,
-    /// The output of agent/benches/authz.rs.
+    /// The output of common/authz/benches/authz.rs.
     authorization: Value,
     /// Per round: the L4-only service, then the same through the waypoint.
     http: Vec<[HttpSample; 2]>,
@@ -377,11 +377,11 @@ fn wrk(bed: &Bed, client: &str, target: &str, secs: &str) -> Result<HttpSample> 
     })
 }
 
-/// L4 authorization with 10,000 policies (agent/benches/authz.rs), outside
+/// L4 authorization with 10,000 policies (common/authz/benches/authz.rs), outside
 /// the bed: pure CPU, no network.
 fn policy_benchmark(plan: &Plan) -> Result<Value> {
     let output = cargo()
-        .args(["bench", "--package", "ambit-agent", "--bench", "authz", "--", &plan.decisions.to_string()])
+        .args(["bench", "--package", "ambit-authz", "--bench", "authz", "--", &plan.decisions.to_string()])
         .stderr(Stdio::inherit())
         .output()
         .context("run the authorization benchmark")?;

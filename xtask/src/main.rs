@@ -74,11 +74,12 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-/// Builds the agent (agent/build.rs builds the kernel programs) and the
-/// waypoint next to it, and returns the agent binary's path.
+/// Builds the agent (agent/build.rs builds the kernel programs), and the
+/// waypoint and the `ambit` CLI next to it, and returns the agent binary's
+/// path.
 fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cargo = cargo();
-    cargo.args(["build", "--package", "ambit-agent", "--package", "ambit-waypoint"]);
+    cargo.args(["build", "--package", "ambit-agent", "--package", "ambit-waypoint", "--package", "ambit-cli"]);
     if release {
         cargo.arg("--release");
     }

@@ -17,9 +17,11 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use crate::{authz::Connection, config::MtlsMode};
+use ambit_authz::Connection;
+use ambit_hbone::relay;
+use ambit_model::MtlsMode;
 
-use super::{ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, relay};
+use super::{ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext};
 
 pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let orig_dst = match client.local_addr() {

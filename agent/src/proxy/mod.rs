@@ -7,7 +7,6 @@
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
-pub mod relay;
 pub mod workers;
 
 use std::{
@@ -26,16 +25,24 @@ use tokio::{
     sync::watch,
 };
 
-use ambit_common::DeliveryKey;
+use ambit_abi::DeliveryKey;
+
+use ambit_authz::{Connection, Decision, RuleRef};
+use ambit_hbone::HbonePool;
+use ambit_identity::{
+    Identity, Svid,
+    manager::CertManager,
+    tls::{self, TrustBundle},
+};
+use ambit_runtime::{
+    listener::accept_next,
+    metrics::{ConnectionLabels, DirectionLabels, Metrics},
+};
+use ambit_state::State;
 
 use crate::{
-    authz::{Connection, Decision},
     capture::{DeliveryTable, OrigDstTable},
-    identity::{Identity, Svid, manager::CertManager},
-    metrics::{ConnectionLabels, Metrics},
     netns::{DeliveryRouting, Netns},
-    state::State,
-    tls::{self, TrustBundle},
 };
 
 /// Port of the outbound listener, on 127.0.0.1 and ::1 inside each pod.
@@ -52,7 +59,7 @@ pub struct ProxyContext {
     pub state: watch::Receiver<Arc<State>>,
     pub bundle: TrustBundle,
     pub certs: CertManager,
-    pub pool: hbone::HbonePool,
+    pub pool: HbonePool,
     /// Round-robin position over service endpoints.
     pub next_endpoint: AtomicUsize,
     pub stats: Stats,
@@ -82,7 +89,7 @@ impl ProxyContext {
         let handshakes = self
             .metrics
             .tls_handshakes
-            .get_or_create(&crate::metrics::DirectionLabels { direction: "outbound".into(), result: "ok".into() })
+            .get_or_create(&DirectionLabels { direction: "outbound".into(), result: "ok".into() })
             .get();
         vec![
             ("hbone_handshakes", handshakes),
@@ -120,7 +127,7 @@ impl ProxyContext {
     /// whether it may go on.
     fn authorize(&self, pod: &PodContext, conn: &Connection, log: &mut ConnectionLog) -> bool {
         let Decision { reason, audited, dry_run } = self.state.borrow().authorize(&pod.id, conn);
-        let policy_of = |rule: Option<&crate::authz::RuleRef>| rule.map(|r| r.policy.clone()).unwrap_or("-".into());
+        let policy_of = |rule: Option<&RuleRef>| rule.map(|r| r.policy.clone()).unwrap_or("-".into());
         let allowed = reason.allows();
         self.metrics.authorization(if allowed { "allow" } else { "deny" }, reason.kind(), &policy_of(reason.rule()));
         for rule in &audited {
@@ -512,19 +519,4 @@ where
             ctx.workers.dispatch(stream, move |stream| handle(stream, peer, pod, for_task));
         }
     })
-}
-
-/// The next connection on `listener` (named `name` in the log). Accept
-/// errors such as EMFILE are transient: each is logged and retried after a
-/// pause, so a listener neither stops nor spins.
-pub async fn accept_next(listener: &TcpListener, name: &str) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => return accepted,
-            Err(error) => {
-                tracing::warn!(listener = name, %error, "accept failed; retrying in 100 ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
 }

@@ -12,15 +12,18 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use ambit_common::ConnKey;
+use ambit_abi::ConnKey;
 use tokio::net::TcpStream;
 
-use super::{
-    ConnectionLog, Direction, Flag, PodContext, ProxyContext,
-    hbone::{self, HBONE_PORT, HboneError, HboneStream, HboneTarget},
-    relay,
+use ambit_hbone::{
+    HBONE_PORT, HboneError, HboneStream, HboneTarget,
+    relay::{self, bridge},
 };
-use crate::{config::GATEWAY_NAME_LABEL, identity::Identity, state::Destination};
+use ambit_identity::Identity;
+use ambit_model::GATEWAY_NAME_LABEL;
+use ambit_state::Destination;
+
+use super::{ConnectionLog, Direction, Flag, PodContext, ProxyContext};
 
 pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     // The entry is keyed by this connection's 4-tuple as the app sees it.
@@ -127,7 +130,7 @@ impl Upstream {
     async fn relay(self, app: TcpStream, log: &mut ConnectionLog, ctx: &ProxyContext) {
         log.opened();
         let outcome = match self {
-            Upstream::Hbone(stream) => hbone::bridge(app, stream.send, stream.recv, std::future::pending()).await,
+            Upstream::Hbone(stream) => bridge(app, stream.send, stream.recv, std::future::pending()).await,
             Upstream::Tcp(upstream) => {
                 ctx.stats.passthrough.fetch_add(1, Ordering::Relaxed);
                 relay::relay(app, upstream, std::future::pending()).await

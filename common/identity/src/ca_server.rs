@@ -1,0 +1,219 @@
+//! The embedded CA as a service: `ambit-agent ca serve`.
+//!
+//! HTTP/2 over TLS. The CA presents an SVID of its own
+//! (`spiffe://<td>/ns/ambit-system/sa/ambit-ca`), which agents verify against
+//! the root they were given. Agents authenticate with their node token
+//! (`ambit-agent ca token --node N`), and the CA issues only identities of
+//! pods the configuration schedules on that node: a node can never obtain
+//! another node's identities.
+//!
+//! - `POST /v1/svid` `{"node", "token", "namespace", "service_account", "csr"}`
+//!   (csr: base64 DER PKCS#10) returns `{"chain": [base64 DER, ...]}`;
+//! - `GET /v1/bundle` returns the SPIFFE bundle.
+
+use std::{sync::Arc, time::Duration};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use bytes::{Bytes, BytesMut};
+use http::{Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{Identity, Svid, ca::CertificateAuthority, tls};
+
+/// Namespace and service account of the CA's own identity.
+pub const CA_NAMESPACE: &str = "ambit-system";
+pub const CA_SERVICE_ACCOUNT: &str = "ambit-ca";
+/// Largest request body the CA reads.
+const MAX_BODY: usize = 64 * 1024;
+/// How long a client has for the TLS and HTTP/2 handshakes, and how long a
+/// connection may sit with no request: agents open one per request, so a
+/// connection that says nothing is not an agent, and must not hold a
+/// descriptor of the process every node renews from.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Serialize, Deserialize)]
+pub struct SvidRequest {
+    pub node: String,
+    pub token: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// base64 (standard) of a DER PKCS#10 request.
+    pub csr: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct SvidResponse {
+    /// base64 (standard) DER certificates, leaf first.
+    pub chain: Vec<String>,
+}
+
+/// Where the CA learns which pods run on which node (the standalone
+/// configuration now, the Kubernetes API next).
+pub trait PodPlacement: Send + Sync {
+    /// Whether a pod running as `identity` is scheduled on `node`, as the
+    /// configuration says now.
+    fn runs_on(&self, node: &str, identity: &Identity) -> bool;
+}
+
+pub struct CaServer {
+    ca: CertificateAuthority,
+    placement: Box<dyn PodPlacement>,
+    leaf_ttl: Duration,
+}
+
+impl CaServer {
+    pub fn new(ca: CertificateAuthority, placement: Box<dyn PodPlacement>, leaf_ttl: Duration) -> Self {
+        Self { ca, placement, leaf_ttl }
+    }
+
+    /// The CA's own serving identity and TLS configuration.
+    fn tls_config(&self) -> anyhow::Result<rustls::ServerConfig> {
+        let identity = Identity::new(self.ca.trust_domain(), CA_NAMESPACE, CA_SERVICE_ACCOUNT);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        // The serving certificate lives as long as the process; a year is plenty.
+        let cert = self.ca.issue(&identity, &key, Duration::from_secs(365 * 24 * 3600))?;
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let svid = Svid::from_chain(&identity, vec![cert], key, self.ca.trust_domain()).map_err(anyhow::Error::msg)?;
+        let bundle = tls::TrustBundle::new(self.ca.trust_domain(), &[self.ca.root().clone()])?;
+        Ok(tls::server_config(&svid, &bundle, false)?)
+    }
+
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
+        let acceptor = TlsAcceptor::from(Arc::new(self.tls_config()?));
+        tracing::info!(addr = %listener.local_addr()?, trust_domain = self.ca.trust_domain(), "CA serving");
+        loop {
+            let (tcp, peer) = ambit_runtime::listener::accept_next(&listener, "ca").await;
+            let (acceptor, server) = (acceptor.clone(), self.clone());
+            tokio::spawn(async move {
+                if let Err(e) = server.connection(acceptor, tcp).await {
+                    tracing::debug!(%peer, error = %e, "CA connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, acceptor: TlsAcceptor, tcp: tokio::net::TcpStream) -> anyhow::Result<()> {
+        let handshakes = async { anyhow::Ok(h2::server::handshake(acceptor.accept(tcp).await?).await?) };
+        let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes)
+            .await
+            .map_err(|_| anyhow::anyhow!("no TLS and HTTP/2 handshake within {HANDSHAKE_TIMEOUT:?}"))??;
+        while let Ok(Some(request)) = tokio::time::timeout(IDLE_TIMEOUT, conn.accept()).await {
+            let (request, respond) = request?;
+            let server = self.clone();
+            tokio::spawn(async move { server.request(request, respond).await });
+        }
+        Ok(())
+    }
+
+    async fn request(&self, request: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
+        let (parts, body) = request.into_parts();
+        let (status, body) = match (parts.method, parts.uri.path()) {
+            (Method::GET, "/v1/bundle") => (StatusCode::OK, self.ca.bundle_json()),
+            (Method::POST, "/v1/svid") => match read_body(body, MAX_BODY).await {
+                Ok(body) => self.issue(&body),
+                Err(e) => (StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() })),
+            },
+            _ => (StatusCode::NOT_FOUND, serde_json::json!({ "error": "no such endpoint" })),
+        };
+        let response = Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(())
+            .expect("valid response");
+        if let Ok(mut stream) = respond.send_response(response, false) {
+            let _ = stream.send_data(Bytes::from(body.to_string()), true);
+        }
+    }
+
+    fn issue(&self, body: &[u8]) -> (StatusCode, serde_json::Value) {
+        let refuse = |status, reason: String| {
+            tracing::warn!(%reason, "SVID request refused");
+            (status, serde_json::json!({ "error": reason }))
+        };
+        let request: SvidRequest = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed request: {e}")),
+        };
+        if !self.ca.verify_node_token(&request.node, &request.token) {
+            return refuse(StatusCode::UNAUTHORIZED, format!("invalid token for node {}", request.node));
+        }
+        let identity = Identity::new(self.ca.trust_domain(), &request.namespace, &request.service_account);
+        if !self.placement.runs_on(&request.node, &identity) {
+            return refuse(StatusCode::FORBIDDEN, format!("no pod on node {} runs as {identity}", request.node));
+        }
+        let csr = match STANDARD.decode(&request.csr) {
+            Ok(csr) => csr,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("csr is not base64: {e}")),
+        };
+        match self.ca.issue_for_request(&identity, &csr, self.leaf_ttl) {
+            Ok(leaf) => {
+                tracing::info!(%identity, node = %request.node, ttl_secs = self.leaf_ttl.as_secs(), "SVID issued");
+                let chain = vec![STANDARD.encode(leaf.as_ref())];
+                (StatusCode::OK, serde_json::to_value(SvidResponse { chain }).expect("serializable"))
+            }
+            Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
+        }
+    }
+}
+
+/// Reads a whole HTTP/2 body, up to `limit` bytes, returning flow-control
+/// credit as it goes.
+pub async fn read_body(mut body: h2::RecvStream, limit: usize) -> anyhow::Result<Bytes> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if buf.len() + chunk.len() > limit {
+            anyhow::bail!("body larger than {limit} bytes");
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One pod, running as shop/web on node n1.
+    struct OnePod;
+
+    impl PodPlacement for OnePod {
+        fn runs_on(&self, node: &str, identity: &Identity) -> bool {
+            node == "n1" && (identity.namespace.as_str(), identity.service_account.as_str()) == ("shop", "web")
+        }
+    }
+
+    /// A node's request for shop/web.
+    fn request(ca: &CertificateAuthority, node: &str) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
+        let request = SvidRequest {
+            node: node.into(),
+            token: ca.node_token(node),
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            csr: STANDARD.encode(csr.der()),
+        };
+        serde_json::to_vec(&request).unwrap()
+    }
+
+    #[test]
+    fn a_node_gets_only_the_identities_of_its_own_pods() {
+        let ca = CertificateAuthority::create("cluster.local").unwrap();
+        let (to_n1, to_n2) = (request(&ca, "n1"), request(&ca, "n2"));
+        let mut forged: SvidRequest = serde_json::from_slice(&to_n2).unwrap();
+        forged.node = "n1".into();
+        let server = CaServer::new(ca, Box::new(OnePod), Duration::from_secs(60));
+        assert_eq!(server.issue(&to_n1).0, StatusCode::OK);
+        assert_eq!(server.issue(&to_n2).0, StatusCode::FORBIDDEN, "n2 runs no pod as shop/web");
+        assert_eq!(
+            server.issue(&serde_json::to_vec(&forged).unwrap()).0,
+            StatusCode::UNAUTHORIZED,
+            "n2's token is not n1's"
+        );
+    }
+}

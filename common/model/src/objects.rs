@@ -1,0 +1,165 @@
+//! The objects ambit acts on, in the shape of their Kubernetes resources,
+//! validated: what every configuration source produces.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use serde::Serialize;
+
+use crate::{AuthorizationPolicy, RequestAuthentication};
+
+/// Label on a Namespace (all its pods) or a Pod (that pod only).
+pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
+/// Annotation on a Pod: path of its network namespace (the CNI's netns path).
+pub const NETNS_ANNOTATION: &str = "ambit.dev/netns";
+/// Label on a Namespace or Service: send its service traffic through the
+/// named waypoint (a Gateway of the same namespace); `none` opts a service out.
+pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";
+/// Label on a Gateway: which traffic its waypoint takes (`service`, the
+/// default, `workload`, `all` or `none`).
+pub const WAYPOINT_FOR_LABEL: &str = "ambit.dev/waypoint-for";
+/// Label on a Pod: the Gateway it serves as a waypoint (Gateway API's name).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// The only `gatewayClassName` ambit acts on.
+pub const WAYPOINT_CLASS: &str = "ambit-waypoint";
+
+/// Value of [`DATAPLANE_MODE_LABEL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum DataplaneMode {
+    /// Captured and tunnelled by the node agent.
+    Ambient,
+    /// Explicitly left alone (opt-out on a pod in an ambient namespace).
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    pub name: String,
+    pub dataplane_mode: Option<DataplaneMode>,
+    /// [`USE_WAYPOINT_LABEL`].
+    pub use_waypoint: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub node: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    pub netns: Option<PathBuf>,
+    pub dataplane_mode: Option<DataplaneMode>,
+    /// [`USE_WAYPOINT_LABEL`]: its own traffic (addressed to the pod) goes
+    /// through that waypoint if the waypoint takes workload traffic.
+    pub use_waypoint: Option<String>,
+    /// The file the pod came from, for error messages.
+    pub source: PathBuf,
+}
+
+impl Pod {
+    /// `namespace/name`, the way operators refer to a pod.
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service: a virtual IP whose ports lead to the pods its selector picks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: IpAddr,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+    /// [`USE_WAYPOINT_LABEL`].
+    pub use_waypoint: Option<String>,
+}
+
+impl Service {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// PeerAuthentication mode (security.istio.io/v1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum MtlsMode {
+    /// Inherit from the enclosing scope.
+    Unset,
+    /// Plaintext and mTLS both accepted (the default).
+    Permissive,
+    /// Only mTLS accepted; plaintext is reset.
+    Strict,
+    /// The destination does not require mTLS (accepted as PERMISSIVE; see
+    /// docs/ARCHITECTURE.md: ambit never downgrades ambient-to-ambient hops).
+    Disable,
+}
+
+/// A PeerAuthentication: mesh-wide in the root namespace, namespace-wide
+/// without a selector, per workload with one (and only then per port).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerAuthentication {
+    pub namespace: String,
+    pub name: String,
+    pub selector: Option<BTreeMap<String, String>>,
+    pub mode: MtlsMode,
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+}
+
+/// Which traffic a waypoint takes ([`WAYPOINT_FOR_LABEL`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+/// A Gateway of class [`WAYPOINT_CLASS`]: a waypoint, served by the pods
+/// labelled with its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Gateway {
+    pub namespace: String,
+    pub name: String,
+    pub waypoint_for: WaypointFor,
+}
+
+impl Gateway {
+    pub fn id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One parsed object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+    PeerAuthentication(PeerAuthentication),
+    AuthorizationPolicy(AuthorizationPolicy),
+    RequestAuthentication(RequestAuthentication),
+    Gateway(Gateway),
+}
+
+impl Object {
+    /// Kind and `namespace/name` (the name alone for a Namespace): what
+    /// must be unique across every source.
+    pub fn key(&self) -> (&'static str, String) {
+        match self {
+            Object::Namespace(ns) => ("Namespace", ns.name.clone()),
+            Object::Pod(pod) => ("Pod", pod.id()),
+            Object::Service(svc) => ("Service", svc.id()),
+            Object::PeerAuthentication(pa) => ("PeerAuthentication", format!("{}/{}", pa.namespace, pa.name)),
+            Object::AuthorizationPolicy(ap) => ("AuthorizationPolicy", ap.id()),
+            Object::RequestAuthentication(ra) => ("RequestAuthentication", format!("{}/{}", ra.namespace, ra.name)),
+            Object::Gateway(gw) => ("Gateway", gw.id()),
+        }
+    }
+}

@@ -178,6 +178,15 @@ impl Agent {
         .map_err(|e| e_with_log(e, self))
     }
 
+    /// Waits until the agent has applied a change of its configuration
+    /// directory `nth + 1` times (0-based; loading it at start is not a change).
+    pub fn wait_applied(&self, nth: usize) -> Result<()> {
+        wait_until(Duration::from_secs(10), "configuration applied", || {
+            Ok(self.lines().iter().filter(|l| message(l) == "configuration applied").count() > nth)
+        })
+        .map_err(|e| e_with_log(e, self))
+    }
+
     /// Waits until at least `n` connection records match `pred`.
     pub fn wait_connections(
         &mut self,

@@ -55,7 +55,7 @@ fn allow_one_principal_then_edit_then_break_the_file() {
     assert!(get(&bed, "shop/other", &web, HTTP_PORT), "no policy: allowed\n{}", n2.log_text());
 
     bed.write_config("authz.yaml", &policy("only-client", ALLOW_CLIENT)).unwrap();
-    wait_applied(&n2, 0);
+    n2.wait_applied(0).unwrap();
     assert!(get(&bed, "shop/client", &web, HTTP_PORT), "the allowed principal passes");
     assert!(!get(&bed, "shop/other", &web, HTTP_PORT), "another mTLS pod is reset");
     assert!(!get(&bed, "legacy/plain", &web, HTTP_PORT), "a plaintext pod is reset");
@@ -88,7 +88,7 @@ fn allow_one_principal_then_edit_then_break_the_file() {
         .unwrap();
     std::thread::sleep(Duration::from_secs(1));
     bed.write_config("authz.yaml", &policy("only-client", &ALLOW_CLIENT.replace("sa/client", "sa/other"))).unwrap();
-    wait_applied(&n2, 1);
+    n2.wait_applied(1).unwrap();
     let edited = Instant::now();
     let status = transfer.wait().unwrap();
     assert!(!status.success(), "the open transfer is cut");
@@ -115,7 +115,7 @@ fn allow_one_principal_then_edit_then_break_the_file() {
     // policy stays in force.
     let broken = ALLOW_CLIENT.replace("cluster.local/ns/shop/sa/client", "spiffe://cluster.local/ns/shop/sa/client");
     bed.write_config("authz.yaml", &policy("only-client", &broken)).unwrap();
-    wait_applied(&n2, 2);
+    n2.wait_applied(2).unwrap();
     let errors: Vec<String> = n2
         .lines()
         .iter()
@@ -157,7 +157,7 @@ fn deny_on_a_port_overrides_allow_and_dry_run_only_reports() {
     ]
     .join("---\n");
     bed.write_config("authz.yaml", &config).unwrap();
-    wait_applied(&n2, 0);
+    n2.wait_applied(0).unwrap();
 
     assert!(get(&bed, "shop/client", &web, HTTP_PORT), "ALLOW admits 8080");
     assert!(!get(&bed, "shop/client", &web, OTHER_PORT), "DENY on 9090 wins over the ALLOW");

@@ -561,8 +561,8 @@ fn service_traffic_is_balanced_over_endpoints_on_both_nodes_over_mtls() {
         "apiVersion: security.ambit.dev/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/client]\n",
     )
     .unwrap();
-    wait_applied(&n1, 0);
-    wait_applied(&n2, 0);
+    n1.wait_applied(0).unwrap();
+    n2.wait_applied(0).unwrap();
     assert!(curl(&bed, "shop/client", "http://10.96.0.10/index.html").is_err(), "denied");
     let outbound = n1.wait_connections(31, |c| c.dst_service == "shop/web" && c.direction == "outbound").unwrap();
     assert_eq!(outbound[30].decision, "deny", "{:?}", outbound[30]);
@@ -591,7 +591,7 @@ fn strict_rejects_plaintext_and_permissive_counts_it() {
         &bed,
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n",
     );
-    wait_applied(&n2, 0);
+    n2.wait_applied(0).unwrap();
     assert!(curl(&bed, "legacy/caller", &url).is_err(), "STRICT resets plaintext");
     let rejected = n2.wait_connections(2, |c| c.src_workload == "legacy/caller").unwrap();
     assert!(rejected[1].error.as_deref().unwrap_or_default().contains("STRICT"), "{rejected:?}");
@@ -602,7 +602,7 @@ fn strict_rejects_plaintext_and_permissive_counts_it() {
         &bed,
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: web-port, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    \"8080\": {mode: PERMISSIVE}\n",
     );
-    wait_applied(&n2, 1);
+    n2.wait_applied(1).unwrap();
     curl(&bed, "legacy/caller", &url).expect("port-level PERMISSIVE");
 
     let counters = stop_and_read_counters(&mut n2);

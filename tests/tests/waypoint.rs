@@ -49,7 +49,7 @@ fn service_traffic_takes_its_waypoint_and_never_goes_around_it() {
     // its HBONE port: the connection fails closed, and nothing reaches web.
     bed.write_config("gateway.yaml", GATEWAY).unwrap();
     bed.write_config("service.yaml", &service(Some("wp"))).unwrap();
-    wait_applied(&n1, 0);
+    n1.wait_applied(0).unwrap();
     assert!(curl(&bed, "shop/client", SERVICE).is_err(), "waypoint down: the request fails");
     let failed = n1.wait_connections(2, |c| c.dst_service == "shop/web").unwrap();
     assert_eq!(failed[1].dst_workload, "shop/wp", "{failed:?}");
@@ -59,7 +59,7 @@ fn service_traffic_takes_its_waypoint_and_never_goes_around_it() {
 
     // The waypoint's pod goes away: still closed, and the log says why.
     bed.set_pod_label("shop/wp", "gateway.networking.k8s.io/gateway-name", None).unwrap();
-    wait_applied(&n1, 1);
+    n1.wait_applied(1).unwrap();
     assert!(curl(&bed, "shop/client", SERVICE).is_err(), "no waypoint pod: the request fails");
     let failed = n1.wait_connections(3, |c| c.dst_service == "shop/web").unwrap();
     assert!(failed[2].error.as_deref().unwrap().starts_with("waypoint shop/wp has no pod"), "{failed:?}");
@@ -67,7 +67,7 @@ fn service_traffic_takes_its_waypoint_and_never_goes_around_it() {
 
     // Opting the service out restores the direct path.
     bed.write_config("service.yaml", &service(Some("none"))).unwrap();
-    wait_applied(&n1, 2);
+    n1.wait_applied(2).unwrap();
     curl(&bed, "shop/client", SERVICE).unwrap();
     n2.wait_connections(2, |c| c.direction == "inbound" && c.src_workload == "shop/client").unwrap();
 }
@@ -329,13 +329,14 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
         .unwrap();
     assert!(h2load.contains("50 succeeded") && h2load.contains("50 2xx"), "{h2load}");
 
-    // The access log names both identities and the end user.
+    // The access log names both identities, the end user and the deciding rule.
     let requests = waypoint.requests();
     let first = &requests[0];
     assert_eq!(first["status"], 200);
     assert_eq!(first["src_identity"], "spiffe://cluster.local/ns/shop/sa/checkout");
     assert_eq!(first["request_principal"], "https://issuer.example/alice");
     assert_eq!(first["dst_workload"], "payments/api");
+    assert_eq!(first["policy"], "payments/charge rule 0", "the log names the rule that decided");
     // Istio-style request metrics, by response code.
     let metrics = bed.run_ok("payments/wp", "curl", &["-sS", "http://127.0.0.1:15020/metrics"]).unwrap();
     let count = |code: &str| -> u64 {
@@ -370,7 +371,7 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
 
     // A waypoint for all traffic also takes traffic addressed to the pod.
     bed.write_config("payments.yaml", &payments_config(&jwks, "all")).unwrap();
-    wait_applied(&n1, 0);
+    n1.wait_applied(0).unwrap();
     let direct_url = format!("http://{api_ip}:8080/v1/charge");
     let to_pod = |token: &str| status(&bed, "shop/checkout", &["-X", "POST", "-H", &bearer(token), &direct_url]);
     assert_eq!(to_pod(&charge), 200, "{}", waypoint.log_text());

@@ -303,6 +303,7 @@ impl Waypoint {
             method: &method,
             path: raw_path.clone(),
             principal: None,
+            policy: None,
             started,
         };
         let path = match normalize_path(&raw_path, self.merge_slashes) {
@@ -347,6 +348,7 @@ impl Waypoint {
             targets.push(format!("{ns}/Service/{name}"));
         }
         let decision = view.state.policies().evaluate_targets(&targets, &conn);
+        log.policy = decision.reason.rule().map(ToString::to_string);
         if !decision.allows() {
             return Ok(log.local(StatusCode::FORBIDDEN, &format!("RBAC: access denied ({})", decision.reason)));
         }
@@ -425,6 +427,8 @@ struct AccessLog<'a> {
     method: &'a str,
     path: String,
     principal: Option<String>,
+    /// The policy rule that decided (`namespace/name rule N`), if one did.
+    policy: Option<String>,
     started: Instant,
 }
 
@@ -468,6 +472,7 @@ impl AccessLog<'_> {
             dst_service = self.caller.service.as_deref().unwrap_or("-"),
             dst_workload = endpoint,
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            policy = self.policy.as_deref().unwrap_or("-"),
             reason = reason.unwrap_or("-"),
             "request"
         );

@@ -103,14 +103,6 @@ pub fn counter(counters: &[(String, u64)], name: &str) -> u64 {
     counters.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap()
 }
 
-/// Waits until `agent` has applied the configuration `nth + 1` times after start.
-pub fn wait_applied(agent: &Agent, nth: usize) {
-    ambit_testbed::wait_until(std::time::Duration::from_secs(10), "configuration applied", || {
-        Ok(agent.lines().iter().filter(|l| l["message"] == "configuration applied").count() > nth)
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.log_text()));
-}
-
 /// Waits until every named node's agent is ready (programs attached, every
 /// local pod's certificate loaded).
 pub fn wait_nodes_ready(bed: &Bed, nodes: &[&str]) {

@@ -1,8 +1,8 @@
 //! The per-pod proxies. Each enrolled pod has listeners inside its own netns:
 //! [`outbound`] takes connections the pod's apps make, [`inbound`] takes
 //! plaintext connections made to the pod, and [`hbone`] takes mTLS tunnels
-//! from other pods' agents. Bytes move through [`relay`] (TCP to TCP) or
-//! [`hbone::bridge`] (TCP to an HTTP/2 stream).
+//! from other pods' agents. Bytes move through `ambit_hbone::relay`: `relay`
+//! (TCP to TCP) or `bridge` (TCP to an HTTP/2 stream).
 
 pub mod hbone;
 pub mod inbound;

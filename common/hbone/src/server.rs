@@ -32,7 +32,7 @@ pub struct Accepted {
 /// The server half of an HBONE handshake from `peer`: mTLS with `config`
 /// (which requires and SPIFFE-verifies a client certificate), counted in
 /// the handshake metrics, then HTTP/2 with the tunnel's windows and frame
-/// size, all within [`HANDSHAKE_TIMEOUT`]. `owner` is the identity of the
+/// size, all within the handshake timeout (10 s). `owner` is the identity of the
 /// pod at the peer's address, if it is one: connections leave from inside
 /// the source pod, so a certificate presented from a known pod's address
 /// must be that pod's (a stolen key does not work from elsewhere). Returns

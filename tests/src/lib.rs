@@ -22,6 +22,7 @@
 //! only unsafe code here.
 
 mod agent;
+pub mod apiserver;
 mod cleanup;
 mod prereq;
 

@@ -17,6 +17,7 @@ pub mod watch;
 
 use std::{
     collections::BTreeMap,
+    future::Future,
     path::{Path, PathBuf},
 };
 
@@ -38,6 +39,19 @@ pub struct Updates {
 }
 
 impl Updates {
+    /// Runs a source: `source` is given the sender for its updates, and is
+    /// stopped when the returned `Updates` is dropped.
+    pub fn spawn<F, Fut>(source: F) -> Self
+    where
+        F: FnOnce(mpsc::Sender<Update>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        // Capacity 1: a source produces its next update only once the
+        // reader has taken the one before.
+        let (tx, rx) = mpsc::channel(1);
+        Self { rx, task: tokio::spawn(source(tx)) }
+    }
+
     /// The next update; `None` once the source has stopped. Cancel-safe,
     /// so it fits a `select!`.
     pub async fn next(&mut self) -> Option<Update> {
@@ -54,12 +68,9 @@ impl Drop for Updates {
 /// Starts the standalone source: `config` read now, and again after each
 /// burst of changes in its directory settles.
 pub fn watch_dir(mut config: ConfigDir) -> notify::Result<Updates> {
-    let (_watcher, mut changes) = watch::changes(config.path())?;
-    // Capacity 1: the directory is read again only once the reader has
-    // taken the update before.
-    let (tx, rx) = mpsc::channel(1);
-    let task = tokio::spawn(async move {
-        let _watcher = _watcher;
+    let (watcher, mut changes) = watch::changes(config.path())?;
+    Ok(Updates::spawn(move |tx| async move {
+        let _watcher = watcher;
         loop {
             let (snapshot, errors) = config.reload();
             if tx.send(Update { snapshot, errors }).await.is_err() {
@@ -70,8 +81,7 @@ pub fn watch_dir(mut config: ConfigDir) -> notify::Result<Updates> {
                 return;
             }
         }
-    });
-    Ok(Updates { rx, task })
+    }))
 }
 
 /// Logs what a reload could not apply; those files keep their last good objects.

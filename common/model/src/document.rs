@@ -11,7 +11,7 @@ use serde_yaml_ng::Value;
 
 /// What went wrong with a configuration file. Each variant names the file and,
 /// where there is one, the object and field, and says how to fix it.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("{file}: cannot read the file: {reason}")]
     Read { file: PathBuf, reason: String },

@@ -144,7 +144,8 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, Vec<ConfigErro
     if errors.is_empty() { Ok(objects) } else { Err(errors) }
 }
 
-fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigError> {
+/// Parses one document (document `doc` of `file`, for error messages).
+pub fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, ConfigError> {
     let kind = match value.get("kind") {
         Some(Value::String(kind)) => kind.clone(),
         _ => {

@@ -1,0 +1,135 @@
+//! From API objects to the documents the model parses: what ambit does not
+//! read is dropped as objects arrive, and objects that are not for ambit
+//! (unscheduled or finished pods, headless services, other classes'
+//! Gateways) are left out before parsing.
+
+use ambit_model::{DATAPLANE_MODE_LABEL, USE_WAYPOINT_LABEL, WAYPOINT_CLASS};
+use kube::api::DynamicObject;
+use serde_json::{Map, Value, json};
+
+/// Istio ambient's labels, honoured with `--istio-labels` for clusters
+/// moving over from it; ambit's own label wins where both are set.
+const ISTIO_LABELS: [(&str, &str); 2] =
+    [("istio.io/dataplane-mode", DATAPLANE_MODE_LABEL), ("istio.io/use-waypoint", USE_WAYPOINT_LABEL)];
+
+/// Which labels select ambit's behaviour.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Labels {
+    /// Also honour `istio.io/dataplane-mode` and `istio.io/use-waypoint`.
+    pub istio: bool,
+}
+
+/// Annotations ambit reads; the rest (kubectl's last applied
+/// configuration, say) can be large and are dropped.
+fn kept_annotation(key: &str) -> bool {
+    key.starts_with("ambit.dev/") || key == "istio.io/dry-run"
+}
+
+/// The fields of `data` (everything but the object's metadata) that ambit
+/// reads, by kind: `None` keeps it all.
+fn kept_fields(kind: &str) -> Option<&'static [(&'static str, &'static [&'static str])]> {
+    match kind {
+        "Namespace" => Some(&[]),
+        "Pod" => Some(&[("spec", &["nodeName", "serviceAccountName"]), ("status", &["podIPs", "phase"])]),
+        "Service" => Some(&[("spec", &["clusterIP", "ports", "selector"])]),
+        _ => None,
+    }
+}
+
+/// Drops what ambit does not read, so that a large cluster's objects fit
+/// in the agent's memory.
+pub fn keep_what_ambit_reads(kind: &str, object: &mut DynamicObject) {
+    let metadata = &mut object.metadata;
+    metadata.managed_fields = None;
+    metadata.owner_references = None;
+    metadata.finalizers = None;
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        annotations.retain(|key, _| kept_annotation(key));
+    }
+    let Some(kept) = kept_fields(kind) else { return };
+    let mut data = Map::new();
+    for (section, fields) in kept {
+        let Some(Value::Object(found)) = object.data.get(*section) else { continue };
+        let section_kept: Map<String, Value> = found
+            .iter()
+            .filter(|(key, _)| fields.contains(&key.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        data.insert(section.to_string(), Value::Object(section_kept));
+    }
+    object.data = Value::Object(data);
+}
+
+/// The document the model parses for `object`, or `None` when the object
+/// is not for ambit.
+pub fn to_model(kind: &str, object: &DynamicObject, labels: &Labels) -> Option<serde_yaml_ng::Value> {
+    let data = &object.data;
+    let for_ambit = match kind {
+        "Pod" => {
+            let scheduled = data["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
+            let finished = matches!(data["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+            let addressed = data["status"]["podIPs"].as_array().is_some_and(|ips| !ips.is_empty());
+            scheduled && !finished && addressed
+        }
+        "Service" => data["spec"]["clusterIP"].as_str().is_some_and(|ip| !ip.is_empty() && ip != "None"),
+        "Gateway" => data["spec"]["gatewayClassName"] == WAYPOINT_CLASS,
+        _ => true,
+    };
+    if !for_ambit {
+        return None;
+    }
+    let metadata = &object.metadata;
+    let mut object_labels = metadata.labels.clone().unwrap_or_default();
+    if labels.istio {
+        for (istio, ambit) in ISTIO_LABELS {
+            if let Some(value) = object_labels.get(istio).cloned() {
+                object_labels.entry(ambit.to_string()).or_insert(value);
+            }
+        }
+    }
+    let mut document = json!({
+        "kind": kind,
+        "metadata": {
+            "name": metadata.name,
+            "namespace": metadata.namespace,
+            "labels": object_labels,
+            "annotations": metadata.annotations.clone().unwrap_or_default(),
+        },
+    });
+    if let (Value::Object(document), Value::Object(data)) = (&mut document, data) {
+        for (key, value) in data {
+            document.insert(key.clone(), value.clone());
+        }
+    }
+    serde_yaml_ng::to_value(&document).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_keeps_only_what_ambit_reads() {
+        let mut pod: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web",
+                "namespace": "shop",
+                "labels": {"app": "web"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "ambit.dev/netns": "/run/netns/x"},
+                "managedFields": [{"manager": "kubectl"}],
+            },
+            "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": [{"name": "app"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.1"}], "conditions": [{"type": "Ready"}]},
+        }))
+        .unwrap();
+        keep_what_ambit_reads("Pod", &mut pod);
+        assert!(pod.metadata.managed_fields.is_none());
+        assert_eq!(pod.metadata.annotations.as_ref().unwrap().len(), 1, "only ambit's annotation");
+        assert_eq!(
+            pod.data,
+            json!({"spec": {"nodeName": "n1", "serviceAccountName": "web"}, "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.1"}]}})
+        );
+    }
+}

@@ -5,6 +5,7 @@
 //! - `test`:  every test, unit and end to end, then a leftover check
 //! - `demo`:  a simulated two-node cluster with real traffic, explained
 //! - `bench`: the data path against no mesh, ratios per round
+//! - `crds`:  write the custom resource definitions to `deploy/crds/`
 #![forbid(unsafe_code)]
 
 mod bench;
@@ -51,6 +52,8 @@ enum Task {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Write the custom resource definitions (from common/kube/src/crds.rs) to deploy/crds/.
+    Crds,
     /// Bring up a simulated two-node cluster, send real traffic, show what was captured.
     Demo {
         /// Keep the cluster up after the traffic, until Ctrl-C, to explore it.
@@ -66,6 +69,7 @@ fn main() -> Result<()> {
         Task::Test { cargo_args } => test::run(&cargo_args),
         Task::Demo { hold } => demo::run(hold),
         Task::Bench { quick, out } => bench::run(quick, out),
+        Task::Crds => write_crds(),
     }
 }
 
@@ -89,6 +93,27 @@ fn build_agent(release: bool) -> Result<PathBuf> {
         bail!("the build finished but {} is missing", binary.display());
     }
     Ok(binary)
+}
+
+/// Writes each definition to `deploy/crds/`, and removes files there that
+/// no definition writes.
+fn write_crds() -> Result<()> {
+    let dir = root().join("deploy/crds");
+    std::fs::create_dir_all(&dir)?;
+    let definitions = ambit_kube::crds::all();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.ends_with(".yaml") && !definitions.iter().any(|(file, _)| file == name) {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    for (file, crd) in &definitions {
+        let path = dir.join(file);
+        std::fs::write(&path, ambit_kube::crds::to_yaml(crd)).with_context(|| format!("write {}", path.display()))?;
+        println!("crds: wrote {}", path.display());
+    }
+    Ok(())
 }
 
 fn cargo() -> Command {

@@ -26,10 +26,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
 ];
 
+/// Python modules the tests run (module, PyPI package): the JSON Schema
+/// validator for custom resources, and Kubernetes' schemas, bundled for
+/// offline validation of the manifests.
+const PYTHON_MODULES: &[(&str, &str)] = &[("jsonschema", "jsonschema"), ("kubernetes_validate", "kubernetes-validate")];
+
 pub fn run() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    python_modules()?;
     println!("setup: everything is in place");
     Ok(())
 }
@@ -120,4 +126,17 @@ fn debian_packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+fn python_modules() -> Result<()> {
+    let missing: Vec<&str> = PYTHON_MODULES
+        .iter()
+        .filter(|(module, _)| output(Command::new("python3").args(["-c", &format!("import {module}")])).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing Python packages {missing:?}");
+    exec(Command::new("python3").args(["-m", "pip", "install", "--quiet"]).args(&missing))
 }

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod convert;
+pub mod crds;
 
 use std::{
     collections::{HashMap, HashSet},

@@ -170,10 +170,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let listen = SocketAddr::new(*pod.ips.first().context("the waypoint pod has no IP")?, HBONE_PORT);
     let identity = Identity::new(&args.trust_domain, &pod.namespace, &pod.service_account);
-    let token = std::fs::read_to_string(&args.node_token_file)
-        .with_context(|| format!("--node-token-file {}", args.node_token_file.display()))?;
     let metrics = Arc::new(Metrics::new());
-    let provider = CaClient::new(args.ca_addr, pod.node.clone(), token.trim().to_string(), &bundle)?;
+    let provider = CaClient::new(args.ca_addr, pod.node.clone(), args.node_token_file.clone(), &bundle)?;
     let certs = CertManager::new(Arc::new(provider), metrics.clone());
     let mut svid = certs.acquire(&identity, &args.pod);
     svid.wait_for(Option::is_some).await.context("certificate manager stopped")?;

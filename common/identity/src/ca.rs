@@ -45,6 +45,32 @@ pub enum CaError {
     BadRequest(String),
 }
 
+/// Standalone mode's node tokens: an HMAC of the node's name under the
+/// CA's node secret (`ambit-agent ca token --node N`).
+#[derive(Clone)]
+pub struct NodeTokens {
+    secret: Vec<u8>,
+}
+
+impl NodeTokens {
+    /// The token node `node` presents.
+    pub fn token(&self, node: &str) -> String {
+        hex::encode(self.mac(node).finalize().into_bytes())
+    }
+
+    /// Constant-time check of a node token.
+    pub fn verify(&self, node: &str, token: &str) -> bool {
+        hex::decode(token).is_ok_and(|bytes| self.mac(node).verify_slice(&bytes).is_ok())
+    }
+
+    fn mac(&self, node: &str) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        mac.update(b"ambit node token\0");
+        mac.update(node.as_bytes());
+        mac
+    }
+}
+
 pub struct CertificateAuthority {
     trust_domain: String,
     root: CertificateDer<'static>,
@@ -165,21 +191,9 @@ impl CertificateAuthority {
         self.issue(identity, &request.public_key, ttl)
     }
 
-    /// The token node `node` presents to obtain SVIDs for its pods.
-    pub fn node_token(&self, node: &str) -> String {
-        hex::encode(self.node_mac(node).finalize().into_bytes())
-    }
-
-    /// Constant-time check of a node token.
-    pub fn verify_node_token(&self, node: &str, token: &str) -> bool {
-        hex::decode(token).is_ok_and(|bytes| self.node_mac(node).verify_slice(&bytes).is_ok())
-    }
-
-    fn node_mac(&self, node: &str) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.node_secret).expect("HMAC takes any key length");
-        mac.update(b"ambit node token\0");
-        mac.update(node.as_bytes());
-        mac
+    /// The tokens standalone nodes present to obtain SVIDs for their pods.
+    pub fn node_tokens(&self) -> NodeTokens {
+        NodeTokens { secret: self.node_secret.clone() }
     }
 
     /// The trust bundle in the SPIFFE bundle format (a JWKS document).
@@ -279,10 +293,11 @@ mod tests {
     #[test]
     fn node_tokens_are_per_node() {
         let ca = CertificateAuthority::create("cluster.local").unwrap();
-        let token = ca.node_token("node-1");
-        assert!(ca.verify_node_token("node-1", &token));
-        assert!(!ca.verify_node_token("node-2", &token));
-        assert!(!ca.verify_node_token("node-1", "00"));
+        let tokens = ca.node_tokens();
+        let token = tokens.token("node-1");
+        assert!(tokens.verify("node-1", &token));
+        assert!(!tokens.verify("node-2", &token));
+        assert!(!tokens.verify("node-1", "00"));
     }
 
     #[test]
@@ -305,6 +320,6 @@ mod tests {
 
         let again = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
         assert_eq!(again.root(), ca.root(), "the root is loaded, not recreated");
-        assert_eq!(again.node_token("n1"), ca.node_token("n1"));
+        assert_eq!(again.node_tokens().token("n1"), ca.node_tokens().token("n1"));
     }
 }

@@ -1,8 +1,9 @@
 //! The agent's identity provider for the embedded CA: generates each key
-//! locally, sends a certificate request with the node token, and checks what
-//! comes back before using it.
+//! locally, sends a certificate request with the caller's token, and checks
+//! what comes back before using it. The token is read from its file for
+//! every request: a projected service-account token is rotated in place.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use bytes::Bytes;
@@ -21,16 +22,29 @@ const CA_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct CaClient {
     addr: SocketAddr,
     node: String,
-    token: String,
+    token_file: PathBuf,
     trust_domain: String,
     tls: Arc<rustls::ClientConfig>,
 }
 
 impl CaClient {
-    pub fn new(addr: SocketAddr, node: String, token: String, bundle: &TrustBundle) -> anyhow::Result<Self> {
+    /// A client of the CA at `addr`, for `node`, presenting the token in
+    /// `token_file` (a node token, or a projected service-account token).
+    pub fn new(addr: SocketAddr, node: String, token_file: PathBuf, bundle: &TrustBundle) -> anyhow::Result<Self> {
         let ca_identity = Identity::new(&bundle.trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT);
         let tls = tls::client_config(None, bundle, ca_identity.spiffe_id())?;
-        Ok(Self { addr, node, token, trust_domain: bundle.trust_domain.clone(), tls: Arc::new(tls) })
+        let client = Self { addr, node, token_file, trust_domain: bundle.trust_domain.clone(), tls: Arc::new(tls) };
+        // A token file that cannot be read is a start-up error, not a
+        // renewal that fails later.
+        client.token()?;
+        Ok(client)
+    }
+
+    fn token(&self) -> Result<String, IdentityError> {
+        match std::fs::read_to_string(&self.token_file) {
+            Ok(token) => Ok(token.trim().to_string()),
+            Err(e) => Err(IdentityError::Token { path: self.token_file.display().to_string(), reason: e.to_string() }),
+        }
     }
 
     async fn request(&self, identity: &Identity) -> Result<Svid, IdentityError> {
@@ -43,7 +57,7 @@ impl CaClient {
         let csr = params.serialize_request(&key).map_err(crypto)?;
         let body = serde_json::to_vec(&SvidRequest {
             node: self.node.clone(),
-            token: self.token.clone(),
+            token: self.token()?,
             namespace: identity.namespace.clone(),
             service_account: identity.service_account.clone(),
             csr: STANDARD.encode(csr.der()),

@@ -2,16 +2,19 @@
 //!
 //! HTTP/2 over TLS. The CA presents an SVID of its own
 //! (`spiffe://<td>/ns/ambit-system/sa/ambit-ca`), which agents verify against
-//! the root they were given. Agents authenticate with their node token
-//! (`ambit-agent ca token --node N`), and the CA issues only identities of
-//! pods the configuration schedules on that node: a node can never obtain
-//! another node's identities.
+//! the root they were given. An [`Authorizer`] decides who may have which
+//! identity: in standalone mode ([`NodeTokenAuthorizer`]) agents present
+//! their node token (`ambit-agent ca token --node N`) and get only the
+//! identities of pods that the configuration schedules on that node; in
+//! Kubernetes mode, a pod's service-account token is checked with a
+//! TokenReview (`ambit_kube::ca`). A node can never obtain another node's
+//! identities.
 //!
 //! - `POST /v1/svid` `{"node", "token", "namespace", "service_account", "csr"}`
 //!   (csr: base64 DER PKCS#10) returns `{"chain": [base64 DER, ...]}`;
 //! - `GET /v1/bundle` returns the SPIFFE bundle.
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use bytes::{Bytes, BytesMut};
@@ -20,7 +23,11 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::{Identity, Svid, ca::CertificateAuthority, tls};
+use crate::{
+    Identity, Svid,
+    ca::{CertificateAuthority, NodeTokens},
+    tls,
+};
 
 /// Namespace and service account of the CA's own identity.
 pub const CA_NAMESPACE: &str = "ambit-system";
@@ -50,23 +57,66 @@ pub struct SvidResponse {
     pub chain: Vec<String>,
 }
 
-/// Where the CA learns which pods run on which node (the standalone
-/// configuration now, the Kubernetes API next).
+/// Why a caller may not have an identity.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The token does not prove who the caller is (401).
+    Unauthenticated(String),
+    /// The caller is known, but may not have this identity (403).
+    Forbidden(String),
+}
+
+pub type AuthorizeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
+
+/// Decides whether the caller that presents `token` for node `node` may
+/// have `identity`.
+pub trait Authorizer: Send + Sync {
+    fn authorize<'a>(&'a self, node: &'a str, token: &'a str, identity: &'a Identity) -> AuthorizeFuture<'a>;
+}
+
+/// Where the standalone CA learns which pods run on which node.
 pub trait PodPlacement: Send + Sync {
     /// Whether a pod running as `identity` is scheduled on `node`, as the
     /// configuration says now.
     fn runs_on(&self, node: &str, identity: &Identity) -> bool;
 }
 
+/// Standalone mode: a node proves itself with its node token, and may have
+/// the identities of the pods its placement schedules there.
+pub struct NodeTokenAuthorizer {
+    tokens: NodeTokens,
+    placement: Box<dyn PodPlacement>,
+}
+
+impl NodeTokenAuthorizer {
+    pub fn new(tokens: NodeTokens, placement: Box<dyn PodPlacement>) -> Self {
+        Self { tokens, placement }
+    }
+}
+
+impl Authorizer for NodeTokenAuthorizer {
+    fn authorize<'a>(&'a self, node: &'a str, token: &'a str, identity: &'a Identity) -> AuthorizeFuture<'a> {
+        Box::pin(async move {
+            if !self.tokens.verify(node, token) {
+                return Err(Refusal::Unauthenticated(format!("invalid token for node {node}")));
+            }
+            if !self.placement.runs_on(node, identity) {
+                return Err(Refusal::Forbidden(format!("no pod on node {node} runs as {identity}")));
+            }
+            Ok(())
+        })
+    }
+}
+
 pub struct CaServer {
     ca: CertificateAuthority,
-    placement: Box<dyn PodPlacement>,
+    authorizer: Box<dyn Authorizer>,
     leaf_ttl: Duration,
 }
 
 impl CaServer {
-    pub fn new(ca: CertificateAuthority, placement: Box<dyn PodPlacement>, leaf_ttl: Duration) -> Self {
-        Self { ca, placement, leaf_ttl }
+    pub fn new(ca: CertificateAuthority, authorizer: Box<dyn Authorizer>, leaf_ttl: Duration) -> Self {
+        Self { ca, authorizer, leaf_ttl }
     }
 
     /// The CA's own serving identity and TLS configuration.
@@ -113,7 +163,7 @@ impl CaServer {
         let (status, body) = match (parts.method, parts.uri.path()) {
             (Method::GET, "/v1/bundle") => (StatusCode::OK, self.ca.bundle_json()),
             (Method::POST, "/v1/svid") => match read_body(body, MAX_BODY).await {
-                Ok(body) => self.issue(&body),
+                Ok(body) => self.issue(&body).await,
                 Err(e) => (StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() })),
             },
             _ => (StatusCode::NOT_FOUND, serde_json::json!({ "error": "no such endpoint" })),
@@ -128,7 +178,7 @@ impl CaServer {
         }
     }
 
-    fn issue(&self, body: &[u8]) -> (StatusCode, serde_json::Value) {
+    async fn issue(&self, body: &[u8]) -> (StatusCode, serde_json::Value) {
         let refuse = |status, reason: String| {
             tracing::warn!(%reason, "SVID request refused");
             (status, serde_json::json!({ "error": reason }))
@@ -137,12 +187,11 @@ impl CaServer {
             Ok(r) => r,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed request: {e}")),
         };
-        if !self.ca.verify_node_token(&request.node, &request.token) {
-            return refuse(StatusCode::UNAUTHORIZED, format!("invalid token for node {}", request.node));
-        }
         let identity = Identity::new(self.ca.trust_domain(), &request.namespace, &request.service_account);
-        if !self.placement.runs_on(&request.node, &identity) {
-            return refuse(StatusCode::FORBIDDEN, format!("no pod on node {} runs as {identity}", request.node));
+        match self.authorizer.authorize(&request.node, &request.token, &identity).await {
+            Ok(()) => {}
+            Err(Refusal::Unauthenticated(reason)) => return refuse(StatusCode::UNAUTHORIZED, reason),
+            Err(Refusal::Forbidden(reason)) => return refuse(StatusCode::FORBIDDEN, reason),
         }
         let csr = match STANDARD.decode(&request.csr) {
             Ok(csr) => csr,
@@ -193,7 +242,7 @@ mod tests {
         let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
         let request = SvidRequest {
             node: node.into(),
-            token: ca.node_token(node),
+            token: ca.node_tokens().token(node),
             namespace: "shop".into(),
             service_account: "web".into(),
             csr: STANDARD.encode(csr.der()),
@@ -201,19 +250,17 @@ mod tests {
         serde_json::to_vec(&request).unwrap()
     }
 
-    #[test]
-    fn a_node_gets_only_the_identities_of_its_own_pods() {
+    #[tokio::test]
+    async fn a_node_gets_only_the_identities_of_its_own_pods() {
         let ca = CertificateAuthority::create("cluster.local").unwrap();
         let (to_n1, to_n2) = (request(&ca, "n1"), request(&ca, "n2"));
         let mut forged: SvidRequest = serde_json::from_slice(&to_n2).unwrap();
         forged.node = "n1".into();
-        let server = CaServer::new(ca, Box::new(OnePod), Duration::from_secs(60));
-        assert_eq!(server.issue(&to_n1).0, StatusCode::OK);
-        assert_eq!(server.issue(&to_n2).0, StatusCode::FORBIDDEN, "n2 runs no pod as shop/web");
-        assert_eq!(
-            server.issue(&serde_json::to_vec(&forged).unwrap()).0,
-            StatusCode::UNAUTHORIZED,
-            "n2's token is not n1's"
-        );
+        let authorizer = NodeTokenAuthorizer::new(ca.node_tokens(), Box::new(OnePod));
+        let server = CaServer::new(ca, Box::new(authorizer), Duration::from_secs(60));
+        assert_eq!(server.issue(&to_n1).await.0, StatusCode::OK);
+        assert_eq!(server.issue(&to_n2).await.0, StatusCode::FORBIDDEN, "n2 runs no pod as shop/web");
+        let forged = serde_json::to_vec(&forged).unwrap();
+        assert_eq!(server.issue(&forged).await.0, StatusCode::UNAUTHORIZED, "n2's token is not n1's");
     }
 }

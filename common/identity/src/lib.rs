@@ -134,6 +134,8 @@ pub enum IdentityError {
     InvalidSvid { identity: String, reason: String },
     #[error("generating a key or request failed: {0}")]
     Crypto(String),
+    #[error("cannot read the token for the certificate authority from {path}: {reason}")]
+    Token { path: String, reason: String },
     #[error(
         "the certificate authority issued {identity} valid from {not_before} to {not_after}, which does not \
          include this node's time; check the clocks (NTP) of the CA and this node"

@@ -11,6 +11,7 @@
 //! its last good version stays in force.
 #![forbid(unsafe_code)]
 
+pub mod ca;
 mod convert;
 pub mod crds;
 

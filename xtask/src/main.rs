@@ -95,25 +95,10 @@ fn build_agent(release: bool) -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// Writes each definition to `deploy/crds/`, and removes files there that
-/// no definition writes.
+/// Writes the custom resource definitions to `deploy/crds/`.
 fn write_crds() -> Result<()> {
     let dir = root().join("deploy/crds");
-    std::fs::create_dir_all(&dir)?;
-    let definitions = ambit_kube::crds::all();
-    for entry in std::fs::read_dir(&dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if name.ends_with(".yaml") && !definitions.iter().any(|(file, _)| file == name) {
-            std::fs::remove_file(&path)?;
-        }
-    }
-    for (file, crd) in &definitions {
-        let path = dir.join(file);
-        std::fs::write(&path, ambit_kube::crds::to_yaml(crd)).with_context(|| format!("write {}", path.display()))?;
-        println!("crds: wrote {}", path.display());
-    }
-    Ok(())
+    exec(cargo().args(["run", "--quiet", "--package", "ambit-kube", "--example", "crds", "--"]).arg(dir))
 }
 
 fn cargo() -> Command {

@@ -33,9 +33,12 @@ const PYTHON_MODULES: &[(&str, &str)] = &[("jsonschema", "jsonschema"), ("kubern
 
 pub fn run() -> Result<()> {
     nightly_rust_src()?;
-    bpf_linker()?;
-    debian_packages()?;
-    python_modules()?;
+    // The packages download and install while bpf-linker compiles: on a
+    // new machine that is most of the setup's time.
+    let packages = std::thread::spawn(|| debian_packages().and_then(|()| python_modules()));
+    let linker = bpf_linker();
+    packages.join().expect("the package installer does not panic")?;
+    linker?;
     println!("setup: everything is in place");
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! (unscheduled or finished pods, headless services, other classes'
 //! Gateways) are left out before parsing.
 
-use ambit_model::{DATAPLANE_MODE_LABEL, USE_WAYPOINT_LABEL, WAYPOINT_CLASS};
+use ambit_model::{DATAPLANE_MODE_LABEL, NETNS_ANNOTATION, USE_WAYPOINT_LABEL, WAYPOINT_CLASS};
 use kube::api::DynamicObject;
 use serde_json::{Map, Value, json};
 
@@ -20,9 +20,12 @@ pub struct Labels {
 }
 
 /// Annotations ambit reads; the rest (kubectl's last applied
-/// configuration, say) can be large and are dropped.
+/// configuration, say) can be large and are dropped. A pod's network
+/// namespace is never taken from the API: anyone who may edit a pod could
+/// name another netns there (the host's, say); in a cluster the CNI plugin
+/// reports it.
 fn kept_annotation(key: &str) -> bool {
-    key.starts_with("ambit.dev/") || key == "istio.io/dry-run"
+    (key.starts_with("ambit.dev/") && key != NETNS_ANNOTATION) || key == "istio.io/dry-run"
 }
 
 /// The fields of `data` (everything but the object's metadata) that ambit
@@ -117,7 +120,11 @@ mod tests {
                 "name": "web",
                 "namespace": "shop",
                 "labels": {"app": "web"},
-                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "ambit.dev/netns": "/run/netns/x"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                    "ambit.dev/netns": "/proc/1/ns/net",
+                    "ambit.dev/note": "kept",
+                },
                 "managedFields": [{"manager": "kubectl"}],
             },
             "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": [{"name": "app"}]},
@@ -126,7 +133,8 @@ mod tests {
         .unwrap();
         keep_what_ambit_reads("Pod", &mut pod);
         assert!(pod.metadata.managed_fields.is_none());
-        assert_eq!(pod.metadata.annotations.as_ref().unwrap().len(), 1, "only ambit's annotation");
+        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["ambit.dev/note"], "ambit's, and never a netns path");
         assert_eq!(
             pod.data,
             json!({"spec": {"nodeName": "n1", "serviceAccountName": "web"}, "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.1"}]}})

@@ -102,6 +102,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     ]))?;
     // Built here so that compiling it is not part of the measured run.
     exec(cargo().args(["bench", "--package", "ambit-authz", "--bench", "authz", "--no-run"]))?;
+    exec(cargo().args(["bench", "--package", "ambit-kube", "--bench", "source_memory", "--no-run"]))?;
     let release = root().join("target/release");
     let tool = release.join("ambit-bench");
     let plan = if quick {
@@ -111,6 +112,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     };
     let started = Instant::now();
     let authorization = policy_benchmark(&plan)?;
+    let kubernetes = cargo_bench("ambit-kube", "source_memory", &["10000", "1000"])?;
 
     let mut bed = Bed::with_agent(&["n1", "n2"], release.join("ambit-agent"))?;
     bed.namespace("shop", true)?;
@@ -183,8 +185,14 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     let peak_rss_kb = agents.iter().map(|a| proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
     let elapsed = started.elapsed();
 
-    let report =
-        Report { samples, idle_rss_kb, peak_rss_kb: peak_rss_kb.into_iter().max().unwrap_or(0), authorization, http };
+    let report = Report {
+        samples,
+        idle_rss_kb,
+        peak_rss_kb: peak_rss_kb.into_iter().max().unwrap_or(0),
+        authorization,
+        kubernetes,
+        http,
+    };
     println!("{}", report.markdown(&plan, elapsed));
     if let Some(path) = out {
         std::fs::write(&path, serde_json::to_string_pretty(&report.json(&plan, elapsed))?)?;
@@ -298,6 +306,8 @@ struct Report<'a> {
     peak_rss_kb: u64,
     /// The output of common/authz/benches/authz.rs.
     authorization: Value,
+    /// The output of common/kube/benches/source_memory.rs.
+    kubernetes: Value,
     /// Per round: the L4-only service, then the same through the waypoint.
     http: Vec<[HttpSample; 2]>,
 }
@@ -380,15 +390,21 @@ fn wrk(bed: &Bed, client: &str, target: &str, secs: &str) -> Result<HttpSample> 
 /// L4 authorization with 10,000 policies (common/authz/benches/authz.rs), outside
 /// the bed: pure CPU, no network.
 fn policy_benchmark(plan: &Plan) -> Result<Value> {
+    cargo_bench("ambit-authz", "authz", &[&plan.decisions.to_string()])
+}
+
+/// Runs a benchmark that prints one JSON object, and returns that object.
+fn cargo_bench(package: &str, bench: &str, args: &[&str]) -> Result<Value> {
     let output = cargo()
-        .args(["bench", "--package", "ambit-authz", "--bench", "authz", "--", &plan.decisions.to_string()])
+        .args(["bench", "--package", package, "--bench", bench, "--"])
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
-        .context("run the authorization benchmark")?;
+        .with_context(|| format!("run the {bench} benchmark"))?;
     if !output.status.success() {
-        bail!("the authorization benchmark failed ({})", output.status);
+        bail!("the {bench} benchmark failed ({})", output.status);
     }
-    serde_json::from_slice(&output.stdout).context("the authorization benchmark's output is not JSON")
+    serde_json::from_slice(&output.stdout).with_context(|| format!("the {bench} benchmark's output is not JSON"))
 }
 
 /// A metric of the table: its name, how to read it, and how mesh compares
@@ -478,6 +494,11 @@ impl Report<'_> {
                 run["policies"], run["index_build_ms"], run["decision_ns"], run["applicable"], self.authorization["iterations"]
             ));
         }
+        let k = &self.kubernetes;
+        out.push_str(&format!(
+            "Kubernetes source, {} pods and {} services in the API server double: first snapshot in {} ms, {} MB resident for the source and its snapshot.\n",
+            k["pods"], k["services"], k["first_snapshot_ms"], k["source_mb"]
+        ));
         out.push_str(&self.http_markdown());
         out.push_str(&format!("Run time: {:.0} s.\n", elapsed.as_secs_f64()));
         out
@@ -556,6 +577,7 @@ impl Report<'_> {
             "idle_enrolled_pods": IDLE_PODS,
             "agent_peak_rss_mb": self.peak_rss_kb as f64 / 1024.0,
             "authorization": self.authorization,
+            "kubernetes_source": self.kubernetes,
             "http_via_waypoint": self.http.iter().map(|[l4, l7]| json!({
                 "l4": {"rps": l4.rps, "p50_ms": l4.p50_ms, "p99_ms": l4.p99_ms},
                 "waypoint": {"rps": l7.rps, "p50_ms": l7.p50_ms, "p99_ms": l7.p99_ms},

@@ -3,24 +3,19 @@
 //! an object to its enforcement.
 //!
 //! One kube-runtime watcher per kind (with backoff, so an API server outage
-//! or an expired watch relists without dropping what is known), each feeding
-//! a reflector store. Objects keep only the fields ambit reads: a cluster's
-//! pods carry container specs, managed fields and statuses that would
-//! otherwise fill the agent's memory. Every object goes through the model's
-//! parser, as a file's would; an object the model rejects is reported and
-//! its last good version stays in force.
+//! or an expired watch relists without dropping what is known). Every
+//! object goes through the model's parser as it arrives, as a file's would,
+//! and only what the model made of it is kept: a cluster's pods carry
+//! container specs, managed fields and statuses that would otherwise fill
+//! the agent's memory. An object the model rejects is reported and its last
+//! good version stays in force.
 #![forbid(unsafe_code)]
 
 pub mod ca;
 mod convert;
 pub mod crds;
 
-use std::{
-    collections::{HashMap, HashSet},
-    path::Path,
-    pin::Pin,
-    time::Duration,
-};
+use std::{collections::HashMap, path::Path, pin::Pin, time::Duration};
 
 use ambit_config::{Update, Updates};
 use ambit_model::{ConfigError, Object, Snapshot};
@@ -28,11 +23,7 @@ use futures::{Stream, StreamExt as _, stream::select_all};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, GroupVersionKind},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::store::{Store, Writer},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::mpsc;
 
@@ -69,15 +60,8 @@ impl Kind {
 
 /// What a watcher reports to the loop that builds snapshots.
 enum Change {
-    /// The kind's store changed; `ready` once its first list is complete.
-    Stored {
-        kind: usize,
-        ready: bool,
-    },
-    Failed {
-        kind: usize,
-        error: watcher::Error,
-    },
+    Event { kind: usize, event: Box<watcher::Event<DynamicObject>> },
+    Failed { kind: usize, error: watcher::Error },
 }
 
 /// Starts watching the cluster `client` talks to. The first update comes
@@ -87,45 +71,36 @@ pub fn watch_cluster(client: Client, labels: Labels) -> Updates {
 }
 
 async fn run(client: Client, labels: Labels, tx: mpsc::Sender<Update>) {
-    let mut stores = Vec::new();
     let mut changes: Vec<Pin<Box<dyn Stream<Item = Change> + Send>>> = Vec::new();
     for (index, kind) in KINDS.iter().enumerate() {
-        let resource = kind.resource();
-        let writer = Writer::<DynamicObject>::new(resource.clone());
-        stores.push(writer.as_reader());
-        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource());
         let kind = *kind;
         let stream = watcher(api, watcher::Config::default().any_semantic())
             .default_backoff()
             .modify(move |object| convert::keep_what_ambit_reads(kind.kind, object))
-            .reflect(writer)
             .map(move |event| match event {
-                Ok(event) => Change::Stored { kind: index, ready: matches!(event, watcher::Event::InitDone) },
+                Ok(event) => Change::Event { kind: index, event: Box::new(event) },
                 Err(error) => Change::Failed { kind: index, error },
             });
         changes.push(Box::pin(stream));
     }
     let mut changes = select_all(changes);
-    let mut ready = [false; KINDS.len()];
-    let mut builder = SnapshotBuilder::new(labels);
+    let mut kinds: Vec<KindObjects> = KINDS.iter().map(|kind| KindObjects::new(kind.kind, labels)).collect();
     let mut dirty = false;
     loop {
         let settle = tokio::time::sleep(SETTLE);
         tokio::select! {
             change = changes.next() => match change {
-                Some(Change::Stored { kind, ready: listed }) => {
-                    ready[kind] |= listed;
-                    dirty = true;
-                }
+                Some(Change::Event { kind, event }) => dirty |= kinds[kind].apply(*event),
                 Some(Change::Failed { kind, error }) => {
-                    // The watcher retries with backoff; what is stored stays.
+                    // The watcher retries with backoff; what is known stays.
                     tracing::warn!(kind = KINDS[kind].kind, %error, "watching the API server failed; retrying, the last known objects stay in force");
                 }
                 None => return,
             },
-            _ = settle, if dirty && ready.iter().all(|r| *r) => {
+            _ = settle, if dirty && kinds.iter().all(|k| k.listed) => {
                 dirty = false;
-                if tx.send(builder.build(&stores)).await.is_err() {
+                if tx.send(snapshot(&kinds)).await.is_err() {
                     return;
                 }
             }
@@ -133,59 +108,104 @@ async fn run(client: Client, labels: Labels, tx: mpsc::Sender<Update>) {
     }
 }
 
-/// Builds snapshots from the stores, parsing each object once per version
-/// and keeping the last good version of each object the model rejects.
-struct SnapshotBuilder {
-    labels: Labels,
-    /// By uid: the resourceVersion parsed, and what came of it.
-    parsed: HashMap<String, (String, Option<Result<Object, ConfigError>>)>,
-    /// By uid: the last version the model accepted.
-    last_good: HashMap<String, Object>,
+/// What the model made of one object: kept instead of the object itself,
+/// so that the source holds each object once, parsed.
+struct Parsed {
+    resource_version: String,
+    /// `None`: not for ambit (an unscheduled pod, say).
+    outcome: Option<Result<Object, ConfigError>>,
+    /// The last version the model accepted, while the current one is
+    /// rejected: it stays in force.
+    last_good: Option<Object>,
 }
 
-impl SnapshotBuilder {
-    fn new(labels: Labels) -> Self {
-        Self { labels, parsed: HashMap::new(), last_good: HashMap::new() }
+/// The objects of one kind, by uid, as the watcher's events leave them.
+struct KindObjects {
+    kind: &'static str,
+    labels: Labels,
+    objects: HashMap<String, Parsed>,
+    /// A relist under way: it replaces `objects` when complete, so that
+    /// objects deleted while the watch was down go, and nothing is missing
+    /// meanwhile.
+    relisting: Option<HashMap<String, Parsed>>,
+    /// Whether the first list is complete.
+    listed: bool,
+}
+
+impl KindObjects {
+    fn new(kind: &'static str, labels: Labels) -> Self {
+        Self { kind, labels, objects: HashMap::new(), relisting: None, listed: false }
     }
 
-    fn build(&mut self, stores: &[Store<DynamicObject>]) -> Update {
-        let mut snapshot = Snapshot::default();
-        let mut errors = Vec::new();
-        let mut seen = HashSet::new();
-        for (kind, store) in KINDS.iter().zip(stores) {
-            for object in store.state() {
-                let uid = object.metadata.uid.clone().unwrap_or_default();
-                let version = object.metadata.resource_version.clone().unwrap_or_default();
-                let outcome = match self.parsed.get(&uid) {
-                    Some((parsed_version, outcome)) if *parsed_version == version => outcome.clone(),
-                    _ => {
-                        let outcome = convert::to_model(kind.kind, &object, &self.labels)
-                            .map(|value| ambit_model::parse_object(Path::new(SOURCE), 1, value));
-                        self.parsed.insert(uid.clone(), (version, outcome.clone()));
-                        outcome
-                    }
-                };
-                match outcome {
-                    None => {}
-                    Some(Ok(object)) => {
-                        self.last_good.insert(uid.clone(), object.clone());
-                        snapshot.insert(object);
-                    }
-                    Some(Err(error)) => {
-                        errors.push(error);
-                        if let Some(good) = self.last_good.get(&uid) {
-                            snapshot.insert(good.clone());
-                        }
-                    }
-                }
-                seen.insert(uid);
+    /// Applies one event; says whether what is in force may have changed.
+    fn apply(&mut self, event: watcher::Event<DynamicObject>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(HashMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                let (uid, parsed) = self.parse(object);
+                self.relisting.get_or_insert_with(HashMap::new).insert(uid, parsed);
+                false
+            }
+            watcher::Event::InitDone => {
+                self.objects = self.relisting.take().unwrap_or_default();
+                self.listed = true;
+                true
+            }
+            watcher::Event::Apply(object) => {
+                let (uid, parsed) = self.parse(object);
+                self.objects.insert(uid, parsed);
+                true
+            }
+            watcher::Event::Delete(object) => {
+                self.objects.remove(object.metadata.uid.as_deref().unwrap_or_default());
+                true
             }
         }
-        // Objects gone from the cluster take their history with them.
-        self.parsed.retain(|uid, _| seen.contains(uid));
-        self.last_good.retain(|uid, _| seen.contains(uid));
-        Update { snapshot, errors }
     }
+
+    /// Parses `object` once per resourceVersion, carrying its last good
+    /// version over from what is known of it.
+    fn parse(&self, object: DynamicObject) -> (String, Parsed) {
+        let uid = object.metadata.uid.clone().unwrap_or_default();
+        let resource_version = object.metadata.resource_version.clone().unwrap_or_default();
+        let known = self.objects.get(&uid);
+        if let Some(known) = known.filter(|k| k.resource_version == resource_version) {
+            let same = Parsed { resource_version, outcome: known.outcome.clone(), last_good: known.last_good.clone() };
+            return (uid, same);
+        }
+        let outcome = convert::to_model(self.kind, &object, &self.labels)
+            .map(|value| ambit_model::parse_object(Path::new(SOURCE), 1, value));
+        let last_good = match (&outcome, known) {
+            (Some(Err(_)), Some(known)) => match &known.outcome {
+                Some(Ok(good)) => Some(good.clone()),
+                _ => known.last_good.clone(),
+            },
+            _ => None,
+        };
+        (uid, Parsed { resource_version, outcome, last_good })
+    }
+}
+
+/// Every object in force, and what the model rejected.
+fn snapshot(kinds: &[KindObjects]) -> Update {
+    let mut snapshot = Snapshot::default();
+    let mut errors = Vec::new();
+    for parsed in kinds.iter().flat_map(|kind| kind.objects.values()) {
+        match &parsed.outcome {
+            None => {}
+            Some(Ok(object)) => snapshot.insert(object.clone()),
+            Some(Err(error)) => {
+                errors.push(error.clone());
+                if let Some(good) = &parsed.last_good {
+                    snapshot.insert(good.clone());
+                }
+            }
+        }
+    }
+    Update { snapshot, errors }
 }
 
 /// How errors name where an object came from.

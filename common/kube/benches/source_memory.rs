@@ -143,7 +143,7 @@ async fn measure(url: &str, pods: usize, services: usize) -> serde_json::Value {
     json!({
         "pods": pods,
         "services": services,
-        "first_snapshot_ms": first_snapshot_ms.round(),
+        "first_snapshot_ms": first_snapshot_ms.round() as u64,
         "rss_before_mb": (before * 10.0).round() / 10.0,
         "rss_with_source_mb": (after * 10.0).round() / 10.0,
         "source_mb": ((after - before) * 10.0).round() / 10.0,

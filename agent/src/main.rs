@@ -19,11 +19,10 @@ use ambit_hbone::HbonePool;
 use ambit_identity::{
     ca::CertificateAuthority,
     ca_client::CaClient,
-    ca_server::{Authorizer, CaServer, NodeTokenAuthorizer},
+    ca_server::{CaServer, NodeTokenAuthorizer},
     manager::CertManager,
     tls::load_bundle,
 };
-use ambit_kube::ca::TokenReviewAuthorizer;
 use ambit_model::Snapshot;
 use ambit_runtime::{
     logging::{self, LogFormat},
@@ -105,20 +104,10 @@ enum CaCommand {
         /// Directory holding the CA's root and secrets (created if empty).
         #[arg(long)]
         dir: PathBuf,
-        /// Standalone mode: the configuration that says which pods run on
-        /// which node; nodes present the tokens of `ambit-agent ca token`.
-        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
-        config_dir: Option<PathBuf>,
-        /// Kubernetes mode: callers present projected service-account
-        /// tokens (audience `ambit-ca`), reviewed by the API server, which
-        /// also says which pods run where (in-cluster config, or KUBECONFIG).
+        /// The standalone configuration: which pods run on which node
+        /// (nodes present the tokens of `ambit-agent ca token`).
         #[arg(long)]
-        kubernetes: bool,
-        /// Kubernetes mode: the node agent's service account, which may
-        /// obtain the identities of its own node's pods (a waypoint's,
-        /// only its own).
-        #[arg(long, default_value = "ambit-system/ambit-agent", value_parser = parse_service_account)]
-        agent_service_account: (String, String),
+        config_dir: PathBuf,
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: SocketAddr,
         #[arg(long, default_value = "cluster.local")]
@@ -136,15 +125,6 @@ enum CaCommand {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
-}
-
-fn parse_service_account(text: &str) -> Result<(String, String), String> {
-    match text.split_once('/') {
-        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() => {
-            Ok((namespace.to_string(), name.to_string()))
-        }
-        _ => Err(format!("`{text}`: give namespace/name, e.g. ambit-system/ambit-agent")),
-    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -174,24 +154,12 @@ fn main() -> ExitCode {
 #[tokio::main]
 async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
     match command {
-        CaCommand::Serve { dir, config_dir, kubernetes, agent_service_account, listen, trust_domain, leaf_ttl } => {
+        CaCommand::Serve { dir, config_dir, listen, trust_domain, leaf_ttl } => {
             let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
-            let authorizer: Box<dyn Authorizer> = match config_dir {
-                Some(config_dir) if !kubernetes => {
-                    Box::new(NodeTokenAuthorizer::new(ca.node_tokens(), Box::new(DirectoryPlacement::new(config_dir))))
-                }
-                _ => {
-                    // kube's client takes the process-wide rustls provider.
-                    let _ = rustls::crypto::ring::default_provider().install_default();
-                    let client = kube::Client::try_default()
-                        .await
-                        .context("--kubernetes: no API server configured (in-cluster, or KUBECONFIG)")?;
-                    let (namespace, name) = agent_service_account;
-                    Box::new(TokenReviewAuthorizer::new(client, &namespace, &name))
-                }
-            };
+            let authorizer =
+                Box::new(NodeTokenAuthorizer::new(ca.node_tokens(), Box::new(DirectoryPlacement::new(config_dir))));
             let server = Arc::new(CaServer::new(ca, authorizer, leaf_ttl));
             tokio::select! {
                 result = server.serve(listener) => result,

@@ -42,7 +42,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-pub use agent::{Agent, ConnectionRecord, agent_binary};
+pub use agent::{Agent, ConnectionRecord};
 pub use cleanup::{leftovers, remove_stale};
 pub use prereq::{bed_or_skip, missing_prerequisites};
 

@@ -586,13 +586,9 @@ fn in_scope(target: &Target, resource: usize, namespace: &Option<String>) -> boo
     resource == target.resource && (target.namespace.is_none() || *namespace == target.namespace)
 }
 
-fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
-    let selector = match Selector::parse(query) {
-        Ok(selector) => selector,
-        Err(message) => return bad_request(&message),
-    };
-    let store = shared.store.lock().expect("store lock");
-    let mut matching: Vec<&Value> = store
+/// The stored objects a list or a watch of `target` sees now.
+fn current<'a>(store: &'a Store, target: &Target, selector: &Selector) -> Vec<&'a Value> {
+    store
         .objects
         .iter()
         .filter(|((resource, namespace, _), _)| {
@@ -601,7 +597,16 @@ fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Re
         })
         .map(|(_, object)| object)
         .filter(|object| selector.matches(object))
-        .collect();
+        .collect()
+}
+
+fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Response<Body> {
+    let selector = match Selector::parse(query) {
+        Ok(selector) => selector,
+        Err(message) => return bad_request(&message),
+    };
+    let store = shared.store.lock().expect("store lock");
+    let mut matching = current(&store, target, &selector);
     // `continue` is the offset into the list, with the resourceVersion of
     // the first page; a page from a compacted version is gone, as on the
     // real server.
@@ -853,13 +858,8 @@ fn watch_stream(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, S
                 (replay.collect(), Some(live), store.rv)
             }
             None => {
-                let current = store
-                    .objects
-                    .iter()
-                    .filter(|((index, _, _), object)| *index == target.resource && selector.matches(object))
-                    .filter(|((_, namespace, _), _)| target.namespace.as_ref().is_none_or(|ns| ns == namespace))
-                    .map(|(_, object)| watch_line("ADDED", object));
-                (current.collect(), Some(live), store.rv)
+                let added = current(&store, target, &selector).into_iter().map(|object| watch_line("ADDED", object));
+                (added.collect(), Some(live), store.rv)
             }
         }
     };

@@ -79,6 +79,16 @@ impl Enrolments {
         self.failed.len()
     }
 
+    /// Whether pod `id` (`namespace/name`) is captured now.
+    pub fn is_enrolled(&self, id: &str) -> bool {
+        self.active.contains_key(id)
+    }
+
+    /// Why pod `id` could not be enrolled, if its last attempt failed.
+    pub fn failure(&self, id: &str) -> Option<&str> {
+        self.failed.get(id).map(String::as_str)
+    }
+
     /// The pods captured now, for the admin endpoint.
     pub fn enrolled_pods(&self) -> Vec<crate::admin::EnrolledPod> {
         self.active
@@ -137,12 +147,17 @@ impl Enrolments {
     }
 
     fn enrol(&mut self, pod: &Pod, identity: Identity) -> anyhow::Result<ActivePod> {
-        let path = pod.netns.as_ref().with_context(|| {
-            format!(
+        let path = pod.netns.as_ref().with_context(|| match pod.uid {
+            // Kubernetes mode: only the CNI plugin or the /proc scan say where it is.
+            Some(_) => format!(
+                "pod {}: its network namespace is not known yet: no CNI ADD reached this agent for it, and none of the node's processes runs in a netns with the pod's uid and address",
+                pod.id()
+            ),
+            None => format!(
                 "{}: pod {}: metadata.annotations.{NETNS_ANNOTATION} is missing; give the path of the pod's network namespace",
                 pod.source.display(),
                 pod.id()
-            )
+            ),
         })?;
         let netns = Netns::open(path).with_context(|| format!("open netns {}", path.display()))?;
         let outbound_v4 = netns

@@ -8,7 +8,10 @@
 pub mod admin;
 pub mod ca;
 pub mod capture;
+pub mod cni;
 pub mod enrolment;
+pub mod kubernetes;
 pub mod netns;
+pub mod podscan;
 pub mod probe;
 pub mod proxy;

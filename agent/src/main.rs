@@ -10,7 +10,9 @@ use ambit_agent::{
     admin::Admin,
     ca::DirectoryPlacement,
     capture::Capture,
+    cni::CniCall,
     enrolment::Enrolments,
+    kubernetes::Cluster,
     netns, probe,
     proxy::{ProxyContext, workers::Workers},
 };
@@ -19,10 +21,11 @@ use ambit_hbone::HbonePool;
 use ambit_identity::{
     ca::CertificateAuthority,
     ca_client::CaClient,
-    ca_server::{CaServer, NodeTokenAuthorizer},
+    ca_server::{Authorizer, CaServer, NodeTokenAuthorizer},
     manager::CertManager,
     tls::load_bundle,
 };
+use ambit_kube::{Labels, NodePods, Options, ca::TokenReviewAuthorizer, watch_cluster};
 use ambit_model::Snapshot;
 use ambit_runtime::{
     logging::{self, LogFormat},
@@ -35,6 +38,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// How often pods that failed to enrol are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+/// Kubernetes mode: how often each ambient pod's netns is checked (it
+/// still holds the pod's address) and missing ones are looked for in /proc.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// Kubernetes mode: how long the first snapshot may take to carry the pods
+/// found in /proc.
+const FIRST_SCAN_WAIT: Duration = Duration::from_secs(5);
+/// Kubernetes mode: how often ADDs still waiting are looked at again.
+const ADD_SETTLE_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Parser, Debug)]
 #[command(name = "ambit-agent", version, about = "ambit node agent: eBPF capture and per-pod mTLS tunnel")]
@@ -54,9 +65,26 @@ struct AgentArgs {
     /// Name of this node; the agent enrols the pods whose spec.nodeName matches.
     #[arg(long, env = "AMBIT_NODE", required = true)]
     node: Option<String>,
-    /// Directory of standalone YAML objects (Namespace, Pod), watched for changes.
-    #[arg(long, env = "AMBIT_CONFIG_DIR", required = true)]
+    /// Standalone mode: directory of YAML objects (Namespace, Pod,
+    /// policies...), watched for changes.
+    #[arg(long, env = "AMBIT_CONFIG_DIR", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
     config_dir: Option<PathBuf>,
+    /// Kubernetes mode: read the objects from the API server (the pod's
+    /// service account, or $KUBECONFIG) and learn pods' network namespaces
+    /// from the ambit-cni plugin and /proc.
+    #[arg(long, env = "AMBIT_KUBERNETES")]
+    kubernetes: bool,
+    /// Kubernetes mode: also honour istio.io/dataplane-mode and
+    /// istio.io/use-waypoint, for clusters moving over from Istio ambient.
+    #[arg(long, env = "AMBIT_ISTIO_LABELS", requires = "kubernetes")]
+    istio_labels: bool,
+    /// Kubernetes mode: where the ambit-cni plugin reaches the agent.
+    #[arg(long, env = "AMBIT_CNI_SOCKET", default_value = ambit_cni_api::DEFAULT_SOCKET)]
+    cni_socket: PathBuf,
+    /// Kubernetes mode: the host's /proc, where pods that ran before the
+    /// agent started are found.
+    #[arg(long, env = "AMBIT_HOST_PROC", default_value = "/proc")]
+    host_proc: PathBuf,
     /// Where the agent keeps what must outlive a restart: the last good
     /// version of each configuration file (in `config/`), which stands in
     /// for a file that is broken when the agent starts.
@@ -75,7 +103,10 @@ struct AgentArgs {
     /// PEM file with the trust bundle's root certificate(s).
     #[arg(long, env = "AMBIT_CA_ROOT", required = true)]
     ca_root: Option<PathBuf>,
-    /// File holding this node's token for the CA (`ambit-agent ca token`).
+    /// File holding this node's token for the CA: in standalone mode the
+    /// output of `ambit-agent ca token`; in Kubernetes mode the agent's
+    /// projected service-account token (audience `ambit-ca`), read again
+    /// for every request as the kubelet rotates it.
     #[arg(long, env = "AMBIT_NODE_TOKEN_FILE", required = true)]
     node_token_file: Option<PathBuf>,
     /// Admin endpoint: /metrics, /healthz/ready, /config_dump, /certs.
@@ -104,10 +135,24 @@ enum CaCommand {
         /// Directory holding the CA's root and secrets (created if empty).
         #[arg(long)]
         dir: PathBuf,
-        /// The standalone configuration: which pods run on which node
-        /// (nodes present the tokens of `ambit-agent ca token`).
+        /// Standalone mode: the configuration that says which pods run on
+        /// which node (nodes present the tokens of `ambit-agent ca token`).
+        #[arg(long, required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        config_dir: Option<PathBuf>,
+        /// Kubernetes mode: callers present projected service-account
+        /// tokens, checked with TokenReview and the pods' placement; the
+        /// root is kept in the Secret --root-secret and published in a
+        /// ConfigMap `ambit-root-cert` in every namespace.
         #[arg(long)]
-        config_dir: PathBuf,
+        kubernetes: bool,
+        /// Kubernetes mode: the Secret (`namespace/name`) that holds the
+        /// root; created with a new root if it does not exist.
+        #[arg(long, default_value = "ambit-system/ambit-ca-root")]
+        root_secret: String,
+        /// Kubernetes mode: the node agents' service account
+        /// (`namespace/name`), the one that may speak for its node's pods.
+        #[arg(long, default_value = "ambit-system/ambit-agent")]
+        agent_service_account: String,
         #[arg(long, default_value = "0.0.0.0:15012")]
         listen: SocketAddr,
         #[arg(long, default_value = "cluster.local")]
@@ -154,12 +199,36 @@ fn main() -> ExitCode {
 #[tokio::main]
 async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
     match command {
-        CaCommand::Serve { dir, config_dir, listen, trust_domain, leaf_ttl } => {
-            let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
+        CaCommand::Serve {
+            dir,
+            config_dir,
+            kubernetes,
+            root_secret,
+            agent_service_account,
+            listen,
+            trust_domain,
+            leaf_ttl,
+        } => {
+            let (ca, authorizer): (_, Box<dyn Authorizer>) = match config_dir {
+                Some(config_dir) if !kubernetes => {
+                    let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
+                    let placement = Box::new(DirectoryPlacement::new(config_dir));
+                    let authorizer = Box::new(NodeTokenAuthorizer::new(ca.node_tokens(), placement));
+                    (ca, authorizer)
+                }
+                _ => {
+                    let client = kube_client().await?;
+                    let secret = namespaced_name("--root-secret", &root_secret)?;
+                    let (namespace, service_account) =
+                        namespaced_name("--agent-service-account", &agent_service_account)?;
+                    let ca = ambit_kube::ca::load_root(&client, secret, &dir, &trust_domain).await?;
+                    tokio::spawn(ambit_kube::ca::publish_root(client.clone(), &ca));
+                    let authorizer = Box::new(TokenReviewAuthorizer::new(client, namespace, service_account));
+                    (ca, authorizer)
+                }
+            };
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
-            let authorizer =
-                Box::new(NodeTokenAuthorizer::new(ca.node_tokens(), Box::new(DirectoryPlacement::new(config_dir))));
             let server = Arc::new(CaServer::new(ca, authorizer, leaf_ttl));
             tokio::select! {
                 result = server.serve(listener) => result,
@@ -172,6 +241,23 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `namespace/name` from a flag's value.
+fn namespaced_name<'a>(flag: &str, value: &'a str) -> anyhow::Result<(&'a str, &'a str)> {
+    value
+        .split_once('/')
+        .filter(|(namespace, name)| !namespace.is_empty() && !name.is_empty())
+        .with_context(|| format!("{flag} {value}: give namespace/name, e.g. ambit-system/ambit-agent"))
+}
+
+/// A client for the API server: the pod's service account in a cluster,
+/// or $KUBECONFIG. kube's TLS uses the process-wide rustls provider.
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API server: run in a pod with a service account, or set KUBECONFIG")
 }
 
 async fn shutdown_signal() {
@@ -192,7 +278,6 @@ fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     // clap enforces these without a subcommand.
     let node = args.node.expect("required");
-    let config_dir = args.config_dir.expect("required");
     let cgroup = args.cgroup.expect("required");
     let (ca_addr, ca_root, token_file) =
         (args.ca_addr.expect("required"), args.ca_root.expect("required"), args.node_token_file.expect("required"));
@@ -207,7 +292,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             list.join("\n")
         );
     }
-    if !config_dir.is_dir() {
+    if let Some(config_dir) = args.config_dir.as_ref().filter(|dir| !dir.is_dir()) {
         bail!(
             "--config-dir {}: not a directory; create it or point at the standalone configuration",
             config_dir.display()
@@ -223,11 +308,40 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
     let metrics = Arc::new(Metrics::new());
 
-    let config = ConfigDir::new(&config_dir).keeping_last_good_in(args.state_dir.join("config"));
-    let mut updates = watch_dir(config).with_context(|| format!("watch {}", config_dir.display()))?;
-    let Some(Update { snapshot, errors }) = updates.next().await else {
-        bail!("--config-dir {}: the configuration source stopped before its first read", config_dir.display());
+    let (mut updates, mut cluster) = match &args.config_dir {
+        Some(config_dir) => {
+            let config = ConfigDir::new(config_dir).keeping_last_good_in(args.state_dir.join("config"));
+            (watch_dir(config).with_context(|| format!("watch {}", config_dir.display()))?, None)
+        }
+        None => {
+            let client = kube_client().await?;
+            let (cluster, networks) =
+                Cluster::start(client.clone(), node.clone(), args.cni_socket.clone(), args.host_proc.clone())?;
+            let options = Options {
+                labels: Labels { istio: args.istio_labels },
+                node: Some(NodePods { node: node.clone(), networks }),
+            };
+            tracing::info!(cni_socket = %args.cni_socket.display(), "Kubernetes mode: watching the API server");
+            (watch_cluster(client, options), Some(cluster))
+        }
     };
+    let Some(Update { snapshot, mut errors }) = updates.next().await else {
+        bail!("the configuration source stopped before its first read");
+    };
+    let mut snapshot = snapshot;
+    if let Some(cluster) = cluster.as_mut() {
+        // Pods that ran before this agent: their netns, from /proc, before
+        // the first enrolment, so that none is enrolled late or logged as failing.
+        if cluster.rescan(&State::new(snapshot.clone(), &args.trust_domain)) {
+            match tokio::time::timeout(FIRST_SCAN_WAIT, updates.next()).await {
+                Ok(Some(update)) => (snapshot, errors) = (update.snapshot, update.errors),
+                Ok(None) => bail!("the configuration source stopped"),
+                Err(_) => tracing::warn!(
+                    "the pods found in /proc did not reach the state in time; enrolling them at the next update"
+                ),
+            }
+        }
+    }
     log_errors(&errors);
     metrics.config_errors.set(errors.len() as i64);
     let mut policy_warnings = HashSet::new();
@@ -253,16 +367,19 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let capture_counters = capture.counters();
     let mut enrolments = Enrolments::new(node.clone(), capture, ctx.clone());
     let (enrolled_tx, enrolled_rx) = tokio::sync::watch::channel(Vec::new());
-    let apply = async |enrolments: &mut Enrolments| {
+    let apply = async |enrolments: &mut Enrolments, cluster: &mut Option<Cluster>| {
         let state = state_rx.borrow().clone();
         enrolments.reconcile(&state).await;
+        if let Some(cluster) = cluster.as_mut() {
+            cluster.settle(&state, enrolments);
+        }
         enrolled_tx.send_replace(enrolments.enrolled_pods());
         metrics.pods_not_enrolled.set(enrolments.not_enrolled() as i64);
         for (kind, count) in state.sizes() {
             metrics.state_objects.get_or_create(&Metrics::name(kind)).set(count as i64);
         }
     };
-    apply(&mut enrolments).await;
+    apply(&mut enrolments, &mut cluster).await;
     let admin = Arc::new(Admin {
         node: node.clone(),
         ctx: ctx.clone(),
@@ -274,6 +391,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+    let mut waiting_adds = tokio::time::interval(ADD_SETTLE_INTERVAL);
     tracing::info!(%node, enrolled = enrolments.enrolled(), "agent ready");
 
     loop {
@@ -286,10 +405,26 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 metrics.config_errors.set(errors.len() as i64);
                 warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
                 state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
-                apply(&mut enrolments).await;
+                apply(&mut enrolments, &mut cluster).await;
                 tracing::info!(enrolled = enrolments.enrolled(), errors = errors.len(), "configuration applied");
             }
-            _ = retry.tick() => apply(&mut enrolments).await,
+            _ = retry.tick() => apply(&mut enrolments, &mut cluster).await,
+            Some(call) = next_cni_call(&mut cluster) => {
+                let state = state_rx.borrow().clone();
+                let cluster = cluster.as_mut().expect("calls come only in Kubernetes mode");
+                cluster.receive(call, &state, &enrolments);
+                // Answers a CNI ADD for a pod the source will not change (its netns was already known).
+                cluster.settle(&state, &enrolments);
+            }
+            _ = waiting_adds.tick(), if cluster.as_ref().is_some_and(Cluster::has_waiting) => {
+                let state = state_rx.borrow().clone();
+                cluster.as_mut().expect("checked").settle(&state, &enrolments);
+            }
+            _ = recheck.tick(), if cluster.is_some() => {
+                let state = state_rx.borrow().clone();
+                // A change reaches the state through the source, as an update.
+                cluster.as_mut().expect("checked").rescan(&state);
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -304,6 +439,14 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     drop(enrolments); // detaches every program
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The CNI plugin's next request, in Kubernetes mode; never otherwise.
+async fn next_cni_call(cluster: &mut Option<Cluster>) -> Option<CniCall> {
+    match cluster {
+        Some(cluster) => cluster.next_call().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Logs what `ambit policy lint` would warn about, once per finding for as

@@ -72,13 +72,6 @@ impl ConnectionRecord {
     }
 }
 
-/// How an agent reaches the CA.
-pub(crate) struct CaAccess {
-    pub addr: String,
-    pub root: PathBuf,
-    pub token_file: PathBuf,
-}
-
 pub struct Agent {
     pub node: String,
     child: Child,
@@ -86,28 +79,16 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `cmd` (the agent binary, with any extra arguments) as `node`'s agent.
-    pub(crate) fn start(
-        mut cmd: Command,
-        node: &Node,
-        cgroup: &Path,
-        attach: &Path,
-        config: &Path,
-        dir: &Path,
-        ca: &CaAccess,
-    ) -> Result<Agent> {
+    /// Starts `cmd` (the agent binary, with the arguments of its mode and
+    /// any extra ones) as `node`'s agent.
+    pub(crate) fn start(mut cmd: Command, node: &Node, cgroup: &Path, attach: &Path, dir: &Path) -> Result<Agent> {
         let log = dir.join(format!("agent-{}-{}.log", node.name, LOG_COUNTER.fetch_add(1, Ordering::SeqCst)));
-        cmd.args(["--node", &node.name, "--log-format", "json", "--config-dir"])
-            .arg(config)
+        cmd.args(["--node", &node.name, "--log-format", "json"])
             // Per node and run: agents of one node, one after the other, share it.
             .arg("--state-dir")
             .arg(dir.join(format!("state-{}", node.name)))
             .arg("--cgroup")
             .arg(attach)
-            .args(["--ca-addr", &ca.addr, "--ca-root"])
-            .arg(&ca.root)
-            .arg("--node-token-file")
-            .arg(&ca.token_file)
             .env("AMBIT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(File::create(&log)?)

@@ -72,6 +72,8 @@ pub const RESOURCES: &[Resource] = &[
     resource!("", "v1", "pods", "Pod", true),
     resource!("", "v1", "services", "Service", true),
     resource!("", "v1", "serviceaccounts", "ServiceAccount", true),
+    resource!("", "v1", "secrets", "Secret", true),
+    resource!("", "v1", "configmaps", "ConfigMap", true),
     resource!("", "v1", "events", "Event", true),
     resource!("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", true),
     resource!("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", true),
@@ -131,6 +133,9 @@ type Key = (usize, String, String);
 
 #[derive(Default)]
 struct Store {
+    /// Makes this double's uids unique on the machine: the agent's /proc
+    /// scan matches pods by uid, and other test beds run alongside.
+    uid_prefix: String,
     rv: u64,
     objects: BTreeMap<Key, Value>,
     history: Vec<Event>,
@@ -162,21 +167,50 @@ pub struct ApiServer {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
+/// The first three groups of this double's uids: the process and a
+/// counter, e.g. `0000a1b2-0003-4000`.
+fn uid_prefix() -> String {
+    static DOUBLES: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let count = DOUBLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:08x}-{count:04x}-4000", std::process::id())
+}
+
 impl ApiServer {
     /// Starts the double on 127.0.0.1 (a port of the system's choice), in a
     /// runtime of its own, so that synchronous and async tests can use it.
     pub fn start() -> Result<Self> {
+        // Bound outside the runtime: the caller may be inside another one.
+        Self::serve_on(std::net::TcpListener::bind("127.0.0.1:0").context("listen for the API server double")?)
+    }
+
+    /// Starts the double on `addr` inside the network namespace at `netns`
+    /// (the test bed's fabric, which every node reaches).
+    pub fn start_in(netns: &std::path::Path, addr: SocketAddr) -> Result<Self> {
+        let netns = std::fs::File::open(netns).with_context(|| format!("open {}", netns.display()))?;
+        // A thread of its own enters the netns, so the caller's stays put;
+        // the socket keeps the netns it was made in.
+        let listener = std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> Result<std::net::TcpListener> {
+                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).context("enter the netns")?;
+                    std::net::TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the listening thread panicked"))?
+        })?;
+        Self::serve_on(listener)
+    }
+
+    fn serve_on(listener: std::net::TcpListener) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .context("start the API server double's runtime")?;
-        // Bound outside the runtime: the caller may be inside another one.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("listen for the API server double")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            store: Mutex::new(Store::default()),
+            store: Mutex::new(Store { uid_prefix: uid_prefix(), ..Store::default() }),
             live: broadcast::channel(4096).0,
             drop_watches: watch::channel(0).0,
             faults: Mutex::default(),
@@ -192,7 +226,7 @@ impl ApiServer {
         Ok(Self { addr, shared, runtime: Some(runtime) })
     }
 
-    /// `http://127.0.0.1:<port>`, for kubectl's `--server` and kube's client.
+    /// `http://<address>:<port>`, for kubectl's `--server` and kube's client.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -221,6 +255,36 @@ impl ApiServer {
         let index = RESOURCES.iter().position(|r| r.plural == resource)?;
         let key = (index, namespace.unwrap_or_default().to_string(), name.to_string());
         self.shared.store.lock().expect("store lock").objects.get(&key).cloned()
+    }
+
+    /// Applies a JSON merge patch to an object's status (and its labels and
+    /// annotations), as kubelet updates a pod; `false` if there is none.
+    pub fn patch_status(&self, resource: &str, namespace: Option<&str>, name: &str, patch: &Value) -> bool {
+        let Some(index) = RESOURCES.iter().position(|r| r.plural == resource) else { return false };
+        let key = (index, namespace.unwrap_or_default().to_string(), name.to_string());
+        let mut store = self.shared.store.lock().expect("store lock");
+        let Some(before) = store.objects.get(&key).cloned() else { return false };
+        let mut object = before.clone();
+        merge_patch(&mut object["status"], &patch["status"]);
+        store.change(&self.shared.live, key, EventType::Modified, object, Some(before));
+        true
+    }
+
+    /// Deletes an object, as a controller would; `false` if there was none.
+    pub fn remove(&self, resource: &str, namespace: Option<&str>, name: &str) -> bool {
+        let Some(index) = RESOURCES.iter().position(|r| r.plural == resource) else { return false };
+        let key = (index, namespace.unwrap_or_default().to_string(), name.to_string());
+        let mut store = self.shared.store.lock().expect("store lock");
+        let Some(before) = store.objects.get(&key).cloned() else { return false };
+        store.change(&self.shared.live, key, EventType::Deleted, before, None);
+        true
+    }
+
+    /// Every object of `resource` (its plural), in every namespace.
+    pub fn list(&self, resource: &str) -> Vec<Value> {
+        let Some(index) = RESOURCES.iter().position(|r| r.plural == resource) else { return Vec::new() };
+        let store = self.shared.store.lock().expect("store lock");
+        store.objects.iter().filter(|((kind, _, _), _)| *kind == index).map(|(_, object)| object.clone()).collect()
     }
 
     /// Accepts `token` in TokenReviews as `owner`'s.
@@ -292,7 +356,7 @@ impl Store {
                 }
             }
             (None, EventType::Added) => {
-                metadata["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.rv));
+                metadata["uid"] = json!(format!("{}-8000-{:012x}", self.uid_prefix, self.rv));
                 metadata["creationTimestamp"] = json!(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
             }
             // A deletion carries the object as it was.
@@ -763,7 +827,18 @@ fn patch(shared: &Shared, target: &Target, content_type: &str, body: &[u8]) -> R
     let Some(before) = store.objects.get(&key).cloned() else { return not_found(target) };
     let mut object = before.clone();
     match target.subresource.as_deref() {
-        Some("status") => merge_patch(&mut object["status"], &patch["status"]),
+        // As the real server's status strategy for pods: the status, and
+        // the metadata's labels and annotations, may change; the spec not.
+        Some("status") => {
+            if let Some(status) = patch.get("status") {
+                merge_patch(&mut object["status"], status);
+            }
+            for field in ["labels", "annotations"] {
+                if let Some(value) = patch["metadata"].get(field) {
+                    merge_patch(&mut object["metadata"][field], value);
+                }
+            }
+        }
         None => merge_patch(&mut object, &patch),
         Some(other) => return status(StatusCode::NOT_FOUND, "NotFound", &format!("no subresource {other}")),
     }

@@ -24,6 +24,7 @@
 mod agent;
 pub mod apiserver;
 mod cleanup;
+mod cluster;
 mod prereq;
 
 use std::{
@@ -44,7 +45,8 @@ use anyhow::{Context as _, Result, bail};
 
 pub use agent::{Agent, ConnectionRecord};
 pub use cleanup::{leftovers, remove_stale};
-pub use prereq::{bed_or_skip, missing_prerequisites};
+pub use cluster::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, CniFailure};
+pub use prereq::{bed_or_skip, kubernetes_bed_or_skip, missing_prerequisites};
 
 /// Prefix of every resource the bed creates.
 pub const PREFIX: &str = "ambit-";
@@ -79,6 +81,8 @@ pub struct Pod {
     pub cgroup: PathBuf,
     /// Labels written into the pod's YAML.
     pub labels: BTreeMap<String, String>,
+    /// The pod's uid in the API (Kubernetes mode).
+    pub uid: Option<String>,
 }
 
 impl Pod {
@@ -143,6 +147,8 @@ pub struct Bed {
     children: Mutex<Vec<Child>>,
     agent_binary: PathBuf,
     ca: Mutex<Option<Child>>,
+    /// Kubernetes mode ([`Bed::kubernetes`]); standalone if `None`.
+    kubernetes: Option<cluster::Kubernetes>,
 }
 
 /// Where the bed's certificate authority listens (on the fabric bridge).
@@ -179,6 +185,7 @@ impl Bed {
             children: Mutex::new(Vec::new()),
             agent_binary,
             ca: Mutex::new(None),
+            kubernetes: None,
         };
         ip(&["netns", "add", &bed.fabric])?;
         ip_in(&bed.fabric, &["link", "add", "br0", "type", "bridge"])?;
@@ -257,13 +264,12 @@ impl Bed {
         }
         let log = File::options().create(true).append(true).open(self.ca_log())?;
         let mut cmd = Command::new(&self.agent_binary);
-        cmd.args(["ca", "serve", "--log-format", "json", "--listen", CA_ADDR, "--leaf-ttl", leaf_ttl, "--dir"])
-            .arg(self.ca_dir())
-            .arg("--config-dir")
-            .arg(self.config_dir())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
+        cmd.args(["ca", "serve", "--log-format", "json", "--listen", CA_ADDR, "--leaf-ttl", leaf_ttl]);
+        match &self.kubernetes {
+            None => cmd.arg("--dir").arg(self.ca_dir()).arg("--config-dir").arg(self.config_dir()),
+            Some(kubernetes) => kubernetes.ca_args(&mut cmd),
+        };
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         enter(&mut cmd, &Path::new("/run/netns").join(&self.fabric), Some(&cgroup))?;
         *self.ca.lock().expect("ca lock") = Some(cmd.spawn().context("start the CA")?);
         let port = CA_ADDR.rsplit(':').next().expect("ip:port");
@@ -388,6 +394,7 @@ impl Bed {
             netns: netns.clone(),
             cgroup: node.cgroup.join(format!("pod-{namespace}-{name}")),
             labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+            uid: None,
         };
         std::fs::create_dir(&pod.cgroup)?;
         ip(&["netns", "add", &netns])?;
@@ -478,14 +485,18 @@ impl Bed {
         if !cgroup.exists() {
             std::fs::create_dir(&cgroup)?;
         }
-        let ca = agent::CaAccess {
-            addr: CA_ADDR.to_string(),
-            root: self.ca_dir().join("root.pem"),
-            token_file: self.node_token_file(&node.name),
-        };
         let mut cmd = Command::new(&self.agent_binary);
+        cmd.args(["--ca-addr", CA_ADDR]);
+        match &self.kubernetes {
+            None => {
+                cmd.arg("--config-dir").arg(self.config_dir());
+                cmd.arg("--ca-root").arg(self.ca_dir().join("root.pem"));
+                cmd.arg("--node-token-file").arg(self.node_token_file(&node.name));
+            }
+            Some(kubernetes) => kubernetes.agent_args(&mut cmd, &node.name),
+        }
         cmd.args(args);
-        Agent::start(cmd, node, &cgroup, attach, &self.config_dir(), self.dir.path(), &ca)
+        Agent::start(cmd, node, &cgroup, attach, self.dir.path())
     }
 
     /// Starts `ambit-waypoint` (built next to the agent binary) in a waypoint

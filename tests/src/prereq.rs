@@ -10,6 +10,9 @@ use crate::{Bed, agent::agent_binary};
 /// Commands the bed and the tests run; `cargo xtask setup` installs them.
 const TOOLS: &[&str] = &["ip", "ss", "python3", "curl", "iperf3", "bpftool", "sha256sum", "tcpdump", "openssl"];
 
+/// The CNI plugins the Kubernetes-mode bed runs before ambit-cni.
+const CNI_PLUGINS: &[&str] = &["/usr/lib/cni/loopback", "/usr/lib/cni/bridge", "/usr/lib/cni/host-local"];
+
 /// Why the bed cannot run here, or `None` when it can.
 pub fn missing_prerequisites() -> Option<String> {
     let mut missing = Vec::new();
@@ -24,6 +27,11 @@ pub fn missing_prerequisites() -> Option<String> {
             missing.push(format!("the `{tool}` command (run `cargo xtask setup`)"));
         }
     }
+    for plugin in CNI_PLUGINS {
+        if !std::path::Path::new(plugin).is_file() {
+            missing.push(format!("the CNI plugin {plugin} (containernetworking-plugins; run `cargo xtask setup`)"));
+        }
+    }
     let agent = agent_binary();
     if !agent.exists() {
         missing.push(format!("the agent binary at {} (run `cargo xtask test`, which builds it)", agent.display()));
@@ -35,14 +43,21 @@ pub fn missing_prerequisites() -> Option<String> {
 /// machine cannot run one and this is not CI. In CI it panics instead: an
 /// end-to-end test must never pass by skipping there.
 pub fn bed_or_skip(nodes: &[&str]) -> Option<Bed> {
-    if let Some(missing) = missing_prerequisites() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true, and the end-to-end test bed cannot run: missing {missing}");
-        }
-        eprintln!("SKIPPED end-to-end test (not CI): missing {missing}");
-        return None;
+    can_run().then(|| Bed::new(nodes).expect("create the test bed"))
+}
+
+/// Like [`bed_or_skip`], for a bed in Kubernetes mode ([`Bed::kubernetes`]).
+pub fn kubernetes_bed_or_skip(nodes: &[&str]) -> Option<Bed> {
+    can_run().then(|| Bed::kubernetes(nodes).expect("create the Kubernetes test bed"))
+}
+
+fn can_run() -> bool {
+    let Some(missing) = missing_prerequisites() else { return true };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true, and the end-to-end test bed cannot run: missing {missing}");
     }
-    Some(Bed::new(nodes).expect("create the test bed"))
+    eprintln!("SKIPPED end-to-end test (not CI): missing {missing}");
+    false
 }
 
 /// Where cgroup v2 is mounted, read from /proc/self/mountinfo (it differs

@@ -93,36 +93,16 @@ fn cross_node_traffic_is_mutual_tls_and_opaque_on_the_wire() {
     bed.iperf3_server("shop/web", IPERF_PORT).unwrap();
 
     // Watch the link between the nodes for the whole exchange.
-    let pcap = bed.scratch().join("between-nodes.pcap");
-    let tcpdump_log = bed.scratch().join("tcpdump.log");
-    let mut tcpdump = bed
-        .fabric_command("tcpdump")
-        .args(["-i", "br0", "-n", "-U", "-w"])
-        .arg(&pcap)
-        .arg("tcp")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&tcpdump_log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_until(Duration::from_secs(10), "tcpdump to listen", || {
-        Ok(std::fs::read_to_string(&tcpdump_log)?.contains("listening on"))
-    })
-    .unwrap();
+    let wire = WireCapture::start(&bed, "between-nodes");
 
     let page = curl(&bed, "shop/client", &format!("{base}/{marker}.txt")).unwrap();
     assert!(page.starts_with(marker));
     assert_eq!(curl_sha256(&bed, "shop/client", &format!("{base}/big.bin")), big_sum);
     assert!(iperf3(&bed, "shop/client", &web_ip, false) > 1_000_000);
     assert!(iperf3(&bed, "shop/client", &web_ip, true) > 1_000_000);
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = nix_kill(tcpdump.id());
-    tcpdump.wait().unwrap();
-
-    let raw = std::fs::read(&pcap).unwrap();
+    let (raw, lines) = wire.stop();
     assert!(raw.len() > BIG_FILE_BYTES, "the capture saw the transfers ({} bytes)", raw.len());
     assert!(!contains(&raw, marker.as_bytes()), "the payload marker crossed the wire in clear");
-    let decoded = Command::new("tcpdump").args(["-nn", "-r"]).arg(&pcap).output().unwrap();
-    let lines: Vec<String> = String::from_utf8_lossy(&decoded.stdout).lines().map(str::to_string).collect();
     assert!(lines.len() > 100, "{} packets", lines.len());
     let not_hbone: Vec<&String> = lines.iter().filter(|l| !l.contains(&format!("{web_ip}.15008"))).collect();
     assert!(
@@ -149,10 +129,6 @@ fn cross_node_traffic_is_mutual_tls_and_opaque_on_the_wire() {
         );
         assert_eq!(record.src_workload, "shop/client");
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 fn nix_kill(pid: u32) -> std::io::Result<()> {

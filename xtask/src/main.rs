@@ -79,11 +79,12 @@ fn root() -> PathBuf {
 }
 
 /// Builds the agent (agent/build.rs builds the kernel programs), and the
-/// waypoint and the `ambit` CLI next to it, and returns the agent binary's
-/// path.
+/// waypoint, the `ambit` CLI and the `ambit-cni` plugin next to it, and
+/// returns the agent binary's path.
 fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cargo = cargo();
     cargo.args(["build", "--package", "ambit-agent", "--package", "ambit-waypoint", "--package", "ambit-cli"]);
+    cargo.args(["--package", "ambit-cni"]);
     if release {
         cargo.arg("--release");
     }

@@ -13,7 +13,7 @@ use crate::{exec, output};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
-/// Debian packages the end-to-end tests and the demo run.
+/// Debian packages the end-to-end tests and the demo run (package, a command it installs).
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("bpftool", "bpftool"),
@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("openssl", "openssl"),
     ("wrk", "wrk"),
+    // `bridge` and `host-local`, chained before ambit-cni in the Kubernetes-mode tests.
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
 ];
 
 /// Python modules the tests run (module, PyPI package): the JSON Schema

@@ -56,6 +56,7 @@ fn main() {
     let destination = Pod {
         namespace: "ns-7".into(),
         name: "api".into(),
+        uid: None,
         service_account: "api".into(),
         node: "n1".into(),
         labels: [("app".to_string(), "app-107".to_string())].into(),

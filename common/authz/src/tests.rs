@@ -12,6 +12,7 @@ fn api_pod() -> Pod {
     Pod {
         namespace: "shop".into(),
         name: "api".into(),
+        uid: None,
         service_account: "api".into(),
         node: "n1".into(),
         labels: [("app".to_string(), "api".to_string())].into(),

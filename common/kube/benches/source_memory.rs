@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_kube::{Labels, watch_cluster};
+use ambit_kube::{Options, watch_cluster};
 use ambit_testbed::apiserver::ApiServer;
 use serde_json::json;
 
@@ -133,7 +133,7 @@ async fn measure(url: &str, pods: usize, services: usize) -> serde_json::Value {
     let before = rss_mb();
     let client = kube::Client::try_from(kube::Config::new(url.parse().expect("a URL"))).expect("a client");
     let started = Instant::now();
-    let mut updates = watch_cluster(client, Labels::default());
+    let mut updates = watch_cluster(client, Options::default());
     let first = updates.next().await.expect("a first snapshot");
     let first_snapshot_ms = started.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(first.snapshot.pods.len(), pods, "{:?}", first.errors.first());

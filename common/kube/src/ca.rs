@@ -14,13 +14,21 @@
 //! So a node's agent can obtain the identities of its own node's pods and
 //! no others, and a waypoint only its own.
 
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
 use ambit_identity::{
     Identity,
+    ca::{CertificateAuthority, pem},
     ca_server::{AuthorizeFuture, Authorizer, Refusal},
 };
-use k8s_openapi::api::{
-    authentication::v1::{TokenReview, TokenReviewSpec},
-    core::v1::Pod,
+use anyhow::Context as _;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        authentication::v1::{TokenReview, TokenReviewSpec},
+        core::v1::{ConfigMap, Namespace, Pod, Secret},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client,
@@ -149,4 +157,117 @@ impl Authorizer for TokenReviewAuthorizer {
     fn authorize<'a>(&'a self, node: &'a str, token: &'a str, identity: &'a Identity) -> AuthorizeFuture<'a> {
         Box::pin(self.check(node, token, identity))
     }
+}
+
+/// The ConfigMap, in every namespace, that holds the mesh's root
+/// certificate (key [`ROOT_CERT_KEY`]) for agents and waypoints to mount.
+pub const ROOT_CERT_CONFIG_MAP: &str = "ambit-root-cert";
+pub const ROOT_CERT_KEY: &str = "root-cert.pem";
+/// How often [`publish_root`] looks for namespaces without the root.
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The CA whose root is kept in the Secret `secret` (namespace, name):
+/// loaded from it, or created and stored in it when there is none. `dir`
+/// (an empty, memory-backed directory) holds the files while the CA runs.
+/// Two CAs starting at once agree: the second one's create is refused and
+/// it loads the first one's root.
+pub async fn load_root(
+    client: &Client,
+    (namespace, name): (&str, &str),
+    dir: &Path,
+    trust_domain: &str,
+) -> anyhow::Result<CertificateAuthority> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    for _ in 0..2 {
+        if let Some(secret) =
+            secrets.get_opt(name).await.with_context(|| format!("read the CA's Secret {namespace}/{name}"))?
+        {
+            std::fs::create_dir_all(dir)?;
+            for (file, ByteString(bytes)) in secret.data.unwrap_or_default() {
+                if file.contains('/') {
+                    anyhow::bail!("Secret {namespace}/{name}: key {file:?} is not a file name");
+                }
+                std::fs::write(dir.join(&file), bytes)
+                    .with_context(|| format!("write {}", dir.join(&file).display()))?;
+            }
+            let ca = CertificateAuthority::load_or_create(dir, trust_domain)
+                .with_context(|| format!("Secret {namespace}/{name} does not hold a usable root"))?;
+            tracing::info!(secret = %format!("{namespace}/{name}"), "loaded the root from its Secret");
+            return Ok(ca);
+        }
+        let fresh = tempfile_dir(dir)?;
+        CertificateAuthority::load_or_create(&fresh, trust_domain)?;
+        let mut data = BTreeMap::new();
+        for entry in std::fs::read_dir(&fresh)? {
+            let entry = entry?;
+            data.insert(entry.file_name().to_string_lossy().into_owned(), ByteString(std::fs::read(entry.path())?));
+        }
+        std::fs::remove_dir_all(&fresh)?;
+        let secret = Secret {
+            metadata: ObjectMeta { name: Some(name.to_string()), ..Default::default() },
+            data: Some(data),
+            type_: Some("Opaque".to_string()),
+            ..Default::default()
+        };
+        match secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => tracing::info!(secret = %format!("{namespace}/{name}"), "stored a new root in its Secret"),
+            // Another CA replica stored its root first: use that one.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(error) => return Err(error).with_context(|| format!("create the CA's Secret {namespace}/{name}")),
+        }
+    }
+    anyhow::bail!("the CA's Secret {namespace}/{name} was created and then could not be read back")
+}
+
+/// A new directory next to `dir` for a root being created.
+fn tempfile_dir(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let fresh = dir.with_extension("new");
+    let _ = std::fs::remove_dir_all(&fresh);
+    std::fs::create_dir_all(&fresh).with_context(|| format!("create {}", fresh.display()))?;
+    Ok(fresh)
+}
+
+/// Keeps the root certificate in a ConfigMap in every namespace, so that
+/// agents and waypoints mount the trust anchor like any other file.
+pub fn publish_root(client: Client, ca: &CertificateAuthority) -> impl Future<Output = ()> + Send + use<> {
+    let wanted = BTreeMap::from([(ROOT_CERT_KEY.to_string(), pem("CERTIFICATE", ca.root()))]);
+    publish_loop(client, wanted)
+}
+
+async fn publish_loop(client: Client, wanted: BTreeMap<String, String>) {
+    loop {
+        if let Err(error) = publish_once(&client, &wanted).await {
+            tracing::warn!(error = %format!("{error:#}"), "cannot publish the root certificate; retrying");
+        }
+        tokio::time::sleep(PUBLISH_INTERVAL).await;
+    }
+}
+
+async fn publish_once(client: &Client, wanted: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let namespaces = Api::<Namespace>::all(client.clone()).list(&ListParams::default()).await?;
+    let named = ListParams::default().fields(&format!("metadata.name={ROOT_CERT_CONFIG_MAP}"));
+    let published = Api::<ConfigMap>::all(client.clone()).list(&named).await?;
+    for namespace in namespaces.items.iter().filter_map(|ns| ns.metadata.name.as_deref()) {
+        let current = published.items.iter().find(|cm| cm.metadata.namespace.as_deref() == Some(namespace));
+        if current.is_some_and(|cm| cm.data.as_ref() == Some(wanted)) {
+            continue;
+        }
+        let config_map = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(ROOT_CERT_CONFIG_MAP.to_string()),
+                namespace: Some(namespace.to_string()),
+                resource_version: current.and_then(|cm| cm.metadata.resource_version.clone()),
+                ..Default::default()
+            },
+            data: Some(wanted.clone()),
+            ..Default::default()
+        };
+        let config_maps = Api::<ConfigMap>::namespaced(client.clone(), namespace);
+        match current {
+            None => config_maps.create(&PostParams::default(), &config_map).await.map(drop),
+            Some(_) => config_maps.replace(ROOT_CERT_CONFIG_MAP, &PostParams::default(), &config_map).await.map(drop),
+        }
+        .with_context(|| format!("ConfigMap {namespace}/{ROOT_CERT_CONFIG_MAP}"))?;
+    }
+    Ok(())
 }

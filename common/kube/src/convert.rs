@@ -3,6 +3,8 @@
 //! (unscheduled or finished pods, headless services, other classes'
 //! Gateways) are left out before parsing.
 
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
 use ambit_model::{DATAPLANE_MODE_LABEL, NETNS_ANNOTATION, USE_WAYPOINT_LABEL, WAYPOINT_CLASS};
 use kube::api::DynamicObject;
 use serde_json::{Map, Value, json};
@@ -23,7 +25,7 @@ pub struct Labels {
 /// configuration, say) can be large and are dropped. A pod's network
 /// namespace is never taken from the API: anyone who may edit a pod could
 /// name another netns there (the host's, say); in a cluster the CNI plugin
-/// reports it.
+/// reports it ([`PodNetwork`]).
 fn kept_annotation(key: &str) -> bool {
     (key.starts_with("ambit.dev/") && key != NETNS_ANNOTATION) || key == "istio.io/dry-run"
 }
@@ -63,10 +65,45 @@ pub fn keep_what_ambit_reads(kind: &str, object: &mut DynamicObject) {
     object.data = Value::Object(data);
 }
 
+/// A pod of this node as its CNI ADD described it: where its network
+/// namespace is, and its addresses before the API server has them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodNetwork {
+    /// The pod the report was for; a pod of the same name with another uid
+    /// is not given this network.
+    pub uid: Option<String>,
+    pub netns: PathBuf,
+    pub ips: Vec<IpAddr>,
+}
+
+/// The CNI reports of this node's pods, by `namespace/name`.
+pub type PodNetworks = BTreeMap<String, PodNetwork>;
+
+/// The network `networks` holds for `object` (a pod), if it is this pod's.
+pub fn network_of<'a>(networks: &'a PodNetworks, object: &DynamicObject) -> Option<&'a PodNetwork> {
+    let id =
+        format!("{}/{}", object.metadata.namespace.as_deref().unwrap_or_default(), object.metadata.name.as_deref()?);
+    networks.get(&id).filter(|network| network.uid.is_none() || network.uid == object.metadata.uid)
+}
+
 /// The document the model parses for `object`, or `None` when the object
-/// is not for ambit.
-pub fn to_model(kind: &str, object: &DynamicObject, labels: &Labels) -> Option<serde_yaml_ng::Value> {
-    let data = &object.data;
+/// is not for ambit. A pod's `network`, if any, gives its netns and, until
+/// the API server has them, its addresses.
+pub fn to_model(
+    kind: &str,
+    object: &DynamicObject,
+    labels: &Labels,
+    network: Option<&PodNetwork>,
+) -> Option<serde_yaml_ng::Value> {
+    let mut data = object.data.clone();
+    if let Some(network) = network {
+        // Kubelet writes status.podIPs only after ADD has returned.
+        let status = &mut data["status"];
+        if status["podIPs"].as_array().is_none_or(|ips| ips.is_empty()) {
+            status["podIPs"] = network.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+        }
+    }
+    let data = &data;
     let for_ambit = match kind {
         "Pod" => {
             let scheduled = data["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
@@ -90,13 +127,18 @@ pub fn to_model(kind: &str, object: &DynamicObject, labels: &Labels) -> Option<s
             }
         }
     }
+    let mut annotations = metadata.annotations.clone().unwrap_or_default();
+    if let Some(network) = network {
+        annotations.insert(NETNS_ANNOTATION.to_string(), network.netns.display().to_string());
+    }
     let mut document = json!({
         "kind": kind,
         "metadata": {
             "name": metadata.name,
             "namespace": metadata.namespace,
+            "uid": metadata.uid,
             "labels": object_labels,
-            "annotations": metadata.annotations.clone().unwrap_or_default(),
+            "annotations": annotations,
         },
     });
     if let (Value::Object(document), Value::Object(data)) = (&mut document, data) {

@@ -14,6 +14,7 @@
 pub mod ca;
 mod convert;
 pub mod crds;
+mod events;
 
 use std::{collections::HashMap, path::Path, pin::Pin, time::Duration};
 
@@ -25,9 +26,10 @@ use kube::{
     api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt as _, watcher},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-pub use convert::Labels;
+pub use convert::{Labels, PodNetwork, PodNetworks};
+use events::Rejection;
 
 /// How long a burst of changes may run on before the snapshot is rebuilt:
 /// a rollout changes many pods at once.
@@ -64,13 +66,37 @@ enum Change {
     Failed { kind: usize, error: watcher::Error },
 }
 
-/// Starts watching the cluster `client` talks to. The first update comes
-/// once every kind has been listed; then one per burst of changes.
-pub fn watch_cluster(client: Client, labels: Labels) -> Updates {
-    Updates::spawn(move |tx| run(client, labels, tx))
+/// What a source is for, beyond the cluster's objects.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub labels: Labels,
+    /// The node the source serves, if any.
+    pub node: Option<NodePods>,
 }
 
-async fn run(client: Client, labels: Labels, tx: mpsc::Sender<Update>) {
+/// A node's pods as its CNI plugin reported them: they get their network
+/// namespace, and their addresses until kubelet writes them, from these
+/// reports and never from the API.
+#[derive(Clone, Debug)]
+pub struct NodePods {
+    pub node: String,
+    pub networks: watch::Receiver<PodNetworks>,
+}
+
+/// Starts watching the cluster `client` talks to. The first update comes
+/// once every kind has been listed; then one per burst of changes. Objects
+/// the model rejects are reported on the object as Events.
+pub fn watch_cluster(client: Client, options: Options) -> Updates {
+    Updates::spawn(move |tx| run(client, options, tx))
+}
+
+async fn run(client: Client, options: Options, tx: mpsc::Sender<Update>) {
+    let Options { labels, node } = options;
+    let (node_name, mut networks) = match node {
+        Some(NodePods { node, networks }) => (Some(node), networks),
+        None => (None, watch::channel(PodNetworks::new()).1),
+    };
+    let reporter = node_name.clone().unwrap_or_else(|| "cluster".to_string());
     let mut changes: Vec<Pin<Box<dyn Stream<Item = Change> + Send>>> = Vec::new();
     for (index, kind) in KINDS.iter().enumerate() {
         let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource());
@@ -85,19 +111,31 @@ async fn run(client: Client, labels: Labels, tx: mpsc::Sender<Update>) {
         changes.push(Box::pin(stream));
     }
     let mut changes = select_all(changes);
-    let mut kinds: Vec<KindObjects> = KINDS.iter().map(|kind| KindObjects::new(kind.kind, labels)).collect();
+    let mut kinds: Vec<KindObjects> =
+        KINDS.iter().map(|kind| KindObjects::new(*kind, labels, node_name.clone())).collect();
     let mut dirty = false;
     loop {
         let settle = tokio::time::sleep(SETTLE);
         tokio::select! {
             change = changes.next() => match change {
-                Some(Change::Event { kind, event }) => dirty |= kinds[kind].apply(*event),
+                Some(Change::Event { kind, event }) => {
+                    dirty |= kinds[kind].apply(*event, &networks.borrow());
+                    for rejection in kinds[kind].rejections.drain(..) {
+                        tokio::spawn(events::report(client.clone(), rejection, reporter.clone()));
+                    }
+                }
                 Some(Change::Failed { kind, error }) => {
                     // The watcher retries with backoff; what is known stays.
                     tracing::warn!(kind = KINDS[kind].kind, %error, "watching the API server failed; retrying, the last known objects stay in force");
                 }
                 None => return,
             },
+            Ok(()) = networks.changed() => {
+                let networks = networks.borrow_and_update().clone();
+                for kind in &mut kinds {
+                    dirty |= kind.renetwork(&networks);
+                }
+            }
             _ = settle, if dirty && kinds.iter().all(|k| k.listed) => {
                 dirty = false;
                 if tx.send(snapshot(&kinds)).await.is_err() {
@@ -112,6 +150,8 @@ async fn run(client: Client, labels: Labels, tx: mpsc::Sender<Update>) {
 /// so that the source holds each object once, parsed.
 struct Parsed {
     resource_version: String,
+    /// The CNI report the object was parsed with (a pod of this node).
+    network: Option<PodNetwork>,
     /// `None`: not for ambit (an unscheduled pod, say).
     outcome: Option<Result<Object, ConfigError>>,
     /// The last version the model accepted, while the current one is
@@ -121,9 +161,16 @@ struct Parsed {
 
 /// The objects of one kind, by uid, as the watcher's events leave them.
 struct KindObjects {
-    kind: &'static str,
+    kind: Kind,
     labels: Labels,
+    /// The node whose pods' objects are kept in `local`.
+    node: Option<String>,
     objects: HashMap<String, Parsed>,
+    /// This node's pods, by uid, as the watcher left them (pruned): parsed
+    /// again when their CNI report changes.
+    local: HashMap<String, DynamicObject>,
+    /// Objects the model has just rejected, to report.
+    rejections: Vec<Rejection>,
     /// A relist under way: it replaces `objects` when complete, so that
     /// objects deleted while the watch was down go, and nothing is missing
     /// meanwhile.
@@ -133,51 +180,95 @@ struct KindObjects {
 }
 
 impl KindObjects {
-    fn new(kind: &'static str, labels: Labels) -> Self {
-        Self { kind, labels, objects: HashMap::new(), relisting: None, listed: false }
+    fn new(kind: Kind, labels: Labels, node: Option<String>) -> Self {
+        Self {
+            kind,
+            labels,
+            node: node.filter(|_| kind.kind == "Pod"),
+            objects: HashMap::new(),
+            local: HashMap::new(),
+            rejections: Vec::new(),
+            relisting: None,
+            listed: false,
+        }
     }
 
     /// Applies one event; says whether what is in force may have changed.
-    fn apply(&mut self, event: watcher::Event<DynamicObject>) -> bool {
+    fn apply(&mut self, event: watcher::Event<DynamicObject>, networks: &PodNetworks) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(HashMap::new());
                 false
             }
             watcher::Event::InitApply(object) => {
-                let (uid, parsed) = self.parse(object);
+                let (uid, parsed) = self.parse(object, networks);
                 self.relisting.get_or_insert_with(HashMap::new).insert(uid, parsed);
                 false
             }
             watcher::Event::InitDone => {
                 self.objects = self.relisting.take().unwrap_or_default();
+                self.local.retain(|uid, _| self.objects.contains_key(uid));
                 self.listed = true;
                 true
             }
             watcher::Event::Apply(object) => {
-                let (uid, parsed) = self.parse(object);
+                let (uid, parsed) = self.parse(object, networks);
                 self.objects.insert(uid, parsed);
                 true
             }
             watcher::Event::Delete(object) => {
-                self.objects.remove(object.metadata.uid.as_deref().unwrap_or_default());
+                let uid = object.metadata.uid.as_deref().unwrap_or_default();
+                self.objects.remove(uid);
+                self.local.remove(uid);
                 true
             }
         }
     }
 
-    /// Parses `object` once per resourceVersion, carrying its last good
-    /// version over from what is known of it.
-    fn parse(&self, object: DynamicObject) -> (String, Parsed) {
+    /// Parses this node's pods again after their CNI reports changed.
+    fn renetwork(&mut self, networks: &PodNetworks) -> bool {
+        let changed: Vec<DynamicObject> = self
+            .local
+            .values()
+            .filter(|object| {
+                let uid = object.metadata.uid.as_deref().unwrap_or_default();
+                let known = self.objects.get(uid).and_then(|parsed| parsed.network.as_ref());
+                convert::network_of(networks, object) != known
+            })
+            .cloned()
+            .collect();
+        for object in &changed {
+            let (uid, parsed) = self.parse(object.clone(), networks);
+            self.objects.insert(uid, parsed);
+        }
+        !changed.is_empty()
+    }
+
+    /// Parses `object` once per resourceVersion (and CNI report), carrying
+    /// its last good version over from what is known of it.
+    fn parse(&mut self, object: DynamicObject, networks: &PodNetworks) -> (String, Parsed) {
         let uid = object.metadata.uid.clone().unwrap_or_default();
         let resource_version = object.metadata.resource_version.clone().unwrap_or_default();
+        let on_this_node = self.node.is_some() && object.data["spec"]["nodeName"].as_str() == self.node.as_deref();
+        let network = convert::network_of(networks, &object).filter(|_| on_this_node).cloned();
+        if on_this_node {
+            self.local.insert(uid.clone(), object.clone());
+        }
         let known = self.objects.get(&uid);
-        if let Some(known) = known.filter(|k| k.resource_version == resource_version) {
-            let same = Parsed { resource_version, outcome: known.outcome.clone(), last_good: known.last_good.clone() };
+        if let Some(known) = known.filter(|k| k.resource_version == resource_version && k.network == network) {
+            let same = Parsed {
+                resource_version,
+                network,
+                outcome: known.outcome.clone(),
+                last_good: known.last_good.clone(),
+            };
             return (uid, same);
         }
-        let outcome = convert::to_model(self.kind, &object, &self.labels)
+        let outcome = convert::to_model(self.kind.kind, &object, &self.labels, network.as_ref())
             .map(|value| ambit_model::parse_object(Path::new(SOURCE), 1, value));
+        if let Some(Err(error)) = &outcome {
+            self.rejections.push(Rejection::new(&self.kind, &object, error));
+        }
         let last_good = match (&outcome, known) {
             (Some(Err(_)), Some(known)) => match &known.outcome {
                 Some(Ok(good)) => Some(good.clone()),
@@ -185,7 +276,7 @@ impl KindObjects {
             },
             _ => None,
         };
-        (uid, Parsed { resource_version, outcome, last_good })
+        (uid, Parsed { resource_version, network, outcome, last_good })
     }
 }
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use ambit_config::{Update, Updates};
-use ambit_kube::{Labels, watch_cluster};
+use ambit_kube::{Labels, NodePods, Options, PodNetwork, PodNetworks, watch_cluster};
 use ambit_model::{DataplaneMode, MtlsMode};
 use ambit_testbed::apiserver::ApiServer;
 use serde_json::{Value, json};
@@ -77,7 +77,7 @@ async fn objects_applied_through_the_api_reach_the_snapshot() {
         "spec": {"gatewayClassName": "istio"},
     }))
     .unwrap();
-    let mut updates = watch_cluster(client(&api), Labels::default());
+    let mut updates = watch_cluster(client(&api), Options::default());
     let first = until(&mut updates, "the pod", |u| !u.snapshot.pods.is_empty()).await;
     assert!(first.errors.is_empty(), "{:?}", first.errors);
     assert_eq!(first.snapshot.namespaces["shop"].dataplane_mode, Some(DataplaneMode::Ambient));
@@ -95,6 +95,72 @@ async fn objects_applied_through_the_api_reach_the_snapshot() {
     let broken = until(&mut updates, "the error", |u| !u.errors.is_empty()).await;
     assert!(broken.errors[0].to_string().contains("spec.mtls.mode"), "{}", broken.errors[0]);
     assert_eq!(broken.snapshot.peer_authentications[0].mode, MtlsMode::Strict);
+    // ...and on the object, as a Warning Event.
+    let reported = || {
+        api.list("events").into_iter().find(|e| e["involvedObject"]["name"] == "default" && e["reason"] == "Rejected")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while reported().is_none() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let event = reported().expect("an Event on the rejected PeerAuthentication");
+    assert_eq!((event["type"].as_str(), event["metadata"]["namespace"].as_str()), (Some("Warning"), Some("shop")));
+    assert!(event["message"].as_str().unwrap().contains("spec.mtls.mode"), "{event}");
+}
+
+/// This node's pods take their netns, and their addresses until kubelet
+/// writes them, from the CNI reports, never from an annotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn this_nodes_pods_take_their_network_from_the_cni_reports() {
+    let api = ApiServer::start().unwrap();
+    api.put(namespace("shop", json!({}))).unwrap();
+    let mut starting = pod("starting", "n1", None);
+    starting["metadata"]["annotations"]["ambit.dev/netns"] = json!("/proc/1/ns/net");
+    let starting = api.put(starting).unwrap();
+    api.put(pod("elsewhere", "n2", None)).unwrap();
+    api.put(pod("renamed", "n1", None)).unwrap();
+    let (networks_tx, networks) = tokio::sync::watch::channel(PodNetworks::new());
+    let node = NodePods { node: "n1".into(), networks };
+    let mut updates = watch_cluster(client(&api), Options { node: Some(node), ..Default::default() });
+    let first = until(&mut updates, "the namespace", |u| u.snapshot.namespaces.contains_key("shop")).await;
+    assert!(first.snapshot.pods.is_empty(), "no pod has an address yet: {:?}", first.snapshot.pods.keys());
+
+    let report = |uid: Option<&str>, ip: &str| PodNetwork {
+        uid: uid.map(str::to_string),
+        netns: format!("/var/run/netns/cni-{ip}").into(),
+        ips: vec![ip.parse().unwrap()],
+    };
+    let uid = starting["metadata"]["uid"].as_str().unwrap();
+    networks_tx.send_replace(PodNetworks::from([
+        ("shop/starting".to_string(), report(Some(uid), "10.244.1.7")),
+        ("shop/elsewhere".to_string(), report(None, "10.244.1.8")),
+        ("shop/renamed".to_string(), report(Some("another-pods-uid"), "10.244.1.9")),
+    ]));
+    let reported = until(&mut updates, "the reported pod", |u| u.snapshot.pods.contains_key("shop/starting")).await;
+    let started = &reported.snapshot.pods["shop/starting"];
+    assert_eq!(started.ips, ["10.244.1.7".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(started.netns.as_deref(), Some(std::path::Path::new("/var/run/netns/cni-10.244.1.7")));
+    assert_eq!(started.uid.as_deref(), Some(uid));
+    let others: Vec<_> = reported.snapshot.pods.keys().filter(|id| *id != "shop/starting").collect();
+    assert!(others.is_empty(), "another node's pod, or another pod's report: {others:?}");
+
+    // Kubelet's addresses win once written; the report still gives the netns.
+    let mut running = pod("starting", "n1", Some("10.244.1.70"));
+    running["metadata"]["uid"] = json!(uid);
+    api.put(running).unwrap();
+    let updated = until(&mut updates, "kubelet's address", |u| {
+        u.snapshot
+            .pods
+            .get("shop/starting")
+            .is_some_and(|p| p.ips == ["10.244.1.70".parse::<std::net::IpAddr>().unwrap()])
+    })
+    .await;
+    assert!(updated.snapshot.pods["shop/starting"].netns.is_some());
+
+    // CNI DEL: the report goes, and with it the netns.
+    networks_tx.send_replace(PodNetworks::new());
+    until(&mut updates, "the report gone", |u| u.snapshot.pods.get("shop/starting").is_some_and(|p| p.netns.is_none()))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +168,7 @@ async fn dropped_watches_a_410_and_500s_lose_nothing() {
     let api = ApiServer::start().unwrap();
     api.put(namespace("shop", json!({}))).unwrap();
     api.put(pod("a", "n1", Some("10.244.1.5"))).unwrap();
-    let mut updates = watch_cluster(client(&api), Labels::default());
+    let mut updates = watch_cluster(client(&api), Options::default());
     until(&mut updates, "pod a", |u| u.snapshot.pods.contains_key("shop/a")).await;
 
     api.drop_watches();
@@ -131,10 +197,10 @@ async fn dropped_watches_a_410_and_500s_lose_nothing() {
 async fn istio_labels_count_only_when_asked() {
     let api = ApiServer::start().unwrap();
     api.put(namespace("shop", json!({"istio.io/dataplane-mode": "ambient"}))).unwrap();
-    let mut plain = watch_cluster(client(&api), Labels::default());
+    let mut plain = watch_cluster(client(&api), Options::default());
     let update = until(&mut plain, "the namespace", |u| u.snapshot.namespaces.contains_key("shop")).await;
     assert_eq!(update.snapshot.namespaces["shop"].dataplane_mode, None);
-    let mut istio = watch_cluster(client(&api), Labels { istio: true });
+    let mut istio = watch_cluster(client(&api), Options { labels: Labels { istio: true }, ..Default::default() });
     let update = until(&mut istio, "the namespace", |u| u.snapshot.namespaces.contains_key("shop")).await;
     assert_eq!(update.snapshot.namespaces["shop"].dataplane_mode, Some(DataplaneMode::Ambient));
 }

@@ -46,6 +46,9 @@ impl ConfigError {
 pub(crate) struct RawMetadata {
     pub(crate) name: String,
     pub(crate) namespace: Option<String>,
+    /// Set by the API server; standalone files have none.
+    #[serde(default)]
+    pub(crate) uid: Option<String>,
     #[serde(default)]
     pub(crate) labels: BTreeMap<String, String>,
     #[serde(default)]

@@ -43,6 +43,9 @@ pub struct Namespace {
 pub struct Pod {
     pub namespace: String,
     pub name: String,
+    /// The API server's uid for the pod (Kubernetes mode only): tells a pod
+    /// from an earlier one of the same name.
+    pub uid: Option<String>,
     pub service_account: String,
     pub node: String,
     pub labels: BTreeMap<String, String>,

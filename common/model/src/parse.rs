@@ -206,6 +206,7 @@ pub fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, Con
             Ok(Object::Pod(Pod {
                 namespace,
                 name: raw.metadata.name,
+                uid: raw.metadata.uid,
                 service_account: raw.spec.service_account_name,
                 node: raw.spec.node_name,
                 labels: raw.metadata.labels,

@@ -280,6 +280,7 @@ mod tests {
         Pod {
             namespace: ns.into(),
             name: name.into(),
+            uid: None,
             service_account: "default".into(),
             node: node.into(),
             labels: Default::default(),

@@ -4,10 +4,11 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
+    time::Duration,
 };
 
-use ambit_testbed::{Agent, Bed, bed_or_skip};
+use ambit_testbed::{Agent, Bed, bed_or_skip, wait_until};
 use anyhow::Result;
 use serde_json::Value;
 
@@ -112,4 +113,64 @@ pub fn wait_nodes_ready(bed: &Bed, nodes: &[&str]) {
         })
         .unwrap();
     }
+}
+
+/// Where [`WireCapture::start`] knocks, and how tcpdump writes it.
+const PROBE_URL: &str = "http://10.100.0.1:9/";
+const PROBE_ENDPOINT: &str = "10.100.0.1.9";
+const PCAP_HEADER_BYTES: u64 = 24;
+
+/// tcpdump on node n1's uplink (`eth0`, to the fabric), which every packet
+/// n1 exchanges with the other nodes crosses, writing a pcap; its own
+/// knocks are left out of what it returns.
+pub struct WireCapture {
+    tcpdump: Child,
+    pcap: PathBuf,
+}
+
+impl WireCapture {
+    /// Starts capturing TCP on the fabric; returns once tcpdump listens.
+    pub fn start(bed: &Bed, name: &str) -> WireCapture {
+        let pcap = bed.scratch().join(format!("{name}.pcap"));
+        let log = bed.scratch().join(format!("{name}.tcpdump.log"));
+        let tcpdump = bed
+            .node_command("n1", "tcpdump")
+            // Immediate mode: otherwise packets wait in the kernel's ring
+            // for a block to fill, and those still there at SIGINT are lost.
+            .args(["-i", "eth0", "-n", "--immediate-mode", "-U", "-w"])
+            .arg(&pcap)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // tcpdump says it listens a moment before packets reach it: knock
+        // (a refused connection to node n1's discard port) until one is seen.
+        wait_until(Duration::from_secs(10), "tcpdump to capture", || {
+            let _ = bed.fabric_command("curl").args(["-s", "--max-time", "1", PROBE_URL]).output();
+            Ok(std::fs::metadata(&pcap).is_ok_and(|m| m.len() > PCAP_HEADER_BYTES))
+        })
+        .unwrap_or_else(|e| panic!("{e:#}: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+        WireCapture { tcpdump, pcap }
+    }
+
+    /// Stops the capture; returns the raw pcap and tcpdump's decoding, one
+    /// line per packet.
+    pub fn stop(mut self) -> (Vec<u8>, Vec<String>) {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = Command::new("kill").args(["-INT", &self.tcpdump.id().to_string()]).status();
+        self.tcpdump.wait().unwrap();
+        let raw = std::fs::read(&self.pcap).unwrap();
+        let decoded = Command::new("tcpdump").args(["-nn", "-r"]).arg(&self.pcap).output().unwrap();
+        let lines = String::from_utf8_lossy(&decoded.stdout)
+            .lines()
+            .filter(|line| !line.contains(&format!(" {PROBE_ENDPOINT}")))
+            .map(str::to_string)
+            .collect();
+        (raw, lines)
+    }
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

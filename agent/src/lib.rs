@@ -9,6 +9,7 @@ pub mod admin;
 pub mod ca;
 pub mod capture;
 pub mod cni;
+pub mod cni_install;
 pub mod enrolment;
 pub mod kubernetes;
 pub mod netns;

@@ -11,6 +11,7 @@ use ambit_agent::{
     ca::DirectoryPlacement,
     capture::Capture,
     cni::CniCall,
+    cni_install,
     enrolment::Enrolments,
     kubernetes::Cluster,
     netns, probe,
@@ -41,6 +42,8 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 /// Kubernetes mode: how often each ambient pod's netns is checked (it
 /// still holds the pod's address) and missing ones are looked for in /proc.
 const RECHECK_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the CNI installer makes sure ambit-cni is still chained.
+const CNI_RECHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// Kubernetes mode: how long the first snapshot may take to carry the pods
 /// found in /proc.
 const FIRST_SCAN_WAIT: Duration = Duration::from_secs(5);
@@ -97,9 +100,10 @@ struct AgentArgs {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
-    /// Address of the certificate authority (`ambit-agent ca serve`).
+    /// The certificate authority (`ambit-agent ca serve`), host:port; a
+    /// name is resolved at every connection (e.g. the CA's Service).
     #[arg(long, env = "AMBIT_CA_ADDR", required = true)]
-    ca_addr: Option<SocketAddr>,
+    ca_addr: Option<String>,
     /// PEM file with the trust bundle's root certificate(s).
     #[arg(long, env = "AMBIT_CA_ROOT", required = true)]
     ca_root: Option<PathBuf>,
@@ -126,6 +130,43 @@ enum Command {
     /// The embedded certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The ambit-cni plugin on this node (Kubernetes mode).
+    #[command(subcommand)]
+    Cni(CniCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CniCommand {
+    /// Chain ambit-cni into the host's primary CNI configuration and keep
+    /// it there; on SIGTERM, remove it only if the DaemonSet is being
+    /// deleted (a rolling update keeps it, so no pod starts uncaptured).
+    Install {
+        /// The plugin binary to copy to the host.
+        #[arg(long, default_value = "/usr/local/bin/ambit-cni")]
+        plugin: PathBuf,
+        #[command(flatten)]
+        host: CniHost,
+        /// The agent's socket, as the plugin on the host reaches it.
+        #[arg(long, default_value = ambit_cni_api::DEFAULT_SOCKET)]
+        agent_socket: PathBuf,
+        /// The DaemonSet (`namespace/name`) this installer belongs to.
+        #[arg(long, env = "AMBIT_DAEMONSET", default_value = "ambit-system/ambit-agent")]
+        daemonset: String,
+    },
+    /// Remove ambit-cni from the host's CNI configuration and bin directory.
+    Uninstall {
+        #[command(flatten)]
+        host: CniHost,
+    },
+}
+
+/// Where the host keeps its CNI plugins and configuration.
+#[derive(Args, Debug)]
+struct CniHost {
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,6 +226,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Some(Command::Ca(command)) => run_ca(command),
+        Some(Command::Cni(command)) => run_cni(command),
         None => control_runtime().and_then(|rt| rt.block_on(run_agent(cli.agent))),
     };
     match result {
@@ -217,7 +259,7 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                     (ca, authorizer)
                 }
                 _ => {
-                    let client = kube_client().await?;
+                    let client = ambit_kube::client().await?;
                     let secret = namespaced_name("--root-secret", &root_secret)?;
                     let (namespace, service_account) =
                         namespaced_name("--agent-service-account", &agent_service_account)?;
@@ -251,13 +293,49 @@ fn namespaced_name<'a>(flag: &str, value: &'a str) -> anyhow::Result<(&'a str, &
         .with_context(|| format!("{flag} {value}: give namespace/name, e.g. ambit-system/ambit-agent"))
 }
 
-/// A client for the API server: the pod's service account in a cluster,
-/// or $KUBECONFIG. kube's TLS uses the process-wide rustls provider.
-async fn kube_client() -> anyhow::Result<kube::Client> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    kube::Client::try_default()
-        .await
-        .context("cannot reach the Kubernetes API server: run in a pod with a service account, or set KUBECONFIG")
+#[tokio::main(flavor = "current_thread")]
+async fn run_cni(command: CniCommand) -> anyhow::Result<()> {
+    let (plugin, host, agent_socket, daemonset) = match command {
+        CniCommand::Uninstall { host } => return cni_install::uninstall(&host.cni_bin_dir, &host.cni_conf_dir),
+        CniCommand::Install { plugin, host, agent_socket, daemonset } => (plugin, host, agent_socket, daemonset),
+    };
+    let (namespace, name) = namespaced_name("--daemonset", &daemonset)?;
+    // Before anything: a SIGTERM must never take the default action here.
+    let (mut sigterm, mut sigint) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let install = || cni_install::install(&plugin, &host.cni_bin_dir, &host.cni_conf_dir, &agent_socket);
+    install()?;
+    let client = ambit_kube::client().await?;
+    tracing::info!(conf_dir = %host.cni_conf_dir.display(), "CNI installer running: ambit-cni is chained");
+    let mut check = tokio::time::interval(CNI_RECHECK_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = check.tick() => if let Err(error) = install() {
+                tracing::warn!(error = %format!("{error:#}"), "cannot keep ambit-cni in the CNI configuration");
+            },
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    let daemonsets = kube::Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client, namespace);
+    match daemonsets.get_opt(name).await {
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_none() => {
+            tracing::info!("the DaemonSet stays (a rolling update): ambit-cni stays chained for the next installer");
+            Ok(())
+        }
+        Ok(_) => {
+            tracing::info!("the DaemonSet is being deleted: removing ambit-cni from the host");
+            cni_install::uninstall(&host.cni_bin_dir, &host.cni_conf_dir)
+        }
+        // Its service account or RBAC went first: ambit is being uninstalled.
+        Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => {
+            tracing::info!(code = status.code, "the installer's own access is gone: removing ambit-cni from the host");
+            cni_install::uninstall(&host.cni_bin_dir, &host.cni_conf_dir)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot tell whether the DaemonSet is being deleted; ambit-cni stays chained (run `ambit-agent cni uninstall` on the node to remove it)");
+            Ok(())
+        }
+    }
 }
 
 async fn shutdown_signal() {
@@ -299,13 +377,12 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let bundle = load_bundle(&ca_root, &args.trust_domain)?;
-    let provider = CaClient::new(ca_addr, node.clone(), token_file, &bundle)?;
+    let provider = CaClient::new(&ca_addr, node.clone(), token_file, &bundle)?;
 
     let (capture, orig_dst, deliveries) = Capture::attach(&cgroup)?;
     tracing::info!(cgroup = %cgroup.display(), "kernel programs attached");
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
+    let admin_listener =
+        admin_listener(args.admin_addr).with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
     let metrics = Arc::new(Metrics::new());
 
     let (mut updates, mut cluster) = match &args.config_dir {
@@ -314,7 +391,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             (watch_dir(config).with_context(|| format!("watch {}", config_dir.display()))?, None)
         }
         None => {
-            let client = kube_client().await?;
+            let client = ambit_kube::client().await?;
             let (cluster, networks) =
                 Cluster::start(client.clone(), node.clone(), args.cni_socket.clone(), args.host_proc.clone())?;
             let options = Options {
@@ -439,6 +516,17 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     drop(enrolments); // detaches every program
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// The admin endpoint's listener. SO_REUSEPORT lets the agent of a rolling
+/// update start (and report ready) while the one it replaces still runs.
+fn admin_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// The CNI plugin's next request, in Kubernetes mode; never otherwise.

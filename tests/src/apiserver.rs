@@ -75,6 +75,7 @@ pub const RESOURCES: &[Resource] = &[
     resource!("", "v1", "secrets", "Secret", true),
     resource!("", "v1", "configmaps", "ConfigMap", true),
     resource!("", "v1", "events", "Event", true),
+    resource!("apps", "v1", "daemonsets", "DaemonSet", true),
     resource!("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice", true),
     resource!("security.istio.io", "v1", "peerauthentications", "PeerAuthentication", true),
     resource!("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", true),
@@ -268,6 +269,25 @@ impl ApiServer {
         merge_patch(&mut object["status"], &patch["status"]);
         store.change(&self.shared.live, key, EventType::Modified, object, Some(before));
         true
+    }
+
+    /// Stores `pods` pods and `services` services shaped like a real
+    /// cluster's (container specs, managed fields, kubectl's last applied
+    /// configuration, status conditions), in 100 ambient namespaces
+    /// `ns-<n>`, the pods on 100 nodes `node-<n>` with addresses in
+    /// 10.64.0.0/10: what the benchmarks measure memory with.
+    pub fn fill_like_a_cluster(&self, pods: usize, services: usize) -> Result<()> {
+        for index in 0..100 {
+            let labels = json!({"ambit.dev/dataplane-mode": "ambient"});
+            self.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{index}"), "labels": labels}}))?;
+        }
+        for index in 0..pods {
+            self.put(realistic_pod(index))?;
+        }
+        for index in 0..services {
+            self.put(realistic_service(index))?;
+        }
+        Ok(())
     }
 
     /// Deletes an object, as a controller would; `false` if there was none.
@@ -996,4 +1016,60 @@ fn seen(event: &Event, selector: &Selector) -> Option<Bytes> {
         (kind, _, true) => kind.name(),
     };
     Some(watch_line(kind, &event.object))
+}
+
+fn realistic_pod(index: usize) -> Value {
+    let (namespace, app) = (format!("ns-{}", index % 100), format!("app-{}", index % 500));
+    let container = json!({
+        "name": "app",
+        "image": format!("registry.example/{app}:1.2.{index}"),
+        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+        "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+        "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
+    });
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("{app}-{index}"),
+            "namespace": namespace,
+            "labels": {"app": app, "pod-template-hash": "5d9c7f8b6"},
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(1200)},
+            "managedFields": [
+                {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {}}, "f:spec": {"f:containers": {}}}},
+                {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:conditions": {}, "f:podIPs": {}}}, "subresource": "status"},
+            ],
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-5d9c7f8b6"), "uid": "u", "controller": true}],
+        },
+        "spec": {
+            "nodeName": format!("node-{}", index % 100),
+            "serviceAccountName": app,
+            "containers": [container],
+            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
+            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}],
+        },
+        "status": {
+            "phase": "Running",
+            "podIPs": [{"ip": format!("10.{}.{}.{}", 64 + index / 65536, (index / 256) % 256, index % 256)}],
+            "conditions": [
+                {"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"},
+                {"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"},
+            ],
+            "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "registry.example/app", "imageID": "sha256:0123456789abcdef", "containerID": "containerd://0123456789abcdef"}],
+        },
+    })
+}
+
+fn realistic_service(index: usize) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": format!("svc-{index}"), "namespace": format!("ns-{}", index % 100)},
+        "spec": {
+            "clusterIP": format!("10.96.{}.{}", index / 256, index % 256),
+            "selector": {"app": format!("app-{}", index % 500)},
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    })
 }

@@ -12,7 +12,8 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -38,6 +39,8 @@ pub(crate) struct Kubernetes {
     pub(crate) api: ApiServer,
     kubeconfig: PathBuf,
     dir: PathBuf,
+    /// How long each successful ambit-cni ADD took, start to exit.
+    add_times: Mutex<Vec<Duration>>,
 }
 
 impl Kubernetes {
@@ -91,7 +94,12 @@ impl Bed {
     /// node-agent pod (and its projected token) per node, and the CA in
     /// Kubernetes mode. Agents started on it run with `--kubernetes`.
     pub fn kubernetes(node_names: &[&str]) -> Result<Bed> {
-        let mut bed = Bed::new(node_names)?;
+        Self::kubernetes_with_agent(node_names, crate::agent::agent_binary())
+    }
+
+    /// Like [`Bed::kubernetes`], running `agent_binary` for the agents and the CA.
+    pub fn kubernetes_with_agent(node_names: &[&str], agent_binary: PathBuf) -> Result<Bed> {
+        let mut bed = Bed::with_agent(node_names, agent_binary)?;
         bed.stop_ca()?;
         let ca_ip: Ipv4Addr = CA_ADDR.split(':').next().expect("ip:port").parse()?;
         let fabric = Path::new("/run/netns").join(&bed.fabric);
@@ -108,7 +116,7 @@ impl Bed {
         )?;
         api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NAMESPACE}}))?;
         api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}))?;
-        let kubernetes = Kubernetes { api, kubeconfig, dir };
+        let kubernetes = Kubernetes { api, kubeconfig, dir, add_times: Mutex::default() };
         for node in bed.nodes.clone() {
             let name = format!("ambit-agent-{}", node.name);
             let pod = kubernetes.api.put(json!({
@@ -138,6 +146,12 @@ impl Bed {
     /// The API server double of a bed made with [`Bed::kubernetes`].
     pub fn api(&self) -> &ApiServer {
         &self.kube().api
+    }
+
+    /// How long each successful `ambit-cni` ADD took, from the plugin's
+    /// start to its exit: for a captured pod, the time from ADD to capture.
+    pub fn cni_add_times(&self) -> Vec<Duration> {
+        self.kube().add_times.lock().expect("add times lock").clone()
     }
 
     /// The mesh's root certificate, as the CA published it.
@@ -229,9 +243,13 @@ impl Bed {
         let ip: Ipv4Addr = address.split('/').next().unwrap_or_default().parse()?;
         let mut chained = self.ambit_cni_conf(&pod.node);
         chained["prevResult"] = bridge.clone();
+        let started = Instant::now();
         let result = self.run_plugin("ambit-cni", "ADD", &pod, chained);
         let result = match result {
-            Ok(result) => result,
+            Ok(result) => {
+                self.kube().add_times.lock().expect("add times lock").push(started.elapsed());
+                result
+            }
             Err(error) => {
                 // As a runtime does when a plugin of the chain fails: DEL.
                 self.run_plugin("bridge", "DEL", &pod, self.bridge_conf(&pod.node)).ok();
@@ -288,7 +306,7 @@ impl Bed {
                 "type": "host-local",
                 "ranges": [[{
                     "subnet": format!("10.244.{index}.0/24"),
-                    "rangeStart": format!("10.244.{index}.100"),
+                    "rangeStart": format!("10.244.{index}.10"),
                     "rangeEnd": format!("10.244.{index}.250"),
                     "gateway": format!("10.244.{index}.1"),
                 }]],

@@ -43,7 +43,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-pub use agent::{Agent, ConnectionRecord};
+pub use agent::{Agent, ConnectionRecord, agent_binary};
 pub use cleanup::{leftovers, remove_stale};
 pub use cluster::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, CniFailure};
 pub use prereq::{bed_or_skip, kubernetes_bed_or_skip, missing_prerequisites};

@@ -8,7 +8,9 @@ mod common;
 use std::{path::Path, time::Duration};
 
 use ambit_identity::{Identity, IdentityProvider as _, ca_client::CaClient, tls::load_bundle};
-use ambit_testbed::{Agent, Bed, CA_ADDR, CniFailure, kubernetes_bed_or_skip, wait_until};
+use ambit_testbed::{
+    Agent, Bed, CA_ADDR, CniFailure, agent_binary, apiserver::ApiServer, kubernetes_bed_or_skip, wait_until,
+};
 use common::*;
 use serde_json::{Value, json};
 
@@ -254,7 +256,7 @@ fn ambit_cni_fails_add_for_an_ambient_pod_while_the_agent_is_down() {
 /// as `node` with the token in `token_file`.
 fn ask_ca(bed: &Bed, node: &str, token_file: &Path, identity: &Identity) -> Result<(), String> {
     let bundle = load_bundle(&bed.root_cert(), "cluster.local").unwrap();
-    let client = CaClient::new(CA_ADDR.parse().unwrap(), node.to_string(), token_file.to_path_buf(), &bundle).unwrap();
+    let client = CaClient::new(CA_ADDR, node.to_string(), token_file.to_path_buf(), &bundle).unwrap();
     bed.in_fabric(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(client.fetch(identity)).map(drop).map_err(|e| format!("{e:#}"))
@@ -329,4 +331,85 @@ fn the_ca_issues_by_token_review_and_pod_placement() {
                 || l["message"] == "stored a new root in its Secret"),
         "{log}"
     );
+}
+
+/// The DaemonSet's installer container, against a host's CNI directories:
+/// it chains ambit-cni last in the primary conflist, puts it back when the
+/// primary plugin rewrites the file, keeps it through a rolling update,
+/// and removes it when the DaemonSet is deleted.
+#[test]
+fn the_cni_installer_keeps_the_plugin_chained_until_the_daemonset_goes() {
+    let api = ApiServer::start().unwrap();
+    api.put(json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "ambit-agent", "namespace": "ambit-system"}}))
+        .unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let (bin, conf) = (host.path().join("opt/cni/bin"), host.path().join("etc/cni/net.d"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&conf).unwrap();
+    let conflist = conf.join("10-primary.conflist");
+    let primary = json!({"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge"}]});
+    std::fs::write(&conflist, primary.to_string()).unwrap();
+    let kubeconfig = host.path().join("kubeconfig");
+    let log = host.path().join("installer.log");
+    std::fs::write(
+        &kubeconfig,
+        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n", api.url()),
+    )
+    .unwrap();
+    let chained = || -> Vec<String> {
+        let conf: Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+        conf["plugins"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap().to_string()).collect()
+    };
+    let start = || {
+        let agent = agent_binary();
+        std::process::Command::new(&agent)
+            .args(["cni", "install", "--plugin"])
+            .arg(agent.with_file_name("ambit-cni"))
+            .arg("--cni-bin-dir")
+            .arg(&bin)
+            .arg("--cni-conf-dir")
+            .arg(&conf)
+            .args(["--agent-socket", "/var/run/ambit/cni.sock"])
+            .env("KUBECONFIG", &kubeconfig)
+            .stderr(std::fs::File::options().create(true).append(true).open(&log).unwrap())
+            .stdout(std::fs::File::options().create(true).append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let stop = |mut installer: std::process::Child| {
+        std::process::Command::new("kill").args(["-TERM", &installer.id().to_string()]).status().unwrap();
+        let status = installer.wait().unwrap();
+        assert!(status.success(), "{status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    };
+    let running = |count: usize| {
+        wait_until(Duration::from_secs(10), "the installer to run", || {
+            Ok(std::fs::read_to_string(&log)?.matches("CNI installer running").count() >= count)
+        })
+        .unwrap()
+    };
+    let is_chained = |want: bool| {
+        wait_until(Duration::from_secs(10), &format!("ambit-cni chained: {want}"), || {
+            Ok((chained() == ["bridge", "ambit-cni"]) == want && bin.join("ambit-cni").exists() == want)
+        })
+        .unwrap()
+    };
+
+    let installer = start();
+    running(1);
+    is_chained(true);
+    // The primary plugin rewrites its conflist: the installer puts ambit-cni back.
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::write(&conflist, primary.to_string()).unwrap();
+    assert_eq!(chained(), ["bridge"]);
+    is_chained(true);
+    // A rolling update stops this installer: the plugin stays for the next.
+    stop(installer);
+    assert_eq!(chained(), ["bridge", "ambit-cni"]);
+    // The DaemonSet is deleted: the last installer removes the plugin.
+    let installer = start();
+    running(2);
+    is_chained(true);
+    api.remove("daemonsets", Some("ambit-system"), "ambit-agent");
+    stop(installer);
+    is_chained(false);
 }

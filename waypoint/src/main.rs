@@ -38,6 +38,7 @@ use ambit_hbone::{
     server::{Accepted, accept},
 };
 use ambit_identity::{Identity, ca_client::CaClient, manager::CertManager, tls};
+use ambit_kube::{Options, watch_cluster};
 use ambit_model::{GATEWAY_NAME_LABEL, Gateway, JwtRule, Scope, Snapshot};
 use ambit_runtime::{
     listener::accept_next,
@@ -64,21 +65,32 @@ use crate::{
     upstream::{Dial, HboneConnector},
 };
 
+/// Kubernetes mode: how long the waypoint waits for its own pod to have an
+/// address in the API.
+const OWN_POD_WAIT: Duration = Duration::from_secs(60);
+
 #[derive(Parser)]
 #[command(name = "ambit-waypoint", version, about = "ambit waypoint: L7 authorization for the services that use it")]
 struct Args {
-    /// The standalone configuration directory (the agents' own).
-    #[arg(long, env = "AMBIT_CONFIG_DIR")]
-    config_dir: PathBuf,
+    /// Standalone mode: the configuration directory (the agents' own).
+    #[arg(long, env = "AMBIT_CONFIG_DIR", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    config_dir: Option<PathBuf>,
+    /// Kubernetes mode: read the objects from the API server (the pod's
+    /// service account, or $KUBECONFIG).
+    #[arg(long, env = "AMBIT_KUBERNETES")]
+    kubernetes: bool,
     /// This waypoint's pod, `namespace/name`, labelled with its Gateway's name.
-    #[arg(long)]
+    #[arg(long, env = "AMBIT_POD")]
     pod: String,
-    /// The CA, and the token of the node this pod runs on.
-    #[arg(long)]
-    ca_addr: SocketAddr,
-    #[arg(long)]
+    /// The CA.
+    #[arg(long, env = "AMBIT_CA_ADDR")]
+    ca_addr: String,
+    #[arg(long, env = "AMBIT_CA_ROOT")]
     ca_root: PathBuf,
-    #[arg(long)]
+    /// What the waypoint presents to the CA: in standalone mode its node's
+    /// token; in Kubernetes mode its own projected service-account token
+    /// (audience `ambit-ca`), which obtains its own identity only.
+    #[arg(long, env = "AMBIT_NODE_TOKEN_FILE")]
     node_token_file: PathBuf,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
@@ -153,13 +165,30 @@ fn view(snapshot: Snapshot, trust_domain: &str, gateway: &Gateway) -> View {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let bundle = tls::load_bundle(&args.ca_root, &args.trust_domain)?;
-    let mut updates = watch_dir(ConfigDir::new(&args.config_dir))
-        .with_context(|| format!("--config-dir {}: cannot watch it", args.config_dir.display()))?;
-    let snapshot = next_snapshot(&mut updates).await.context("the configuration source stopped")?;
+    let (mut updates, source) = match &args.config_dir {
+        Some(dir) => (
+            watch_dir(ConfigDir::new(dir))
+                .with_context(|| format!("--config-dir {}: cannot watch it", dir.display()))?,
+            dir.display().to_string(),
+        ),
+        None => (watch_cluster(ambit_kube::client().await?, Options::default()), "the API server".to_string()),
+    };
+    let mut snapshot = next_snapshot(&mut updates).await.context("the configuration source stopped")?;
+    if args.kubernetes {
+        // Kubelet writes the pod's address only once its sandbox is up.
+        let deadline = tokio::time::Instant::now() + OWN_POD_WAIT;
+        while !snapshot.pods.contains_key(&args.pod) {
+            match tokio::time::timeout_at(deadline, next_snapshot(&mut updates)).await {
+                Ok(Some(next)) => snapshot = next,
+                Ok(None) => bail!("the configuration source stopped"),
+                Err(_) => break,
+            }
+        }
+    }
     let pod = snapshot
         .pods
         .get(&args.pod)
-        .with_context(|| format!("--pod {}: no such pod in {}", args.pod, args.config_dir.display()))?
+        .with_context(|| format!("--pod {}: no such pod (with an address) in {source}", args.pod))?
         .clone();
     let Some(gateway_name) = pod.labels.get(GATEWAY_NAME_LABEL) else {
         bail!("--pod {}: not a waypoint pod; label it {GATEWAY_NAME_LABEL}: <gateway>", args.pod);
@@ -171,7 +200,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listen = SocketAddr::new(*pod.ips.first().context("the waypoint pod has no IP")?, HBONE_PORT);
     let identity = Identity::new(&args.trust_domain, &pod.namespace, &pod.service_account);
     let metrics = Arc::new(Metrics::new());
-    let provider = CaClient::new(args.ca_addr, pod.node.clone(), args.node_token_file.clone(), &bundle)?;
+    let provider = CaClient::new(&args.ca_addr, pod.node.clone(), args.node_token_file.clone(), &bundle)?;
     let certs = CertManager::new(Arc::new(provider), metrics.clone());
     let mut svid = certs.acquire(&identity, &args.pod);
     svid.wait_for(Option::is_some).await.context("certificate manager stopped")?;

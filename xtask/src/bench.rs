@@ -39,6 +39,8 @@ struct Plan {
     pings: usize,
     /// Authorization decisions timed per policy layout.
     decisions: usize,
+    /// Pods created through the CNI chain in Kubernetes mode.
+    cni_pods: usize,
 }
 
 /// How a scenario's client reaches its server.
@@ -97,6 +99,8 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         "--package",
         "ambit-waypoint",
         "--package",
+        "ambit-cni",
+        "--package",
         "ambit-testbed",
         "--bins",
     ]))?;
@@ -106,13 +110,15 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     let release = root().join("target/release");
     let tool = release.join("ambit-bench");
     let plan = if quick {
-        Plan { rounds: 2, seconds: 1, pings: 2000, decisions: 20_000 }
+        Plan { rounds: 2, seconds: 1, pings: 2000, decisions: 20_000, cni_pods: 50 }
     } else {
-        Plan { rounds: 5, seconds: 4, pings: 10_000, decisions: 200_000 }
+        Plan { rounds: 5, seconds: 4, pings: 10_000, decisions: 200_000, cni_pods: 200 }
     };
     let started = Instant::now();
     let authorization = policy_benchmark(&plan)?;
     let kubernetes = cargo_bench("ambit-kube", "source_memory", &["10000", "1000"])?;
+    eprintln!("bench: Kubernetes mode, {} pods through the CNI chain", plan.cni_pods);
+    let node = crate::cluster_bench::run(&release, plan.cni_pods)?;
 
     let mut bed = Bed::with_agent(&["n1", "n2"], release.join("ambit-agent"))?;
     bed.namespace("shop", true)?;
@@ -191,6 +197,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         peak_rss_kb: peak_rss_kb.into_iter().max().unwrap_or(0),
         authorization,
         kubernetes,
+        node,
         http,
     };
     println!("{}", report.markdown(&plan, elapsed));
@@ -308,6 +315,8 @@ struct Report<'a> {
     authorization: Value,
     /// The output of common/kube/benches/source_memory.rs.
     kubernetes: Value,
+    /// Kubernetes mode on one node (`cluster_bench`).
+    node: Value,
     /// Per round: the L4-only service, then the same through the waypoint.
     http: Vec<[HttpSample; 2]>,
 }
@@ -499,6 +508,13 @@ impl Report<'_> {
             "Kubernetes source, {} pods and {} services in the API server double: first snapshot in {} ms, {} MB resident for the source and its snapshot.\n",
             k["pods"], k["services"], k["first_snapshot_ms"], k["source_mb"]
         ));
+        let n = &self.node;
+        out.push_str(&format!(
+            "Kubernetes mode, one node: the agent holds {} pods and {} services in {} MB RSS ({} MB with {} pods of its own enrolled); CNI ADD to capture (ambit-cni's start to exit, the agent answering once the pod is captured) p50 {} ms, p99 {} ms over {} pods; ADD of a pod not captured {} ms; ambit-cni is {} bytes.\n",
+            n["cluster_pods"], n["cluster_services"], n["agent_rss_mb"], n["agent_rss_with_pods_mb"], n["captured_pods"],
+            n["cni_add_to_capture_p50_ms"], n["cni_add_to_capture_p99_ms"], n["captured_pods"], n["cni_add_uncaptured_ms"],
+            n["ambit_cni_bytes"]
+        ));
         out.push_str(&self.http_markdown());
         out.push_str(&format!("Run time: {:.0} s.\n", elapsed.as_secs_f64()));
         out
@@ -578,6 +594,7 @@ impl Report<'_> {
             "agent_peak_rss_mb": self.peak_rss_kb as f64 / 1024.0,
             "authorization": self.authorization,
             "kubernetes_source": self.kubernetes,
+            "kubernetes_node": self.node,
             "http_via_waypoint": self.http.iter().map(|[l4, l7]| json!({
                 "l4": {"rps": l4.rps, "p50_ms": l4.p50_ms, "p99_ms": l4.p99_ms},
                 "waypoint": {"rps": l7.rps, "p50_ms": l7.p50_ms, "p99_ms": l7.p99_ms},

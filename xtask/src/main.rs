@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod cluster_bench;
 mod demo;
 mod setup;
 mod test;

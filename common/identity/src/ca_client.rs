@@ -3,7 +3,7 @@
 //! what comes back before using it. The token is read from its file for
 //! every request: a projected service-account token is rotated in place.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use bytes::Bytes;
@@ -20,7 +20,10 @@ use crate::tls::{self, TrustBundle};
 const CA_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct CaClient {
-    addr: SocketAddr,
+    /// `host:port`; a name is resolved at every connection, so a CA
+    /// Service that moves is followed.
+    addr: String,
+    server_name: ServerName<'static>,
     node: String,
     token_file: PathBuf,
     trust_domain: String,
@@ -30,10 +33,26 @@ pub struct CaClient {
 impl CaClient {
     /// A client of the CA at `addr`, for `node`, presenting the token in
     /// `token_file` (a node token, or a projected service-account token).
-    pub fn new(addr: SocketAddr, node: String, token_file: PathBuf, bundle: &TrustBundle) -> anyhow::Result<Self> {
+    pub fn new(addr: &str, node: String, token_file: PathBuf, bundle: &TrustBundle) -> anyhow::Result<Self> {
+        let host = match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host,
+            _ => anyhow::bail!(
+                "--ca-addr {addr}: give host:port, e.g. ambit-ca.ambit-system.svc:15012 or 10.0.0.10:15012"
+            ),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_string())
+            .map_err(|e| anyhow::anyhow!("--ca-addr {addr}: {host} is not a host name or address: {e}"))?;
         let ca_identity = Identity::new(&bundle.trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT);
         let tls = tls::client_config(None, bundle, ca_identity.spiffe_id())?;
-        let client = Self { addr, node, token_file, trust_domain: bundle.trust_domain.clone(), tls: Arc::new(tls) };
+        let client = Self {
+            addr: addr.to_string(),
+            server_name,
+            node,
+            token_file,
+            trust_domain: bundle.trust_domain.clone(),
+            tls: Arc::new(tls),
+        };
         // A token file that cannot be read is a start-up error, not a
         // renewal that fails later.
         client.token()?;
@@ -64,11 +83,12 @@ impl CaClient {
         })
         .expect("serializable");
 
-        let unreachable = |reason: String| IdentityError::Unreachable { addr: self.addr.to_string(), reason };
+        let unreachable = |reason: String| IdentityError::Unreachable { addr: self.addr.clone(), reason };
         let exchange = async {
-            let tcp = tokio::net::TcpStream::connect(self.addr).await.map_err(|e| unreachable(e.to_string()))?;
+            let tcp =
+                tokio::net::TcpStream::connect(self.addr.as_str()).await.map_err(|e| unreachable(e.to_string()))?;
             let tls = TlsConnector::from(self.tls.clone())
-                .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
+                .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(|e| unreachable(format!("TLS: {e}")))?;
             let (mut client, conn) = h2::client::handshake(tls).await.map_err(|e| unreachable(e.to_string()))?;

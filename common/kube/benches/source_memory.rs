@@ -1,8 +1,7 @@
 //! Memory of the Kubernetes source with a large cluster, run by
 //! `cargo xtask bench`: 10,000 pods and 1,000 services (or the counts
-//! given) in the API server double, shaped like real objects (container
-//! specs, managed fields, kubectl's last applied configuration, status
-//! conditions). Prints one JSON object: how long the first snapshot took,
+//! given) in the API server double, shaped like real objects
+//! ([`ApiServer::fill_like_a_cluster`]). Prints one JSON object: how long the first snapshot took,
 //! and the resident memory of the process that runs the source, before it
 //! starts and once it holds the snapshot. The double runs in a child
 //! process (this program again), so its objects are not counted.
@@ -27,76 +26,10 @@ fn rss_mb() -> f64 {
     kb / 1024.0
 }
 
-fn pod(index: usize) -> serde_json::Value {
-    let (namespace, app) = (format!("ns-{}", index % 100), format!("app-{}", index % 500));
-    let container = json!({
-        "name": "app",
-        "image": format!("registry.example/{app}:1.2.{index}"),
-        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-        "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
-        "volumeMounts": [{"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
-    });
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": format!("{app}-{index}"),
-            "namespace": namespace,
-            "labels": {"app": app, "pod-template-hash": "5d9c7f8b6"},
-            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(1200)},
-            "managedFields": [
-                {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {}}, "f:spec": {"f:containers": {}}}},
-                {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:conditions": {}, "f:podIPs": {}}}, "subresource": "status"},
-            ],
-            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-5d9c7f8b6"), "uid": "u", "controller": true}],
-        },
-        "spec": {
-            "nodeName": format!("node-{}", index % 100),
-            "serviceAccountName": app,
-            "containers": [container],
-            "volumes": [{"name": "kube-api-access", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}],
-            "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}],
-        },
-        "status": {
-            "phase": "Running",
-            "podIPs": [{"ip": format!("10.{}.{}.{}", 64 + index / 65536, (index / 256) % 256, index % 256)}],
-            "conditions": [
-                {"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"},
-                {"type": "PodScheduled", "status": "True"}, {"type": "Initialized", "status": "True"},
-            ],
-            "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "registry.example/app", "imageID": "sha256:0123456789abcdef", "containerID": "containerd://0123456789abcdef"}],
-        },
-    })
-}
-
-fn service(index: usize) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": format!("svc-{index}"), "namespace": format!("ns-{}", index % 100)},
-        "spec": {
-            "clusterIP": format!("10.96.{}.{}", index / 256, index % 256),
-            "selector": {"app": format!("app-{}", index % 500)},
-            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
-        },
-    })
-}
-
 /// The child: serves the cluster until its standard input closes.
 fn serve(pods: usize, services: usize) {
     let api = ApiServer::start().expect("start the API server double");
-    for index in 0..100 {
-        let labels = json!({"ambit.dev/dataplane-mode": "ambient"});
-        api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{index}"), "labels": labels}}))
-            .expect("store a namespace");
-    }
-    for index in 0..pods {
-        api.put(pod(index)).expect("store a pod");
-    }
-    for index in 0..services {
-        api.put(service(index)).expect("store a service");
-    }
+    api.fill_like_a_cluster(pods, services).expect("store the cluster's objects");
     println!("{}", api.url());
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }

@@ -66,6 +66,18 @@ enum Change {
     Failed { kind: usize, error: watcher::Error },
 }
 
+/// A client for the API server: the pod's service account in a cluster, or
+/// $KUBECONFIG. kube's TLS uses the process-wide rustls provider, installed
+/// here (ring) unless the process has one.
+pub async fn client() -> anyhow::Result<Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the Kubernetes API server ({e}): run in a pod with a service account, or set KUBECONFIG"
+        )
+    })
+}
+
 /// What a source is for, beyond the cluster's objects.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -132,8 +144,18 @@ async fn run(client: Client, options: Options, tx: mpsc::Sender<Update>) {
             },
             Ok(()) = networks.changed() => {
                 let networks = networks.borrow_and_update().clone();
+                let mut changed = false;
                 for kind in &mut kinds {
-                    dirty |= kind.renetwork(&networks);
+                    changed |= kind.renetwork(&networks);
+                }
+                // A CNI ADD waits on this: no settling.
+                if changed && kinds.iter().all(|k| k.listed) {
+                    dirty = false;
+                    if tx.send(snapshot(&kinds)).await.is_err() {
+                        return;
+                    }
+                } else {
+                    dirty |= changed;
                 }
             }
             _ = settle, if dirty && kinds.iter().all(|k| k.listed) => {

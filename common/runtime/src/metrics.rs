@@ -241,7 +241,7 @@ mod tests {
             exported.push(if kind == "counter" { format!("{name}_total") } else { name.to_string() });
         }
         let rules =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/prometheus-alerts.yaml"))
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/base/prometheus-alerts.yaml"))
                 .unwrap();
         let rules: serde_yaml_ng::Value = serde_yaml_ng::from_str(&rules).expect("the rules file is valid YAML");
         let mut checked = 0;

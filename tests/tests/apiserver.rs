@@ -147,18 +147,22 @@ fn a_watch_from_a_compacted_version_gets_410_inside_the_stream() {
 }
 
 #[test]
-fn pod_status_takes_only_the_status_and_other_patches_are_refused() {
+fn pod_status_takes_the_status_and_annotations_and_other_patches_are_refused() {
     let api = ApiServer::start().unwrap();
     let created = api.put(pod("shop", "a", "n1", "web")).unwrap();
     let url = format!("{}/api/v1/namespaces/shop/pods/a/status", api.url());
+    // As the real server's pod status strategy: the status, labels and
+    // annotations change; the spec does not.
     let patch = json!({
-        "metadata": {"annotations": {"ambit.dev/captured": "true"}},
+        "metadata": {"annotations": {"ambit.dev/capture": "enrolled"}},
+        "spec": {"nodeName": "elsewhere"},
         "status": {"podIPs": [{"ip": "10.244.1.5"}], "conditions": [{"type": "Ready", "status": "True"}]},
     });
     let (code, patched) = send("PATCH", &url, "application/merge-patch+json", &patch);
     assert_eq!(code, 200, "{patched}");
     assert_eq!(patched["status"]["podIPs"][0]["ip"], "10.244.1.5");
-    assert!(patched["metadata"]["annotations"].is_null(), "the status subresource changes the status only");
+    assert_eq!(patched["metadata"]["annotations"]["ambit.dev/capture"], "enrolled");
+    assert_eq!(patched["spec"]["nodeName"], "n1", "the status subresource leaves the spec alone");
     assert!(rv(&patched) > rv(&created));
     assert_eq!(patched["metadata"]["uid"], created["metadata"]["uid"]);
     let (code, _) = send("PATCH", &url, "application/json-patch+json", &json!([]));

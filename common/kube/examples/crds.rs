@@ -1,6 +1,7 @@
-//! Writes the custom resource definitions to the directory given (what
-//! `cargo xtask crds` runs, so that xtask itself links no Kubernetes client),
-//! and removes files there that no definition writes.
+//! Writes the custom resource definitions and their kustomization to the
+//! directory given (what `cargo xtask crds` runs, so that xtask itself
+//! links no Kubernetes client), and removes files there that it does not
+//! write.
 
 use std::path::PathBuf;
 
@@ -11,7 +12,8 @@ fn main() -> std::io::Result<()> {
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if name.ends_with(".yaml") && !definitions.iter().any(|(file, _)| file == name) {
+        let written = name == ambit_kube::crds::KUSTOMIZATION || definitions.iter().any(|(file, _)| file == name);
+        if name.ends_with(".yaml") && !written {
             std::fs::remove_file(&path)?;
         }
     }
@@ -20,5 +22,8 @@ fn main() -> std::io::Result<()> {
         std::fs::write(&path, ambit_kube::crds::to_yaml(crd))?;
         println!("crds: wrote {}", path.display());
     }
+    let path = dir.join(ambit_kube::crds::KUSTOMIZATION);
+    std::fs::write(&path, ambit_kube::crds::kustomization())?;
+    println!("crds: wrote {}", path.display());
     Ok(())
 }

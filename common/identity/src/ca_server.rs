@@ -40,6 +40,16 @@ const MAX_BODY: usize = 64 * 1024;
 /// descriptor of the process every node renews from.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// What one caller may hold of the CA, which every node renews from: an
+/// agent sends one request per connection, so a handful of streams, small
+/// headers and a request that ends within seconds are all it needs. Without
+/// these limits one unauthenticated client grew the CA by about 34 KB per
+/// stream it never finished.
+const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 4096;
 
 #[derive(Serialize, Deserialize)]
 pub struct SvidRequest {
@@ -134,26 +144,40 @@ impl CaServer {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
         let acceptor = TlsAcceptor::from(Arc::new(self.tls_config()?));
         tracing::info!(addr = %listener.local_addr()?, trust_domain = self.ca.trust_domain(), "CA serving");
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let permit = connections.clone().acquire_owned().await.expect("the semaphore is never closed");
             let (tcp, peer) = ambit_runtime::listener::accept_next(&listener, "ca").await;
             let (acceptor, server) = (acceptor.clone(), self.clone());
             tokio::spawn(async move {
                 if let Err(e) = server.connection(acceptor, tcp).await {
                     tracing::debug!(%peer, error = %e, "CA connection ended with an error");
                 }
+                drop(permit);
             });
         }
     }
 
     async fn connection(self: Arc<Self>, acceptor: TlsAcceptor, tcp: tokio::net::TcpStream) -> anyhow::Result<()> {
-        let handshakes = async { anyhow::Ok(h2::server::handshake(acceptor.accept(tcp).await?).await?) };
+        let handshakes = async {
+            let tls = acceptor.accept(tcp).await?;
+            let h2 = h2::server::Builder::new()
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .max_header_list_size(MAX_HEADER_LIST_BYTES)
+                .handshake(tls)
+                .await?;
+            anyhow::Ok(h2)
+        };
         let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshakes)
             .await
             .map_err(|_| anyhow::anyhow!("no TLS and HTTP/2 handshake within {HANDSHAKE_TIMEOUT:?}"))??;
         while let Ok(Some(request)) = tokio::time::timeout(IDLE_TIMEOUT, conn.accept()).await {
             let (request, respond) = request?;
             let server = self.clone();
-            tokio::spawn(async move { server.request(request, respond).await });
+            // A request that has not ended in time is dropped, which resets its stream.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, server.request(request, respond)).await;
+            });
         }
         Ok(())
     }
@@ -262,5 +286,55 @@ mod tests {
         assert_eq!(server.issue(&to_n2).await.0, StatusCode::FORBIDDEN, "n2 runs no pod as shop/web");
         let forged = serde_json::to_vec(&forged).unwrap();
         assert_eq!(server.issue(&forged).await.0, StatusCode::UNAUTHORIZED, "n2's token is not n1's");
+    }
+
+    /// An unauthenticated caller opens streams and never finishes them: it
+    /// gets MAX_STREAMS_PER_CONNECTION at most, and each is reset after
+    /// REQUEST_TIMEOUT, so it cannot grow the CA.
+    #[tokio::test]
+    async fn a_caller_cannot_hold_many_streams_or_any_for_long() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = CertificateAuthority::create("cluster.local").unwrap();
+        let bundle = tls::TrustBundle::new("cluster.local", &[ca.root().clone()]).unwrap();
+        let authorizer = NodeTokenAuthorizer::new(ca.node_tokens(), Box::new(OnePod));
+        let server = Arc::new(CaServer::new(ca, Box::new(authorizer), Duration::from_secs(60)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(server.serve(listener));
+
+        let ca_id = Identity::new("cluster.local", CA_NAMESPACE, CA_SERVICE_ACCOUNT).spiffe_id();
+        let config = Arc::new(tls::client_config(None, &bundle, ca_id).unwrap());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(connection);
+        // One finished request first: by its answer, the client has the
+        // server's settings, limits included.
+        let bundle_request = http::Request::get(format!("https://{addr}/v1/bundle")).body(()).unwrap();
+        let (response, _) = client.send_request(bundle_request, true).unwrap();
+        assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+        let started = tokio::time::Instant::now();
+        let held: Vec<_> = (0..MAX_STREAMS_PER_CONNECTION)
+            .map(|_| {
+                let request = http::Request::post(format!("https://{addr}/v1/svid")).body(()).unwrap();
+                client.send_request(request, false).unwrap()
+            })
+            .collect();
+        // The CA serves no more streams on this connection while these are open...
+        let request = http::Request::get(format!("https://{addr}/v1/bundle")).body(()).unwrap();
+        let (mut next, _) = client.send_request(request, true).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), &mut next).await.is_err(),
+            "a stream past the limit was served"
+        );
+        // ...and none of them ever ends its body: each is reset after the deadline, which frees the next.
+        let (first, _body) = held.into_iter().next().unwrap();
+        let outcome = tokio::time::timeout(REQUEST_TIMEOUT * 2, first).await.expect("an answer in time");
+        assert!(outcome.is_err(), "the unfinished request was reset");
+        let served = tokio::time::timeout(Duration::from_secs(2), next).await.expect("served once streams freed");
+        assert_eq!(served.unwrap().status(), StatusCode::OK);
+        let waited = started.elapsed();
+        assert!(waited >= REQUEST_TIMEOUT && waited < REQUEST_TIMEOUT + Duration::from_secs(3), "{waited:?}");
     }
 }

@@ -159,7 +159,7 @@ impl Enrolments {
                 pod.id()
             ),
         })?;
-        let netns = Netns::open(path).with_context(|| format!("open netns {}", path.display()))?;
+        let netns = Netns::open_pod(path).with_context(|| format!("open netns {}", path.display()))?;
         let outbound_v4 = netns
             .listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))
             .with_context(|| format!("outbound listener 127.0.0.1:{OUTBOUND_PORT} in {}", path.display()))?;

@@ -10,7 +10,10 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::RangeInclusive,
-    os::fd::{AsFd, AsRawFd},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt as _,
+    },
     path::Path,
     sync::{
         OnceLock,
@@ -110,6 +113,24 @@ pub struct Netns {
 impl Netns {
     pub fn open(path: &Path) -> io::Result<Self> {
         Ok(Self { file: File::open(path)? })
+    }
+
+    /// Opens the netns a pod's configuration names, refusing the agent's
+    /// own network namespace and init's (the host's): whoever writes the
+    /// path must not be able to enrol the node itself as a pod.
+    pub fn open_pod(path: &Path) -> io::Result<Self> {
+        let netns = Self::open(path)?;
+        let id = |file: &File| file.metadata().map(|m| (m.dev(), m.ino()));
+        let own = AGENT_NETNS.get().map(id).transpose()?;
+        let init = File::open("/proc/1/ns/net").and_then(|f| id(&f)).ok();
+        let this = id(&netns.file)?;
+        if Some(this) == own || Some(this) == init {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "this is the node's own network namespace (the agent's or the host's), not a pod's",
+            ));
+        }
+        Ok(netns)
     }
 
     /// Runs `f` with the calling thread inside this netns.

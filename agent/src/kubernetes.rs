@@ -98,7 +98,7 @@ impl Cluster {
     /// once the pod is captured (or found not to be for the mesh).
     pub fn receive(&mut self, call: CniCall, state: &State, enrolments: &Enrolments) {
         let CniCall { request, reply } = call;
-        let id = format!("{}/{}", request.namespace, request.name);
+        let id = request.pod_id();
         match request.command {
             Command::Add => {
                 let network = PodNetwork {
@@ -142,7 +142,7 @@ impl Cluster {
                     continue;
                 }
             };
-            let id = format!("{}/{}", waiting.request.namespace, waiting.request.name);
+            let id = waiting.request.pod_id();
             tracing::info!(pod = %id, answer = ?answer, "CNI ADD answered");
             let _ = waiting.reply.send(answer);
         }
@@ -215,7 +215,7 @@ impl Cluster {
 
     /// The answer for `request` now, if there is one yet.
     fn decide(&self, request: &Request, state: &State, enrolments: &Enrolments) -> Option<Reply> {
-        let id = format!("{}/{}", request.namespace, request.name);
+        let id = request.pod_id();
         let pod = state.snapshot().pods.get(&id).filter(|pod| request.uid.is_none() || pod.uid == request.uid)?;
         if pod.node != self.node {
             return Some(Reply::NotCaptured { reason: format!("the pod is scheduled on node {}", pod.node) });
@@ -234,7 +234,7 @@ impl Cluster {
 
     /// The answer for an ADD whose pod was not decided in time.
     fn too_late(&self, request: &Request, state: &State) -> Reply {
-        let id = format!("{}/{}", request.namespace, request.name);
+        let id = request.pod_id();
         if state.snapshot().pods.contains_key(&id) {
             return Reply::Failed { reason: format!("the pod was not captured within {ADD_WAIT:?}") };
         }

@@ -232,6 +232,16 @@ impl ApiServer {
         format!("http://{}", self.addr)
     }
 
+    /// Writes a kubeconfig that points at this double (no credentials), for
+    /// processes that find the API server through $KUBECONFIG.
+    pub fn write_kubeconfig(&self, path: &std::path::Path) -> Result<()> {
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: double\n  cluster: {{server: \"{}\"}}\nusers:\n- name: double\n  user: {{}}\ncontexts:\n- name: double\n  context: {{cluster: double, user: double}}\ncurrent-context: double\n",
+            self.url()
+        );
+        std::fs::write(path, config).with_context(|| format!("write {}", path.display()))
+    }
+
     /// Creates or replaces an object, as a controller would.
     pub fn put(&self, object: Value) -> Result<Value> {
         let api_version = object["apiVersion"].as_str().context("the object has no apiVersion")?;

@@ -107,13 +107,7 @@ impl Bed {
         let dir = bed.dir.path().join("kubernetes");
         std::fs::create_dir_all(dir.join("tokens"))?;
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: bed\n  cluster: {{server: \"{}\"}}\nusers:\n- name: bed\n  user: {{}}\ncontexts:\n- name: bed\n  context: {{cluster: bed, user: bed}}\ncurrent-context: bed\n",
-                api.url()
-            ),
-        )?;
+        api.write_kubeconfig(&kubeconfig)?;
         api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": AGENT_NAMESPACE}}))?;
         api.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}))?;
         let kubernetes = Kubernetes { api, kubeconfig, dir, add_times: Mutex::default() };

@@ -351,11 +351,7 @@ fn the_cni_installer_keeps_the_plugin_chained_until_the_daemonset_goes() {
     std::fs::write(&conflist, primary.to_string()).unwrap();
     let kubeconfig = host.path().join("kubeconfig");
     let log = host.path().join("installer.log");
-    std::fs::write(
-        &kubeconfig,
-        format!("apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: t, user: {{}}}}]\ncontexts: [{{name: t, context: {{cluster: t, user: t}}}}]\ncurrent-context: t\n", api.url()),
-    )
-    .unwrap();
+    api.write_kubeconfig(&kubeconfig).unwrap();
     let chained = || -> Vec<String> {
         let conf: Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
         conf["plugins"].as_array().unwrap().iter().map(|p| p["type"].as_str().unwrap().to_string()).collect()

@@ -298,7 +298,7 @@ fn cpu_seconds(pids: &[u32]) -> Result<f64> {
 }
 
 /// A `kB` value from /proc/<pid>/status.
-fn proc_status(pid: u32, key: &str) -> Result<u64> {
+pub(crate) fn proc_status(pid: u32, key: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

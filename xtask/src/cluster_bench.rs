@@ -56,13 +56,7 @@ pub fn run(release: &Path, pods: usize) -> Result<Value> {
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
-    Ok(round(kb / 1024.0))
+    Ok(round(crate::bench::proc_status(pid, "VmRSS:")? as f64 / 1024.0))
 }
 
 fn round(value: f64) -> f64 {

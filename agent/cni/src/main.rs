@@ -136,7 +136,7 @@ fn run(stdin: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Value
         netns: env("CNI_NETNS").unwrap_or_default(),
         ips,
     };
-    let pod = format!("{namespace}/{name}");
+    let pod = request.pod_id();
     match (command, ask_agent(&socket, &request)) {
         (Command::Del, _) => Ok(None),
         (_, Ok(Reply::Captured | Reply::NotCaptured { .. })) => Ok((command == Command::Add).then(pass_on)),

@@ -45,6 +45,13 @@ pub struct Request {
     pub ips: Vec<IpAddr>,
 }
 
+impl Request {
+    /// `namespace/name`, the way the agent names pods.
+    pub fn pod_id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// The agent's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "kebab-case")]

@@ -7,13 +7,18 @@
 //! what that means for traffic while the agent is down.
 
 use std::{
+    collections::HashMap as StdHashMap,
     fs::File,
+    net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
-use ambit_abi::{ConnKey, Counter, DeliveryKey, EnrolledPod, IpKey, SockAddrKey, names};
+use ambit_abi::{
+    ConnKey, Counter, DeliveryKey, EnrolledPod, HBONE_PORT, INBOUND_PORT, IpKey, ListenerKey, PodAddress, SockAddrKey,
+    names,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
@@ -45,8 +50,18 @@ pub enum CaptureError {
 pub struct Capture {
     ebpf: Ebpf,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
-    listeners: SockHash<MapData, IpKey>,
+    addresses: HashMap<MapData, IpKey, PodAddress>,
+    listeners: SockHash<MapData, ListenerKey>,
+    /// The netns cookie of the pod that registered each address: while two
+    /// pods share an IP (reuse), removing one must not remove the other's.
+    address_owners: StdHashMap<IpKey, u64>,
     counters: Arc<CaptureCounters>,
+}
+
+/// A pod's inbound listeners (plaintext, HBONE) for one address family.
+pub struct FamilyListeners<'a, L> {
+    pub inbound: &'a L,
+    pub hbone: &'a L,
 }
 
 /// The kernel programs' per-CPU counters, readable from any task.
@@ -125,7 +140,9 @@ impl Capture {
         let deliveries = DeliveryTable { map: Mutex::new(map(&mut ebpf, names::DELIVERIES)?) };
         let capture = Capture {
             enrolled: map(&mut ebpf, names::ENROLLED)?,
+            addresses: map(&mut ebpf, names::POD_ADDRESSES)?,
             listeners: map(&mut ebpf, names::INBOUND_LISTENERS)?,
+            address_owners: StdHashMap::new(),
             counters: Arc::new(CaptureCounters { map: Mutex::new(map(&mut ebpf, names::COUNTERS)?) }),
             ebpf,
         };
@@ -133,18 +150,32 @@ impl Capture {
     }
 
     /// Starts capturing a pod: outbound by its netns cookie, inbound by
-    /// steering its IPs to `inbound` listeners inside its netns.
-    pub fn enrol(
+    /// steering each of `addresses` (every address of its netns) to the
+    /// listeners of its family. An address of a family with no listeners is
+    /// left out, so the kernel program drops connections to it. On error the
+    /// caller removes what was registered with [`Capture::remove_entries`].
+    pub fn enrol<L: AsRawFd>(
         &mut self,
         netns: &Netns,
         netns_cookie: u64,
         pod: EnrolledPod,
-        inbound: &[(IpKey, &impl AsRawFd)],
+        addresses: &[IpAddr],
+        address: PodAddress,
+        v4: &FamilyListeners<'_, L>,
+        v6: Option<&FamilyListeners<'_, L>>,
     ) -> Result<SkLookupLinkId, CaptureError> {
-        for (ip, listener) in inbound {
-            self.listeners
-                .insert(*ip, listener.as_raw_fd(), 0)
-                .map_err(|source| CaptureError::Map { name: names::INBOUND_LISTENERS, source })?;
+        for ip in addresses {
+            let Some(listeners) = (if ip.is_ipv4() { Some(v4) } else { v6 }) else { continue };
+            let key = IpKey::from(*ip);
+            for (port, listener) in [(INBOUND_PORT, listeners.inbound), (HBONE_PORT, listeners.hbone)] {
+                self.listeners
+                    .insert(ListenerKey::new(key, port), listener.as_raw_fd(), 0)
+                    .map_err(|source| CaptureError::Map { name: names::INBOUND_LISTENERS, source })?;
+            }
+            self.address_owners.insert(key, netns_cookie);
+            self.addresses
+                .insert(key, address, 0)
+                .map_err(|source| CaptureError::Map { name: names::POD_ADDRESSES, source })?;
         }
         self.enrolled
             .insert(netns_cookie, pod, 0)
@@ -154,8 +185,8 @@ impl Capture {
     }
 
     /// Stops capturing a pod. Connections already open keep running.
-    pub fn unenrol(&mut self, netns_cookie: u64, ips: &[IpKey], link: SkLookupLinkId) {
-        self.remove_entries(netns_cookie, ips);
+    pub fn unenrol(&mut self, netns_cookie: u64, link: SkLookupLinkId) {
+        self.remove_entries(netns_cookie);
         if let Ok(sk_lookup) = program::<SkLookup>(&mut self.ebpf, names::PROG_SK_LOOKUP)
             && let Err(e) = sk_lookup.detach(link)
         {
@@ -163,11 +194,18 @@ impl Capture {
         }
     }
 
-    /// Removes a pod's map entries (a missing entry is not an error).
-    pub fn remove_entries(&mut self, netns_cookie: u64, ips: &[IpKey]) {
+    /// Removes a pod's map entries, and only its own: an address another
+    /// pod registered since (IP reuse) stays (a missing entry is not an error).
+    pub fn remove_entries(&mut self, netns_cookie: u64) {
         let _ = self.enrolled.remove(&netns_cookie);
-        for ip in ips {
-            let _ = self.listeners.remove(ip);
+        let owned: Vec<IpKey> =
+            self.address_owners.iter().filter(|(_, owner)| **owner == netns_cookie).map(|(ip, _)| *ip).collect();
+        for ip in owned {
+            self.address_owners.remove(&ip);
+            let _ = self.addresses.remove(&ip);
+            for port in [INBOUND_PORT, HBONE_PORT] {
+                let _ = self.listeners.remove(&ListenerKey::new(ip, port));
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use std::{
     sync::Arc,
 };
 
-use ambit_abi::{EnrolledPod, IpKey};
+use ambit_abi::{EnrolledPod, PodAddress};
 use anyhow::Context as _;
 use aya::programs::sk_lookup::SkLookupLinkId;
 use tokio::task::JoinHandle;
@@ -25,7 +25,7 @@ use ambit_model::{NETNS_ANNOTATION, Pod};
 use ambit_state::State;
 
 use crate::{
-    capture::Capture,
+    capture::{Capture, FamilyListeners},
     netns::{Netns, netns_cookie},
     proxy::{self, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, hbone, inbound, outbound},
 };
@@ -36,18 +36,23 @@ struct EnrolmentSpec {
     netns: Option<PathBuf>,
     ips: Vec<IpAddr>,
     service_account: String,
+    drop_inbound_udp: bool,
 }
 
-impl From<&Pod> for EnrolmentSpec {
-    fn from(pod: &Pod) -> Self {
-        Self { netns: pod.netns.clone(), ips: pod.ips.clone(), service_account: pod.service_account.clone() }
+impl EnrolmentSpec {
+    fn of(pod: &Pod, state: &State) -> Self {
+        Self {
+            netns: pod.netns.clone(),
+            ips: pod.ips.clone(),
+            service_account: pod.service_account.clone(),
+            drop_inbound_udp: state.drops_inbound_udp(pod),
+        }
     }
 }
 
 struct ActivePod {
     spec: EnrolmentSpec,
     pod: Arc<PodContext>,
-    inbound_ips: Vec<IpKey>,
     sk_lookup: SkLookupLinkId,
     proxies: Vec<JoinHandle<()>>,
 }
@@ -108,7 +113,7 @@ impl Enrolments {
         let stale: Vec<String> = self
             .active
             .iter()
-            .filter(|(id, active)| desired.get(*id).is_none_or(|pod| EnrolmentSpec::from(*pod) != active.spec))
+            .filter(|(id, active)| desired.get(*id).is_none_or(|pod| EnrolmentSpec::of(pod, state) != active.spec))
             .map(|(id, _)| id.clone())
             .collect();
         let mut stopping = Vec::new();
@@ -127,7 +132,7 @@ impl Enrolments {
             if self.active.contains_key(&id) {
                 continue;
             }
-            match self.enrol(pod, state.identity_of(pod)) {
+            match self.enrol(pod, EnrolmentSpec::of(pod, state), state.identity_of(pod)) {
                 Ok(active) => {
                     tracing::info!(pod = %id, ips = ?pod.ips, netns_cookie = active.pod.netns_cookie, "pod enrolled");
                     self.failed.remove(&id);
@@ -146,7 +151,7 @@ impl Enrolments {
         self.ctx.certs.drop_unused();
     }
 
-    fn enrol(&mut self, pod: &Pod, identity: Identity) -> anyhow::Result<ActivePod> {
+    fn enrol(&mut self, pod: &Pod, spec: EnrolmentSpec, identity: Identity) -> anyhow::Result<ActivePod> {
         let path = pod.netns.as_ref().with_context(|| match pod.uid {
             // Kubernetes mode: only the CNI plugin or the /proc scan say where it is.
             Some(_) => format!(
@@ -173,34 +178,59 @@ impl Enrolments {
             }
         };
         let netns_cookie = netns_cookie(&outbound_v4).context("read the pod's netns cookie")?;
-        let mut inbound_listeners = Vec::new();
-        let mut hbone_listeners = Vec::new();
+        // The listed addresses must be the pod's: other nodes send its
+        // traffic there, and peers are believed only from them.
         for ip in &pod.ips {
-            let listener = netns.listen(SocketAddr::new(*ip, INBOUND_PORT)).map_err(|e| {
+            netns.check_local_address(*ip).map_err(|e| {
                 let hint = match e.kind() {
                     std::io::ErrorKind::AddrNotAvailable => " (is this status.podIPs address configured there?)",
                     _ => "",
                 };
-                anyhow::anyhow!("inbound listener {ip}:{INBOUND_PORT} in {}: {e}{hint}", path.display())
+                anyhow::anyhow!("pod address {ip} in {}: {e}{hint}", path.display())
             })?;
-            inbound_listeners.push((IpKey::from(*ip), listener));
-            let hbone = netns
-                .listen(SocketAddr::new(*ip, HBONE_PORT))
-                .with_context(|| format!("HBONE listener {ip}:{HBONE_PORT} in {}", path.display()))?;
-            hbone_listeners.push(hbone);
         }
+        // Every address of the netns is steered, not only the listed ones: an
+        // app on [::] is reachable through link-local and unlisted addresses.
+        let addresses = netns.addresses().with_context(|| format!("list the addresses of {}", path.display()))?;
+        // One plaintext and one HBONE listener per family, on the wildcard
+        // address; the kernel program steers every address to them.
+        let listen = |ip: IpAddr, port| {
+            netns
+                .listen(SocketAddr::new(ip, port))
+                .with_context(|| format!("listener {ip}:{port} in {}", path.display()))
+        };
+        let inbound_v4 = listen(Ipv4Addr::UNSPECIFIED.into(), INBOUND_PORT)?;
+        let hbone_v4 = listen(Ipv4Addr::UNSPECIFIED.into(), HBONE_PORT)?;
+        // Without IPv6 in the pod there is no IPv6 address to steer.
+        let v6 = match (
+            listen(Ipv6Addr::UNSPECIFIED.into(), INBOUND_PORT),
+            listen(Ipv6Addr::UNSPECIFIED.into(), HBONE_PORT),
+        ) {
+            (Ok(inbound), Ok(hbone)) => Some((inbound, hbone)),
+            (Err(e), _) | (_, Err(e)) if addresses.iter().any(IpAddr::is_ipv6) => return Err(e),
+            _ => None,
+        };
         let registration = EnrolledPod {
             outbound_port_v4: OUTBOUND_PORT,
             outbound_port_v6: if outbound_v6.is_some() { OUTBOUND_PORT } else { 0 },
             _pad: 0,
         };
-        let inbound: Vec<_> = inbound_listeners.iter().map(|(ip, l)| (*ip, l)).collect();
-        let sk_lookup = match self.capture.enrol(&netns, netns_cookie, registration, &inbound) {
+        let address = PodAddress { flags: if spec.drop_inbound_udp { PodAddress::DROP_INBOUND_UDP } else { 0 } };
+        let v4_listeners = FamilyListeners { inbound: &inbound_v4, hbone: &hbone_v4 };
+        let v6_listeners = v6.as_ref().map(|(inbound, hbone)| FamilyListeners { inbound, hbone });
+        let sk_lookup = match self.capture.enrol(
+            &netns,
+            netns_cookie,
+            registration,
+            &addresses,
+            address,
+            &v4_listeners,
+            v6_listeners.as_ref(),
+        ) {
             Ok(link) => link,
             Err(e) => {
                 // Leave nothing half-registered behind.
-                self.capture
-                    .remove_entries(netns_cookie, &inbound_listeners.iter().map(|(ip, _)| *ip).collect::<Vec<_>>());
+                self.capture.remove_entries(netns_cookie);
                 return Err(e.into());
             }
         };
@@ -224,14 +254,14 @@ impl Enrolments {
         let serve_outbound = |listener| proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), outbound::handle);
         let mut proxies = vec![serve_outbound(outbound_v4)];
         proxies.extend(outbound_v6.map(serve_outbound));
-        let inbound_ips = inbound_listeners.iter().map(|(ip, _)| *ip).collect();
-        for (_, listener) in inbound_listeners {
+        let (inbound_v6, hbone_v6) = v6.unzip();
+        for listener in std::iter::once(inbound_v4).chain(inbound_v6) {
             proxies.push(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), inbound::handle));
         }
-        for listener in hbone_listeners {
+        for listener in std::iter::once(hbone_v4).chain(hbone_v6) {
             proxies.push(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), hbone::connection));
         }
-        Ok(ActivePod { spec: pod.into(), pod: pod_ctx, inbound_ips, sk_lookup, proxies })
+        Ok(ActivePod { spec, pod: pod_ctx, sk_lookup, proxies })
     }
 
     /// Stops capturing a pod; a task finishes the cleanup inside its netns.
@@ -241,7 +271,7 @@ impl Enrolments {
         let Some(active) = self.active.remove(id) else {
             return Vec::new();
         };
-        self.capture.unenrol(active.pod.netns_cookie, &active.inbound_ips, active.sk_lookup);
+        self.capture.unenrol(active.pod.netns_cookie, active.sk_lookup);
         for task in &active.proxies {
             task.abort();
         }

@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::RangeInclusive,
     os::{
         fd::{AsFd, AsRawFd},
@@ -270,6 +270,32 @@ impl Netns {
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
         Ok(socket.into())
+    }
+
+    /// Every address of this netns but loopback, link-local included.
+    pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
+        let interfaces = self.run(|| nix::ifaddrs::getifaddrs().map_err(io::Error::from))?;
+        let mut addresses: Vec<IpAddr> = interfaces
+            .filter_map(|interface| {
+                let address = interface.address?;
+                let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                    (Some(v4), _) => IpAddr::from(v4.ip()),
+                    (_, Some(v6)) => IpAddr::from(v6.ip()),
+                    _ => return None,
+                };
+                (!ip.is_loopback()).then_some(ip)
+            })
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        Ok(addresses)
+    }
+
+    /// Fails unless `ip` is an address of this netns (a bind to port 0 on it,
+    /// released at once).
+    pub fn check_local_address(&self, ip: IpAddr) -> io::Result<()> {
+        let socket = self.run(|| stream_socket(Domain::for_address(SocketAddr::new(ip, 0))))?;
+        socket.bind(&SocketAddr::new(ip, 0).into())
     }
 }
 

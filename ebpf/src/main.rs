@@ -6,20 +6,25 @@
 //! - `ambit_sock_ops` (sock_ops): re-keys the original destination by 4-tuple.
 //! - `ambit_sk_lookup` (sk_lookup, per pod netns): inbound.
 //!
-//! Every program returns "allow": capture redirects, it never drops. When a
-//! map update fails the connection goes on uncaptured and a counter says so.
+//! Outbound, every program returns "allow": capture redirects, it never
+//! drops, and when a map update fails the connection goes on uncaptured and
+//! a counter says so. Inbound fails closed: a TCP connection to an enrolled
+//! pod that cannot be steered to the pod's listener is dropped.
 #![no_std]
 #![no_main]
 
 use core::ptr::{read_volatile, write_volatile};
 
 use ambit_abi::{
-    ConnKey, Counter, DeliveryKey, EnrolledPod, HBONE_PORT, IpKey, MAX_PODS, ORIG_DST_CAPACITY, OrigDst, SockAddrKey,
-    is_agent_mark,
+    ConnKey, Counter, DNS_PORT, DeliveryKey, EnrolledPod, HBONE_PORT, INBOUND_PORT, IpKey, ListenerKey, MAX_PODS,
+    ORIG_DST_CAPACITY, OrigDst, PodAddress, SockAddrKey, is_agent_mark,
 };
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, sk_action::SK_PASS},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        sk_action::{SK_DROP, SK_PASS},
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
@@ -29,6 +34,7 @@ use aya_ebpf::{
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 /// cgroup/connect programs: 1 lets the connect() proceed.
 const CONNECT_ALLOW: i32 = 1;
 
@@ -45,9 +51,13 @@ static ORIG_DST_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entri
 #[map(name = "ORIG_DST_BY_CONN")]
 static ORIG_DST_BY_CONN: LruHashMap<ConnKey, SockAddrKey> = LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
-/// Plaintext inbound listener of each enrolled pod IP.
+/// Every address of every enrolled pod's netns.
+#[map(name = "POD_ADDRESSES")]
+static POD_ADDRESSES: HashMap<IpKey, PodAddress> = HashMap::with_max_entries(MAX_PODS * 8, 0);
+
+/// The listeners (plaintext and HBONE) of each address in `POD_ADDRESSES`.
 #[map(name = "INBOUND_LISTENERS")]
-static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::with_max_entries(MAX_PODS * 2, 0);
+static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_PODS * 16, 0);
 
 /// Deliveries in flight, written by the agent around each connect().
 #[map(name = "DELIVERIES")]
@@ -221,12 +231,16 @@ unsafe fn read_ip6(field: *const [u32; 4]) -> [u32; 4] {
 
 #[sk_lookup]
 pub fn ambit_sk_lookup(ctx: SkLookupContext) -> u32 {
-    steer_inbound(&ctx);
-    SK_PASS
+    steer_inbound(&ctx)
 }
 
+/// Runs only in enrolled pods' netns. Steers a TCP connection to any local
+/// address to the pod's listener of that address: HBONE for port 15008,
+/// plaintext inbound otherwise. An address the agent has not registered
+/// (added after enrolment), or a listener of another netns (an IP two pods
+/// briefly share), drops the connection: never plaintext to the app.
 #[inline(always)]
-fn steer_inbound(ctx: &SkLookupContext) {
+fn steer_inbound(ctx: &SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: `l` is the kernel's bpf_sk_lookup; these fields are readable.
     let (family, protocol, local_port, local_ip4, remote_ip4, local_ip6, remote_ip6, remote_port) = unsafe {
@@ -241,31 +255,54 @@ fn steer_inbound(ctx: &SkLookupContext) {
             read_volatile(&raw const (*l).remote_port),
         )
     };
-    if protocol != IPPROTO_TCP || local_port == u32::from(HBONE_PORT) {
-        return;
-    }
     let (local, remote) = match family {
         AF_INET => (IpKey::from_ipv4_be(local_ip4), IpKey::from_ipv4_be(remote_ip4)),
         AF_INET6 => (IpKey::from_ipv6_be(local_ip6), IpKey::from_ipv6_be(remote_ip6)),
-        _ => return,
+        _ => return SK_PASS,
     };
+    // Loopback never leaves the pod.
+    if local.is_loopback() {
+        return SK_PASS;
+    }
+    let remote_port = u16::from_be(remote_port);
+    // SAFETY: the flags are copied out before anything can delete the entry.
+    let flags = unsafe { POD_ADDRESSES.get(&local) }.map(|a| a.flags);
+    if protocol == IPPROTO_UDP {
+        if flags.is_some_and(|f| f & PodAddress::DROP_INBOUND_UDP != 0) && remote_port != DNS_PORT {
+            count(Counter::InboundUdpDropped);
+            return SK_DROP;
+        }
+        return SK_PASS;
+    }
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
     // A connection from the pod's own address to itself never crossed the
     // pod boundary: it is either the app talking to itself (already captured
     // on the way out) or the agent delivering from the pod's address.
     if local == remote {
-        return;
+        return SK_PASS;
     }
     // The agent delivering a connection from the client's own address.
     let delivery = DeliveryKey {
-        client: SockAddrKey { ip: remote, port: u16::from_be(remote_port) },
+        client: SockAddrKey { ip: remote, port: remote_port },
         app: SockAddrKey { ip: local, port: local_port as u16 },
     };
     // SAFETY: only whether the entry exists is read.
     if unsafe { DELIVERIES.get(&delivery) }.is_some() {
-        return;
+        return SK_PASS;
     }
-    if INBOUND_LISTENERS.redirect_sk_lookup(ctx, local, 0).is_ok() {
-        count(Counter::InboundSteered);
+    let (listener, steered) = if local_port == u32::from(HBONE_PORT) {
+        (HBONE_PORT, Counter::HboneSteered)
+    } else {
+        (INBOUND_PORT, Counter::InboundSteered)
+    };
+    if flags.is_some() && INBOUND_LISTENERS.redirect_sk_lookup(ctx, ListenerKey::new(local, listener), 0).is_ok() {
+        count(steered);
+        SK_PASS
+    } else {
+        count(Counter::InboundNoListener);
+        SK_DROP
     }
 }
 

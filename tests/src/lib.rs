@@ -379,6 +379,12 @@ impl Bed {
     /// Creates a pod on `node` in `namespace` (declared before), with its
     /// netns, address, cgroup and configuration file.
     pub fn add_pod(&mut self, node: &str, namespace: &str, name: &str) -> Result<Pod> {
+        self.add_pod_at(node, namespace, name, None)
+    }
+
+    /// Like [`Bed::add_pod`], with the address `address` if given (an
+    /// address an earlier pod had: IP reuse).
+    pub fn add_pod_at(&mut self, node: &str, namespace: &str, name: &str, address: Option<Ipv4Addr>) -> Result<Pod> {
         if !self.namespaces.contains_key(namespace) {
             bail!("declare namespace {namespace} before adding pods to it");
         }
@@ -389,7 +395,10 @@ impl Bed {
             namespace: namespace.to_string(),
             name: name.to_string(),
             node: node.name.clone(),
-            ip: Ipv4Addr::new(10, 244, node.index, u8::try_from(k)?),
+            ip: match address {
+                Some(address) => address,
+                None => Ipv4Addr::new(10, 244, node.index, u8::try_from(k)?),
+            },
             service_account: name.to_string(),
             netns: netns.clone(),
             cgroup: node.cgroup.join(format!("pod-{namespace}-{name}")),
@@ -567,13 +576,20 @@ impl Bed {
     /// pod, serving `dir` on `port`, and waits until it listens. `log`
     /// receives its access log, which names each client's address.
     pub fn http_server(&self, pod: &str, port: u16, dir: &Path, log: &Path) -> Result<()> {
-        const SERVER: &str = "import functools, http.server, sys\n\
+        self.http_server_at(pod, &self.pod(pod).ip.to_string(), port, dir, log)
+    }
+
+    /// Like [`Bed::http_server`], bound to `bind`: `::` listens on every
+    /// address of both families, as Go, Java and nginx servers do by default.
+    pub fn http_server_at(&self, pod: &str, bind: &str, port: u16, dir: &Path, log: &Path) -> Result<()> {
+        const SERVER: &str = "import functools, http.server, socket, sys\n\
             class Server(http.server.ThreadingHTTPServer):\n    request_queue_size = 1024\n\
+            \x20   address_family = socket.AF_INET6 if ':' in sys.argv[2] else socket.AF_INET\n\
             handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])\n\
             Server((sys.argv[2], int(sys.argv[1])), handler).serve_forever()\n";
         let p = self.pod(pod);
         let mut cmd = p.command("python3");
-        cmd.args(["-c", SERVER, &port.to_string(), &p.ip.to_string()])
+        cmd.args(["-c", SERVER, &port.to_string(), bind])
             .arg(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -168,9 +168,10 @@ fn agent_traffic_does_not_loop() {
     n1.wait_connections(5, |c| c.direction == "inbound" && c.dst_addr == dst).unwrap();
     let counters = stop_and_read_counters(&mut n1);
     assert_eq!(counter(&counters, "connect4_captured"), 6, "{counters:?}\n{}", n1.log_text());
-    // Both pods are meshed, so the hop is HBONE to port 15008, which
-    // sk_lookup leaves alone: nothing is steered to the plaintext listener.
+    // Both pods are meshed, so the hop is HBONE to port 15008, steered to
+    // the HBONE listener: nothing is steered to the plaintext listener.
     assert_eq!(counter(&counters, "inbound_steered"), 0, "{counters:?}");
+    assert_eq!(counter(&counters, "hbone_steered"), 1, "one pooled HBONE connection: {counters:?}");
     let records = n1.connections();
     assert_eq!(records.iter().filter(|c| c.direction == "outbound").count(), 6, "{records:#?}");
     assert_eq!(records.iter().filter(|c| c.direction == "inbound").count(), 6, "{records:#?}");

@@ -47,8 +47,8 @@ use crate::{
 
 /// Port of the outbound listener, on 127.0.0.1 and ::1 inside each pod.
 pub const OUTBOUND_PORT: u16 = 15001;
-/// Port of the plaintext inbound listener, on each pod IP.
-pub const INBOUND_PORT: u16 = 15006;
+/// Port of the plaintext inbound listener, on the wildcard address in each pod.
+pub use ambit_abi::INBOUND_PORT;
 /// How long to wait for the destination to accept before failing the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

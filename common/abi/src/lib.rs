@@ -12,6 +12,7 @@ pub mod names {
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     pub const ORIG_DST_BY_CONN: &str = "ORIG_DST_BY_CONN";
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    pub const POD_ADDRESSES: &str = "POD_ADDRESSES";
     pub const DELIVERIES: &str = "DELIVERIES";
     pub const COUNTERS: &str = "COUNTERS";
 
@@ -35,8 +36,13 @@ pub const fn is_agent_mark(mark: u32) -> bool {
     mark & !1 == AGENT_SOCKET_MARK
 }
 
-/// HBONE port: never steered to the plaintext inbound listener.
+/// HBONE port: steered to the pod's HBONE listener, never to the plaintext one.
 pub const HBONE_PORT: u16 = 15008;
+/// Port of a pod's plaintext inbound listener (inside the pod's netns).
+pub const INBOUND_PORT: u16 = 15006;
+/// The DNS port: with [`EnrolledPod::DROP_INBOUND_UDP`], UDP from it (DNS
+/// replies) still reaches the pod.
+pub const DNS_PORT: u16 = 53;
 
 /// Capacity of the per-connection original-destination maps. They are LRU
 /// maps, so a connection the agent never accepts cannot exhaust them.
@@ -153,6 +159,40 @@ pub struct EnrolledPod {
     pub _pad: u32,
 }
 
+/// Value of the pod-address map: one entry per address of an enrolled
+/// pod's netns (listed, unlisted and link-local alike).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodAddress {
+    /// [`PodAddress::DROP_INBOUND_UDP`] or 0.
+    pub flags: u32,
+}
+
+impl PodAddress {
+    /// Inbound UDP to the address is dropped, except from port 53 (DNS replies).
+    pub const DROP_INBOUND_UDP: u32 = 1;
+}
+
+/// Key of the inbound listener map: the listener that takes connections to
+/// one address of an enrolled pod. sk_lookup programs cannot read their
+/// netns cookie (the kernel refuses `bpf_get_netns_cookie` there), so the
+/// key is the address; the agent records which pod owns each entry, and the
+/// kernel refuses to hand a connection to a listener of another netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ListenerKey {
+    pub ip: IpKey,
+    /// The listener: [`INBOUND_PORT`] (plaintext) or [`HBONE_PORT`].
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl ListenerKey {
+    pub const fn new(ip: IpKey, port: u16) -> Self {
+        Self { ip, port, _pad: 0 }
+    }
+}
+
 /// Written by `connect4`/`connect6`, keyed by socket cookie: where the app
 /// wanted to go, and from which pod (netns cookie).
 #[repr(C)]
@@ -198,16 +238,27 @@ pub enum Counter {
     InboundSteered = 4,
     /// Storing an original destination failed (map full or helper error).
     MapUpdateFailed = 5,
+    /// Inbound TCP to an address of an enrolled pod that has no listener
+    /// (an address added after enrolment, say): dropped (fail closed),
+    /// never delivered in plaintext.
+    InboundNoListener = 6,
+    /// Inbound UDP dropped for a pod that opted in to it.
+    InboundUdpDropped = 7,
+    /// Inbound connection to port 15008 steered to a pod's HBONE listener.
+    HboneSteered = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Connect4Captured,
         Counter::Connect6Captured,
         Counter::Connect6NoListener,
         Counter::OrigDstStored,
         Counter::InboundSteered,
         Counter::MapUpdateFailed,
+        Counter::InboundNoListener,
+        Counter::InboundUdpDropped,
+        Counter::HboneSteered,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -219,6 +270,9 @@ impl Counter {
             Counter::OrigDstStored => "orig_dst_stored",
             Counter::InboundSteered => "inbound_steered",
             Counter::MapUpdateFailed => "map_update_failed",
+            Counter::InboundNoListener => "inbound_no_listener",
+            Counter::InboundUdpDropped => "inbound_udp_dropped",
+            Counter::HboneSteered => "hbone_steered",
         }
     }
 }
@@ -236,6 +290,8 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for DeliveryKey {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for PodAddress {}
 }
 
 #[cfg(feature = "user")]
@@ -298,6 +354,7 @@ mod tests {
         assert_eq!(size_of::<EnrolledPod>(), 8);
         assert_eq!(size_of::<OrigDst>(), 8 + 18 + 6);
         assert_eq!(size_of::<ConnKey>(), 8 + 18 + 18 + 4);
+        assert_eq!(size_of::<ListenerKey>(), 20);
     }
 
     #[test]

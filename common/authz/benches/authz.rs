@@ -64,6 +64,7 @@ fn main() {
         netns: None,
         dataplane_mode: None,
         use_waypoint: None,
+        inbound_udp: None,
         source: "bench".into(),
     };
     let caller = Identity::new("cluster.local", "ns-8", "caller-107");

@@ -20,6 +20,7 @@ fn api_pod() -> Pod {
         netns: None,
         dataplane_mode: None,
         use_waypoint: None,
+        inbound_udp: None,
         source: "pods.yaml".into(),
     }
 }

@@ -19,6 +19,10 @@ pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";
 pub const WAYPOINT_FOR_LABEL: &str = "ambit.dev/waypoint-for";
 /// Label on a Pod: the Gateway it serves as a waypoint (Gateway API's name).
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Label on a Namespace or a Pod (which wins): `drop` drops inbound UDP to
+/// the pod, DNS replies excepted, while its PeerAuthentication is STRICT.
+/// The mesh carries TCP only; this keeps UDP from being a plaintext way in.
+pub const INBOUND_UDP_LABEL: &str = "ambit.dev/inbound-udp";
 /// The only `gatewayClassName` ambit acts on.
 pub const WAYPOINT_CLASS: &str = "ambit-waypoint";
 
@@ -31,12 +35,23 @@ pub enum DataplaneMode {
     None,
 }
 
+/// Value of [`INBOUND_UDP_LABEL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum InboundUdp {
+    /// UDP reaches the pod's apps as it would without the mesh (the default).
+    Allow,
+    /// Dropped in the kernel for STRICT pods, except DNS replies (port 53).
+    Drop,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Namespace {
     pub name: String,
     pub dataplane_mode: Option<DataplaneMode>,
     /// [`USE_WAYPOINT_LABEL`].
     pub use_waypoint: Option<String>,
+    /// [`INBOUND_UDP_LABEL`].
+    pub inbound_udp: Option<InboundUdp>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -55,6 +70,8 @@ pub struct Pod {
     /// [`USE_WAYPOINT_LABEL`]: its own traffic (addressed to the pod) goes
     /// through that waypoint if the waypoint takes workload traffic.
     pub use_waypoint: Option<String>,
+    /// [`INBOUND_UDP_LABEL`]; overrides the namespace's.
+    pub inbound_udp: Option<InboundUdp>,
     /// The file the pod came from, for error messages.
     pub source: PathBuf,
 }

@@ -12,8 +12,9 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use crate::{
-    DATAPLANE_MODE_LABEL, DataplaneMode, Gateway, MtlsMode, NETNS_ANNOTATION, Namespace, Object, PeerAuthentication,
-    Pod, Service, ServicePort, USE_WAYPOINT_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL, WaypointFor,
+    DATAPLANE_MODE_LABEL, DataplaneMode, Gateway, INBOUND_UDP_LABEL, InboundUdp, MtlsMode, NETNS_ANNOTATION, Namespace,
+    Object, PeerAuthentication, Pod, Service, ServicePort, USE_WAYPOINT_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL,
+    WaypointFor,
     document::{ConfigError, RawMetadata, deserialize},
     policy_parse,
 };
@@ -166,11 +167,13 @@ pub fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, Con
             let raw: RawNamespace = deserialize(file, doc, &describe, value)?;
             let dataplane_mode = dataplane_mode(file, doc, &describe, &raw.metadata.labels)?;
             let use_waypoint = raw.metadata.labels.get(USE_WAYPOINT_LABEL).cloned();
-            Ok(Object::Namespace(Namespace { name: raw.metadata.name, dataplane_mode, use_waypoint }))
+            let inbound_udp = inbound_udp(file, doc, &describe, &raw.metadata.labels)?;
+            Ok(Object::Namespace(Namespace { name: raw.metadata.name, dataplane_mode, use_waypoint, inbound_udp }))
         }
         "Pod" => {
             let raw: RawPod = deserialize(file, doc, &describe, value)?;
             let dataplane_mode = dataplane_mode(file, doc, &describe, &raw.metadata.labels)?;
+            let inbound_udp = inbound_udp(file, doc, &describe, &raw.metadata.labels)?;
             if raw.status.pod_ips.is_empty() {
                 return Err(ConfigError::field(
                     file,
@@ -214,6 +217,7 @@ pub fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, Con
                 netns,
                 dataplane_mode,
                 use_waypoint,
+                inbound_udp,
                 source: file.to_path_buf(),
             }))
         }
@@ -384,6 +388,26 @@ fn dataplane_mode(
     }
 }
 
+fn inbound_udp(
+    file: &Path,
+    doc: usize,
+    object: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Option<InboundUdp>, ConfigError> {
+    match labels.get(INBOUND_UDP_LABEL).map(String::as_str) {
+        None => Ok(None),
+        Some("allow") => Ok(Some(InboundUdp::Allow)),
+        Some("drop") => Ok(Some(InboundUdp::Drop)),
+        Some(other) => Err(ConfigError::field(
+            file,
+            doc,
+            object,
+            &format!("metadata.labels.{INBOUND_UDP_LABEL}"),
+            format!("`{other}` is not an inbound UDP mode; use `drop` or `allow`"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,7 +448,8 @@ status:
             Object::Namespace(Namespace {
                 name: "shop".into(),
                 dataplane_mode: Some(DataplaneMode::Ambient),
-                use_waypoint: None
+                use_waypoint: None,
+                inbound_udp: None
             })
         );
         let Object::Pod(pod) = &objects[1] else { panic!("expected a pod") };

@@ -15,8 +15,8 @@ use spiffe::SpiffeId;
 use ambit_authz::{Connection, Decision, PolicySet, Reason};
 use ambit_identity::Identity;
 use ambit_model::{
-    DataplaneMode, GATEWAY_NAME_LABEL, MtlsMode, PeerAuthentication, Pod, ROOT_NAMESPACE, Service, Snapshot,
-    WaypointFor,
+    DataplaneMode, GATEWAY_NAME_LABEL, InboundUdp, MtlsMode, PeerAuthentication, Pod, ROOT_NAMESPACE, Service,
+    Snapshot, WaypointFor,
 };
 
 pub mod check;
@@ -237,6 +237,14 @@ impl State {
         candidates.into_iter().flatten().find(|m| *m != MtlsMode::Unset).unwrap_or(MtlsMode::Permissive)
     }
 
+    /// Whether inbound UDP to the pod is dropped: it opted in
+    /// ([`ambit_model::INBOUND_UDP_LABEL`], the pod's label over its
+    /// namespace's) and its PeerAuthentication mode is STRICT.
+    pub fn drops_inbound_udp(&self, pod: &Pod) -> bool {
+        let namespace = self.snapshot.namespaces.get(&pod.namespace).and_then(|ns| ns.inbound_udp);
+        pod.inbound_udp.or(namespace) == Some(InboundUdp::Drop) && self.mtls_mode(&pod.id(), 0) == MtlsMode::Strict
+    }
+
     /// `namespace/name` of the pod that owns `ip`, if the mesh knows it.
     pub fn workload_at(&self, ip: IpAddr) -> Option<&str> {
         self.workload_by_ip.get(&ip).map(String::as_str)
@@ -288,6 +296,7 @@ mod tests {
             netns: None,
             dataplane_mode: mode,
             use_waypoint: None,
+            inbound_udp: None,
             source: "pods.yaml".into(),
         }
     }
@@ -296,9 +305,10 @@ mod tests {
     fn enrolment_follows_namespace_then_pod_label() {
         let mut snapshot = Snapshot::default();
         for (name, mode) in [("shop", Some(DataplaneMode::Ambient)), ("legacy", None)] {
-            snapshot
-                .namespaces
-                .insert(name.into(), Namespace { name: name.into(), dataplane_mode: mode, use_waypoint: None });
+            snapshot.namespaces.insert(
+                name.into(),
+                Namespace { name: name.into(), dataplane_mode: mode, use_waypoint: None, inbound_udp: None },
+            );
         }
         for p in [
             pod("shop", "a", "n1", None),                              // ambient via namespace
@@ -334,7 +344,12 @@ mod tests {
         let mut snapshot = Snapshot::default();
         snapshot.namespaces.insert(
             "shop".into(),
-            Namespace { name: "shop".into(), dataplane_mode: Some(DataplaneMode::Ambient), use_waypoint: None },
+            Namespace {
+                name: "shop".into(),
+                dataplane_mode: Some(DataplaneMode::Ambient),
+                use_waypoint: None,
+                inbound_udp: None,
+            },
         );
         for p in
             [web_pod("web-1", "10.1.0.1", "web"), web_pod("web-2", "10.1.0.2", "web"), web_pod("db", "10.1.0.3", "db")]
@@ -350,6 +365,7 @@ mod tests {
                 ports: vec![ambit_model::ServicePort { port: 80, target_port: 8080 }],
                 selector: [("app".to_string(), "web".to_string())].into(),
                 use_waypoint: None,
+                inbound_udp: None,
             },
         );
         snapshot.peer_authentications = peer_authentications;

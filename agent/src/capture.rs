@@ -64,6 +64,17 @@ pub struct FamilyListeners<'a, L> {
     pub hbone: &'a L,
 }
 
+/// What [`Capture::enrol`] registers for one pod.
+pub struct Registration<'a, L> {
+    pub netns_cookie: u64,
+    pub pod: EnrolledPod,
+    /// Every address of the pod's netns.
+    pub addresses: &'a [IpAddr],
+    pub address: PodAddress,
+    pub v4: FamilyListeners<'a, L>,
+    pub v6: Option<FamilyListeners<'a, L>>,
+}
+
 /// The kernel programs' per-CPU counters, readable from any task.
 pub struct CaptureCounters {
     map: Mutex<PerCpuArray<MapData, u64>>,
@@ -150,35 +161,31 @@ impl Capture {
     }
 
     /// Starts capturing a pod: outbound by its netns cookie, inbound by
-    /// steering each of `addresses` (every address of its netns) to the
+    /// steering each of its addresses (every address of its netns) to the
     /// listeners of its family. An address of a family with no listeners is
     /// left out, so the kernel program drops connections to it. On error the
     /// caller removes what was registered with [`Capture::remove_entries`].
     pub fn enrol<L: AsRawFd>(
         &mut self,
         netns: &Netns,
-        netns_cookie: u64,
-        pod: EnrolledPod,
-        addresses: &[IpAddr],
-        address: PodAddress,
-        v4: &FamilyListeners<'_, L>,
-        v6: Option<&FamilyListeners<'_, L>>,
+        registration: &Registration<'_, L>,
     ) -> Result<SkLookupLinkId, CaptureError> {
-        for ip in addresses {
-            let Some(listeners) = (if ip.is_ipv4() { Some(v4) } else { v6 }) else { continue };
+        let Registration { netns_cookie, pod, addresses, address, v4, v6 } = registration;
+        for ip in *addresses {
+            let Some(listeners) = (if ip.is_ipv4() { Some(v4) } else { v6.as_ref() }) else { continue };
             let key = IpKey::from(*ip);
             for (port, listener) in [(INBOUND_PORT, listeners.inbound), (HBONE_PORT, listeners.hbone)] {
                 self.listeners
                     .insert(ListenerKey::new(key, port), listener.as_raw_fd(), 0)
                     .map_err(|source| CaptureError::Map { name: names::INBOUND_LISTENERS, source })?;
             }
-            self.address_owners.insert(key, netns_cookie);
+            self.address_owners.insert(key, *netns_cookie);
             self.addresses
-                .insert(key, address, 0)
+                .insert(key, *address, 0)
                 .map_err(|source| CaptureError::Map { name: names::POD_ADDRESSES, source })?;
         }
         self.enrolled
-            .insert(netns_cookie, pod, 0)
+            .insert(*netns_cookie, *pod, 0)
             .map_err(|source| CaptureError::Map { name: names::ENROLLED, source })?;
         let sk_lookup: &mut SkLookup = program(&mut self.ebpf, names::PROG_SK_LOOKUP)?;
         sk_lookup.attach(netns).map_err(|source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source })

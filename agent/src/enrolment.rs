@@ -25,7 +25,7 @@ use ambit_model::{NETNS_ANNOTATION, Pod};
 use ambit_state::State;
 
 use crate::{
-    capture::{Capture, FamilyListeners},
+    capture::{Capture, FamilyListeners, Registration},
     netns::{Netns, netns_cookie},
     proxy::{self, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, hbone, inbound, outbound},
 };
@@ -210,23 +210,20 @@ impl Enrolments {
             (Err(e), _) | (_, Err(e)) if addresses.iter().any(IpAddr::is_ipv6) => return Err(e),
             _ => None,
         };
-        let registration = EnrolledPod {
+        let enrolled = EnrolledPod {
             outbound_port_v4: OUTBOUND_PORT,
             outbound_port_v6: if outbound_v6.is_some() { OUTBOUND_PORT } else { 0 },
             _pad: 0,
         };
-        let address = PodAddress { flags: if spec.drop_inbound_udp { PodAddress::DROP_INBOUND_UDP } else { 0 } };
-        let v4_listeners = FamilyListeners { inbound: &inbound_v4, hbone: &hbone_v4 };
-        let v6_listeners = v6.as_ref().map(|(inbound, hbone)| FamilyListeners { inbound, hbone });
-        let sk_lookup = match self.capture.enrol(
-            &netns,
+        let registration = Registration {
             netns_cookie,
-            registration,
-            &addresses,
-            address,
-            &v4_listeners,
-            v6_listeners.as_ref(),
-        ) {
+            pod: enrolled,
+            addresses: &addresses,
+            address: PodAddress { flags: if spec.drop_inbound_udp { PodAddress::DROP_INBOUND_UDP } else { 0 } },
+            v4: FamilyListeners { inbound: &inbound_v4, hbone: &hbone_v4 },
+            v6: v6.as_ref().map(|(inbound, hbone)| FamilyListeners { inbound, hbone }),
+        };
+        let sk_lookup = match self.capture.enrol(&netns, &registration) {
             Ok(link) => link,
             Err(e) => {
                 // Leave nothing half-registered behind.

@@ -20,7 +20,7 @@ use ambit_agent::{
 use ambit_config::{ConfigDir, Update, log_errors, watch_dir};
 use ambit_hbone::HbonePool;
 use ambit_identity::{
-    ca::CertificateAuthority,
+    ca::{CertificateAuthority, TokenClaims},
     ca_client::CaClient,
     ca_server::{Authorizer, CaServer, NodeTokenAuthorizer},
     manager::CertManager,
@@ -202,12 +202,21 @@ enum CaCommand {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         leaf_ttl: Duration,
     },
-    /// Print the token node NODE presents to the CA (creating the CA if needed).
+    /// Print a token for the CA (creating the CA if needed): node NODE's,
+    /// or with --identity a waypoint's, which obtains that identity only.
+    /// Tokens expire: put a new one in the file before then (no restart).
     Token {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
         node: String,
+        /// NAMESPACE/SERVICE_ACCOUNT: the one identity the token obtains
+        /// (a waypoint's), and only while a pod on NODE runs as it.
+        #[arg(long)]
+        identity: Option<String>,
+        /// How long the token is valid, e.g. 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
@@ -255,7 +264,7 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                 Some(config_dir) if !kubernetes => {
                     let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
                     let placement = Box::new(DirectoryPlacement::new(config_dir));
-                    let authorizer = Box::new(NodeTokenAuthorizer::new(ca.node_tokens(), placement));
+                    let authorizer = Box::new(NodeTokenAuthorizer::new(ca.tokens(), placement));
                     (ca, authorizer)
                 }
                 _ => {
@@ -277,9 +286,13 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                 _ = shutdown_signal() => Ok(()),
             }
         }
-        CaCommand::Token { dir, node, trust_domain } => {
+        CaCommand::Token { dir, node, identity, ttl, trust_domain } => {
+            if let Some(identity) = &identity {
+                namespaced_name("--identity", identity)?;
+            }
             let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
-            println!("{}", ca.node_tokens().token(&node));
+            let exp = (std::time::SystemTime::now() + ttl).duration_since(std::time::UNIX_EPOCH)?.as_secs();
+            println!("{}", ca.tokens().issue(&TokenClaims { node, identity, exp }));
             Ok(())
         }
     }

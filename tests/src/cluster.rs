@@ -161,15 +161,22 @@ impl Bed {
     /// Runs `f` on a thread inside the fabric netns (where the CA and the
     /// API server listen), and returns what it returns.
     pub fn in_fabric<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let fabric = std::fs::File::open(Path::new("/run/netns").join(&self.fabric))?;
+        self.in_netns(&self.fabric, f)
+    }
+
+    /// Runs `f` on a thread inside the netns named `netns` (a node's, say:
+    /// where an attacker on the node network stands).
+    pub fn in_netns<T: Send>(&self, netns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = std::fs::File::open(Path::new("/run/netns").join(netns))?;
         std::thread::scope(|scope| {
             scope
                 .spawn(move || -> Result<T> {
-                    nix::sched::setns(&fabric, nix::sched::CloneFlags::CLONE_NEWNET).context("enter the fabric")?;
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .with_context(|| format!("enter netns {netns}"))?;
                     Ok(f())
                 })
                 .join()
-                .map_err(|_| anyhow::anyhow!("the fabric thread panicked"))?
+                .map_err(|_| anyhow::anyhow!("the thread in netns {netns} panicked"))?
         })
     }
 

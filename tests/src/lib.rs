@@ -110,6 +110,10 @@ pub struct Waypoint {
 }
 
 impl Waypoint {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -227,15 +231,8 @@ impl Bed {
         ip_in(&netns, &["link", "set", "cbr0", "up"])?;
         run_ok(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
         // The node's CA token; the first call also creates the CA's root.
-        let token = Command::new(&self.agent_binary)
-            .args(["ca", "token", "--node", name, "--dir"])
-            .arg(self.ca_dir())
-            .output()
-            .context("run `ambit-agent ca token`")?;
-        if !token.status.success() {
-            bail!("ambit-agent ca token failed: {}", String::from_utf8_lossy(&token.stderr));
-        }
-        std::fs::write(self.node_token_file(name), &token.stdout)?;
+        let token = self.ca_token(name, None)?;
+        std::fs::write(self.node_token_file(name), token)?;
         self.nodes.push(Node { name: name.to_string(), index, netns, ip: node_ip, cgroup });
         Ok(())
     }
@@ -245,7 +242,27 @@ impl Bed {
         self.dir.path().join("ca")
     }
 
-    fn node_token_file(&self, node: &str) -> PathBuf {
+    /// A CA token from `ambit-agent ca token`: node `node`'s, or with
+    /// `identity` (`namespace/service-account`) a waypoint's.
+    pub fn ca_token(&self, node: &str, identity: Option<&str>) -> Result<String> {
+        let mut cmd = Command::new(&self.agent_binary);
+        cmd.args(["ca", "token", "--node", node, "--dir"]).arg(self.ca_dir());
+        if let Some(identity) = identity {
+            cmd.args(["--identity", identity]);
+        }
+        let token = cmd.output().context("run `ambit-agent ca token`")?;
+        if !token.status.success() {
+            bail!("ambit-agent ca token failed: {}", String::from_utf8_lossy(&token.stderr));
+        }
+        Ok(String::from_utf8(token.stdout)?)
+    }
+
+    /// The file a waypoint in `pod` presents to the CA: its own token.
+    pub fn waypoint_token_file(&self, pod: &str) -> PathBuf {
+        self.dir.path().join("tokens").join(pod.replace('/', "-"))
+    }
+
+    pub fn node_token_file(&self, node: &str) -> PathBuf {
         self.dir.path().join("tokens").join(node)
     }
 
@@ -515,13 +532,15 @@ impl Bed {
         let p = self.pod(pod);
         let binary = self.agent_binary.with_file_name("ambit-waypoint");
         let log = self.dir.path().join(format!("waypoint-{}.log", pod.replace('/', "-")));
+        let token_file = self.waypoint_token_file(pod);
+        std::fs::write(&token_file, self.ca_token(&p.node, Some(&format!("{}/{}", p.namespace, p.service_account)))?)?;
         let mut cmd = p.command(binary.to_str().context("UTF-8 path")?);
         cmd.args(["--pod", pod, "--log-format", "json", "--ca-addr", CA_ADDR, "--config-dir"])
             .arg(self.config_dir())
             .arg("--ca-root")
             .arg(self.ca_dir().join("root.pem"))
-            .arg("--node-token-file")
-            .arg(self.node_token_file(&p.node))
+            .arg("--ca-token-file")
+            .arg(&token_file)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

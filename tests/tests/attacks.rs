@@ -5,7 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use ambit_testbed::Bed;
+use std::{net::SocketAddr, sync::Arc};
+
+use ambit_identity::{Identity, IdentityProvider as _, Svid, ca_client::CaClient, tls};
+use ambit_testbed::{Bed, CA_ADDR};
 use common::*;
 use serde_json::Value;
 
@@ -171,4 +174,158 @@ fn unenrolling_a_pod_leaves_the_pod_that_reuses_its_ip_protected() {
     assert_eq!(rejected[0].dst_workload, "shop/new", "{rejected:?}");
     let counters = stop_and_read_counters(&mut n1);
     assert_eq!(counter(&counters, "plaintext_rejected"), 1, "{counters:?}");
+}
+
+/// Asks the CA, from node `node`'s own netns, for `identity` with the
+/// token in `token_file`: what an attacker holding that token can mint.
+fn mint(bed: &Bed, node: &str, token_file: &std::path::Path, identity: &Identity) -> Result<Svid, String> {
+    let bundle = tls::load_bundle(&bed.ca_dir().join("root.pem"), "cluster.local").unwrap();
+    let client = CaClient::new(CA_ADDR, node.to_string(), token_file.to_path_buf(), &bundle).unwrap();
+    bed.in_netns(&bed.node(node).netns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(client.fetch(identity)).map_err(|e| format!("{e:#}"))
+    })
+    .unwrap()
+}
+
+/// An HBONE CONNECT to `target` through `pod_addr`'s port 15008, made from
+/// node `node`'s own netns with `svid`: the response status, or why the
+/// tunnel failed.
+fn hbone_connect_from_node(
+    bed: &Bed,
+    node: &str,
+    svid: &Svid,
+    server: &Identity,
+    target: SocketAddr,
+) -> Result<u16, String> {
+    let bundle = tls::load_bundle(&bed.ca_dir().join("root.pem"), "cluster.local").unwrap();
+    let config = Arc::new(tls::client_config(Some(svid), &bundle, server.spiffe_id()).unwrap());
+    bed.in_netns(&bed.node(node).netns, || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let tcp = tokio::net::TcpStream::connect((target.ip(), 15008)).await.map_err(|e| e.to_string())?;
+            let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
+            let (mut client, connection) = h2::client::handshake(tls).await.map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            let request = http::Request::connect(target.to_string()).body(()).unwrap();
+            let (response, _stream) = client.send_request(request, false).map_err(|e| e.to_string())?;
+            let response = tokio::time::timeout(Duration::from_secs(5), response)
+                .await
+                .map_err(|_| "no response".to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok(response.status().as_u16())
+        })
+    })
+    .unwrap()
+}
+
+/// Attack 2, from a compromised waypoint and a compromised node.
+/// - The waypoint's CA token, stolen, obtains the waypoint's identity and
+///   nothing else: frontend's identity, of a pod on the same node, is refused.
+/// - A certificate for frontend (what a compromised node can mint),
+///   presented from the node's own address rather than from frontend's pod,
+///   passes nothing: the backend's tunnel refuses it before any policy,
+///   logs it and counts it, although an ALLOW policy admits frontend.
+#[test]
+fn a_stolen_credential_mints_no_other_identity_and_works_only_from_its_pod() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "frontend").unwrap();
+    bed.add_pod("n1", "shop", "waypoint").unwrap();
+    bed.set_pod_label("shop/waypoint", "gateway.networking.k8s.io/gateway-name", Some("waypoint")).unwrap();
+    let backend = bed.add_pod("n2", "shop", "backend").unwrap();
+    bed.write_config(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: frontend-only, namespace: shop}\nspec:\n  selector: {matchLabels: {app: backend}}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [cluster.local/ns/shop/sa/frontend]\n",
+    )
+    .unwrap();
+    let _n1 = agent(&bed, "n1");
+    let mut n2 = agent(&bed, "n2");
+    wait_nodes_ready(&bed, &["n1", "n2"]);
+    let (root, _) = web_root(&bed, 1024);
+    bed.http_server("shop/backend", HTTP_PORT, &root, &bed.scratch().join("backend.log")).unwrap();
+    let url = format!("http://{}:{HTTP_PORT}/index.html", backend.ip);
+    curl(&bed, "shop/frontend", &url).expect("frontend, from its own pod, is admitted");
+
+    let frontend = Identity::new("cluster.local", "shop", "frontend");
+    let waypoint_token = bed.scratch().join("stolen-waypoint-token");
+    std::fs::write(&waypoint_token, bed.ca_token("n1", Some("shop/waypoint")).unwrap()).unwrap();
+    mint(&bed, "n1", &waypoint_token, &Identity::new("cluster.local", "shop", "waypoint")).expect("its own identity");
+    let refused = mint(&bed, "n1", &waypoint_token, &frontend).map(drop).unwrap_err();
+    assert!(refused.contains("obtains that identity only"), "{refused}");
+    let ca_log = std::fs::read_to_string(bed.ca_log()).unwrap();
+    assert!(ca_log.contains("obtains that identity only"), "the CA logs the refusal: {ca_log}");
+
+    let minted = mint(&bed, "n1", &bed.node_token_file("n1"), &frontend).expect("n1 runs frontend");
+    let backend_id = Identity::new("cluster.local", "shop", "backend");
+    let target = SocketAddr::new(backend.ip.into(), HTTP_PORT);
+    let outcome = hbone_connect_from_node(&bed, "n1", &minted, &backend_id, target);
+    assert!(outcome.is_err() || outcome == Ok(401), "frontend's identity from the node's address got {outcome:?}");
+    let rejected = n2
+        .wait_for("the rejection", Duration::from_secs(10), |l| {
+            l["message"] == "HBONE connection rejected"
+                && l["src_addr"].as_str().is_some_and(|a| a.starts_with("10.100.0.1:"))
+        })
+        .unwrap();
+    assert!(rejected["error"].as_str().unwrap().contains("no pod's address"), "{rejected}");
+    let counters = stop_and_read_counters(&mut n2);
+    assert_eq!(counter(&counters, "mtls_rejected"), 1, "{counters:?}");
+}
+
+/// Resident memory of a process, in kB.
+fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Attack 4, from a config author: a RequestAuthentication whose key sets
+/// are "files" the mesh must not read: a secret of the node, an endless
+/// device, and a FIFO (which blocks whoever opens it) inside the key-set
+/// directory. No agent opens any of them; the waypoint refuses each with
+/// the reason, stays small and keeps answering.
+#[test]
+fn a_policy_cannot_make_the_mesh_read_any_path() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pods(&[("n1", "shop/api"), ("n1", "shop/wp")]).unwrap();
+    bed.set_pod_label("shop/wp", "gateway.networking.k8s.io/gateway-name", Some("wp")).unwrap();
+    let jwks_dir = bed.scratch().join("jwks");
+    std::fs::create_dir(&jwks_dir).unwrap();
+    let fifo = jwks_dir.join("fifo.json");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR).unwrap();
+    let rules: String =
+        [("a", "/etc/shadow".to_string()), ("b", "/dev/zero".to_string()), ("c", fifo.display().to_string())]
+            .iter()
+            .map(|(issuer, path)| format!("  - {{issuer: https://{issuer}.example, jwksUri: \"file://{path}\"}}\n"))
+            .collect();
+    bed.write_config(
+        "hostile.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: shop}}\nspec: {{gatewayClassName: ambit-waypoint}}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: hostile, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Gateway, name: wp}}]\n  jwtRules:\n{rules}"
+        ),
+    )
+    .unwrap();
+    let n1 = agent(&bed, "n1");
+    let waypoint = bed.start_waypoint("shop/wp", &["--jwks-dir", jwks_dir.to_str().unwrap()]).unwrap();
+    let mut refusals = Vec::new();
+    ambit_testbed::wait_until(Duration::from_secs(15), "three refusals", || {
+        refusals = waypoint
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("JWKS fetch failed")))
+            .map(|l| format!("{} {}", l["uri"], l["error"]))
+            .collect();
+        Ok(["shadow", "zero", "fifo"].iter().all(|name| refusals.iter().any(|r| r.contains(name))))
+    })
+    .unwrap();
+    for (name, reason) in
+        [("shadow", "outside --jwks-dir"), ("zero", "outside --jwks-dir"), ("fifo", "not a regular file")]
+    {
+        assert!(refusals.iter().any(|r| r.contains(name) && r.contains(reason)), "{name}: {refusals:#?}");
+    }
+    assert!(rss_kb(waypoint.pid()) < 64 * 1024, "the waypoint stays small: {} kB", rss_kb(waypoint.pid()));
+    assert!(rss_kb(n1.pid()) < 64 * 1024, "the agent stays small: {} kB", rss_kb(n1.pid()));
+    assert_eq!(bed.admin_get("n1", "/healthz/ready").unwrap().0, 200, "the agent keeps answering");
+    assert!(!n1.log_text().contains("shadow") || !n1.log_text().contains("cannot read"), "the agent opened nothing");
 }

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use ambit_testbed::Agent;
 use common::*;
 
@@ -250,7 +252,13 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
     }) else {
         return;
     };
-    let mut waypoint = bed.start_waypoint("payments/wp", &[]).unwrap();
+    let scratch = bed.scratch().to_str().unwrap().to_string();
+    let mut waypoint = bed.start_waypoint("payments/wp", &["--jwks-dir", &scratch]).unwrap();
+    // The key set is a file: the waypoint reads it, neither agent does.
+    ambit_testbed::wait_until(Duration::from_secs(10), "the JWKS read", || {
+        Ok(waypoint.log_text().contains("JWKS fetched"))
+    })
+    .unwrap();
 
     let charge = issuer.token("payments:charge read", 300, false);
     let post = |from: &str, path: &str, token: &str| {

@@ -1,4 +1,5 @@
-//! Key sets (JWKS) that issuers publish over https.
+//! Key sets (JWKS) that issuers publish over https, or that the operator
+//! puts in files under `--jwks-dir`.
 //!
 //! A key set is fetched as soon as a RequestAuthentication names its URI,
 //! kept in memory, and fetched again every `refresh`. A token whose key id
@@ -7,10 +8,16 @@
 //! good set in use and is retried with backoff; while an issuer's keys have
 //! never been fetched, its tokens are refused (401), never accepted
 //! unchecked. Fetches use https only, with a bounded time and body size.
+//! Files are read only under `--jwks-dir` (symbolic links resolved first),
+//! only if regular (a FIFO or a device is refused without blocking), at most
+//! 1 MiB, on a blocking thread with the same deadline: a hostile path in a
+//! policy can neither read the node's secrets nor stall the waypoint.
 
 use std::{
     collections::HashMap,
-    path::Path,
+    io::Read as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -44,6 +51,8 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
 pub struct JwksStore {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    /// `--jwks-dir`, canonical: where file:// key sets may be.
+    dir: Option<PathBuf>,
     refresh: Duration,
     fetched: watch::Sender<Arc<FetchedKeys>>,
     /// One refresh task per URI the configuration names.
@@ -58,7 +67,10 @@ struct Source {
 impl JwksStore {
     /// `extra_roots`: a PEM file of CAs trusted for key-set servers besides
     /// the system's (`--jwks-ca`).
-    pub fn new(extra_roots: Option<&Path>, refresh: Duration) -> anyhow::Result<Arc<Self>> {
+    pub fn new(extra_roots: Option<&Path>, dir: Option<PathBuf>, refresh: Duration) -> anyhow::Result<Arc<Self>> {
+        let dir = dir
+            .map(|dir| dir.canonicalize().with_context(|| format!("--jwks-dir {}: cannot open it", dir.display())))
+            .transpose()?;
         let mut roots = rustls::RootCertStore::empty();
         // Unreadable system certificates only narrow what is trusted.
         for cert in rustls_native_certs::load_native_certs().certs {
@@ -82,6 +94,7 @@ impl JwksStore {
             hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
         Ok(Arc::new(Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
+            dir,
             refresh,
             fetched: watch::Sender::new(Arc::default()),
             sources: Mutex::default(),
@@ -165,6 +178,13 @@ impl JwksStore {
     }
 
     async fn fetch(&self, uri: &str) -> anyhow::Result<JwkSet> {
+        if let Some(path) = uri.strip_prefix("file://") {
+            let dir = self.dir.clone().context("file:// key sets are read only under --jwks-dir; start the waypoint with --jwks-dir <directory> and put the file there")?;
+            let path = PathBuf::from(path);
+            let read = tokio::task::spawn_blocking(move || read_jwks_file(&dir, &path));
+            let body = tokio::time::timeout(FETCH_TIMEOUT, read).await.context("not read within 5 s")???;
+            return parse_jwks(&body);
+        }
         let uri: Uri = uri.parse()?;
         let response =
             tokio::time::timeout(FETCH_TIMEOUT, self.client.get(uri)).await.context("no answer within 5 s")??;
@@ -174,8 +194,38 @@ impl JwksStore {
             .context("the body did not arrive within 5 s")?
             .map_err(|e| anyhow::anyhow!("reading the body (at most {MAX_JWKS_BYTES} bytes): {e}"))?
             .to_bytes();
-        let set: JwkSet = serde_json::from_slice(&body).context("not a JWKS (`{\"keys\": [...]}`)")?;
-        anyhow::ensure!(!set.keys.is_empty(), "the key set is empty");
-        Ok(set)
+        parse_jwks(&body)
     }
+}
+
+fn parse_jwks(body: &[u8]) -> anyhow::Result<JwkSet> {
+    let set: JwkSet = serde_json::from_slice(body).context("not a JWKS (`{\"keys\": [...]}`)")?;
+    anyhow::ensure!(!set.keys.is_empty(), "the key set is empty");
+    Ok(set)
+}
+
+/// Reads a key-set file, if it is a regular file under `dir` (canonical) of
+/// at most [`MAX_JWKS_BYTES`].
+fn read_jwks_file(dir: &Path, path: &Path) -> anyhow::Result<Vec<u8>> {
+    let real = path.canonicalize().with_context(|| format!("cannot open {}", path.display()))?;
+    anyhow::ensure!(
+        real.starts_with(dir),
+        "{} is outside --jwks-dir {}; key sets are read from there only",
+        real.display(),
+        dir.display()
+    );
+    // Non-blocking, so opening a FIFO returns at once; then only a regular
+    // file is read.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(&real)
+        .with_context(|| format!("cannot open {}", real.display()))?;
+    let meta = file.metadata()?;
+    anyhow::ensure!(meta.is_file(), "{} is not a regular file", real.display());
+    anyhow::ensure!(meta.len() <= MAX_JWKS_BYTES as u64, "{} is larger than {MAX_JWKS_BYTES} bytes", real.display());
+    let mut body = Vec::new();
+    file.take(MAX_JWKS_BYTES as u64 + 1).read_to_end(&mut body)?;
+    anyhow::ensure!(body.len() <= MAX_JWKS_BYTES, "{} is larger than {MAX_JWKS_BYTES} bytes", real.display());
+    Ok(body)
 }

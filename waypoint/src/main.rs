@@ -87,11 +87,13 @@ struct Args {
     ca_addr: String,
     #[arg(long, env = "AMBIT_CA_ROOT")]
     ca_root: PathBuf,
-    /// What the waypoint presents to the CA: in standalone mode its node's
-    /// token; in Kubernetes mode its own projected service-account token
-    /// (audience `ambit-ca`), which obtains its own identity only.
-    #[arg(long, env = "AMBIT_NODE_TOKEN_FILE")]
-    node_token_file: PathBuf,
+    /// What the waypoint presents to the CA; it obtains the waypoint's own
+    /// identity only. In standalone mode a token from `ambit-agent ca token
+    /// --node N --identity NAMESPACE/SERVICE_ACCOUNT` (never the node's own);
+    /// in Kubernetes mode its projected service-account token (audience
+    /// `ambit-ca`).
+    #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
+    ca_token_file: PathBuf,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Merge runs of `/` in request paths before policies see them.
@@ -100,7 +102,11 @@ struct Args {
     /// CA certificates (PEM) trusted for https JWKS servers, besides the system's.
     #[arg(long)]
     jwks_ca: Option<PathBuf>,
-    /// How often https JWKS are fetched again, e.g. 20m, 1h, 30s.
+    /// The only directory `file://` JWKS are read from (regular files of at
+    /// most 1 MiB); without it, `file://` key sets are refused.
+    #[arg(long)]
+    jwks_dir: Option<PathBuf>,
+    /// How often JWKS are fetched (or read) again, e.g. 20m, 1h, 30s.
     #[arg(long, default_value = "20m", value_parser = humantime::parse_duration)]
     jwks_refresh: Duration,
     /// Serves `/metrics` (Prometheus) here, inside the pod.
@@ -200,14 +206,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listen = SocketAddr::new(*pod.ips.first().context("the waypoint pod has no IP")?, HBONE_PORT);
     let identity = Identity::new(&args.trust_domain, &pod.namespace, &pod.service_account);
     let metrics = Arc::new(Metrics::new());
-    let provider = CaClient::new(&args.ca_addr, pod.node.clone(), args.node_token_file.clone(), &bundle)?;
+    let provider = CaClient::new(&args.ca_addr, pod.node.clone(), args.ca_token_file.clone(), &bundle)?;
     let certs = CertManager::new(Arc::new(provider), metrics.clone());
     let mut svid = certs.acquire(&identity, &args.pod);
     svid.wait_for(Option::is_some).await.context("certificate manager stopped")?;
 
-    let jwks = JwksStore::new(args.jwks_ca.as_deref(), args.jwks_refresh)?;
+    let jwks = JwksStore::new(args.jwks_ca.as_deref(), args.jwks_dir.clone(), args.jwks_refresh)?;
     let first = view(snapshot, &args.trust_domain, &gateway);
-    jwks.want(first.jwt.https_uris());
+    jwks.want(first.jwt.fetched_uris());
     let (view_tx, view_rx) = state_watch::channel(Arc::new(first));
     let trust_domain = args.trust_domain.clone();
     let gateway_for_reload = gateway.clone();
@@ -215,7 +221,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while let Some(snapshot) = next_snapshot(&mut updates).await {
             let next = view(snapshot, &trust_domain, &gateway_for_reload);
-            jwks_for_reload.want(next.jwt.https_uris());
+            jwks_for_reload.want(next.jwt.fetched_uris());
             view_tx.send_replace(Arc::new(next));
             tracing::info!("configuration applied");
         }

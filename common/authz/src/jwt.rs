@@ -103,10 +103,10 @@ impl JwtVerifier {
         self.verify(token, fetched).map(Some)
     }
 
-    /// The https URIs whose keys these rules need.
-    pub fn https_uris(&self) -> impl Iterator<Item = &str> {
+    /// The URIs (https:// and file://) whose keys these rules need.
+    pub fn fetched_uris(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().filter_map(|r| match &r.jwks {
-            Jwks::Https(uri) => Some(uri.as_str()),
+            Jwks::Fetched(uri) => Some(uri.as_str()),
             Jwks::Loaded(_) => None,
         })
     }
@@ -130,7 +130,7 @@ impl JwtVerifier {
         }
         let (set, uri) = match &rule.jwks {
             Jwks::Loaded(set) => (set, None),
-            Jwks::Https(uri) => match fetched.get(uri) {
+            Jwks::Fetched(uri) => match fetched.get(uri) {
                 Some(set) => (set.as_ref(), Some(uri)),
                 None => return Err(JwtError::KeysUnavailable { issuer: rule.issuer.clone(), uri: uri.clone() }),
             },
@@ -288,9 +288,12 @@ mod tests {
     fn https_keys_are_used_once_fetched_and_an_unknown_kid_asks_for_a_refetch() {
         const URI: &str = "https://issuer.example/jwks.json";
         let (signing, jwk) = key("k1");
-        let verifier =
-            JwtVerifier::new(vec![JwtRule { issuer: ISSUER.into(), audiences: vec![], jwks: Jwks::Https(URI.into()) }]);
-        assert_eq!(verifier.https_uris().collect::<Vec<_>>(), vec![URI]);
+        let verifier = JwtVerifier::new(vec![JwtRule {
+            issuer: ISSUER.into(),
+            audiences: vec![],
+            jwks: Jwks::Fetched(URI.into()),
+        }]);
+        assert_eq!(verifier.fetched_uris().collect::<Vec<_>>(), vec![URI]);
         let token = sign(&signing, "k1", claims(json!({})));
         let unfetched = verifier.verify(&token, &FetchedKeys::new()).unwrap_err();
         assert!(matches!(unfetched, JwtError::KeysUnavailable { .. }), "not fetched yet: refused, {unfetched}");

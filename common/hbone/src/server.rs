@@ -33,10 +33,12 @@ pub struct Accepted {
 /// (which requires and SPIFFE-verifies a client certificate), counted in
 /// the handshake metrics, then HTTP/2 with the tunnel's windows and frame
 /// size, all within the handshake timeout (10 s). `owner` is the identity of the
-/// pod at the peer's address, if it is one: connections leave from inside
-/// the source pod, so a certificate presented from a known pod's address
-/// must be that pod's (a stolen key does not work from elsewhere). Returns
-/// why the peer was refused otherwise.
+/// pod at the peer's address, if it is one. Tunnels and waypoints connect
+/// from inside the source pod, so an identity is believed only from the
+/// address of a pod running it: a certificate presented from another pod's
+/// address, the node's or anywhere else is refused (a stolen key or a
+/// minted certificate does not work from elsewhere). Returns why the peer
+/// was refused otherwise.
 pub async fn accept(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -53,8 +55,17 @@ pub async fn accept(
     let tls = tls.map_err(|_| timed_out("mTLS handshake"))?.map_err(|e| format!("mTLS handshake failed: {e}"))?;
     let peer_certs = tls.get_ref().1.peer_certificates();
     let peer_id = tls::peer_identity(peer_certs, trust_domain).map_err(|e| e.to_string())?;
-    if let Some(owner) = owner.filter(|owner| owner.spiffe_id() != peer_id) {
-        return Err(format!("{peer_id} presented from {}, the address of a pod running as {owner}", peer.ip()));
+    match owner {
+        Some(owner) if owner.spiffe_id() == peer_id => {}
+        Some(owner) => {
+            return Err(format!("{peer_id} presented from {}, the address of a pod running as {owner}", peer.ip()));
+        }
+        None => {
+            return Err(format!(
+                "{peer_id} presented from {}, which is no pod's address: an identity is believed only from a pod running it",
+                peer.ip()
+            ));
+        }
     }
     let serial = peer_certs.and_then(|c| c.first()).map(leaf_serial).unwrap_or_default();
     let handshake = h2::server::Builder::new()

@@ -26,6 +26,7 @@ use rcgen::{
     SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::Identity;
@@ -45,28 +46,70 @@ pub enum CaError {
     BadRequest(String),
 }
 
-/// Standalone mode's node tokens: an HMAC of the node's name under the
-/// CA's node secret (`ambit-agent ca token --node N`).
+/// Standalone mode's CA tokens (`ambit-agent ca token`): claims signed with
+/// an HMAC under the CA's node secret, `v1.<claims>.<mac>` (base64url).
+///
+/// - A node token (no identity) obtains the identities of its node's pods.
+/// - A workload token (a waypoint's) obtains its own identity only, and
+///   only while a pod on its node runs it: a stolen one mints nothing else.
+///
+/// Every token expires; the agent and the waypoint read the token file for
+/// every request, so a new token is put in place without restarting them.
 #[derive(Clone)]
-pub struct NodeTokens {
+pub struct CaTokens {
     secret: Vec<u8>,
 }
 
-impl NodeTokens {
-    /// The token node `node` presents.
-    pub fn token(&self, node: &str) -> String {
-        hex::encode(self.mac(node).finalize().into_bytes())
+/// What a token allows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenClaims {
+    pub node: String,
+    /// `namespace/service-account`: this identity only. None: a node token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+}
+
+const TOKEN_VERSION: &str = "v1";
+
+impl CaTokens {
+    /// A token for `claims`.
+    pub fn issue(&self, claims: &TokenClaims) -> String {
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("serializable"));
+        let mac = URL_SAFE_NO_PAD.encode(self.mac(&payload).finalize().into_bytes());
+        format!("{TOKEN_VERSION}.{payload}.{mac}")
     }
 
-    /// Constant-time check of a node token.
-    pub fn verify(&self, node: &str, token: &str) -> bool {
-        hex::decode(token).is_ok_and(|bytes| self.mac(node).verify_slice(&bytes).is_ok())
+    /// The claims of a genuine token that has not expired at `now` (seconds
+    /// since the epoch); otherwise why not, for the operator.
+    pub fn verify(&self, token: &str, now: u64) -> Result<TokenClaims, String> {
+        let mut parts = token.split('.');
+        let (Some(TOKEN_VERSION), Some(payload), Some(mac), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("not an ambit CA token (v1.<claims>.<mac>); mint one with `ambit-agent ca token`".into());
+        };
+        let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| "the token's signature is not base64url".to_string())?;
+        self.mac(payload).verify_slice(&mac).map_err(|_| "the token's signature does not verify".to_string())?;
+        let claims: TokenClaims = URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or("the token's claims are unreadable")?;
+        if claims.exp <= now {
+            return Err(format!(
+                "the token expired {}s ago; mint a new one with `ambit-agent ca token` and replace the file (no restart needed)",
+                now - claims.exp
+            ));
+        }
+        Ok(claims)
     }
 
-    fn mac(&self, node: &str) -> Hmac<Sha256> {
+    fn mac(&self, payload: &str) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        mac.update(b"ambit node token\0");
-        mac.update(node.as_bytes());
+        mac.update(b"ambit ca token\0");
+        mac.update(payload.as_bytes());
         mac
     }
 }
@@ -191,9 +234,9 @@ impl CertificateAuthority {
         self.issue(identity, &request.public_key, ttl)
     }
 
-    /// The tokens standalone nodes present to obtain SVIDs for their pods.
-    pub fn node_tokens(&self) -> NodeTokens {
-        NodeTokens { secret: self.node_secret.clone() }
+    /// The tokens standalone nodes and waypoints present to obtain SVIDs.
+    pub fn tokens(&self) -> CaTokens {
+        CaTokens { secret: self.node_secret.clone() }
     }
 
     /// The trust bundle in the SPIFFE bundle format (a JWKS document).
@@ -291,13 +334,22 @@ mod tests {
     }
 
     #[test]
-    fn node_tokens_are_per_node() {
+    fn tokens_verify_only_unaltered_and_unexpired() {
         let ca = CertificateAuthority::create("cluster.local").unwrap();
-        let tokens = ca.node_tokens();
-        let token = tokens.token("node-1");
-        assert!(tokens.verify("node-1", &token));
-        assert!(!tokens.verify("node-2", &token));
-        assert!(!tokens.verify("node-1", "00"));
+        let tokens = ca.tokens();
+        let claims = TokenClaims { node: "node-1".into(), identity: Some("shop/waypoint".into()), exp: 1_000 };
+        let token = tokens.issue(&claims);
+        assert_eq!(tokens.verify(&token, 999), Ok(claims.clone()));
+        assert!(tokens.verify(&token, 1_000).unwrap_err().contains("expired"));
+        // Claims edited (a node token made from a workload token) fail the MAC.
+        let (_, rest) = token.split_once('.').unwrap();
+        let (_, mac) = rest.split_once('.').unwrap();
+        let widened = URL_SAFE_NO_PAD.encode(br#"{"node":"node-1","exp":1000}"#);
+        assert!(tokens.verify(&format!("v1.{widened}.{mac}"), 999).unwrap_err().contains("signature"));
+        // Another CA's token, and the old bare-HMAC format, are refused.
+        let other = CertificateAuthority::create("cluster.local").unwrap().tokens().issue(&claims);
+        assert!(tokens.verify(&other, 999).is_err());
+        assert!(tokens.verify("00ff", 999).unwrap_err().contains("ambit-agent ca token"));
     }
 
     #[test]
@@ -320,6 +372,7 @@ mod tests {
 
         let again = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
         assert_eq!(again.root(), ca.root(), "the root is loaded, not recreated");
-        assert_eq!(again.node_tokens().token("n1"), ca.node_tokens().token("n1"));
+        let claims = TokenClaims { node: "n1".into(), identity: None, exp: u64::MAX };
+        assert_eq!(again.tokens().verify(&ca.tokens().issue(&claims), 0), Ok(claims), "same token secret");
     }
 }

@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     Identity, Svid,
-    ca::{CertificateAuthority, NodeTokens},
+    ca::{CaTokens, CertificateAuthority},
     tls,
 };
 
@@ -91,15 +91,17 @@ pub trait PodPlacement: Send + Sync {
     fn runs_on(&self, node: &str, identity: &Identity) -> bool;
 }
 
-/// Standalone mode: a node proves itself with its node token, and may have
-/// the identities of the pods its placement schedules there.
+/// Standalone mode: a caller proves itself with a CA token
+/// ([`CaTokens`]). A node token may have the identities of the pods its
+/// placement schedules on that node; a workload token (a waypoint's) only
+/// its own identity, and only while a pod on its node runs it.
 pub struct NodeTokenAuthorizer {
-    tokens: NodeTokens,
+    tokens: CaTokens,
     placement: Box<dyn PodPlacement>,
 }
 
 impl NodeTokenAuthorizer {
-    pub fn new(tokens: NodeTokens, placement: Box<dyn PodPlacement>) -> Self {
+    pub fn new(tokens: CaTokens, placement: Box<dyn PodPlacement>) -> Self {
         Self { tokens, placement }
     }
 }
@@ -107,8 +109,16 @@ impl NodeTokenAuthorizer {
 impl Authorizer for NodeTokenAuthorizer {
     fn authorize<'a>(&'a self, node: &'a str, token: &'a str, identity: &'a Identity) -> AuthorizeFuture<'a> {
         Box::pin(async move {
-            if !self.tokens.verify(node, token) {
-                return Err(Refusal::Unauthenticated(format!("invalid token for node {node}")));
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let claims = self.tokens.verify(token, now).map_err(Refusal::Unauthenticated)?;
+            if claims.node != node {
+                return Err(Refusal::Unauthenticated(format!("the token is for node {}, not {node}", claims.node)));
+            }
+            let requested = format!("{}/{}", identity.namespace, identity.service_account);
+            if let Some(own) = claims.identity.filter(|own| *own != requested) {
+                return Err(Refusal::Forbidden(format!(
+                    "a token for {own} obtains that identity only, not {requested}"
+                )));
             }
             if !self.placement.runs_on(node, identity) {
                 return Err(Refusal::Forbidden(format!("no pod on node {node} runs as {identity}")));
@@ -250,6 +260,7 @@ pub async fn read_body(mut body: h2::RecvStream, limit: usize) -> anyhow::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca::TokenClaims;
 
     /// One pod, running as shop/web on node n1.
     struct OnePod;
@@ -266,7 +277,7 @@ mod tests {
         let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
         let request = SvidRequest {
             node: node.into(),
-            token: ca.node_tokens().token(node),
+            token: ca.tokens().issue(&TokenClaims { node: node.into(), identity: None, exp: u64::MAX }),
             namespace: "shop".into(),
             service_account: "web".into(),
             csr: STANDARD.encode(csr.der()),
@@ -280,12 +291,31 @@ mod tests {
         let (to_n1, to_n2) = (request(&ca, "n1"), request(&ca, "n2"));
         let mut forged: SvidRequest = serde_json::from_slice(&to_n2).unwrap();
         forged.node = "n1".into();
-        let authorizer = NodeTokenAuthorizer::new(ca.node_tokens(), Box::new(OnePod));
+        let authorizer = NodeTokenAuthorizer::new(ca.tokens(), Box::new(OnePod));
         let server = CaServer::new(ca, Box::new(authorizer), Duration::from_secs(60));
         assert_eq!(server.issue(&to_n1).await.0, StatusCode::OK);
         assert_eq!(server.issue(&to_n2).await.0, StatusCode::FORBIDDEN, "n2 runs no pod as shop/web");
         let forged = serde_json::to_vec(&forged).unwrap();
         assert_eq!(server.issue(&forged).await.0, StatusCode::UNAUTHORIZED, "n2's token is not n1's");
+    }
+
+    /// A waypoint's token on n1, stolen: it obtains the waypoint's own
+    /// identity only, never another pod's of the same node.
+    #[tokio::test]
+    async fn a_workload_token_obtains_its_own_identity_only() {
+        let ca = CertificateAuthority::create("cluster.local").unwrap();
+        let mut asked: SvidRequest = serde_json::from_slice(&request(&ca, "n1")).unwrap();
+        let scoped = |identity: &str| {
+            ca.tokens().issue(&TokenClaims { node: "n1".into(), identity: Some(identity.into()), exp: u64::MAX })
+        };
+        let (own, other) = (scoped("shop/web"), scoped("shop/waypoint"));
+        let authorizer = NodeTokenAuthorizer::new(ca.tokens(), Box::new(OnePod));
+        let server = CaServer::new(ca, Box::new(authorizer), Duration::from_secs(60));
+        asked.token = own;
+        assert_eq!(server.issue(&serde_json::to_vec(&asked).unwrap()).await.0, StatusCode::OK);
+        asked.token = other;
+        let (status, body) = server.issue(&serde_json::to_vec(&asked).unwrap()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     }
 
     /// An unauthenticated caller opens streams and never finishes them: it
@@ -296,7 +326,7 @@ mod tests {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca = CertificateAuthority::create("cluster.local").unwrap();
         let bundle = tls::TrustBundle::new("cluster.local", &[ca.root().clone()]).unwrap();
-        let authorizer = NodeTokenAuthorizer::new(ca.node_tokens(), Box::new(OnePod));
+        let authorizer = NodeTokenAuthorizer::new(ca.tokens(), Box::new(OnePod));
         let server = Arc::new(CaServer::new(ca, Box::new(authorizer), Duration::from_secs(60)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

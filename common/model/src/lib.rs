@@ -4,9 +4,9 @@
 //!
 //! Every configuration source (the standalone directory, the Kubernetes
 //! API) produces these objects and nothing else, so one code path leads
-//! from an object to its enforcement. The model does no I/O of its own but
-//! one: a `RequestAuthentication`'s `file://` key set is read while it is
-//! parsed. It knows neither the state store nor the authorization engine.
+//! from an object to its enforcement. The model does no I/O of its own (a
+//! `RequestAuthentication`'s `file://` key set is the waypoint's to read).
+//! It knows neither the state store nor the authorization engine.
 //!
 //! - [`objects`]: the workload objects and their labels;
 //! - [`policy`]: AuthorizationPolicy and RequestAuthentication;

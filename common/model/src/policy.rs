@@ -347,10 +347,12 @@ pub struct JwtRule {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Jwks {
-    /// Given inline, or read from a file when the configuration loads.
+    /// Given inline (`jwks`).
     Loaded(JwkSet),
-    /// Published at this https URI; the waypoint fetches and refreshes it.
-    Https(String),
+    /// At this URI (`jwksUri`), https:// or file://; the waypoint fetches and
+    /// refreshes it. Nothing else reads it: the agent and the CA never open
+    /// a path a policy names.
+    Fetched(String),
 }
 
 #[cfg(test)]

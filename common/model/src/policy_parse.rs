@@ -446,13 +446,24 @@ struct RawJwtRule {
     audiences: Vec<String>,
     /// The JWKS itself, as a JSON string (Istio's `jwks`).
     jwks: Option<String>,
-    /// `file:///path` to a JWKS.
+    /// https:// URL or `file:///path` of a JWKS.
     jwks_uri: Option<String>,
 }
 
-/// A `jwksUri` the waypoint can fetch: https with a host. Keys are never
-/// fetched in plaintext, where anyone on the path could swap them.
-fn https_uri(uri: &str) -> Result<String, String> {
+/// A `jwksUri` the waypoint can fetch: https with a host (keys are never
+/// fetched in plaintext, where anyone on the path could swap them), or an
+/// absolute file path without `..`, which the waypoint reads only under its
+/// `--jwks-dir`.
+fn jwks_uri(uri: &str) -> Result<String, String> {
+    if let Some(path) = uri.strip_prefix("file://") {
+        let path = Path::new(path);
+        if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(format!(
+                "`{uri}`: give an absolute path without `..`, e.g. file:///etc/ambit/jwks/issuer.json"
+            ));
+        }
+        return Ok(uri.to_string());
+    }
     let parsed: http::Uri = uri.parse().map_err(|e| format!("`{uri}` is not a URI: {e}"))?;
     match (parsed.scheme_str(), parsed.host()) {
         (Some("https"), Some(_)) => Ok(uri.to_string()),
@@ -461,9 +472,9 @@ fn https_uri(uri: &str) -> Result<String, String> {
     }
 }
 
-/// Parses one `RequestAuthentication` document. Inline and file key sets
-/// are read now, so a missing or broken one is an error here, not a 401
-/// later; https key sets are the waypoint's to fetch.
+/// Parses one `RequestAuthentication` document. An inline key set is read
+/// now, so a broken one is an error here, not a 401 later; https:// and
+/// file:// key sets are the waypoint's to fetch.
 pub fn request_authentication(
     file: &Path,
     doc: usize,
@@ -483,16 +494,9 @@ pub fn request_authentication(
             (Some(_), Some(_)) => return Err(ctx.err(&at, "set either jwks or jwksUri, not both")),
             (Some(text), None) => (text, format!("{at}.jwks")),
             (None, Some(uri)) => {
-                let field = format!("{at}.jwksUri");
-                if let Some(path) = uri.strip_prefix("file://") {
-                    let text = std::fs::read_to_string(path)
-                        .map_err(|e| ctx.err(&field, format!("cannot read {path}: {e}")))?;
-                    (text, field)
-                } else {
-                    let jwks = Jwks::Https(https_uri(&uri).map_err(|fix| ctx.err(&field, fix))?);
-                    rules.push(JwtRule { issuer: rule.issuer, audiences: rule.audiences, jwks });
-                    continue;
-                }
+                let jwks = Jwks::Fetched(jwks_uri(&uri).map_err(|fix| ctx.err(&format!("{at}.jwksUri"), fix))?);
+                rules.push(JwtRule { issuer: rule.issuer, audiences: rule.audiences, jwks });
+                continue;
             }
             (None, None) => {
                 return Err(
@@ -639,33 +643,34 @@ mod tests {
 
     #[test]
     fn request_authentication_reads_keys_and_names_bad_fields() {
-        let dir = tempfile::tempdir().unwrap();
         let jwks = r#"{"keys": [{"kty": "EC", "crv": "P-256", "x": "WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis", "y": "y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE", "kid": "k1"}]}"#;
-        std::fs::write(dir.path().join("jwks.json"), jwks).unwrap();
         let doc = |rule: &str| {
             format!(
                 "kind: RequestAuthentication\nmetadata: {{name: jwt, namespace: payments}}\nspec:\n  targetRefs: [{{kind: Gateway, name: waypoint}}]\n  jwtRules:\n  - {rule}\n"
             )
         };
         let parse = |rule: &str| parse_file(Path::new("authn.yaml"), &doc(rule));
-        let uri = format!(
-            "{{issuer: https://issuer.example, audiences: [payments], jwksUri: \"file://{}\"}}",
-            dir.path().join("jwks.json").display()
-        );
-        let Object::RequestAuthentication(ra) = parse(&uri).unwrap().remove(0) else { panic!() };
+        let inline = format!("{{issuer: https://issuer.example, audiences: [payments], jwks: '{jwks}'}}");
+        let Object::RequestAuthentication(ra) = parse(&inline).unwrap().remove(0) else { panic!() };
         assert_eq!(ra.scope, Scope::TargetRefs(vec!["Gateway/waypoint".into()]));
         assert_eq!(ra.rules[0].issuer, "https://issuer.example");
         assert!(matches!(&ra.rules[0].jwks, Jwks::Loaded(set) if set.keys.len() == 1));
-        let inline = format!("{{issuer: https://issuer.example, jwks: '{jwks}'}}");
-        assert!(parse(&inline).is_ok());
-        let https = "{issuer: https://i.example, jwksUri: \"https://i.example:8443/keys\"}";
-        let Object::RequestAuthentication(ra) = parse(https).unwrap().remove(0) else { panic!() };
-        assert_eq!(ra.rules[0].jwks, Jwks::Https("https://i.example:8443/keys".into()), "fetched by the waypoint");
+        // Key sets at a URI are the waypoint's to fetch: parsing opens nothing,
+        // not even a path that exists.
+        for uri in ["https://i.example:8443/keys", "file:///etc/shadow"] {
+            let Object::RequestAuthentication(ra) =
+                parse(&format!("{{issuer: https://i.example, jwksUri: \"{uri}\"}}")).unwrap().remove(0)
+            else {
+                panic!()
+            };
+            assert_eq!(ra.rules[0].jwks, Jwks::Fetched(uri.into()), "fetched by the waypoint");
+        }
         let cases = [
             ("{issuer: https://i.example}", "spec.jwtRules[0]", "give the issuer's keys"),
             ("{issuer: https://i.example, jwksUri: \"http://i.example/jwks\"}", "jwksUri", "https only"),
             ("{issuer: https://i.example, jwksUri: \"ldap://i.example/jwks\"}", "jwksUri", "give an https:// URL"),
-            ("{issuer: https://i.example, jwksUri: \"file:///nonexistent/jwks.json\"}", "jwksUri", "cannot read"),
+            ("{issuer: https://i.example, jwksUri: \"file://jwks.json\"}", "jwksUri", "absolute path"),
+            ("{issuer: https://i.example, jwksUri: \"file:///etc/ambit/../shadow\"}", "jwksUri", "without `..`"),
             ("{issuer: https://i.example, jwks: '{\"keys\": []}'}", "spec.jwtRules[0].jwks", "empty"),
             ("{issuer: https://i.example, jwks: 'nope'}", "jwks", "not a JWKS"),
             ("{issuer: https://i.example, jwks: 'x', fromHeaders: []}", "spec", "unknown field `fromHeaders`"),

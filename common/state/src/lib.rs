@@ -365,7 +365,6 @@ mod tests {
                 ports: vec![ambit_model::ServicePort { port: 80, target_port: 8080 }],
                 selector: [("app".to_string(), "web".to_string())].into(),
                 use_waypoint: None,
-                inbound_udp: None,
             },
         );
         snapshot.peer_authentications = peer_authentications;

@@ -329,3 +329,103 @@ fn a_policy_cannot_make_the_mesh_read_any_path() {
     assert_eq!(bed.admin_get("n1", "/healthz/ready").unwrap().0, 200, "the agent keeps answering");
     assert!(!n1.log_text().contains("shadow") || !n1.log_text().contains("cannot read"), "the agent opened nothing");
 }
+
+/// Attack 6, from a meshed client: requests the waypoint and the app could
+/// read differently. Each is refused, or rewritten so both read the same.
+#[test]
+fn the_waypoint_and_the_app_see_the_same_request() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pods(&[("n1", "shop/client"), ("n2", "shop/app"), ("n2", "shop/wp")]).unwrap();
+    bed.set_pod_label("shop/wp", "gateway.networking.k8s.io/gateway-name", Some("wp")).unwrap();
+    let issuer = Issuer::new();
+    issuer.publish(&bed.scratch().join("jwks.json"), &["k1"]);
+    let config = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: app, namespace: shop, labels: {{ambit.dev/use-waypoint: wp}}}}
+spec:
+  clusterIP: 10.96.0.30
+  selector: {{app: app}}
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: wp, namespace: shop}}
+spec: {{gatewayClassName: ambit-waypoint}}
+---
+apiVersion: security.ambit.dev/v1
+kind: RequestAuthentication
+metadata: {{name: users, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Gateway, name: wp}}]
+  jwtRules: [{{issuer: https://issuer.example, jwksUri: "file://{jwks}"}}]
+---
+apiVersion: security.ambit.dev/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin, namespace: shop}}
+spec:
+  targetRefs: [{{kind: Gateway, name: wp}}]
+  action: DENY
+  rules:
+  - to: [{{operation: {{hosts: [admin.example]}}}}]
+  - to: [{{operation: {{paths: [/admin, /admin/*]}}}}]
+"#,
+        jwks = bed.scratch().join("jwks.json").display()
+    );
+    bed.write_config("app.yaml", &config).unwrap();
+    let _n1 = agent(&bed, "n1");
+    let _n2 = agent(&bed, "n2");
+    wait_nodes_ready(&bed, &["n1", "n2"]);
+    // The app answers with the request line and the headers it received.
+    const ECHO: &str = "import http.server, sys\nclass Echo(http.server.BaseHTTPRequestHandler):\n    def do_GET(self):\n        body = (self.requestline + '\\n' + str(self.headers)).encode()\n        self.send_response(200)\n        self.send_header('content-length', str(len(body)))\n        self.end_headers()\n        self.wfile.write(body)\n    def log_message(self, *args):\n        pass\nhttp.server.ThreadingHTTPServer((sys.argv[1], 8080), Echo).serve_forever()\n";
+    let app_ip = bed.pod("shop/app").ip.to_string();
+    bed.spawn("shop/app", "python3", &["-c", ECHO, &app_ip]).unwrap();
+    bed.wait_listening("shop/app", 8080).unwrap();
+    let scratch = bed.scratch().to_str().unwrap().to_string();
+    let waypoint = bed.start_waypoint("shop/wp", &["--jwks-dir", &scratch]).unwrap();
+    ambit_testbed::wait_until(Duration::from_secs(10), "the JWKS read", || {
+        Ok(waypoint.log_text().contains("JWKS fetched"))
+    })
+    .unwrap();
+
+    let get = |args: &[&str]| -> (u16, String) {
+        let mut all = vec!["-sS", "--path-as-is", "--max-time", "10", "-w", "\n%{http_code}"];
+        all.extend_from_slice(args);
+        let out = bed.run_ok("shop/client", "curl", &all).unwrap();
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_lowercase())
+    };
+    let url = |path: &str| format!("http://10.96.0.30{path}");
+    assert_eq!(get(&[&url("/ok")]).0, 200, "{}", waypoint.log_text());
+    // Two hosts: the policy would read one, the app perhaps the other
+    // (curl sends one Host only, so this request is written by hand).
+    const TWO_HOSTS: &str = "import socket\ns = socket.create_connection(('10.96.0.30', 80), timeout=10)\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: public.example\\r\\nHost: admin.example\\r\\nConnection: close\\r\\n\\r\\n')\nprint(s.recv(4096).decode().split('\\r\\n')[0])\n";
+    let status_line = bed.run_ok("shop/client", "python3", &["-c", TWO_HOSTS]).unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 400"), "{status_line}");
+    // A trailing dot names the same host.
+    assert_eq!(get(&["-H", "Host: admin.example.", &url("/")]).0, 403);
+    // Path parameters and escaped slashes that frameworks route to /admin.
+    for path in ["/admin;x=1", "/%2Fadmin", "/x/..%2Fadmin", "/x%5C..%5Cadmin"] {
+        assert_eq!(get(&[&url(path)]).0, 400, "{path}");
+    }
+    assert_eq!(get(&[&url("/admin")]).0, 403);
+    // The verified token stays at the waypoint; the client's own claims
+    // about its address are replaced by the address the waypoint saw.
+    let token = issuer.token("read", 300, false);
+    let (code, seen) = get(&[
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
+        "-H",
+        "Forwarded: for=6.6.6.6",
+        &url("/echo"),
+    ]);
+    assert_eq!(code, 200, "{seen}");
+    let client_ip = bed.pod("shop/client").ip.to_string();
+    assert!(!seen.contains("authorization:"), "the bearer token reached the app: {seen}");
+    assert!(seen.contains(&format!("x-forwarded-for: {client_ip}")), "{seen}");
+    assert!(!seen.contains("6.6.6.6"), "the client's forged address reached the app: {seen}");
+    let refused = waypoint.requests().into_iter().filter(|r| r["status"] == 400).count();
+    assert_eq!(refused, 5, "each refusal is logged: {:#?}", waypoint.requests());
+}

@@ -30,7 +30,7 @@ use std::{
 use ambit_authz::{
     Connection, Peer,
     jwt::JwtVerifier,
-    request::{Request as PolicyRequest, normalize_path},
+    request::{PathEscapes, PathRules, Request as PolicyRequest, normalize_path, request_host},
 };
 use ambit_config::{ConfigDir, Update, Updates, log_errors, watch_dir};
 use ambit_hbone::{
@@ -99,6 +99,11 @@ struct Args {
     /// Merge runs of `/` in request paths before policies see them.
     #[arg(long)]
     merge_slashes: bool,
+    /// Paths with `%2F`, `%5C`, `\` or `;` parameters, which applications
+    /// read differently: `reject` (400) or `normalize` (decode them to `/`,
+    /// drop the parameters, and forward that path).
+    #[arg(long, default_value = "reject", value_parser = parse_path_escapes)]
+    path_escapes: PathEscapes,
     /// CA certificates (PEM) trusted for https JWKS servers, besides the system's.
     #[arg(long)]
     jwks_ca: Option<PathBuf>,
@@ -115,6 +120,17 @@ struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
+
+/// `--path-escapes`.
+fn parse_path_escapes(value: &str) -> Result<PathEscapes, String> {
+    match value {
+        "reject" => Ok(PathEscapes::Reject),
+        "normalize" => Ok(PathEscapes::Normalize),
+        other => Err(format!("`{other}`: give reject or normalize")),
+    }
+}
+
+const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -142,7 +158,7 @@ struct Waypoint {
     /// Pooled upstream HTTP/1.1 connections, each an HBONE stream.
     client: Client<HboneConnector, Incoming>,
     metrics: Arc<Metrics>,
-    merge_slashes: bool,
+    path_rules: PathRules,
     jwks: Arc<JwksStore>,
     next_endpoint: AtomicUsize,
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
@@ -246,7 +262,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         dial,
         client,
         metrics,
-        merge_slashes: args.merge_slashes,
+        path_rules: PathRules { merge_slashes: args.merge_slashes, escapes: args.path_escapes },
         jwks,
         next_endpoint: AtomicUsize::new(0),
         server_tls: Mutex::new(None),
@@ -339,7 +355,7 @@ impl Waypoint {
             policy: None,
             started,
         };
-        let path = match normalize_path(&raw_path, self.merge_slashes) {
+        let path = match normalize_path(&raw_path, self.path_rules) {
             Ok(path) => path,
             Err(e) => return Ok(log.local(StatusCode::BAD_REQUEST, &format!("bad path: {e}"))),
         };
@@ -354,13 +370,11 @@ impl Waypoint {
             Err(e) => return Ok(log.local(StatusCode::UNAUTHORIZED, &format!("Jwt is not valid: {e}"))),
         };
         log.principal = auth.as_ref().map(|a| a.principal.clone());
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or(req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let host = match request_host(req.headers(), req.uri().authority().map(|a| a.as_str())) {
+            Ok(host) => host,
+            Err(e) => return Ok(log.local(StatusCode::BAD_REQUEST, &format!("bad host: {e}"))),
+        };
+        let forward_token = auth.as_ref().is_none_or(|a| a.forward_token);
         let conn = Connection {
             peer: Some(Peer::from_spiffe_id(&caller.identity)),
             src_ip: Some(caller.ip),
@@ -390,6 +404,16 @@ impl Waypoint {
                 log.local(StatusCode::SERVICE_UNAVAILABLE, "the destination is gone, or no longer uses this waypoint")
             );
         };
+        let mut req = req;
+        let headers = req.headers_mut();
+        // The verified token stays here unless the rule says otherwise, and
+        // the app learns the caller's address from the waypoint, not from
+        // headers the caller wrote.
+        if !forward_token {
+            headers.remove(header::AUTHORIZATION);
+        }
+        headers.remove(header::FORWARDED);
+        headers.insert(X_FORWARDED_FOR, HeaderValue::try_from(caller.ip.to_string()).expect("an IP is a header value"));
         match self.forward(req, &path, &endpoints).await {
             Ok((response, endpoint)) => {
                 log.done(response.status(), &endpoint);

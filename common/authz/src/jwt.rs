@@ -46,6 +46,8 @@ pub type FetchedKeys = HashMap<String, Arc<JwkSet>>;
 pub enum JwtError {
     #[error("the Authorization header is not `Bearer <token>`")]
     NotBearer,
+    #[error("the request has {0} Authorization headers; send one")]
+    Repeated(usize),
     #[error("not a JWT: {0}")]
     Malformed(String),
     #[error("issuer `{0}` is not accepted here (no RequestAuthentication rule for it)")]
@@ -94,7 +96,12 @@ impl JwtVerifier {
         headers: &http::HeaderMap,
         fetched: &FetchedKeys,
     ) -> Result<Option<RequestAuth>, JwtError> {
-        let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Ok(None) };
+        // One header only: the waypoint verifies the token the app reads.
+        let value = match headers.get_all(http::header::AUTHORIZATION).iter().collect::<Vec<_>>().as_slice() {
+            [] => return Ok(None),
+            [one] => *one,
+            many => return Err(JwtError::Repeated(many.len())),
+        };
         let value = value.to_str().map_err(|_| JwtError::NotBearer)?;
         let token = match value.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => token.trim(),
@@ -148,7 +155,7 @@ impl JwtVerifier {
         for jwk in keys {
             let Ok(key) = DecodingKey::from_jwk(jwk) else { continue };
             match jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation) {
-                Ok(data) => return Ok(request_auth(data.claims)),
+                Ok(data) => return Ok(request_auth(data.claims, rule.forward_original_token)),
                 Err(e) => last_error = Some(e),
             }
         }
@@ -167,7 +174,7 @@ fn unverified_issuer(token: &str) -> Result<String, JwtError> {
     claims["iss"].as_str().map(str::to_string).ok_or_else(|| JwtError::Malformed("no `iss` claim".into()))
 }
 
-fn request_auth(claims: serde_json::Value) -> RequestAuth {
+fn request_auth(claims: serde_json::Value, forward_token: bool) -> RequestAuth {
     let text = |key: &str| claims[key].as_str().map(str::to_string);
     let audiences = match &claims["aud"] {
         serde_json::Value::String(aud) => vec![aud.clone()],
@@ -179,6 +186,7 @@ fn request_auth(claims: serde_json::Value) -> RequestAuth {
         audiences,
         presenter: text("azp"),
         claims,
+        forward_token,
     }
 }
 
@@ -240,6 +248,7 @@ mod tests {
             issuer: ISSUER.into(),
             audiences: vec!["payments".into()],
             jwks: Jwks::Loaded(JwkSet { keys: vec![jwk] }),
+            forward_original_token: false,
         }]);
         let unfetched = FetchedKeys::new();
         let good =
@@ -282,6 +291,10 @@ mod tests {
         let mut basic = http::HeaderMap::new();
         basic.insert(http::header::AUTHORIZATION, "Basic dXNlcjpwdw==".parse().unwrap());
         assert_eq!(verifier.authenticate(&basic, &unfetched), Err(JwtError::NotBearer));
+        // Two tokens: which one the app reads is anyone's guess; refused.
+        let mut two = bearer("a.b.c");
+        two.append(http::header::AUTHORIZATION, "Bearer d.e.f".parse().unwrap());
+        assert_eq!(verifier.authenticate(&two, &unfetched), Err(JwtError::Repeated(2)));
     }
 
     #[test]
@@ -292,6 +305,7 @@ mod tests {
             issuer: ISSUER.into(),
             audiences: vec![],
             jwks: Jwks::Fetched(URI.into()),
+            forward_original_token: false,
         }]);
         assert_eq!(verifier.fetched_uris().collect::<Vec<_>>(), vec![URI]);
         let token = sign(&signing, "k1", claims(json!({})));

@@ -28,6 +28,8 @@ pub struct RequestAuth {
     /// The `azp` claim.
     pub presenter: Option<String>,
     pub claims: serde_json::Value,
+    /// The issuer's rule lets the token go upstream (`forwardOriginalToken`).
+    pub forward_token: bool,
 }
 
 impl Request {
@@ -79,19 +81,92 @@ pub enum PathError {
     Nul,
     #[error("the path contains a control character or a space")]
     Control,
+    #[error(
+        "the path contains `{0}`, which applications decode or strip differently; refused (the waypoint's --path-escapes normalize decodes it instead)"
+    )]
+    Ambiguous(&'static str),
+}
+
+/// Why a request's host was refused (answered 400).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    #[error("the request has {0} Host headers; a request names one host")]
+    Repeated(usize),
+    #[error("the Host header `{host}` and the :authority `{authority}` name different hosts")]
+    Conflict { host: String, authority: String },
+    #[error("the Host header is not visible ASCII")]
+    NotText,
+}
+
+/// The one host a request names, as policies match it: from its `Host`
+/// header or its `:authority` (which must agree when both are present),
+/// lowercased, with a trailing dot removed (`admin.example.` is
+/// `admin.example`, and must not escape rules on it). More than one `Host`
+/// is refused: the policy and the application could read different ones.
+pub fn request_host(headers: &http::HeaderMap, authority: Option<&str>) -> Result<String, HostError> {
+    let hosts: Vec<_> = headers.get_all(http::header::HOST).iter().collect();
+    let host = match hosts.as_slice() {
+        [] => None,
+        [one] => Some(canonical_host(one.to_str().map_err(|_| HostError::NotText)?)),
+        many => return Err(HostError::Repeated(many.len())),
+    };
+    let authority = authority.map(canonical_host);
+    match (host, authority) {
+        (Some(host), Some(authority)) if host != authority => Err(HostError::Conflict { host, authority }),
+        (Some(host), _) => Ok(host),
+        (None, authority) => Ok(authority.unwrap_or_default()),
+    }
+}
+
+/// Lowercase, without the trailing dot of a fully qualified name.
+fn canonical_host(raw: &str) -> String {
+    let raw = raw.trim().to_ascii_lowercase();
+    let (name, port) = match raw.rsplit_once(':') {
+        Some((name, port)) if !raw.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => (name, Some(port)),
+        _ => (raw.as_str(), None),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    match port {
+        Some(port) => format!("{name}:{port}"),
+        None => name.to_string(),
+    }
+}
+
+/// What to do with path parts that frameworks read differently: escaped
+/// slashes and backslashes (`%2F`, `%5C`), `\`, and `;` path parameters.
+/// A policy on `/admin` must not be passed by `/admin;x` or `/%2Fadmin`
+/// that the application then routes to `/admin`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PathEscapes {
+    /// Refuse the request (400): the default.
+    #[default]
+    Reject,
+    /// Decode `%2F`, `%5C` and `\` to `/` and drop `;` parameters from each
+    /// segment, then normalize; that path is the one forwarded.
+    Normalize,
+}
+
+/// How [`normalize_path`] treats a path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathRules {
+    /// Merge runs of `/`.
+    pub merge_slashes: bool,
+    pub escapes: PathEscapes,
 }
 
 /// Normalizes a request path (the part before `?`) as Istio's BASE
-/// normalization does, plus optional slash merging: percent-encodings of
-/// unreserved characters are decoded and the others uppercased, `\` becomes
-/// `/`, `.` and `..` segments are resolved (never above the root), and with
-/// `merge_slashes` runs of `/` collapse. `%2F` stays encoded: it is data in a
-/// segment, not a separator.
-pub fn normalize_path(raw: &str, merge_slashes: bool) -> Result<String, PathError> {
+/// normalization does: percent-encodings of unreserved characters are
+/// decoded and the others uppercased, `.` and `..` segments are resolved
+/// (never above the root), and with `merge_slashes` runs of `/` collapse.
+/// Escaped slashes, backslashes and `;` parameters are refused or decoded,
+/// as `rules.escapes` says.
+pub fn normalize_path(raw: &str, rules: PathRules) -> Result<String, PathError> {
     let path = raw.split(['?', '#']).next().unwrap_or_default();
     if !path.starts_with('/') && !path.starts_with('\\') {
         return Err(PathError::NotAbsolute);
     }
+    let normalize = rules.escapes == PathEscapes::Normalize;
+    let ambiguous = |what| if normalize { Ok(()) } else { Err(PathError::Ambiguous(what)) };
     let bytes = path.as_bytes();
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
@@ -109,14 +184,25 @@ pub fn normalize_path(raw: &str, merge_slashes: bool) -> Result<String, PathErro
                 }
                 if value.is_ascii_alphanumeric() || b"-._~".contains(&value) {
                     decoded.push(value as char);
+                } else if value == b'/' || value == b'\\' {
+                    ambiguous(if value == b'/' { "%2F" } else { "%5C" })?;
+                    decoded.push('/');
                 } else {
                     decoded.push_str(&format!("%{value:02X}"));
                 }
                 i += 3;
             }
             b'\\' => {
+                ambiguous("\\")?;
                 decoded.push('/');
                 i += 1;
+            }
+            b';' => {
+                ambiguous(";")?;
+                // A path parameter runs to the end of its segment.
+                while i < bytes.len() && bytes[i] != b'/' && bytes[i] != b'\\' {
+                    i += 1;
+                }
             }
             c if c.is_ascii_control() || c == b' ' => return Err(PathError::Control),
             _ => {
@@ -143,7 +229,7 @@ pub fn normalize_path(raw: &str, merge_slashes: bool) -> Result<String, PathErro
                     segments.push("");
                 }
             }
-            "" if merge_slashes && index != last => {}
+            "" if rules.merge_slashes && index != last => {}
             other => segments.push(other),
         }
     }
@@ -156,29 +242,71 @@ mod tests {
 
     #[test]
     fn path_normalization_cases() {
-        let cases: [(&str, bool, Result<&str, PathError>); 19] = [
-            ("/v1/charge", false, Ok("/v1/charge")),
-            ("/v1/%63harge", false, Ok("/v1/charge")),
-            ("/v1/%7Echarge%2d", false, Ok("/v1/~charge-")),
-            ("/v1//charge", false, Ok("/v1//charge")),
-            ("/v1//charge", true, Ok("/v1/charge")),
-            ("/v1/./charge", false, Ok("/v1/charge")),
-            ("/v1/x/../charge", false, Ok("/v1/charge")),
-            ("/../../etc/passwd", false, Ok("/etc/passwd")),
-            ("/v1/..%2fadmin", false, Ok("/v1/..%2Fadmin")),
-            ("/v1/%2e%2e/admin", false, Ok("/admin")),
-            ("\\v1\\charge", false, Ok("/v1/charge")),
-            ("/v1/charge?x=/../admin", false, Ok("/v1/charge")),
-            ("/v1/.", false, Ok("/v1/")),
-            ("/v1/%00", false, Err(PathError::Nul)),
-            ("/v1/%zz", false, Err(PathError::BadEscape(4))),
-            ("/v1/%4", false, Err(PathError::BadEscape(4))),
-            ("/v1/%+F", false, Err(PathError::BadEscape(4))),
-            ("/v1/%-1", false, Err(PathError::BadEscape(4))),
-            ("v1/charge", false, Err(PathError::NotAbsolute)),
+        let (reject, merge) = (PathRules::default(), PathRules { merge_slashes: true, ..Default::default() });
+        let decode = PathRules { escapes: PathEscapes::Normalize, ..Default::default() };
+        let cases: [(&str, PathRules, Result<&str, PathError>); 27] = [
+            ("/v1/charge", reject, Ok("/v1/charge")),
+            ("/v1/%63harge", reject, Ok("/v1/charge")),
+            ("/v1/%7Echarge%2d", reject, Ok("/v1/~charge-")),
+            ("/v1//charge", reject, Ok("/v1//charge")),
+            ("/v1//charge", merge, Ok("/v1/charge")),
+            ("/v1/./charge", reject, Ok("/v1/charge")),
+            ("/v1/x/../charge", reject, Ok("/v1/charge")),
+            ("/../../etc/passwd", reject, Ok("/etc/passwd")),
+            ("/v1/%2e%2e/admin", reject, Ok("/admin")),
+            ("/v1/charge?x=/../admin;y", reject, Ok("/v1/charge")),
+            ("/v1/.", reject, Ok("/v1/")),
+            ("/v1/%3Fx", reject, Ok("/v1/%3Fx")),
+            // Read differently by different frameworks: refused by default.
+            ("/v1/..%2fadmin", reject, Err(PathError::Ambiguous("%2F"))),
+            ("/%2Fadmin", reject, Err(PathError::Ambiguous("%2F"))),
+            ("/v1%5cadmin", reject, Err(PathError::Ambiguous("%5C"))),
+            ("\\v1\\charge", reject, Err(PathError::Ambiguous("\\"))),
+            ("/admin;x=1", reject, Err(PathError::Ambiguous(";"))),
+            // ... or decoded, and the decoded path is what is forwarded.
+            ("/v1/..%2fadmin", decode, Ok("/admin")),
+            ("/v1%5Cadmin", decode, Ok("/v1/admin")),
+            ("\\v1\\charge", decode, Ok("/v1/charge")),
+            ("/admin;x=1/users;y", decode, Ok("/admin/users")),
+            ("/a;/../admin", decode, Ok("/admin")),
+            ("/v1/%00", reject, Err(PathError::Nul)),
+            ("/v1/%zz", reject, Err(PathError::BadEscape(4))),
+            ("/v1/%4", reject, Err(PathError::BadEscape(4))),
+            ("/v1/%+F", reject, Err(PathError::BadEscape(4))),
+            ("v1/charge", reject, Err(PathError::NotAbsolute)),
         ];
-        for (raw, merge, want) in cases {
-            assert_eq!(normalize_path(raw, merge), want.map(str::to_string), "{raw} merge={merge}");
+        for (raw, rules, want) in cases {
+            assert_eq!(normalize_path(raw, rules), want.map(str::to_string), "{raw} {rules:?}");
+        }
+    }
+
+    #[test]
+    fn one_host_per_request_without_trailing_dot() {
+        use http::{HeaderMap, HeaderValue, header::HOST};
+        let headers = |hosts: &[&str]| {
+            let mut map = HeaderMap::new();
+            for host in hosts {
+                map.append(HOST, HeaderValue::from_str(host).unwrap());
+            }
+            map
+        };
+        type Case<'a> = (&'a [&'a str], Option<&'a str>, Result<&'a str, HostError>);
+        let cases: [Case; 8] = [
+            (&["Admin.Example"], None, Ok("admin.example")),
+            (&["admin.example."], None, Ok("admin.example")),
+            (&["admin.example.:8080"], None, Ok("admin.example:8080")),
+            (&[], Some("admin.example."), Ok("admin.example")),
+            (&["admin.example"], Some("ADMIN.example."), Ok("admin.example")),
+            (&["[::1]:80"], None, Ok("[::1]:80")),
+            (&["public.example", "admin.example"], None, Err(HostError::Repeated(2))),
+            (
+                &["public.example"],
+                Some("admin.example"),
+                Err(HostError::Conflict { host: "public.example".into(), authority: "admin.example".into() }),
+            ),
+        ];
+        for (hosts, authority, want) in cases {
+            assert_eq!(request_host(&headers(hosts), authority), want.map(str::to_string), "{hosts:?} {authority:?}");
         }
     }
 

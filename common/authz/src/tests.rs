@@ -258,6 +258,7 @@ fn request(method: &str, path: &str, auth: Option<serde_json::Value>) -> Connect
         audiences: vec![claims["aud"].as_str().unwrap().to_string()],
         presenter: claims["azp"].as_str().map(str::to_string),
         claims,
+        forward_token: false,
     });
     Connection {
         request: Some(request::Request {

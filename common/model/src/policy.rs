@@ -341,6 +341,10 @@ pub struct JwtRule {
     /// Accepted `aud` values; empty: `aud` is not checked.
     pub audiences: Vec<String>,
     pub jwks: Jwks,
+    /// `forwardOriginalToken`: the verified `Authorization` header goes
+    /// upstream. Off by default (Istio's too), so the application never sees
+    /// a bearer token it could replay.
+    pub forward_original_token: bool,
 }
 
 /// Where an issuer's keys come from.

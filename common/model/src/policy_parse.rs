@@ -448,6 +448,8 @@ struct RawJwtRule {
     jwks: Option<String>,
     /// https:// URL or `file:///path` of a JWKS.
     jwks_uri: Option<String>,
+    #[serde(default)]
+    forward_original_token: bool,
 }
 
 /// A `jwksUri` the waypoint can fetch: https with a host (keys are never
@@ -495,7 +497,12 @@ pub fn request_authentication(
             (Some(text), None) => (text, format!("{at}.jwks")),
             (None, Some(uri)) => {
                 let jwks = Jwks::Fetched(jwks_uri(&uri).map_err(|fix| ctx.err(&format!("{at}.jwksUri"), fix))?);
-                rules.push(JwtRule { issuer: rule.issuer, audiences: rule.audiences, jwks });
+                rules.push(JwtRule {
+                    issuer: rule.issuer,
+                    audiences: rule.audiences,
+                    jwks,
+                    forward_original_token: rule.forward_original_token,
+                });
                 continue;
             }
             (None, None) => {
@@ -510,7 +517,12 @@ pub fn request_authentication(
             return Err(ctx.err(&field, "the key set is empty: no token could ever verify"));
         }
         let jwks = Jwks::Loaded(jwks);
-        rules.push(JwtRule { issuer: rule.issuer, audiences: rule.audiences, jwks });
+        rules.push(JwtRule {
+            issuer: rule.issuer,
+            audiences: rule.audiences,
+            jwks,
+            forward_original_token: rule.forward_original_token,
+        });
     }
     Ok(RequestAuthentication {
         namespace: raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),

@@ -174,3 +174,63 @@ impl WireCapture {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// The JWT issuer of the waypoint tests (`https://issuer.example`): P-256 keys `k1` and `k2`, the
+/// JWKS files it publishes, and tokens signed with its keys (or with a
+/// forger's key under kid `k1`).
+pub struct Issuer {
+    keys: Vec<(&'static str, jsonwebtoken::EncodingKey, serde_json::Value)>,
+    forger: jsonwebtoken::EncodingKey,
+}
+
+impl Issuer {
+    pub fn new() -> Issuer {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let generate = || {
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            (
+                jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+                pair.public_key_raw().to_vec(),
+            )
+        };
+        let keys = ["k1", "k2"]
+            .into_iter()
+            .map(|kid| {
+                let (key, point) = generate();
+                let jwk = serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
+                    "x": b64(&point[1..33]), "y": b64(&point[33..65])});
+                (kid, key, jwk)
+            })
+            .collect();
+        Issuer { keys, forger: generate().0 }
+    }
+
+    /// Writes a JWKS with the public keys `kids` to `file`.
+    pub fn publish(&self, file: &std::path::Path, kids: &[&str]) {
+        let keys: Vec<_> = self.keys.iter().filter(|(kid, ..)| kids.contains(kid)).map(|(_, _, jwk)| jwk).collect();
+        std::fs::write(file, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    }
+
+    /// A token for alice with `scope`, expiring in `expires_in` seconds,
+    /// signed with `k1` (or by the forger, under kid `k1`).
+    pub fn token(&self, scope: &str, expires_in: i64, forged: bool) -> String {
+        let key = if forged { &self.forger } else { &self.keys[0].1 };
+        Self::sign("k1", key, scope, expires_in)
+    }
+
+    /// A valid token with `scope`, signed with key `kid`.
+    pub fn signed_by(&self, kid: &str, scope: &str) -> String {
+        let (_, key, _) = self.keys.iter().find(|(k, ..)| *k == kid).unwrap();
+        Self::sign(kid, key, scope, 300)
+    }
+
+    fn sign(kid: &str, key: &jsonwebtoken::EncodingKey, scope: &str, expires_in: i64) -> String {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let claims = serde_json::json!({"iss": "https://issuer.example", "sub": "alice", "aud": "payments",
+            "exp": now + expires_in, "scope": scope});
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+}

@@ -429,3 +429,52 @@ spec:
     let refused = waypoint.requests().into_iter().filter(|r| r["status"] == 400).count();
     assert_eq!(refused, 5, "each refusal is logged: {:#?}", waypoint.requests());
 }
+
+/// Attack 10, from a config author's mistake: a new policy file whose
+/// restrictive ALLOW (db admits shop/api only) has a typo. The policy must
+/// not silently do nothing: db denies everyone until it is fixed, the
+/// file's other policy still loads, the error is reported and counted, and
+/// `ambit policy check` exits 1 with the error on stdout.
+#[test]
+fn a_policy_that_cannot_be_parsed_fails_closed() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pods(&[("n1", "shop/client"), ("n2", "shop/db"), ("n2", "shop/web")]).unwrap();
+    let mut n2 = agent(&bed, "n2");
+    let _n1 = agent(&bed, "n1");
+    wait_nodes_ready(&bed, &["n1", "n2"]);
+    let (root, _) = web_root(&bed, 1024);
+    for pod in ["shop/db", "shop/web"] {
+        bed.http_server(pod, HTTP_PORT, &root, &bed.scratch().join(format!("{}.log", pod.replace('/', "-")))).unwrap();
+    }
+    let url = |pod: &str| format!("http://{}:{HTTP_PORT}/index.html", bed.pod(pod).ip);
+    curl(&bed, "shop/client", &url("shop/db")).expect("no policy yet");
+
+    let broken_allow = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-api, namespace: shop}\nspec:\n  selector: {matchLabels: {app: db}}\n  action: ALLOW\n  rules: [{from: [{source: {principal: [cluster.local/ns/shop/sa/api]}}]}]\n";
+    let deny_web = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-client-to-web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]\n";
+    bed.write_config("policies.yaml", &format!("{broken_allow}---\n{deny_web}")).unwrap();
+    n2.wait_applied(0).unwrap();
+    assert!(curl(&bed, "shop/client", &url("shop/db")).is_err(), "the broken policy's workloads are closed");
+    assert!(curl(&bed, "shop/client", &url("shop/web")).is_err(), "the file's other policy is in force");
+    let denied = n2.wait_connections(1, |c| c.dst_workload == "shop/db" && c.decision == "deny").unwrap();
+    assert_eq!(denied[0].policy, "shop/only-api rule 0", "{denied:?}");
+    let (_, metrics) = bed.admin_get("n2", "/metrics").unwrap();
+    assert!(metrics.lines().any(|l| l == "ambit_config_errors 1"), "counted");
+    let errors = n2
+        .lines()
+        .into_iter()
+        .filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("configuration error")))
+        .count();
+    assert!(errors >= 1, "logged");
+
+    let cli = ambit_testbed::agent_binary().with_file_name("ambit");
+    let check = std::process::Command::new(cli)
+        .args(["policy", "check", "--config"])
+        .arg(bed.config_dir())
+        .args(["--from", "shop/client", "--to", "shop/db:8080"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("error:") && stdout.contains("principal"), "the error is on stdout: {stdout}");
+    assert!(stdout.contains("DENY"), "{stdout}");
+}

@@ -294,7 +294,7 @@ fn the_waypoint_enforces_l7_policy_with_end_user_claims() {
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
     };
-    assert_eq!((count("200"), count("403"), count("401"), count("400")), (55, 6, 2, 1), "{metrics}");
+    assert_eq!((count("200"), count("403"), count("401"), count("400")), (55, 5, 2, 2), "{metrics}");
     assert!(metrics.contains("ambit_request_duration_milliseconds_bucket{"), "{metrics}");
     // mTLS on both hops: client -> waypoint (n1's log), waypoint -> api (n2's log).
     let to_waypoint = n1.wait_connections(1, |c| c.dst_service == "payments/api").unwrap();

@@ -53,7 +53,10 @@ enum Command {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Would the destination's tunnel allow this connection, and which rule decides?
-    /// Exits 0 for ALLOW, 2 for DENY.
+    /// Exits 0 for ALLOW, 2 for DENY, and 1 whenever the configuration has
+    /// errors (the decision printed is then the one a fresh agent makes,
+    /// with broken policies failing closed), so a script never reads ALLOW
+    /// from a broken configuration.
     Check {
         /// The agent's configuration directory.
         #[arg(long, env = "AMBIT_CONFIG_DIR")]
@@ -98,8 +101,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The configuration as the agent would load it from scratch; files with
-/// errors are left out, and said so.
+/// The configuration as the agent would load it from scratch: broken
+/// documents left out (a broken AuthorizationPolicy replaced by its
+/// fail-closed stand-in), and the errors.
 fn load_config(dir: &Path) -> anyhow::Result<(Snapshot, Vec<String>)> {
     if !dir.is_dir() {
         bail!("--config {}: not a directory; give the agent's configuration directory", dir.display());
@@ -111,16 +115,22 @@ fn load_config(dir: &Path) -> anyhow::Result<(Snapshot, Vec<String>)> {
 fn policy_check(dir: &Path, trust_domain: &str, from: &str, to: &str) -> anyhow::Result<u8> {
     let (snapshot, errors) = load_config(dir)?;
     for error in &errors {
-        eprintln!("error: {error}");
+        println!("error: {error}");
     }
     if !errors.is_empty() {
-        eprintln!(
-            "warning: the objects of the files above are left out; a running agent keeps their last good version\n"
+        println!(
+            "the configuration has errors: broken objects are left out, and a broken AuthorizationPolicy denies everything it selects (a running agent keeps a last good version where it has one)\n"
         );
     }
     let report = check(&State::new(snapshot, trust_domain), from, to)?;
     print!("{report}");
-    Ok(if report.allows() { 0 } else { 2 })
+    Ok(if !errors.is_empty() {
+        1
+    } else if report.allows() {
+        0
+    } else {
+        2
+    })
 }
 
 fn policy_lint(dir: &Path, trust_domain: &str) -> anyhow::Result<u8> {

@@ -14,7 +14,7 @@ use ambit_model::{Action, AuthorizationPolicy, Object, Pod, ROOT_NAMESPACE, Rule
 const POLICIES: usize = 10_000;
 
 fn policy(namespace: String, name: String, scope: Scope, action: Action, rules: Vec<Rule>) -> AuthorizationPolicy {
-    AuthorizationPolicy { namespace, name, scope, action, rules, dry_run: false }
+    AuthorizationPolicy { namespace, name, scope, action, rules, dry_run: false, broken: None }
 }
 
 /// A realistic rule: a principal and a port, parsed the way the agent does.

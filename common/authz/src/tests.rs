@@ -239,6 +239,7 @@ fn index_finds_the_few_policies_among_many() {
             action: Action::Allow,
             rules: vec![Rule::default()],
             dry_run: false,
+            broken: None,
         })
         .collect();
     let set = PolicySet::new(many);

@@ -7,10 +7,13 @@
 //!   YAML files in the Kubernetes resources' schemas, watched for changes.
 //!   This is the embedded default and the test bed's.
 //!
-//! Loading is per file and keeps the last good version: when a file fails to
-//! parse or validate, every error is reported with the file, the object and
-//! the field, and the file's previous objects stay in force. A bad edit never
-//! drops pods from the mesh.
+//! Loading is per document and keeps the last good version: when a document
+//! fails to parse or validate, every error is reported with the file, the
+//! object and the field, the file's other documents load, and the broken
+//! object's previous version stays in force. A bad edit never drops pods
+//! from the mesh. A broken AuthorizationPolicy with no previous version
+//! fails closed: its stand-in denies everything to the workloads it would
+//! have selected (`ambit_model::policy_parse::fail_closed`).
 #![forbid(unsafe_code)]
 
 pub mod watch;
@@ -21,7 +24,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ambit_model::{ConfigError, Object, Snapshot, parse_file};
+use ambit_model::{ConfigError, Object, Snapshot, parse_documents, parse_file};
 use tokio::sync::mpsc;
 
 /// What a source reports: every object in force, and what it could not
@@ -97,12 +100,16 @@ pub struct ConfigDir {
     /// Where the text of each file's last good version is kept, if anywhere
     /// ([`ConfigDir::keeping_last_good_in`]).
     kept: Option<PathBuf>,
+    /// Each file's last version that parsed whole.
     last_good: BTreeMap<PathBuf, Vec<Object>>,
+    /// Each file's objects in force: its last good version, or, while it is
+    /// broken, its good documents over its last good objects.
+    in_force: BTreeMap<PathBuf, Vec<Object>>,
 }
 
 impl ConfigDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), kept: None, last_good: BTreeMap::new() }
+        Self { dir: dir.into(), kept: None, last_good: BTreeMap::new(), in_force: BTreeMap::new() }
     }
 
     /// Keeps the text of each file's last good version in `kept`, and falls
@@ -131,24 +138,32 @@ impl ConfigDir {
             }
         };
         self.last_good.retain(|path, _| files.contains(path));
+        self.in_force.retain(|path, _| files.contains(path));
         self.forget_kept(&files);
         for file in files {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| vec![ConfigError::Read { file: file.clone(), reason: e.to_string() }]);
-            match text.and_then(|text| parse_file(&file, &text).map(|objects| (text, objects))) {
-                Ok((text, objects)) => {
-                    self.keep(&file, &text);
-                    self.last_good.insert(file, objects);
+            let text = match std::fs::read_to_string(&file) {
+                Ok(text) => text,
+                Err(e) => {
+                    // Unreadable now: what was in force stays.
+                    errors.push(ConfigError::Read { file: file.clone(), reason: e.to_string() });
+                    continue;
                 }
-                Err(file_errors) => {
-                    errors.extend(file_errors);
-                    if !self.last_good.contains_key(&file)
-                        && let Some(objects) = self.kept_version(&file)
-                    {
-                        self.last_good.insert(file, objects);
-                    }
-                }
+            };
+            let (objects, file_errors) = parse_documents(&file, &text);
+            if file_errors.is_empty() {
+                self.keep(&file, &text);
+                self.last_good.insert(file.clone(), objects.clone());
+                self.in_force.insert(file, objects);
+                continue;
             }
+            errors.extend(file_errors);
+            if !self.last_good.contains_key(&file)
+                && let Some(objects) = self.kept_version(&file)
+            {
+                self.last_good.insert(file.clone(), objects);
+            }
+            let previous = self.last_good.get(&file).map(Vec::as_slice).unwrap_or_default();
+            self.in_force.insert(file, over_last_good(objects, previous));
         }
         (self.snapshot(&mut errors), errors)
     }
@@ -195,7 +210,7 @@ impl ConfigDir {
     fn snapshot(&self, errors: &mut Vec<ConfigError>) -> Snapshot {
         let mut snapshot = Snapshot::default();
         let mut first_seen: BTreeMap<(&'static str, String), &Path> = BTreeMap::new();
-        for (file, objects) in &self.last_good {
+        for (file, objects) in &self.in_force {
             for object in objects {
                 let key = object.key();
                 if let Some(first) = first_seen.get(&key) {
@@ -212,6 +227,25 @@ impl ConfigDir {
         }
         snapshot
     }
+}
+
+/// A broken file's objects: its good documents, and for every other object
+/// its last good version. A policy's fail-closed stand-in gives way to the
+/// policy's last good version when there is one.
+fn over_last_good(parsed: Vec<Object>, last_good: &[Object]) -> Vec<Object> {
+    let mut objects: Vec<Object> = parsed
+        .into_iter()
+        .map(|object| match &object {
+            Object::AuthorizationPolicy(policy) if policy.broken.is_some() => {
+                last_good.iter().find(|good| good.key() == object.key()).cloned().unwrap_or(object)
+            }
+            _ => object,
+        })
+        .collect();
+    let missing: Vec<Object> =
+        last_good.iter().filter(|good| objects.iter().all(|o| o.key() != good.key())).cloned().collect();
+    objects.extend(missing);
+    objects
 }
 
 fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -285,6 +319,40 @@ status:
         let (gone, _) = ConfigDir::new(dir.path()).keeping_last_good_in(kept.path().into()).reload();
         assert!(gone.pods.is_empty());
         assert_eq!(std::fs::read_dir(kept.path()).unwrap().count(), 0, "a deleted file's kept version goes too");
+    }
+
+    /// A policy file with a broken document: the other documents load, and
+    /// the broken AuthorizationPolicy denies everything to what it selects,
+    /// until an earlier good version of it exists to stand in.
+    #[test]
+    fn a_broken_policy_fails_closed_and_its_neighbours_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policies.yaml");
+        let policy = |name: &str, principal: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: db}}}}\n  rules: [{{from: [{{source: {{principals: [{principal}]}}}}]}}]\n"
+            )
+        };
+        let typo = policy("only-api", "cluster.local/ns/shop/sa/api").replace("principals", "principal");
+        std::fs::write(&file, format!("{typo}---\n{}", policy("also-web", "cluster.local/ns/shop/sa/web"))).unwrap();
+        let mut config = ConfigDir::new(dir.path());
+        let (snapshot, errors) = config.reload();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let by_name = |name: &str| snapshot.authorization_policies.iter().find(|p| p.name == name).cloned().unwrap();
+        let stand_in = by_name("only-api");
+        assert_eq!(stand_in.action, ambit_model::Action::Deny);
+        assert_eq!(stand_in.scope, ambit_model::Scope::Selector([("app".into(), "db".into())].into()));
+        assert!(stand_in.broken.as_deref().unwrap().contains("principal"), "{stand_in:?}");
+        assert!(by_name("also-web").broken.is_none(), "the other document loads");
+
+        // Fixed, then broken again: the fixed version stands in, not a denial.
+        std::fs::write(&file, policy("only-api", "cluster.local/ns/shop/sa/api")).unwrap();
+        let (fixed, errors) = config.reload();
+        assert!(errors.is_empty());
+        std::fs::write(&file, &typo).unwrap();
+        let (again, errors) = config.reload();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(again.authorization_policies, fixed.authorization_policies, "the last good version stands");
     }
 
     #[test]

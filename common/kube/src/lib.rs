@@ -286,8 +286,8 @@ impl KindObjects {
             };
             return (uid, same);
         }
-        let outcome = convert::to_model(self.kind.kind, &object, &self.labels, network.as_ref())
-            .map(|value| ambit_model::parse_object(Path::new(SOURCE), 1, value));
+        let value = convert::to_model(self.kind.kind, &object, &self.labels, network.as_ref());
+        let outcome = value.clone().map(|value| ambit_model::parse_object(Path::new(SOURCE), 1, value));
         if let Some(Err(error)) = &outcome {
             self.rejections.push(Rejection::new(&self.kind, &object, error));
         }
@@ -297,6 +297,13 @@ impl KindObjects {
                 _ => known.last_good.clone(),
             },
             _ => None,
+        };
+        // A policy rejected with no good version to stand in fails closed.
+        let last_good = match (&outcome, value) {
+            (Some(Err(error)), Some(value)) if last_good.is_none() && self.kind.kind == "AuthorizationPolicy" => {
+                Some(Object::AuthorizationPolicy(ambit_model::policy_parse::fail_closed(&value, error)))
+            }
+            _ => last_good,
         };
         (uid, Parsed { resource_version, network, outcome, last_good })
     }

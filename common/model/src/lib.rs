@@ -24,7 +24,7 @@ pub mod snapshot;
 
 pub use document::ConfigError;
 pub use objects::*;
-pub use parse::{parse_file, parse_object};
+pub use parse::{parse_documents, parse_file, parse_object};
 pub use policy::*;
 pub use snapshot::Snapshot;
 

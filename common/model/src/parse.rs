@@ -124,6 +124,15 @@ struct RawMtls {
 
 /// Parses one file's text into objects, or every error it holds.
 pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, Vec<ConfigError>> {
+    let (objects, errors) = parse_documents(file, text);
+    if errors.is_empty() { Ok(objects) } else { Err(errors) }
+}
+
+/// Parses every document of a file on its own: the good ones, and the
+/// errors of the others. An AuthorizationPolicy that cannot be parsed is
+/// replaced by its fail-closed stand-in ([`policy_parse::fail_closed`]).
+/// After a YAML syntax error the rest of the file cannot be read.
+pub fn parse_documents(file: &Path, text: &str) -> (Vec<Object>, Vec<ConfigError>) {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -137,12 +146,19 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Object>, Vec<ConfigErro
                 break;
             }
         };
+        let is_policy = value.get("kind").and_then(Value::as_str) == Some("AuthorizationPolicy");
+        let stand_in = is_policy.then(|| value.clone());
         match parse_object(file, doc, value) {
             Ok(object) => objects.push(object),
-            Err(e) => errors.push(e),
+            Err(e) => {
+                if let Some(value) = stand_in {
+                    objects.push(Object::AuthorizationPolicy(policy_parse::fail_closed(&value, &e)));
+                }
+                errors.push(e);
+            }
         }
     }
-    if errors.is_empty() { Ok(objects) } else { Err(errors) }
+    (objects, errors)
 }
 
 /// Parses one document (document `doc` of `file`, for error messages).

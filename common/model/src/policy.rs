@@ -46,6 +46,11 @@ pub struct AuthorizationPolicy {
     pub rules: Vec<Rule>,
     /// `istio.io/dry-run: "true"`: evaluated and logged, never enforced.
     pub dry_run: bool,
+    /// Why the written policy could not be parsed, when this is its
+    /// fail-closed stand-in ([`crate::policy_parse::fail_closed`]): a DENY of
+    /// everything for the workloads it would have selected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
 }
 
 impl AuthorizationPolicy {

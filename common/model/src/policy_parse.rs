@@ -208,10 +208,52 @@ pub fn policy(file: &Path, doc: usize, object: &str, value: Value) -> Result<Aut
         action,
         rules,
         dry_run,
+        broken: None,
     })
 }
 
 /// Selector, `targetRefs` (as `Kind/name`), or neither (the namespace).
+/// The stand-in for an AuthorizationPolicy document that cannot be parsed
+/// (`value`, refused with `error`): it denies all traffic to the workloads
+/// the policy would have selected, or to its whole namespace when its
+/// selector cannot be read, until the policy is fixed. A policy the author
+/// meant to DENY, or to ALLOW only a few, must not silently do nothing.
+/// A readable `istio.io/dry-run: "true"` is kept: that policy was never
+/// to be enforced.
+pub fn fail_closed(value: &Value, error: &ConfigError) -> AuthorizationPolicy {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+    let metadata = value.get("metadata");
+    let spec = value.get("spec");
+    let labels: Option<BTreeMap<String, String>> = spec
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| s.get("matchLabels"))
+        .and_then(|labels| serde_yaml_ng::from_value(labels.clone()).ok())
+        .filter(|labels: &BTreeMap<String, String>| !labels.is_empty());
+    let target_refs: Option<Vec<String>> =
+        spec.and_then(|s| s.get("targetRefs")).and_then(Value::as_sequence).map(|refs| {
+            refs.iter().filter_map(|r| Some(format!("{}/{}", text(r.get("kind"))?, text(r.get("name"))?))).collect()
+        });
+    let scope = match (spec.and_then(|s| s.get("selector")), labels, target_refs) {
+        (None, _, Some(refs)) if !refs.is_empty() => Scope::TargetRefs(refs),
+        (Some(_), Some(labels), _) => Scope::Selector(labels),
+        _ => Scope::Namespace,
+    };
+    let dry_run = metadata
+        .and_then(|m| m.get("annotations"))
+        .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+        .and_then(Value::as_str)
+        .is_some_and(|v| v == "true");
+    AuthorizationPolicy {
+        namespace: text(metadata.and_then(|m| m.get("namespace"))).unwrap_or_else(|| "default".to_string()),
+        name: text(metadata.and_then(|m| m.get("name"))).unwrap_or_else(|| "<unnamed>".to_string()),
+        scope,
+        action: Action::Deny,
+        rules: vec![Rule::default()],
+        dry_run,
+        broken: Some(error.to_string()),
+    }
+}
+
 fn scope(
     ctx: &Ctx,
     selector: Option<RawSelector>,

@@ -29,7 +29,7 @@ use ambit_identity::{
 use ambit_kube::{Labels, NodePods, Options, ca::TokenReviewAuthorizer, watch_cluster};
 use ambit_model::Snapshot;
 use ambit_runtime::{
-    logging::{self, LogFormat},
+    logging::{self, LogFormat, WarnLimiter},
     metrics::Metrics,
 };
 use ambit_state::State;
@@ -452,6 +452,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             n => n,
         })
         .context("start the proxy worker threads")?,
+        warnings: WarnLimiter::new(metrics.clone()),
     });
     tracing::info!(workers = ctx.workers.count(), "proxy workers started");
     let capture_counters = capture.counters();

@@ -301,6 +301,11 @@ impl Bed {
 
     /// A command that will run in the fabric netns, where the nodes' uplinks
     /// meet on bridge `br0`: the place to watch the wire between nodes.
+    /// The name of the fabric's netns (where the CA listens).
+    pub fn fabric_netns(&self) -> &str {
+        &self.fabric
+    }
+
     pub fn fabric_command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         enter(&mut cmd, &Path::new("/run/netns").join(&self.fabric), None).expect("fabric netns exists");

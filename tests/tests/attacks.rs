@@ -478,3 +478,118 @@ fn a_policy_that_cannot_be_parsed_fails_closed() {
     assert!(stdout.contains("error:") && stdout.contains("principal"), "the error is on stdout: {stdout}");
     assert!(stdout.contains("DENY"), "{stdout}");
 }
+
+/// A CA impostor: it holds a genuine serving certificate of the mesh's CA
+/// (issued by the mesh's root, as a stolen CA serving key would give), so
+/// agents accept the TLS handshake, but it signs every request with a root
+/// of its own. Speaks the CA's real wire protocol (HTTP/2 over TLS,
+/// `POST /v1/svid`), on the CA's address, in the fabric netns.
+fn impostor_ca(bed: &Bed) {
+    use ambit_identity::{
+        ca::CertificateAuthority,
+        ca_server::{CA_NAMESPACE, CA_SERVICE_ACCOUNT, SvidRequest, SvidResponse},
+    };
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    let genuine = CertificateAuthority::load_or_create(&bed.ca_dir(), "cluster.local").unwrap();
+    let own_root = CertificateAuthority::create("cluster.local").unwrap();
+    let serving = Identity::new("cluster.local", CA_NAMESPACE, CA_SERVICE_ACCOUNT);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = genuine.issue(&serving, &key, Duration::from_secs(3600)).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let svid = Svid::from_chain(&serving, vec![cert], key, "cluster.local").unwrap();
+    let bundle = tls::TrustBundle::new("cluster.local", &[genuine.root().clone()]).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&svid, &bundle, false).unwrap()));
+    let own_root = Arc::new(own_root);
+    let fabric = std::fs::File::open(format!("/run/netns/{}", bed.fabric_netns())).unwrap();
+    let (listening, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        nix::sched::setns(&fabric, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(CA_ADDR).await.unwrap();
+            listening.send(()).unwrap();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, own_root) = (acceptor.clone(), own_root.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(mut conn) = h2::server::handshake(tls).await else { return };
+                    while let Some(Ok((request, mut respond))) = conn.accept().await {
+                        let mut body = request.into_body();
+                        let mut bytes = Vec::new();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                            bytes.extend_from_slice(&chunk);
+                        }
+                        let asked: SvidRequest = serde_json::from_slice(&bytes).unwrap();
+                        let identity = Identity::new("cluster.local", &asked.namespace, &asked.service_account);
+                        let csr = STANDARD.decode(&asked.csr).unwrap();
+                        let leaf = own_root.issue_for_request(&identity, &csr, Duration::from_secs(3600)).unwrap();
+                        let chain = vec![STANDARD.encode(&leaf), STANDARD.encode(own_root.root())];
+                        let answer = serde_json::to_vec(&SvidResponse { chain }).unwrap();
+                        let response = http::Response::builder().status(200).body(()).unwrap();
+                        let mut send = respond.send_response(response, false).unwrap();
+                        let _ = send.send_data(answer.into(), true);
+                    }
+                });
+            }
+        });
+    });
+    ready.recv().unwrap();
+}
+
+/// Attack 8, from an impostor speaking as the CA: every certificate it
+/// hands out is signed by its own root. The agent checks each issued chain
+/// against the trust bundle before using it: it refuses them, says why,
+/// counts the failures, and its pod is never served with a certificate
+/// its peers would not trust.
+#[test]
+fn an_agent_uses_no_certificate_its_trust_bundle_does_not_sign() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "web").unwrap();
+    bed.stop_ca().unwrap();
+    impostor_ca(&bed);
+    let mut n1 = bed.start_agent("n1").unwrap();
+    let refused = n1
+        .wait_for("the refusal", Duration::from_secs(20), |l| {
+            l["message"].as_str().is_some_and(|m| m.starts_with("no valid certificate"))
+        })
+        .unwrap();
+    assert!(refused["error"].as_str().unwrap().contains("not signed by the trust bundle"), "{refused}");
+    assert_ne!(bed.admin_get("n1", "/healthz/ready").unwrap().0, 200, "no usable certificate, not ready");
+    let (_, metrics) = bed.admin_get("n1", "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("ambit_certificate_renewal_failures_total{") && !l.ends_with(" 0")),
+        "counted: {metrics}"
+    );
+}
+
+/// Attack 9, from a plain pod: a flood of refused plaintext connections
+/// and of failed handshakes. Every one is counted, but each source and
+/// reason gets one warning line per 10 s; the rest are counted as
+/// suppressed, so a flood cannot fill the node's disk or log pipeline.
+#[test]
+fn a_flood_of_refusals_logs_one_line_per_source_and_reason() {
+    let Some(mut bed) = bed() else { return };
+    let web = bed.add_pod("n1", "shop", "web").unwrap();
+    bed.add_pod("n1", "legacy", "attacker").unwrap();
+    bed.write_config("peer-authentication.yaml", STRICT_SHOP).unwrap();
+    let mut n1 = agent(&bed, "n1");
+    n1.wait_pod_event("pod enrolled", "shop/web", 0).unwrap();
+    wait_nodes_ready(&bed, &["n1"]);
+    const FLOOD: &str = "import socket, sys\nfor port, n, payload in ((8080, 200, b''), (15008, 50, b'not TLS at all\\r\\n\\r\\n')):\n    for _ in range(n):\n        try:\n            s = socket.create_connection((sys.argv[1], port), timeout=5)\n            s.sendall(payload)\n            s.recv(64)\n            s.close()\n        except OSError:\n            pass\n";
+    bed.run_ok("legacy/attacker", "python3", &["-c", FLOOD, &web.ip.to_string()]).unwrap();
+    ambit_testbed::wait_until(Duration::from_secs(10), "every refusal counted", || {
+        let (_, metrics) = bed.admin_get("n1", "/metrics")?;
+        Ok(metrics.contains("ambit_warnings_suppressed_total{name=\"plaintext_rejected\"} 199")
+            && metrics.contains("ambit_warnings_suppressed_total{name=\"hbone_rejected\"} 49"))
+    })
+    .unwrap();
+    let lines = n1.lines();
+    let logged = |message: &str| lines.iter().filter(|l| l["message"] == message).count();
+    assert_eq!(logged("connection failed"), 1, "one line for 200 refused plaintext connections");
+    assert_eq!(logged("HBONE connection rejected"), 1, "one line for 50 failed handshakes");
+    let counters = stop_and_read_counters(&mut n1);
+    assert_eq!(counter(&counters, "plaintext_rejected"), 200, "{counters:?}");
+    assert_eq!(counter(&counters, "mtls_rejected"), 50, "{counters:?}");
+}

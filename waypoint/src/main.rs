@@ -42,7 +42,7 @@ use ambit_kube::{Options, watch_cluster};
 use ambit_model::{GATEWAY_NAME_LABEL, Gateway, JwtRule, Scope, Snapshot};
 use ambit_runtime::{
     listener::accept_next,
-    logging::{self, LogFormat},
+    logging::{self, LogFormat, WarnLimiter},
     metrics::{Metrics, RequestLabels},
 };
 use ambit_state::{Endpoint, State};
@@ -162,6 +162,8 @@ struct Waypoint {
     jwks: Arc<JwksStore>,
     next_endpoint: AtomicUsize,
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
+    /// Rate limit for refused HBONE connections' warnings.
+    warnings: WarnLimiter,
 }
 
 /// The configuration's next snapshot, its errors logged; `None` once the
@@ -261,11 +263,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         identity,
         dial,
         client,
-        metrics,
         path_rules: PathRules { merge_slashes: args.merge_slashes, escapes: args.path_escapes },
         jwks,
         next_endpoint: AtomicUsize::new(0),
         server_tls: Mutex::new(None),
+        warnings: WarnLimiter::new(metrics.clone()),
+        metrics,
     });
     tracing::info!(gateway = %gateway_id, %listen, identity = %waypoint.identity, "waypoint ready");
     loop {
@@ -293,7 +296,13 @@ impl Waypoint {
         let Accepted { mut conn, peer_id, .. } =
             match accept(tcp, peer, owner, config, &self.dial.bundle.trust_domain, &self.metrics).await {
                 Ok(accepted) => accepted,
-                Err(reason) => return tracing::warn!(src_addr = %peer, error = %reason, "HBONE connection rejected"),
+                Err(reason) => {
+                    if let Some(suppressed) = self.warnings.admit(peer.ip(), "hbone_rejected", &reason) {
+                        let suppressed = (suppressed > 0).then_some(suppressed);
+                        tracing::warn!(src_addr = %peer, error = %reason, suppressed, "HBONE connection rejected");
+                    }
+                    return;
+                }
             };
         while let Some(Ok((request, respond))) = conn.accept().await {
             tokio::spawn(self.clone().stream(request, respond, peer_id.clone(), peer));

@@ -23,6 +23,8 @@ use super::{ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodCont
 pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let reject = |reason: &dyn std::fmt::Display| {
         ctx.stats.mtls_rejected.fetch_add(1, Ordering::Relaxed);
+        let reason = reason.to_string();
+        let Some(suppressed) = ctx.warnings.admit(peer.ip(), "hbone_rejected", &reason) else { return };
         tracing::warn!(
             target: "ambit::conn",
             direction = "inbound",
@@ -30,6 +32,7 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
             dst_workload = %pod.id,
             mtls = true,
             error = %reason,
+            suppressed = (suppressed > 0).then_some(suppressed),
             "HBONE connection rejected"
         );
     };

@@ -46,10 +46,12 @@ pub async fn handle(client: TcpStream, client_addr: SocketAddr, pod: Arc<PodCont
     // PeerAuthentication: STRICT admits mTLS (HBONE) only.
     let mode = ctx.state.borrow().mtls_mode(&pod.id, orig_dst.port());
     if mode == MtlsMode::Strict {
+        const STRICT: &str = "plaintext rejected: PeerAuthentication mode is STRICT";
         ctx.stats.plaintext_rejected.fetch_add(1, Ordering::Relaxed);
         relay::reset(&client);
         log.flag = Flag::Denied;
-        log.finish(0, 0, Some(&"plaintext rejected: PeerAuthentication mode is STRICT"));
+        log.rate_limit(&ctx.warnings, "plaintext_rejected", STRICT);
+        log.finish(0, 0, Some(&STRICT));
         return;
     }
     // A plaintext caller has no identity: only address-based rules can admit it.

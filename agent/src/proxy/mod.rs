@@ -36,6 +36,7 @@ use ambit_identity::{
 };
 use ambit_runtime::{
     listener::accept_next,
+    logging::WarnLimiter,
     metrics::{ConnectionLabels, DirectionLabels, Metrics},
 };
 use ambit_state::State;
@@ -66,6 +67,9 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     /// Where accepted connections run.
     pub workers: workers::Workers,
+    /// Rate limit for the warnings any peer can trigger (refused plaintext,
+    /// refused HBONE).
+    pub warnings: WarnLimiter,
 }
 
 /// Counters the agent reports (in its log on shutdown; as metrics later).
@@ -350,6 +354,10 @@ struct ConnectionLog {
     dry_run: Option<String>,
     /// Why authorization denied the connection.
     denial: Option<String>,
+    /// How many lines like this one the rate limit left out before it.
+    suppressed: Option<u64>,
+    /// The rate limit leaves this line out: metrics only.
+    quiet: bool,
 }
 
 impl ConnectionLog {
@@ -372,7 +380,15 @@ impl ConnectionLog {
             audit: None,
             dry_run: None,
             denial: None,
+            suppressed: None,
+            quiet: false,
         }
+    }
+
+    /// Applies the warning rate limit to this failed connection's line.
+    fn rate_limit(&mut self, warnings: &WarnLimiter, name: &str, reason: &str) {
+        self.suppressed = warnings.admit(self.src_addr.ip(), name, reason);
+        self.quiet = self.suppressed.is_none();
     }
 
     fn labels(&self) -> ConnectionLabels {
@@ -441,6 +457,10 @@ impl ConnectionLog {
         let audit = self.audit.as_deref().unwrap_or("-");
         let dry_run = self.dry_run.as_deref().unwrap_or("-");
         let error = error.map(ToString::to_string).or_else(|| self.denial.clone());
+        if self.quiet {
+            return;
+        }
+        let suppressed = self.suppressed.filter(|n| *n > 0);
         match error {
             None => tracing::info!(
                 target: "ambit::conn",
@@ -481,6 +501,7 @@ impl ConnectionLog {
                 audit,
                 dry_run,
                 error = %error,
+                suppressed,
                 "connection failed"
             ),
         }

@@ -26,7 +26,7 @@ pub struct CaClient {
     server_name: ServerName<'static>,
     node: String,
     token_file: PathBuf,
-    trust_domain: String,
+    bundle: TrustBundle,
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -45,14 +45,8 @@ impl CaClient {
             .map_err(|e| anyhow::anyhow!("--ca-addr {addr}: {host} is not a host name or address: {e}"))?;
         let ca_identity = Identity::new(&bundle.trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT);
         let tls = tls::client_config(None, bundle, ca_identity.spiffe_id())?;
-        let client = Self {
-            addr: addr.to_string(),
-            server_name,
-            node,
-            token_file,
-            trust_domain: bundle.trust_domain.clone(),
-            tls: Arc::new(tls),
-        };
+        let client =
+            Self { addr: addr.to_string(), server_name, node, token_file, bundle: bundle.clone(), tls: Arc::new(tls) };
         // A token file that cannot be read is a start-up error, not a
         // renewal that fails later.
         client.token()?;
@@ -124,7 +118,8 @@ impl CaClient {
             .map(|c| STANDARD.decode(c).map(CertificateDer::from))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(e.to_string()))?;
-        Svid::from_chain(identity, chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()), &self.trust_domain)
+        tls::verify_issued(&self.bundle, &chain).map_err(invalid)?;
+        Svid::from_chain(identity, chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()), &self.bundle.trust_domain)
             .map_err(invalid)
     }
 }

@@ -128,6 +128,21 @@ pub fn client_config(
     Ok(config)
 }
 
+/// Checks that `chain` (leaf first) is signed by a root of `bundle` and is
+/// valid now: what the CA client asks of every SVID it is given, before
+/// using it. A CA, or anything speaking as one, cannot hand an agent a
+/// certificate its peers would not trust.
+pub fn verify_issued(bundle: &TrustBundle, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+    let (leaf, intermediates) = chain.split_first().ok_or("the chain is empty")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider())
+        .build()
+        .map_err(|e| e.to_string())?;
+    verifier
+        .verify_client_cert(leaf, intermediates, UnixTime::now())
+        .map(drop)
+        .map_err(|e| format!("not signed by the trust bundle of {}: {e}", bundle.trust_domain))
+}
+
 /// The verified identity of a peer, from the certificates of a finished handshake.
 pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>, trust_domain: &str) -> Result<SpiffeId, String> {
     let certs = certs.ok_or("the peer presented no certificate")?;

@@ -100,6 +100,9 @@ pub struct Metrics {
     pub pods_not_enrolled: Gauge,
     /// Configuration errors in force (each file keeps its last good objects).
     pub config_errors: Gauge,
+    /// Warning lines left out by a [`crate::logging::WarnLimiter`], by what
+    /// they would have said.
+    pub warnings_suppressed: Family<NameLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -131,6 +134,7 @@ impl Metrics {
             enrolled_pods: Gauge::default(),
             pods_not_enrolled: Gauge::default(),
             config_errors: Gauge::default(),
+            warnings_suppressed: Family::default(),
         };
         {
             let mut r = metrics.registry.lock().expect("registry lock");
@@ -187,6 +191,11 @@ impl Metrics {
                 "config_errors",
                 "Configuration errors in force; each failing file's last good version stands in for it",
                 metrics.config_errors.clone(),
+            );
+            r.register(
+                "warnings_suppressed",
+                "Warning lines left out: one per source and reason is logged per 10 s, the rest counted here",
+                metrics.warnings_suppressed.clone(),
             );
         }
         metrics

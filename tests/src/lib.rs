@@ -342,6 +342,11 @@ impl Bed {
         ))
     }
 
+    /// The CA's process id, while it runs.
+    pub fn ca_pid(&self) -> Option<u32> {
+        self.ca.lock().expect("ca lock").as_ref().map(Child::id)
+    }
+
     /// Stops the CA (as an outage would).
     pub fn stop_ca(&self) -> Result<()> {
         if let Some(mut ca) = self.ca.lock().expect("ca lock").take() {

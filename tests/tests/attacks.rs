@@ -593,3 +593,64 @@ fn a_flood_of_refusals_logs_one_line_per_source_and_reason() {
     assert_eq!(counter(&counters, "plaintext_rejected"), 200, "{counters:?}");
     assert_eq!(counter(&counters, "mtls_rejected"), 50, "{counters:?}");
 }
+
+/// Attack 3, from anywhere that reaches the CA, with no credential: ten
+/// connections, each asking for 150 streams that never end (1,500 in
+/// all). The CA grants 16 per connection, resets each after 10 s, and its
+/// memory stays flat; an agent starting meanwhile obtains its certificates.
+#[test]
+fn a_slow_client_cannot_grow_the_ca() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pod("n1", "shop", "web").unwrap();
+    let ca = bed.ca_pid().unwrap();
+    let before = rss_kb(ca);
+    let mut n1 = bed.start_agent("n1").unwrap();
+    let bundle = tls::load_bundle(&bed.ca_dir().join("root.pem"), "cluster.local").unwrap();
+    let ca_id = Identity::new("cluster.local", "ambit-system", "ambit-ca").spiffe_id();
+    let config = Arc::new(tls::client_config(None, &bundle, ca_id).unwrap());
+    let (reset, during) = bed
+        .in_netns(&bed.node("n2").netns, || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mut held = Vec::new();
+                for _ in 0..10 {
+                    let tcp = tokio::net::TcpStream::connect(CA_ADDR).await.unwrap();
+                    let name = rustls::pki_types::ServerName::try_from("10.100.0.254").unwrap();
+                    let tls = tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp).await.unwrap();
+                    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+                    tokio::spawn(connection);
+                    for _ in 0..150 {
+                        // Past the CA's limit, the client queues the stream.
+                        let mut ready = client.clone().ready().await.unwrap();
+                        let request = http::Request::post("https://10.100.0.254/v1/svid").body(()).unwrap();
+                        held.push(ready.send_request(request, false).unwrap());
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let during = rss_kb(ca);
+                // The streams the CA took are reset at its 10 s deadline;
+                // the rest were refused at once or never opened.
+                let started = tokio::time::Instant::now();
+                let mut endings = tokio::task::JoinSet::new();
+                for (response, _body) in held {
+                    endings.spawn(async move {
+                        let ended = tokio::time::timeout(Duration::from_secs(12), response).await;
+                        (started.elapsed(), matches!(ended, Ok(Err(_))))
+                    });
+                }
+                let mut reset_at_deadline = 0;
+                while let Some(Ok((after, reset))) = endings.join_next().await {
+                    if reset && after >= Duration::from_secs(6) {
+                        reset_at_deadline += 1;
+                    }
+                }
+                (reset_at_deadline, during)
+            })
+        })
+        .unwrap();
+    n1.wait_ready().unwrap();
+    wait_nodes_ready(&bed, &["n1"]);
+    println!("CA RSS: {before} kB before, {during} kB with 1,500 streams asked; {reset} reset at the deadline");
+    assert!((1..=160).contains(&reset), "16 streams per connection at most, each reset at 10 s: {reset} reset");
+    assert!(during < before + 8 * 1024, "the CA grew from {before} kB to {during} kB");
+}

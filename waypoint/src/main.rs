@@ -35,7 +35,7 @@ use ambit_authz::{
 use ambit_config::{ConfigDir, Update, Updates, log_errors, watch_dir};
 use ambit_hbone::{
     DEFAULT_POOL_IDLE_TIMEOUT, HBONE_PORT, HbonePool,
-    server::{Accepted, accept},
+    server::{Accepted, accept, connect_target},
 };
 use ambit_identity::{Identity, ca_client::CaClient, manager::CertManager, tls};
 use ambit_kube::{Options, watch_cluster};
@@ -320,7 +320,7 @@ impl Waypoint {
         let refuse = |respond: &mut h2::server::SendResponse<Bytes>, status: StatusCode| {
             let _ = respond.send_response(Response::builder().status(status).body(()).expect("valid"), true);
         };
-        let authority = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+        let authority = connect_target(&request);
         let gateway = self.gateway.id();
         let known = authority
             .and_then(|addr| self.dial.view.borrow().state.waypoint_target(&gateway, addr).map(|(svc, _)| (addr, svc)));

@@ -6,11 +6,13 @@
 //! - `demo`:  a simulated two-node cluster with real traffic, explained
 //! - `bench`: the data path against no mesh, ratios per round
 //! - `crds`:  write the custom resource definitions to `deploy/crds/`
+//! - `fuzz`:  run the cargo-fuzz targets in `fuzz/`
 #![forbid(unsafe_code)]
 
 mod bench;
 mod cluster_bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -55,6 +57,15 @@ enum Task {
     },
     /// Write the custom resource definitions (from common/kube/src/crds.rs) to deploy/crds/.
     Crds,
+    /// Fuzz what ambit parses from untrusted input (nightly, libFuzzer), growing fuzz/corpus/.
+    Fuzz {
+        /// How long to fuzz each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Bring up a simulated two-node cluster, send real traffic, show what was captured.
     Demo {
         /// Keep the cluster up after the traffic, until Ctrl-C, to explore it.
@@ -71,6 +82,7 @@ fn main() -> Result<()> {
         Task::Demo { hold } => demo::run(hold),
         Task::Bench { quick, out } => bench::run(quick, out),
         Task::Crds => write_crds(),
+        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
     }
 }
 

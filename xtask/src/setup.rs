@@ -12,6 +12,8 @@ use crate::{exec, output};
 /// versions are the ones verified with it (see docs/DEVELOPING.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+/// Runs the fuzz targets (`cargo xtask fuzz`, and their corpora in `cargo xtask test`).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// Debian packages the end-to-end tests and the demo run (package, a command it installs).
 const PACKAGES: &[(&str, &str)] = &[
@@ -38,7 +40,7 @@ pub fn run() -> Result<()> {
     // The packages download and install while bpf-linker compiles: on a
     // new machine that is most of the setup's time.
     let packages = std::thread::spawn(|| debian_packages().and_then(|()| python_modules()));
-    let linker = bpf_linker();
+    let linker = bpf_linker().and_then(|()| cargo_fuzz());
     packages.join().expect("the package installer does not panic")?;
     linker?;
     println!("setup: everything is in place");
@@ -101,6 +103,14 @@ fn bpf_linker() -> Result<()> {
         bail!("bpf-linker was installed but does not run; check `ldd $(command -v bpf-linker)`");
     }
     Ok(())
+}
+
+fn cargo_fuzz() -> Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    exec(Command::new("cargo").args(["install", "--locked", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}")]))
 }
 
 fn bpf_linker_works() -> bool {

@@ -1,5 +1,6 @@
-//! `cargo xtask test`: lints, every test (unit and end to end), then a check
-//! that no test left a netns, cgroup or kernel program behind.
+//! `cargo xtask test`: lints, the fuzz corpora replayed, every test (unit
+//! and end to end), then a check that no test left a netns, cgroup or
+//! kernel program behind.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -14,6 +15,8 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
     setup::run()?;
     exec(cargo().args(["fmt", "--all", "--check"])).context("formatting differs: run `cargo fmt --all`")?;
     exec(cargo().args(["clippy", "--all-targets", "--quiet", "--", "-D", "warnings"]))?;
+    // Every input that once crashed a fuzz target, or found new code in it.
+    crate::fuzz::replay()?;
     let agent = build_agent(false)?;
     // The end-to-end tests start this binary in the simulated nodes. In CI
     // (CI=true) they fail instead of skipping when something is missing.

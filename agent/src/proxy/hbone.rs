@@ -9,7 +9,7 @@ use ambit_authz::{Connection, Peer};
 use ambit_hbone::{
     Dialer, HBONE_PORT,
     relay::{self, bridge},
-    server::{Accepted, accept, forwarded_for},
+    server::{Accepted, accept, connect_target, forwarded_for},
 };
 use bytes::Bytes;
 use h2::RecvStream;
@@ -71,11 +71,11 @@ async fn stream(
     pod: Arc<PodContext>,
     ctx: Arc<ProxyContext>,
 ) {
-    let authority = request.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+    let authority = connect_target(&request);
     // The original source, as the source tunnel reports it, if the peer's
     // identity backs it (`State::source_of`); the TLS peer address is the
     // same pod's IP with another port.
-    let src_addr = ctx.state.borrow().source_of(peer, forwarded_for(&request), &peer_id);
+    let src_addr = ctx.state.borrow().source_of(peer, forwarded_for(request.headers()), &peer_id);
     let dst_addr = authority.unwrap_or_else(|| SocketAddr::new(peer.ip(), 0));
     let mut log = ConnectionLog::new(&ctx, Direction::Inbound, src_addr, dst_addr);
     log.src_workload = ctx.workload_at(src_addr.ip());

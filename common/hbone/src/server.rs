@@ -9,7 +9,6 @@ use std::{
 use ambit_identity::{Identity, tls};
 use ambit_runtime::metrics::Metrics;
 use bytes::Bytes;
-use h2::RecvStream;
 use http::Request;
 use spiffe::SpiffeId;
 use tokio::net::TcpStream;
@@ -99,8 +98,13 @@ fn leaf_serial(cert: &rustls::pki_types::CertificateDer<'_>) -> String {
         .unwrap_or_default()
 }
 
+/// Where a CONNECT asks to go: its authority, if that is `ip:port`.
+pub fn connect_target<B>(request: &Request<B>) -> Option<SocketAddr> {
+    request.uri().authority()?.as_str().parse().ok()
+}
+
 /// The original source a peer reports in `forwarded: for=`.
-pub fn forwarded_for(request: &Request<RecvStream>) -> Option<IpAddr> {
-    let value = request.headers().get("forwarded")?.to_str().ok()?;
+pub fn forwarded_for(headers: &http::HeaderMap) -> Option<IpAddr> {
+    let value = headers.get("forwarded")?.to_str().ok()?;
     value.split(';').find_map(|part| part.trim().strip_prefix("for=")).and_then(|ip| ip.trim_matches('"').parse().ok())
 }

@@ -212,7 +212,8 @@ impl CaServer {
         }
     }
 
-    async fn issue(&self, body: &[u8]) -> (StatusCode, serde_json::Value) {
+    /// Answers one `POST /v1/svid` body: the status and the JSON to send.
+    pub async fn issue(&self, body: &[u8]) -> (StatusCode, serde_json::Value) {
         let refuse = |status, reason: String| {
             tracing::warn!(%reason, "SVID request refused");
             (status, serde_json::json!({ "error": reason }))

@@ -59,6 +59,10 @@ struct ActivePod {
 
 pub struct Enrolments {
     node: String,
+    /// Where a pod's netns may be: in standalone mode only a named netns
+    /// (the configuration names it); in Kubernetes mode anywhere the CNI
+    /// report or the /proc scan found it.
+    netns_paths: NetnsPaths,
     capture: Capture,
     ctx: Arc<ProxyContext>,
     active: BTreeMap<String, ActivePod>,
@@ -70,9 +74,35 @@ pub struct Enrolments {
     cleanups: BTreeMap<String, JoinHandle<()>>,
 }
 
+/// Which netns paths a pod may be enrolled from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetnsPaths {
+    /// `/run/netns/<name>` or `/var/run/netns/<name>` only: a configuration
+    /// file cannot point the agent at a process's or the host's netns.
+    Named,
+    /// Any: the agent found the path itself (CNI report, /proc scan).
+    Found,
+}
+
+/// Whether `path` is a named netns (`/run/netns/<name>`, `/var/run/netns/<name>`).
+fn is_named_netns(path: &std::path::Path) -> bool {
+    ["/run/netns", "/var/run/netns"].iter().any(|dir| {
+        path.parent() == Some(std::path::Path::new(dir))
+            && path.file_name().is_some_and(|name| name != "." && name != "..")
+    })
+}
+
 impl Enrolments {
-    pub fn new(node: String, capture: Capture, ctx: Arc<ProxyContext>) -> Self {
-        Self { node, capture, ctx, active: BTreeMap::new(), failed: BTreeMap::new(), cleanups: BTreeMap::new() }
+    pub fn new(node: String, netns_paths: NetnsPaths, capture: Capture, ctx: Arc<ProxyContext>) -> Self {
+        Self {
+            node,
+            netns_paths,
+            capture,
+            ctx,
+            active: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            cleanups: BTreeMap::new(),
+        }
     }
 
     pub fn enrolled(&self) -> usize {
@@ -164,6 +194,14 @@ impl Enrolments {
                 pod.id()
             ),
         })?;
+        if self.netns_paths == NetnsPaths::Named && !is_named_netns(path) {
+            anyhow::bail!(
+                "{}: pod {}: metadata.annotations.{NETNS_ANNOTATION} is {}, not a named network namespace; give /run/netns/<name> or /var/run/netns/<name>",
+                pod.source.display(),
+                pod.id(),
+                path.display()
+            );
+        }
         let netns = Netns::open_pod(path).with_context(|| format!("open netns {}", path.display()))?;
         let outbound_v4 = netns
             .listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))
@@ -289,6 +327,26 @@ impl Enrolments {
         self.ctx.certs.drop_unused();
         for (_, cleanup) in std::mem::take(&mut self.cleanups) {
             let _ = cleanup.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standalone_netns_paths_are_named_ones() {
+        for (path, named) in [
+            ("/run/netns/web", true),
+            ("/var/run/netns/cni-1234", true),
+            ("/proc/1/ns/net", false),
+            ("/run/netns/../../proc/1/ns/net", false),
+            ("/run/netns/", false),
+            ("/run/netns/a/b", false),
+            ("/etc/netns/web", false),
+        ] {
+            assert_eq!(is_named_netns(std::path::Path::new(path)), named, "{path}");
         }
     }
 }

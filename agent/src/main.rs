@@ -12,7 +12,7 @@ use ambit_agent::{
     capture::Capture,
     cni::CniCall,
     cni_install,
-    enrolment::Enrolments,
+    enrolment::{Enrolments, NetnsPaths},
     kubernetes::Cluster,
     netns, probe,
     proxy::{ProxyContext, workers::Workers},
@@ -456,7 +456,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     });
     tracing::info!(workers = ctx.workers.count(), "proxy workers started");
     let capture_counters = capture.counters();
-    let mut enrolments = Enrolments::new(node.clone(), capture, ctx.clone());
+    let netns_paths = if args.kubernetes { NetnsPaths::Found } else { NetnsPaths::Named };
+    let mut enrolments = Enrolments::new(node.clone(), netns_paths, capture, ctx.clone());
     let (enrolled_tx, enrolled_rx) = tokio::sync::watch::channel(Vec::new());
     let apply = async |enrolments: &mut Enrolments, cluster: &mut Option<Cluster>| {
         let state = state_rx.borrow().clone();

@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
     os::{
         fd::{AsFd, AsRawFd},
@@ -38,8 +38,11 @@ const DELIVERY_TABLE: u32 = 15006;
 const DELIVERY_RULE_PRIORITY: u32 = 15006;
 /// The loopback interface's index, the same in every netns.
 const LOOPBACK_IFINDEX: u32 = 1;
-/// The pod's sysctls that [`Netns::route_deliveries`] turns on.
+/// The pod's sysctls that [`Netns::route_deliveries`] turns on
+/// (`tcp_fwmark_accept` covers both families).
 const DELIVERY_SYSCTLS: [&str; 2] = ["/proc/sys/net/ipv4/tcp_fwmark_accept", "/proc/sys/net/ipv4/fwmark_reflect"];
+/// The same for IPv6 replies, where the pod has IPv6.
+const DELIVERY_SYSCTL_V6: &str = "/proc/sys/net/ipv6/fwmark_reflect";
 
 /// A pod set up by [`Netns::route_deliveries`]: what it changed, to undo
 /// it, and the source ports for deliveries.
@@ -47,6 +50,9 @@ const DELIVERY_SYSCTLS: [&str; 2] = ["/proc/sys/net/ipv4/tcp_fwmark_accept", "/p
 pub struct DeliveryRouting {
     /// The values of [`DELIVERY_SYSCTLS`] before, in that order.
     sysctls: Vec<String>,
+    /// The value of [`DELIVERY_SYSCTL_V6`] before, if IPv6 deliveries are
+    /// routed too (the pod has IPv6).
+    sysctl_v6: Option<String>,
     /// The pod's ephemeral port range, which its apps leave free.
     ports: RangeInclusive<u16>,
     next_port: AtomicU32,
@@ -82,6 +88,18 @@ fn delivery_rule(handle: &rtnetlink::Handle) -> RuleAddRequest<Ipv4Addr> {
         .action(RuleAction::ToTable)
 }
 
+/// [`delivery_rule`] for IPv6.
+fn delivery_rule_v6(handle: &rtnetlink::Handle) -> RuleAddRequest<Ipv6Addr> {
+    handle
+        .rule()
+        .add()
+        .v6()
+        .fw_mark(DELIVERY_SOCKET_MARK)
+        .table_id(DELIVERY_TABLE)
+        .priority(DELIVERY_RULE_PRIORITY)
+        .action(RuleAction::ToTable)
+}
+
 /// The route of [`DELIVERY_TABLE`]: every address is local, on loopback.
 fn delivery_route() -> RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new()
@@ -90,6 +108,17 @@ fn delivery_route() -> RouteMessage {
         .scope(RouteScope::Host)
         .output_interface(LOOPBACK_IFINDEX)
         .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .build()
+}
+
+/// [`delivery_route`] for IPv6.
+fn delivery_route_v6() -> RouteMessage {
+    RouteMessageBuilder::<Ipv6Addr>::new()
+        .table_id(DELIVERY_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .output_interface(LOOPBACK_IFINDEX)
+        .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
         .build()
 }
 
@@ -163,9 +192,9 @@ impl Netns {
     }
 
     /// A socket for delivering a connection to an app in this pod from the
-    /// client's address `from` (IPv4; transparent, like the client itself
-    /// had connected), so the app sees its real client and each client has
-    /// its own tuples. Needs [`Netns::route_deliveries`].
+    /// client's address `from` (transparent, like the client itself had
+    /// connected), so the app sees its real client and each client has its
+    /// own tuples. Needs [`Netns::route_deliveries`].
     ///
     /// The caller picks the port ([`DeliveryRouting::next_port`]), so it is
     /// known before connect(). The agent closes first, so each delivery
@@ -173,12 +202,17 @@ impl Netns {
     /// port with those, and binding to loopback lets connect() reuse a
     /// TIME_WAIT tuple (`tcp_tw_reuse`'s default covers loopback), as a
     /// client's own kernel would.
-    pub fn delivery_socket(&self, from: SocketAddrV4) -> io::Result<tokio::net::TcpSocket> {
-        let socket = self.agent_socket(Domain::IPV4, DELIVERY_SOCKET_MARK)?;
-        socket.set_ip_transparent(true)?;
+    pub fn delivery_socket(&self, from: SocketAddr) -> io::Result<tokio::net::TcpSocket> {
+        let socket = self.agent_socket(Domain::for_address(from), DELIVERY_SOCKET_MARK)?;
+        if from.is_ipv4() {
+            socket.set_ip_transparent(true)?;
+        } else {
+            socket.set_only_v6(true)?;
+            set_ipv6_transparent(&socket)?;
+        }
         socket.set_reuse_address(true)?;
         socket.bind_device(Some(b"lo"))?;
-        socket.bind(&SocketAddr::V4(from).into())?;
+        socket.bind(&from.into())?;
         Ok(tokio::net::TcpSocket::from_std_stream(socket.into()))
     }
 
@@ -201,7 +235,15 @@ impl Netns {
             }
             Ok((previous, ports))
         })?;
-        let routing = DeliveryRouting { sysctls, ports, next_port: AtomicU32::new(0) };
+        // IPv6 where the pod has it: the sysctl exists, and so do the rule and route.
+        let sysctl_v6 = self
+            .run(|| {
+                let previous = std::fs::read_to_string(DELIVERY_SYSCTL_V6)?;
+                std::fs::write(DELIVERY_SYSCTL_V6, "1")?;
+                Ok(previous)
+            })
+            .ok();
+        let mut routing = DeliveryRouting { sysctls, sysctl_v6, ports, next_port: AtomicU32::new(0) };
         let added = self
             .netlink(|handle| async move {
                 let rule = delivery_rule(&handle).execute().await;
@@ -219,22 +261,54 @@ impl Netns {
                 Ok(()) => {}
             }
         }
+        if routing.sysctl_v6.is_some() {
+            let added = self
+                .netlink(|handle| async move {
+                    let rule = delivery_rule_v6(&handle).execute().await;
+                    let route = handle.route().add(delivery_route_v6()).replace().execute().await;
+                    [rule, route]
+                })
+                .await?;
+            let failed = added.into_iter().find_map(|result| match result {
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => None,
+                other => other.err(),
+            });
+            if let Some(error) = failed {
+                tracing::warn!(%error, "cannot route IPv6 deliveries in this pod; IPv6 clients are delivered from the pod's own address");
+                let previous = routing.sysctl_v6.take();
+                let _ = self.run(|| std::fs::write(DELIVERY_SYSCTL_V6, previous.unwrap_or_default()));
+            }
+        }
         Ok(routing)
+    }
+
+    /// Whether deliveries from IPv6 clients' addresses are routed.
+    pub fn routes_ipv6(routing: &DeliveryRouting) -> bool {
+        routing.sysctl_v6.is_some()
     }
 
     /// Removes what [`Netns::route_deliveries`] added and restores the
     /// sysctls it changed. Parts already gone are fine.
     pub async fn unroute_deliveries(&self, routing: &DeliveryRouting) -> io::Result<()> {
+        let ipv6 = routing.sysctl_v6.is_some();
         let removed = self
             .netlink(|handle| async move {
                 let rule = handle.rule().del(delivery_rule(&handle).message_mut().clone()).execute().await;
                 let route = handle.route().del(delivery_route()).execute().await;
-                [rule, route]
+                let mut removed = vec![rule, route];
+                if ipv6 {
+                    removed.push(handle.rule().del(delivery_rule_v6(&handle).message_mut().clone()).execute().await);
+                    removed.push(handle.route().del(delivery_route_v6()).execute().await);
+                }
+                removed
             })
             .await?;
         self.run(|| {
             for (path, value) in DELIVERY_SYSCTLS.iter().zip(&routing.sysctls) {
                 std::fs::write(path, value)?;
+            }
+            if let Some(value) = &routing.sysctl_v6 {
+                std::fs::write(DELIVERY_SYSCTL_V6, value)?;
             }
             Ok(())
         })?;
@@ -309,6 +383,28 @@ impl AsFd for Netns {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()
     }
+}
+
+/// Sets `IPV6_TRANSPARENT`, which socket2 0.5 does not offer: an IPv6
+/// delivery socket binds the client's address.
+fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `on`, a live
+    // c_int; the fd is borrowed for the duration of the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The cookie of the netns a socket lives in: the key of the ENROLLED map.

@@ -215,6 +215,7 @@ impl Bed {
             name: name.to_string(),
             node: node.name.clone(),
             ip: Ipv4Addr::UNSPECIFIED,
+            ip6: None,
             service_account: name.to_string(),
             netns,
             cgroup,

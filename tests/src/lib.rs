@@ -30,7 +30,7 @@ mod prereq;
 use std::{
     collections::BTreeMap,
     fs::{File, OpenOptions},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -46,7 +46,7 @@ use anyhow::{Context as _, Result, bail};
 pub use agent::{Agent, ConnectionRecord, agent_binary};
 pub use cleanup::{leftovers, remove_stale};
 pub use cluster::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, CniFailure};
-pub use prereq::{bed_or_skip, kubernetes_bed_or_skip, missing_prerequisites};
+pub use prereq::{bed_or_skip, dual_stack_bed_or_skip, kubernetes_bed_or_skip, missing_prerequisites};
 
 /// Prefix of every resource the bed creates.
 pub const PREFIX: &str = "ambit-";
@@ -75,6 +75,8 @@ pub struct Pod {
     pub name: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, in a dual-stack bed ([`Bed::dual_stack`]).
+    pub ip6: Option<Ipv6Addr>,
     pub service_account: String,
     /// Name of the pod's netns.
     pub netns: String,
@@ -153,6 +155,8 @@ pub struct Bed {
     ca: Mutex<Option<Child>>,
     /// Kubernetes mode ([`Bed::kubernetes`]); standalone if `None`.
     kubernetes: Option<cluster::Kubernetes>,
+    /// Nodes and pods have IPv6 addresses too ([`Bed::dual_stack`]).
+    ipv6: bool,
 }
 
 /// Where the bed's certificate authority listens (on the fabric bridge).
@@ -169,6 +173,17 @@ impl Bed {
 
     /// Like [`Bed::new`], running `agent_binary` for the agents and the CA.
     pub fn with_agent(node_names: &[&str], agent_binary: PathBuf) -> Result<Bed> {
+        Self::create(node_names, agent_binary, false)
+    }
+
+    /// Like [`Bed::new`], dual-stack: every node and pod also has an IPv6
+    /// address (`fd00:100::<node>`, `fd00:244:<node>::<k>`), pods list
+    /// both in `podIPs`, and nodes route IPv6 between them.
+    pub fn dual_stack(node_names: &[&str]) -> Result<Bed> {
+        Self::create(node_names, agent::agent_binary(), true)
+    }
+
+    fn create(node_names: &[&str], agent_binary: PathBuf, ipv6: bool) -> Result<Bed> {
         if let Some(missing) = missing_prerequisites() {
             bail!("the test bed cannot run here: {missing}");
         }
@@ -190,6 +205,7 @@ impl Bed {
             agent_binary,
             ca: Mutex::new(None),
             kubernetes: None,
+            ipv6,
         };
         ip(&["netns", "add", &bed.fabric])?;
         ip_in(&bed.fabric, &["link", "add", "br0", "type", "bridge"])?;
@@ -209,6 +225,12 @@ impl Bed {
             }
             // Pods reach the CA too (a waypoint obtains its own certificate).
             ip_in(&bed.fabric, &["route", "add", &format!("10.244.{}.0/24", a.index), "via", &a.ip.to_string()])?;
+            if ipv6 {
+                for b in bed.nodes.iter().filter(|b| b.index != a.index) {
+                    let range = format!("fd00:244:{}::/64", b.index);
+                    ip_in(&a.netns, &["-6", "route", "add", &range, "via", &format!("fd00:100::{}", b.index)])?;
+                }
+            }
         }
         Ok(bed)
     }
@@ -230,6 +252,18 @@ impl Bed {
         ip_in(&netns, &["addr", "add", &format!("10.244.{index}.1/24"), "dev", "cbr0"])?;
         ip_in(&netns, &["link", "set", "cbr0", "up"])?;
         run_ok(Command::new("ip").args(["netns", "exec", &netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        if self.ipv6 {
+            ip_in(&netns, &["addr", "add", &format!("fd00:100::{index}/64"), "dev", "eth0", "nodad"])?;
+            ip_in(&netns, &["addr", "add", &format!("fd00:244:{index}::1/64"), "dev", "cbr0", "nodad"])?;
+            run_ok(Command::new("ip").args([
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.forwarding=1",
+            ]))?;
+        }
         // The node's CA token; the first call also creates the CA's root.
         let token = self.ca_token(name, None)?;
         std::fs::write(self.node_token_file(name), token)?;
@@ -426,6 +460,7 @@ impl Bed {
                 Some(address) => address,
                 None => Ipv4Addr::new(10, 244, node.index, u8::try_from(k)?),
             },
+            ip6: self.ipv6.then(|| Ipv6Addr::new(0xfd00, 0x244, u16::from(node.index), 0, 0, 0, 0, k as u16)),
             service_account: name.to_string(),
             netns: netns.clone(),
             cgroup: node.cgroup.join(format!("pod-{namespace}-{name}")),
@@ -441,6 +476,10 @@ impl Bed {
         ip_in(&netns, &["link", "set", "eth0", "up"])?;
         ip_in(&netns, &["link", "set", "lo", "up"])?;
         ip_in(&netns, &["route", "add", "default", "via", &format!("10.244.{}.1", node.index)])?;
+        if let Some(ip6) = pod.ip6 {
+            ip_in(&netns, &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+            ip_in(&netns, &["-6", "route", "add", "default", "via", &format!("fd00:244:{}::1", node.index)])?;
+        }
         self.pods.push(pod.clone());
         self.write_pod(&pod)?;
         Ok(pod)
@@ -482,13 +521,14 @@ impl Bed {
     fn write_pod(&self, pod: &Pod) -> Result<()> {
         let labels: String = pod.labels.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
         let yaml = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\n  annotations:\n    ambit.dev/netns: {netns}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIPs:\n  - ip: {ip}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\n  annotations:\n    ambit.dev/netns: {netns}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIPs:\n  - ip: {ip}\n{ip6}",
             name = pod.name,
             ns = pod.namespace,
             netns = pod.netns_path().display(),
             node = pod.node,
             sa = pod.service_account,
             ip = pod.ip,
+            ip6 = pod.ip6.map(|ip6| format!("  - ip: {ip6}\n")).unwrap_or_default(),
         );
         self.write_config(&format!("pod-{}-{}.yaml", pod.namespace, pod.name), &yaml)
     }

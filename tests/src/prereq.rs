@@ -46,6 +46,11 @@ pub fn bed_or_skip(nodes: &[&str]) -> Option<Bed> {
     can_run().then(|| Bed::new(nodes).expect("create the test bed"))
 }
 
+/// Like [`bed_or_skip`], dual-stack ([`Bed::dual_stack`]).
+pub fn dual_stack_bed_or_skip(nodes: &[&str]) -> Option<Bed> {
+    can_run().then(|| Bed::dual_stack(nodes).expect("create the dual-stack test bed"))
+}
+
 /// Like [`bed_or_skip`], for a bed in Kubernetes mode ([`Bed::kubernetes`]).
 pub fn kubernetes_bed_or_skip(nodes: &[&str]) -> Option<Bed> {
     can_run().then(|| Bed::kubernetes(nodes).expect("create the Kubernetes test bed"))

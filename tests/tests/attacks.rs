@@ -12,10 +12,12 @@ use ambit_testbed::{Bed, CA_ADDR};
 use common::*;
 use serde_json::Value;
 
-/// A pod's configuration names the node's own network namespace (the
-/// agent's) or the host's (`/proc/1/ns/net`) as its netns: enrolling it
-/// would put the mesh's listeners and redirection on the node itself. The
-/// agent refuses, says why, and keeps refusing.
+/// Attack 7, from a config author: a pod's configuration names the node's
+/// own network namespace (the agent's) or the host's (`/proc/1/ns/net`) as
+/// its netns: enrolling it would put the mesh's listeners and redirection
+/// on the node itself. The agent takes named netns paths only
+/// (`/run/netns/`, `/var/run/netns/`), refuses its own, says why, and keeps
+/// refusing.
 #[test]
 fn a_pod_cannot_name_the_nodes_own_network_namespace() {
     let Some(bed) = bed() else { return };
@@ -32,10 +34,11 @@ fn a_pod_cannot_name_the_nodes_own_network_namespace() {
             })
             .unwrap();
         let error = refused["error"].as_str().unwrap();
-        // Init's netns: where the kernel lets the agent open it at all (it
-        // may not: this machine answers EACCES), the agent recognises it.
-        let kernel_refused = name == "host-netns" && error.contains("Permission denied");
-        assert!(error.contains("the node's own network namespace") || kernel_refused, "{name}: {error}");
+        // A process's netns path is refused before it is opened; the node's
+        // own netns, named like a pod's, once it is opened.
+        let why =
+            if name == "host-netns" { "not a named network namespace" } else { "the node's own network namespace" };
+        assert!(error.contains(why), "{name}: {error}");
     }
     std::thread::sleep(Duration::from_secs(3));
     let dump: Value = serde_json::from_str(&bed.admin_get("n1", "/config_dump").unwrap().1).unwrap();
@@ -139,6 +142,8 @@ fn a_strict_pod_that_opts_in_drops_inbound_udp_but_dns_replies() {
     .unwrap();
     let log = std::fs::read_to_string(&received).unwrap();
     assert!(!log.contains("attack"), "UDP from a plain pod reached the app: {log}");
+    let (_, status) = bed.ambit_status("n1").unwrap();
+    assert!(status.contains("ambit.dev/inbound-udp=drop: 3 datagrams"), "{status}");
     let counters = stop_and_read_counters(&mut n1);
     assert_eq!(counter(&counters, "inbound_udp_dropped"), 3, "{counters:?}");
 }

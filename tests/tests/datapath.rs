@@ -458,3 +458,35 @@ fn connection_churn_outlasts_the_server_pods_port_range() {
     let time_wait = bed.run_ok("shop/server", "ss", &["-Htan", "state", "time-wait"]).unwrap();
     assert!(time_wait.lines().all(|l| l.contains(&client.ip.to_string())), "delivered from the client's address");
 }
+
+/// Dual-stack pods (IPv4 and IPv6 in `podIPs`): a client dials the
+/// server's IPv6 address, the source tunnel captures it and carries it over
+/// HBONE on IPv6, and the app sees the client pod's own IPv6 address. The
+/// IPv4 path of the same pods keeps working alongside.
+#[test]
+fn dual_stack_pods_tunnel_ipv6_and_apps_see_the_client_address() {
+    let Some(mut bed) = ambit_testbed::dual_stack_bed_or_skip(&["n1", "n2"]) else { return };
+    bed.namespace("shop", true).unwrap();
+    let client = bed.add_pod("n1", "shop", "client").unwrap();
+    let web = bed.add_pod("n2", "shop", "web").unwrap();
+    let _n1 = agent(&bed, "n1");
+    let mut n2 = agent(&bed, "n2");
+    wait_nodes_ready(&bed, &["n1", "n2"]);
+    let (root, _) = web_root(&bed, 1024);
+    let log = bed.scratch().join("web.log");
+    bed.http_server_at("shop/web", "::", HTTP_PORT, &root, &log).unwrap();
+    let (client6, web6) = (client.ip6.unwrap(), web.ip6.unwrap());
+
+    curl(&bed, "shop/client", &format!("http://[{web6}]:{HTTP_PORT}/index.html")).unwrap();
+    curl(&bed, "shop/client", &format!("http://{}:{HTTP_PORT}/index.html", web.ip)).unwrap();
+    let records = n2.wait_connections(2, |c| c.direction == "inbound" && c.src_workload == "shop/client").unwrap();
+    let over_v6 = records.iter().find(|c| c.dst_addr == format!("[{web6}]:{HTTP_PORT}")).expect("the IPv6 connection");
+    assert!(over_v6.mtls && over_v6.src_identity == "spiffe://cluster.local/ns/shop/sa/client", "{over_v6:?}");
+    assert!(over_v6.src_addr.starts_with(&format!("[{client6}]:")), "{over_v6:?}");
+    let access = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        access.lines().any(|l| l.starts_with(&format!("{client6} - -"))),
+        "the app sees the client's IPv6: {access}"
+    );
+    assert!(access.lines().any(|l| l.starts_with(&format!("::ffff:{} - -", client.ip))), "and its IPv4: {access}");
+}

@@ -178,6 +178,7 @@ fn status_cli_reports_pods_plaintext_callers_and_a_certificate_past_80_percent()
         "plaintext caller listed:\n{healthy}"
     );
     assert!(healthy.contains("mutual_tls 1") && healthy.contains("none 1"), "{healthy}");
+    assert!(healthy.contains("UDP\n  not carried by the mesh"), "UDP is said to be outside the mesh:\n{healthy}");
 
     // Renewal blocked: the certificate ages past 80% of its 11 s lifetime.
     bed.stop_ca().unwrap();

@@ -19,8 +19,8 @@ fn cargo_fuzz() -> Command {
 }
 
 /// Fuzzes each target for `seconds` and prints what it did: executions,
-/// coverage, corpus size, and whether it found a crash (which fails the
-/// task, with the reproducer left in `fuzz/artifacts/<target>/`).
+/// coverage, corpus size (minimized), and whether it found a crash (which
+/// fails the task, with the reproducer left in `fuzz/artifacts/<target>/`).
 pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
     let targets: Vec<&str> = TARGETS.iter().copied().filter(|t| only.is_none_or(|o| o == *t)).collect();
     if targets.is_empty() {
@@ -49,6 +49,9 @@ pub fn run(seconds: u64, only: Option<&str>) -> Result<()> {
         let coverage =
             log.lines().rev().find_map(|l| l.split_whitespace().skip_while(|w| *w != "cov:").nth(1)).unwrap_or("?");
         let crash = !out.status.success();
+        // Keeps the smallest set of inputs with the same coverage: the corpus
+        // is committed and replayed in CI.
+        exec(cargo_fuzz().args(["cmin", "-O", target]).arg(corpus(target)).stdout(std::process::Stdio::null()))?;
         let corpus_size = std::fs::read_dir(corpus(target)).map(|d| d.count()).unwrap_or(0);
         println!(
             "| {target} | {} | {} | {coverage} | {corpus_size} | {} |",

@@ -278,6 +278,14 @@ async fn status(admin: SocketAddr) -> anyhow::Result<bool> {
     for ((from, to), n) in &callers {
         println!("  {from:<28} -> {to:<28} {n:.0} connections");
     }
+
+    // The mesh carries TCP: say so, and what the opt-in drop has stopped.
+    let udp_dropped = samples(&metrics, "ambit_capture_events")
+        .find(|s| s.labels.get("name") == Some("inbound_udp_dropped"))
+        .map_or(0.0, |s| value(&s.value));
+    println!("\nUDP");
+    println!("  not carried by the mesh: neither encrypted nor authorized (as in Istio ambient)");
+    println!("  inbound UDP dropped for STRICT pods labelled ambit.dev/inbound-udp=drop: {udp_dropped:.0} datagrams");
     Ok(healthy)
 }
 

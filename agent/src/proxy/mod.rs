@@ -12,7 +12,7 @@ pub mod workers;
 use std::{
     future::Future,
     io::ErrorKind,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -225,7 +225,7 @@ impl PodContext {
     }
 
     /// Connects to an app of this pod, `dst`, for a client at `client`:
-    /// from the client's own address (IPv4), so the app sees who called and
+    /// from the client's own address, so the app sees who called and
     /// the tuples differ per client; otherwise from the pod's address.
     /// While it connects, `deliveries` tells `ambit_sk_lookup` to let it
     /// through to the app.
@@ -235,20 +235,24 @@ impl PodContext {
         client: IpAddr,
         dst: SocketAddr,
     ) -> std::io::Result<tokio::net::TcpStream> {
-        let IpAddr::V4(from) = client else { return self.connect(dst).await };
-        if !dst.is_ipv4() || self.ips.contains(&client) {
+        // A client of the other family (or the pod itself) is delivered
+        // from the pod's own address.
+        if client.is_ipv4() != dst.is_ipv4() || self.ips.contains(&client) {
             return self.connect(dst).await;
         }
         let Some(routing) = self.route_deliveries().await else { return self.connect(dst).await };
+        if client.is_ipv6() && !Netns::routes_ipv6(routing) {
+            return self.connect(dst).await;
+        }
         // A port can be taken: by a listener (bind), or by a live or recent
         // delivery with the same tuple (connect). Then the next one is tried.
         for _ in 0..DELIVERY_PORT_ATTEMPTS {
-            let from = SocketAddrV4::new(from, routing.next_port());
+            let from = SocketAddr::new(client, routing.next_port());
             let socket = match self.netns.delivery_socket(from) {
                 Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
                 other => other?,
             };
-            let key = DeliveryKey { client: SocketAddr::V4(from).into(), app: dst.into() };
+            let key = DeliveryKey { client: from.into(), app: dst.into() };
             deliveries.begin(key)?;
             let result = connect_within_timeout(socket, dst).await;
             deliveries.end(&key);

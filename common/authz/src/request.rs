@@ -100,7 +100,7 @@ pub enum HostError {
 
 /// The one host a request names, as policies match it: from its `Host`
 /// header or its `:authority` (which must agree when both are present),
-/// lowercased, with a trailing dot removed (`admin.example.` is
+/// lowercased, with trailing dots removed (`admin.example.` is
 /// `admin.example`, and must not escape rules on it). More than one `Host`
 /// is refused: the policy and the application could read different ones.
 pub fn request_host(headers: &http::HeaderMap, authority: Option<&str>) -> Result<String, HostError> {
@@ -118,14 +118,16 @@ pub fn request_host(headers: &http::HeaderMap, authority: Option<&str>) -> Resul
     }
 }
 
-/// Lowercase, without the trailing dot of a fully qualified name.
+/// Lowercase, without the trailing dots of a fully qualified name.
 fn canonical_host(raw: &str) -> String {
     let raw = raw.trim().to_ascii_lowercase();
     let (name, port) = match raw.rsplit_once(':') {
         Some((name, port)) if !raw.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => (name, Some(port)),
         _ => (raw.as_str(), None),
     };
-    let name = name.strip_suffix('.').unwrap_or(name);
+    // Every trailing dot: `admin.example..` must not escape a rule either
+    // (found by the path_normalization fuzz target).
+    let name = name.trim_end_matches('.');
     match port {
         Some(port) => format!("{name}:{port}"),
         None => name.to_string(),
@@ -291,9 +293,10 @@ mod tests {
             map
         };
         type Case<'a> = (&'a [&'a str], Option<&'a str>, Result<&'a str, HostError>);
-        let cases: [Case; 8] = [
+        let cases: [Case; 9] = [
             (&["Admin.Example"], None, Ok("admin.example")),
             (&["admin.example."], None, Ok("admin.example")),
+            (&["admin.example.."], None, Ok("admin.example")),
             (&["admin.example.:8080"], None, Ok("admin.example:8080")),
             (&[], Some("admin.example."), Ok("admin.example")),
             (&["admin.example"], Some("ADMIN.example."), Ok("admin.example")),

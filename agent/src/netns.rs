@@ -76,49 +76,26 @@ fn parse_port_range(text: &str) -> io::Result<RangeInclusive<u16>> {
     }
 }
 
-/// The rule that sends delivery-marked packets to [`DELIVERY_TABLE`].
-fn delivery_rule(handle: &rtnetlink::Handle) -> RuleAddRequest<Ipv4Addr> {
-    handle
-        .rule()
-        .add()
-        .v4()
+/// The rule that sends delivery-marked packets to [`DELIVERY_TABLE`], for
+/// the family of `request` (`handle.rule().add().v4()` or `.v6()`).
+fn delivery_rule<T>(request: RuleAddRequest<T>) -> RuleAddRequest<T> {
+    request
         .fw_mark(DELIVERY_SOCKET_MARK)
         .table_id(DELIVERY_TABLE)
         .priority(DELIVERY_RULE_PRIORITY)
         .action(RuleAction::ToTable)
 }
 
-/// [`delivery_rule`] for IPv6.
-fn delivery_rule_v6(handle: &rtnetlink::Handle) -> RuleAddRequest<Ipv6Addr> {
-    handle
-        .rule()
-        .add()
-        .v6()
-        .fw_mark(DELIVERY_SOCKET_MARK)
-        .table_id(DELIVERY_TABLE)
-        .priority(DELIVERY_RULE_PRIORITY)
-        .action(RuleAction::ToTable)
-}
-
-/// The route of [`DELIVERY_TABLE`]: every address is local, on loopback.
-fn delivery_route() -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
+/// The route of [`DELIVERY_TABLE`] for the family of `any` (an unspecified
+/// address): every address is local, on loopback.
+fn delivery_route(any: IpAddr) -> RouteMessage {
+    RouteMessageBuilder::<IpAddr>::new()
         .table_id(DELIVERY_TABLE)
         .kind(RouteType::Local)
         .scope(RouteScope::Host)
         .output_interface(LOOPBACK_IFINDEX)
-        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-        .build()
-}
-
-/// [`delivery_route`] for IPv6.
-fn delivery_route_v6() -> RouteMessage {
-    RouteMessageBuilder::<Ipv6Addr>::new()
-        .table_id(DELIVERY_TABLE)
-        .kind(RouteType::Local)
-        .scope(RouteScope::Host)
-        .output_interface(LOOPBACK_IFINDEX)
-        .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+        .destination_prefix(any, 0)
+        .expect("a default route is a valid prefix")
         .build()
 }
 
@@ -246,8 +223,8 @@ impl Netns {
         let mut routing = DeliveryRouting { sysctls, sysctl_v6, ports, next_port: AtomicU32::new(0) };
         let added = self
             .netlink(|handle| async move {
-                let rule = delivery_rule(&handle).execute().await;
-                let route = handle.route().add(delivery_route()).replace().execute().await;
+                let rule = delivery_rule(handle.rule().add().v4()).execute().await;
+                let route = handle.route().add(delivery_route(Ipv4Addr::UNSPECIFIED.into())).replace().execute().await;
                 [rule, route]
             })
             .await?;
@@ -264,8 +241,9 @@ impl Netns {
         if routing.sysctl_v6.is_some() {
             let added = self
                 .netlink(|handle| async move {
-                    let rule = delivery_rule_v6(&handle).execute().await;
-                    let route = handle.route().add(delivery_route_v6()).replace().execute().await;
+                    let rule = delivery_rule(handle.rule().add().v6()).execute().await;
+                    let route =
+                        handle.route().add(delivery_route(Ipv6Addr::UNSPECIFIED.into())).replace().execute().await;
                     [rule, route]
                 })
                 .await?;
@@ -293,12 +271,19 @@ impl Netns {
         let ipv6 = routing.sysctl_v6.is_some();
         let removed = self
             .netlink(|handle| async move {
-                let rule = handle.rule().del(delivery_rule(&handle).message_mut().clone()).execute().await;
-                let route = handle.route().del(delivery_route()).execute().await;
-                let mut removed = vec![rule, route];
-                if ipv6 {
-                    removed.push(handle.rule().del(delivery_rule_v6(&handle).message_mut().clone()).execute().await);
-                    removed.push(handle.route().del(delivery_route_v6()).execute().await);
+                let mut removed = Vec::new();
+                for any in [IpAddr::from(Ipv4Addr::UNSPECIFIED), Ipv6Addr::UNSPECIFIED.into()] {
+                    if any.is_ipv6() && !ipv6 {
+                        continue;
+                    }
+                    let rule = handle.rule().add();
+                    let message = if any.is_ipv4() {
+                        delivery_rule(rule.v4()).message_mut().clone()
+                    } else {
+                        delivery_rule(rule.v6()).message_mut().clone()
+                    };
+                    removed.push(handle.rule().del(message).execute().await);
+                    removed.push(handle.route().del(delivery_route(any)).execute().await);
                 }
                 removed
             })

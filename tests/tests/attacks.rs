@@ -8,7 +8,7 @@ use std::time::Duration;
 use std::{net::SocketAddr, sync::Arc};
 
 use ambit_identity::{Identity, IdentityProvider as _, Svid, ca_client::CaClient, tls};
-use ambit_testbed::{Bed, CA_ADDR};
+use ambit_testbed::{Agent, Bed, CA_ADDR};
 use common::*;
 use serde_json::Value;
 
@@ -46,6 +46,22 @@ fn a_pod_cannot_name_the_nodes_own_network_namespace() {
 }
 
 const STRICT_SHOP: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec:\n  mtls: {mode: STRICT}\n";
+
+/// A bed with `shop/<name>` (STRICT, on n1, `labels` set) and the plain
+/// pod `legacy/attacker` beside it, and n1's agent once it has enrolled
+/// the shop pod.
+fn strict_pod_and_attacker(name: &str, labels: &[(&str, &str)]) -> Option<(Bed, ambit_testbed::Pod, Agent)> {
+    let mut bed = bed()?;
+    let pod = bed.add_pod("n1", "shop", name).unwrap();
+    bed.add_pod("n1", "legacy", "attacker").unwrap();
+    for (key, value) in labels {
+        bed.set_pod_label(&pod.id(), key, Some(value)).unwrap();
+    }
+    bed.write_config("peer-authentication.yaml", STRICT_SHOP).unwrap();
+    let mut n1 = agent(&bed, "n1");
+    n1.wait_pod_event("pod enrolled", &pod.id(), 0).unwrap();
+    Some((bed, pod, n1))
+}
 
 /// A plaintext GET from `from` to `url`; true if the app answered.
 fn plaintext_get(bed: &Bed, from: &str, url: &str) -> bool {
@@ -118,13 +134,7 @@ fn plaintext_cannot_reach_a_strict_pod_through_any_of_its_addresses() {
 /// (from port 53) still arrives.
 #[test]
 fn a_strict_pod_that_opts_in_drops_inbound_udp_but_dns_replies() {
-    let Some(mut bed) = bed() else { return };
-    let web = bed.add_pod("n1", "shop", "web").unwrap();
-    bed.add_pod("n1", "legacy", "attacker").unwrap();
-    bed.set_pod_label("shop/web", "ambit.dev/inbound-udp", Some("drop")).unwrap();
-    bed.write_config("peer-authentication.yaml", STRICT_SHOP).unwrap();
-    let mut n1 = agent(&bed, "n1");
-    n1.wait_pod_event("pod enrolled", "shop/web", 0).unwrap();
+    let Some((bed, web, mut n1)) = strict_pod_and_attacker("web", &[("ambit.dev/inbound-udp", "drop")]) else { return };
     let received = bed.scratch().join("udp.log");
     const RECEIVER: &str = "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', 5353))\nwhile True:\n    data, peer = s.recvfrom(2048)\n    open(sys.argv[1], 'a').write(f'{peer[1]} {data.decode()}\\n')\n";
     bed.spawn("shop/web", "python3", &["-c", RECEIVER, received.to_str().unwrap()]).unwrap();
@@ -154,12 +164,7 @@ fn a_strict_pod_that_opts_in_drops_inbound_udp_but_dns_replies() {
 /// plaintext to the live STRICT pod is still rejected.
 #[test]
 fn unenrolling_a_pod_leaves_the_pod_that_reuses_its_ip_protected() {
-    let Some(mut bed) = bed() else { return };
-    let old = bed.add_pod("n1", "shop", "old").unwrap();
-    bed.add_pod("n1", "legacy", "attacker").unwrap();
-    bed.write_config("peer-authentication.yaml", STRICT_SHOP).unwrap();
-    let mut n1 = agent(&bed, "n1");
-    n1.wait_pod_event("pod enrolled", "shop/old", 0).unwrap();
+    let Some((mut bed, old, mut n1)) = strict_pod_and_attacker("old", &[]) else { return };
     // The old pod's network goes away; its configuration is still there.
     bed.run_ok("shop/old", "ip", &["link", "del", "eth0"]).unwrap();
     bed.add_pod_at("n1", "shop", "new", Some(old.ip)).unwrap();
@@ -575,12 +580,7 @@ fn an_agent_uses_no_certificate_its_trust_bundle_does_not_sign() {
 /// suppressed, so a flood cannot fill the node's disk or log pipeline.
 #[test]
 fn a_flood_of_refusals_logs_one_line_per_source_and_reason() {
-    let Some(mut bed) = bed() else { return };
-    let web = bed.add_pod("n1", "shop", "web").unwrap();
-    bed.add_pod("n1", "legacy", "attacker").unwrap();
-    bed.write_config("peer-authentication.yaml", STRICT_SHOP).unwrap();
-    let mut n1 = agent(&bed, "n1");
-    n1.wait_pod_event("pod enrolled", "shop/web", 0).unwrap();
+    let Some((bed, web, mut n1)) = strict_pod_and_attacker("web", &[]) else { return };
     wait_nodes_ready(&bed, &["n1"]);
     const FLOOD: &str = "import socket, sys\nfor port, n, payload in ((8080, 200, b''), (15008, 50, b'not TLS at all\\r\\n\\r\\n')):\n    for _ in range(n):\n        try:\n            s = socket.create_connection((sys.argv[1], port), timeout=5)\n            s.sendall(payload)\n            s.recv(64)\n            s.close()\n        except OSError:\n            pass\n";
     bed.run_ok("legacy/attacker", "python3", &["-c", FLOOD, &web.ip.to_string()]).unwrap();

@@ -390,18 +390,8 @@ fn dataplane_mode(
     object: &str,
     labels: &BTreeMap<String, String>,
 ) -> Result<Option<DataplaneMode>, ConfigError> {
-    match labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
-        None => Ok(None),
-        Some("ambient") => Ok(Some(DataplaneMode::Ambient)),
-        Some("none") => Ok(Some(DataplaneMode::None)),
-        Some(other) => Err(ConfigError::field(
-            file,
-            doc,
-            object,
-            &format!("metadata.labels.{DATAPLANE_MODE_LABEL}"),
-            format!("`{other}` is not a data-plane mode; use `ambient` or `none`"),
-        )),
-    }
+    let choices = [("ambient", DataplaneMode::Ambient), ("none", DataplaneMode::None)];
+    label_choice(file, doc, object, labels, DATAPLANE_MODE_LABEL, &choices, "a data-plane mode")
 }
 
 fn inbound_udp(
@@ -410,17 +400,33 @@ fn inbound_udp(
     object: &str,
     labels: &BTreeMap<String, String>,
 ) -> Result<Option<InboundUdp>, ConfigError> {
-    match labels.get(INBOUND_UDP_LABEL).map(String::as_str) {
-        None => Ok(None),
-        Some("allow") => Ok(Some(InboundUdp::Allow)),
-        Some("drop") => Ok(Some(InboundUdp::Drop)),
-        Some(other) => Err(ConfigError::field(
-            file,
-            doc,
-            object,
-            &format!("metadata.labels.{INBOUND_UDP_LABEL}"),
-            format!("`{other}` is not an inbound UDP mode; use `drop` or `allow`"),
-        )),
+    let choices = [("drop", InboundUdp::Drop), ("allow", InboundUdp::Allow)];
+    label_choice(file, doc, object, labels, INBOUND_UDP_LABEL, &choices, "an inbound UDP mode")
+}
+
+/// The value of `label`, one of `choices` (`what` names them in errors).
+fn label_choice<T: Copy>(
+    file: &Path,
+    doc: usize,
+    object: &str,
+    labels: &BTreeMap<String, String>,
+    label: &str,
+    choices: &[(&str, T)],
+    what: &str,
+) -> Result<Option<T>, ConfigError> {
+    let Some(value) = labels.get(label) else { return Ok(None) };
+    match choices.iter().find(|(name, _)| name == value) {
+        Some((_, choice)) => Ok(Some(*choice)),
+        None => {
+            let names: Vec<String> = choices.iter().map(|(name, _)| format!("`{name}`")).collect();
+            Err(ConfigError::field(
+                file,
+                doc,
+                object,
+                &format!("metadata.labels.{label}"),
+                format!("`{value}` is not {what}; use {}", names.join(" or ")),
+            ))
+        }
     }
 }
 

@@ -694,6 +694,18 @@ impl Drop for Bed {
     }
 }
 
+/// A figure of `/proc/<pid>/status` in kB, e.g. `VmRSS:` (resident now)
+/// or `VmHWM:` (the peak).
+pub fn proc_status(pid: u32, key: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{key} in /proc/{pid}/status"))
+}
+
 /// Polls `check` until it returns true, failing after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + timeout;

@@ -284,9 +284,7 @@ fn a_stolen_credential_mints_no_other_identity_and_works_only_from_its_pod() {
 
 /// Resident memory of a process, in kB.
 fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    ambit_testbed::proc_status(pid, "VmRSS:").unwrap()
 }
 
 /// Attack 4, from a config author: a RequestAuthentication whose key sets

@@ -167,7 +167,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     let agent_pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
     let _waypoint = bed.start_waypoint("shop/wp", &[])?;
     std::thread::sleep(Duration::from_secs(1));
-    let idle_rss_kb = proc_status(agents[0].pid(), "VmRSS:")?;
+    let idle_rss_kb = ambit_testbed::proc_status(agents[0].pid(), "VmRSS:")?;
 
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     let mut http: Vec<[HttpSample; 2]> = Vec::new();
@@ -189,7 +189,8 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
             wrk(&bed, "shop/client", &format!("{L7_VIP}:80"), &secs)?,
         ]);
     }
-    let peak_rss_kb = agents.iter().map(|a| proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
+    let peak_rss_kb =
+        agents.iter().map(|a| ambit_testbed::proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
     let elapsed = started.elapsed();
 
     let report = Report {
@@ -295,17 +296,6 @@ fn cpu_seconds(pids: &[u32]) -> Result<f64> {
         total += (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks_per_second;
     }
     Ok(total)
-}
-
-/// A `kB` value from /proc/<pid>/status.
-pub(crate) fn proc_status(pid: u32, key: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("{key} in /proc/{pid}/status"))
 }
 
 struct Report<'a> {

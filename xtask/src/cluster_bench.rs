@@ -56,7 +56,7 @@ pub fn run(release: &Path, pods: usize) -> Result<Value> {
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {
-    Ok(round(crate::bench::proc_status(pid, "VmRSS:")? as f64 / 1024.0))
+    Ok(round(ambit_testbed::proc_status(pid, "VmRSS:")? as f64 / 1024.0))
 }
 
 fn round(value: f64) -> f64 {

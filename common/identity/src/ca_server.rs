@@ -50,6 +50,47 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the listen queue.
 const MAX_CONNECTIONS: usize = 4096;
+/// Connections one peer address may hold at once; more are closed at once,
+/// so one client cannot take every slot of [`MAX_CONNECTIONS`]. An agent
+/// holds one per certificate request in flight.
+const MAX_CONNECTIONS_PER_PEER: usize = 64;
+
+/// Open connections per peer address ([`MAX_CONNECTIONS_PER_PEER`]).
+#[derive(Default)]
+struct PeerConnections {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection's place in [`PeerConnections`], given back on drop.
+struct PeerSlot {
+    peers: Arc<PeerConnections>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerConnections {
+    fn take(self: Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut open = self.open.lock().expect("peer connections lock");
+        let count = open.entry(ip).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        drop(open);
+        Some(PeerSlot { peers: self, ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.open.lock().expect("peer connections lock");
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 pub struct SvidRequest {
@@ -155,15 +196,20 @@ impl CaServer {
         let acceptor = TlsAcceptor::from(Arc::new(self.tls_config()?));
         tracing::info!(addr = %listener.local_addr()?, trust_domain = self.ca.trust_domain(), "CA serving");
         let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let per_peer = Arc::new(PeerConnections::default());
         loop {
             let permit = connections.clone().acquire_owned().await.expect("the semaphore is never closed");
             let (tcp, peer) = ambit_runtime::listener::accept_next(&listener, "ca").await;
+            let Some(peer_slot) = per_peer.clone().take(peer.ip()) else {
+                tracing::debug!(%peer, "CA connection refused: {MAX_CONNECTIONS_PER_PEER} already open from this address");
+                continue;
+            };
             let (acceptor, server) = (acceptor.clone(), self.clone());
             tokio::spawn(async move {
                 if let Err(e) = server.connection(acceptor, tcp).await {
                     tracing::debug!(%peer, error = %e, "CA connection ended with an error");
                 }
-                drop(permit);
+                drop((permit, peer_slot));
             });
         }
     }
@@ -317,6 +363,20 @@ mod tests {
         asked.token = other;
         let (status, body) = server.issue(&serde_json::to_vec(&asked).unwrap()).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    }
+
+    #[test]
+    fn one_peer_holds_at_most_its_share_of_connections() {
+        let peers = Arc::new(PeerConnections::default());
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let held: Vec<_> = (0..MAX_CONNECTIONS_PER_PEER).map(|_| peers.clone().take(a).unwrap()).collect();
+        assert!(peers.clone().take(a).is_none(), "one more from the same address is refused");
+        assert!(peers.clone().take(b).is_some(), "another address is not affected");
+        drop(held);
+        let again = peers.clone().take(a);
+        assert!(again.is_some(), "closing gives the slots back");
+        drop(again);
+        assert!(peers.open.lock().unwrap().is_empty(), "nothing is left of closed connections");
     }
 
     /// An unauthenticated caller opens streams and never finishes them: it

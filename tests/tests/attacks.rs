@@ -99,6 +99,8 @@ fn plaintext_cannot_reach_a_strict_pod_through_any_of_its_addresses() {
         bed.run_ok(pod, "ip", &["addr", "add", ip, "dev", "eth0", "nodad"]).unwrap();
     }
     let web_link_local = link_local(&bed, "shop/web");
+    // The attacker's own link-local address must be usable as a source too.
+    link_local(&bed, "legacy/attacker");
     bed.write_config("peer-authentication.yaml", STRICT_SHOP).unwrap();
     let mut n1 = agent(&bed, "n1");
     n1.wait_pod_event("pod enrolled", "shop/web", 0).unwrap();

@@ -146,6 +146,22 @@ impl Enrolments {
             .filter(|(id, active)| desired.get(*id).is_none_or(|pod| EnrolmentSpec::of(pod, state) != active.spec))
             .map(|(id, _)| id.clone())
             .collect();
+        // A netns deleted under the agent (the pod's runtime tore it down
+        // without telling anyone): the pod is unenrolled, and enrolling it
+        // again fails and is reported until its configuration goes or
+        // names a netns that exists.
+        let gone: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(id, active)| {
+                !stale.contains(*id) && active.spec.netns.as_deref().is_some_and(|path| !active.pod.netns.is_at(path))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            tracing::warn!(pod = %id, "the pod's network namespace is gone; unenrolling it");
+        }
+        let stale: Vec<String> = stale.into_iter().chain(gone).collect();
         let mut stopping = Vec::new();
         for id in stale {
             stopping.extend(self.unenrol(&id));

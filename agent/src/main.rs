@@ -298,6 +298,30 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Checks that the state directory takes a write (a full disk or a
+/// read-only mount does not), says so when that changes, and sets
+/// `ambit_state_dir_writable`. The agent goes on enforcing either way.
+fn check_state_dir(dir: &std::path::Path, metrics: &Metrics) {
+    let probe = dir.join(".writable");
+    let written = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&probe, b"ambit\n"));
+    let _ = std::fs::remove_file(&probe);
+    let was = metrics.state_dir_writable.get();
+    match written {
+        Ok(()) => {
+            if was == 0 {
+                tracing::info!(dir = %dir.display(), "the state directory takes writes");
+            }
+            metrics.state_dir_writable.set(1);
+        }
+        Err(error) => {
+            if was != 0 {
+                tracing::error!(dir = %dir.display(), %error, "cannot write the state directory; enforcement goes on, but the last good configuration kept there will not outlive a restart");
+            }
+            metrics.state_dir_writable.set(0);
+        }
+    }
+}
+
 /// `namespace/name` from a flag's value.
 fn namespaced_name<'a>(flag: &str, value: &'a str) -> anyhow::Result<(&'a str, &'a str)> {
     value
@@ -484,6 +508,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut retry = tokio::time::interval(RETRY_INTERVAL);
     let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+    let mut state_check = tokio::time::interval(RECHECK_INTERVAL);
+    // Checked at once (the first tick); a failure then is reported.
+    metrics.state_dir_writable.set(1);
     let mut waiting_adds = tokio::time::interval(ADD_SETTLE_INTERVAL);
     tracing::info!(%node, enrolled = enrolments.enrolled(), "agent ready");
 
@@ -501,6 +528,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 tracing::info!(enrolled = enrolments.enrolled(), errors = errors.len(), "configuration applied");
             }
             _ = retry.tick() => apply(&mut enrolments, &mut cluster).await,
+            _ = state_check.tick() => check_state_dir(&args.state_dir, &metrics),
             Some(call) = next_cni_call(&mut cluster) => {
                 let state = state_rx.borrow().clone();
                 let cluster = cluster.as_mut().expect("calls come only in Kubernetes mode");

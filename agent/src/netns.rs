@@ -129,7 +129,7 @@ impl Netns {
         let id = |file: &File| file.metadata().map(|m| (m.dev(), m.ino()));
         let own = AGENT_NETNS.get().map(id).transpose()?;
         let init = File::open("/proc/1/ns/net").and_then(|f| id(&f)).ok();
-        let this = id(&netns.file)?;
+        let this = netns.id()?;
         if Some(this) == own || Some(this) == init {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -137,6 +137,18 @@ impl Netns {
             ));
         }
         Ok(netns)
+    }
+
+    /// Whether `path` still names this netns: false once the pod's
+    /// runtime has deleted it (or put another one there).
+    pub fn is_at(&self, path: &Path) -> bool {
+        let at = std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
+        matches!((at, self.id()), (Ok(at), Ok(this)) if at == this)
+    }
+
+    /// The netns's identity: device and inode of its nsfs file.
+    fn id(&self) -> io::Result<(u64, u64)> {
+        self.file.metadata().map(|m| (m.dev(), m.ino()))
     }
 
     /// Runs `f` with the calling thread inside this netns.

@@ -81,12 +81,18 @@ pub struct Agent {
 impl Agent {
     /// Starts `cmd` (the agent binary, with the arguments of its mode and
     /// any extra ones) as `node`'s agent.
-    pub(crate) fn start(mut cmd: Command, node: &Node, cgroup: &Path, attach: &Path, dir: &Path) -> Result<Agent> {
+    pub(crate) fn start(
+        mut cmd: Command,
+        node: &Node,
+        cgroup: &Path,
+        attach: &Path,
+        dir: &Path,
+        state_dir: &Path,
+    ) -> Result<Agent> {
         let log = dir.join(format!("agent-{}-{}.log", node.name, LOG_COUNTER.fetch_add(1, Ordering::SeqCst)));
         cmd.args(["--node", &node.name, "--log-format", "json"])
-            // Per node and run: agents of one node, one after the other, share it.
             .arg("--state-dir")
-            .arg(dir.join(format!("state-{}", node.name)))
+            .arg(state_dir)
             .arg("--cgroup")
             .arg(attach)
             .env("AMBIT_LOG", "info")

@@ -335,6 +335,12 @@ impl Bed {
 
     /// A command that will run in the fabric netns, where the nodes' uplinks
     /// meet on bridge `br0`: the place to watch the wire between nodes.
+    /// The state directory of `node`'s agent: per node and run, so agents
+    /// of one node, one after the other, share it.
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("state-{node}"))
+    }
+
     /// The name of the fabric's netns (where the CA listens).
     pub fn fabric_netns(&self) -> &str {
         &self.fabric
@@ -572,7 +578,7 @@ impl Bed {
             Some(kubernetes) => kubernetes.agent_args(&mut cmd, &node.name),
         }
         cmd.args(args);
-        Agent::start(cmd, node, &cgroup, attach, self.dir.path())
+        Agent::start(cmd, node, &cgroup, attach, self.dir.path(), &self.state_dir(&node.name))
     }
 
     /// Starts `ambit-waypoint` (built next to the agent binary) in a waypoint

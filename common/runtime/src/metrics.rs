@@ -98,6 +98,8 @@ pub struct Metrics {
     pub enrolled_pods: Gauge,
     /// Pods this agent should capture but cannot (each retried).
     pub pods_not_enrolled: Gauge,
+    /// 1 while the agent can write its state directory, 0 when it cannot.
+    pub state_dir_writable: Gauge,
     /// Configuration errors in force (each file keeps its last good objects).
     pub config_errors: Gauge,
     /// Warning lines left out by a [`crate::logging::WarnLimiter`], by what
@@ -133,6 +135,7 @@ impl Metrics {
             state_objects: Family::default(),
             enrolled_pods: Gauge::default(),
             pods_not_enrolled: Gauge::default(),
+            state_dir_writable: Gauge::default(),
             config_errors: Gauge::default(),
             warnings_suppressed: Family::default(),
         };
@@ -186,6 +189,11 @@ impl Metrics {
                 "pods_not_enrolled",
                 "Pods this agent should capture but cannot; the log's `cannot enrol pod` says why",
                 metrics.pods_not_enrolled.clone(),
+            );
+            r.register(
+                "state_dir_writable",
+                "1 while the agent can write its state directory; 0 when it cannot (full or read-only): it keeps enforcing, but what it keeps there will not outlive a restart",
+                metrics.state_dir_writable.clone(),
             );
             r.register(
                 "config_errors",

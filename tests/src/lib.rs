@@ -159,6 +159,9 @@ pub struct Bed {
     ipv6: bool,
 }
 
+/// libfaketime (Debian's faketime), for agents on a skewed clock.
+pub const FAKETIME_LIBRARY: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
 /// Where the bed's certificate authority listens (on the fabric bridge).
 pub const CA_ADDR: &str = "10.100.0.254:15012";
 /// Leaf lifetime the bed's CA uses unless a test asks for another.
@@ -562,6 +565,23 @@ impl Bed {
 
     /// Like [`Bed::start_agent_with`], with another `--cgroup` (to test bad ones).
     pub fn start_agent_attached_at(&self, node: &str, attach: &Path, args: &[&str]) -> Result<Agent> {
+        self.start_agent_in(node, attach, args, &[])
+    }
+
+    /// Starts `node`'s agent with its wall clock off by `skew` (libfaketime's
+    /// offset syntax: `+30s`, `-1m`), as on a node whose clock drifted;
+    /// timers (the monotonic clock) are left alone.
+    pub fn start_agent_skewed(&self, node: &str, skew: &str) -> Result<Agent> {
+        let env = [
+            ("LD_PRELOAD", FAKETIME_LIBRARY),
+            ("FAKETIME", skew),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("FAKETIME_DONT_RESET", "1"),
+        ];
+        self.start_agent_in(node, &self.node(node).cgroup, &[], &env)
+    }
+
+    fn start_agent_in(&self, node: &str, attach: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
         let node = self.node(node);
         let cgroup = node.cgroup.join("agent");
         if !cgroup.exists() {
@@ -577,7 +597,7 @@ impl Bed {
             }
             Some(kubernetes) => kubernetes.agent_args(&mut cmd, &node.name),
         }
-        cmd.args(args);
+        cmd.args(args).envs(env.iter().copied());
         Agent::start(cmd, node, &cgroup, attach, self.dir.path(), &self.state_dir(&node.name))
     }
 

@@ -32,6 +32,9 @@ pub fn missing_prerequisites() -> Option<String> {
             missing.push(format!("the CNI plugin {plugin} (containernetworking-plugins; run `cargo xtask setup`)"));
         }
     }
+    if !std::path::Path::new(crate::FAKETIME_LIBRARY).is_file() {
+        missing.push(format!("libfaketime at {} (faketime; run `cargo xtask setup`)", crate::FAKETIME_LIBRARY));
+    }
     let agent = agent_binary();
     if !agent.exists() {
         missing.push(format!("the agent binary at {} (run `cargo xtask test`, which builds it)", agent.display()));

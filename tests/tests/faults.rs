@@ -101,3 +101,31 @@ fn a_full_state_directory_is_reported_and_enforcement_goes_on() {
     ambit_testbed::wait_until(Duration::from_secs(15), "room again", || Ok(writable() == "1")).unwrap();
     assert!(curl(&bed, "legacy/caller", &url).is_err(), "still enforced");
 }
+
+/// Node clocks that disagree by less than the certificates' leeway (leaves
+/// are back-dated by a tenth of their lifetime, at most a minute): n1's
+/// clock runs 30 s ahead, n2's 30 s behind. mTLS between them works both
+/// ways, and each still sees the other's verified identity.
+#[test]
+fn clocks_skewed_within_the_leeway_keep_mtls_working() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pods(&[("n1", "shop/client"), ("n2", "shop/web"), ("n2", "shop/peer"), ("n1", "shop/api")]).unwrap();
+    let mut n1 = bed.start_agent_skewed("n1", "+30s").unwrap();
+    let mut n2 = bed.start_agent_skewed("n2", "-30s").unwrap();
+    n1.wait_ready().unwrap();
+    n2.wait_ready().unwrap();
+    wait_nodes_ready(&bed, &["n1", "n2"]);
+    let (root, _) = web_root(&bed, 1024);
+    bed.http_server("shop/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
+    bed.http_server("shop/api", HTTP_PORT, &root, &bed.scratch().join("api.log")).unwrap();
+    let url = |pod: &str| format!("http://{}:{HTTP_PORT}/index.html", bed.pod(pod).ip);
+    curl(&bed, "shop/client", &url("shop/web")).expect("n1 (ahead) to n2 (behind)");
+    curl(&bed, "shop/peer", &url("shop/api")).expect("n2 (behind) to n1 (ahead)");
+    let at_n2 = n2.wait_connections(1, |c| c.direction == "inbound" && c.src_workload == "shop/client").unwrap();
+    assert!(at_n2[0].mtls && at_n2[0].src_identity == "spiffe://cluster.local/ns/shop/sa/client", "{at_n2:?}");
+    let at_n1 = n1.wait_connections(1, |c| c.direction == "inbound" && c.src_workload == "shop/peer").unwrap();
+    assert!(at_n1[0].mtls && at_n1[0].src_identity == "spiffe://cluster.local/ns/shop/sa/peer", "{at_n1:?}");
+    // The skew is real: each agent's log is stamped with its own clock.
+    let stamp = |agent: &ambit_testbed::Agent| agent.lines()[0]["timestamp"].as_str().unwrap().to_string();
+    assert!(stamp(&n1) > stamp(&n2), "n1 runs ahead of n2: {} vs {}", stamp(&n1), stamp(&n2));
+}

@@ -26,6 +26,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("openssl", "openssl"),
     ("wrk", "wrk"),
+    // libfaketime: an agent on a skewed clock (tests/tests/faults.rs).
+    ("faketime", "faketime"),
     // `bridge` and `host-local`, chained before ambit-cni in the Kubernetes-mode tests.
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
 ];

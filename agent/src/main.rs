@@ -298,6 +298,35 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Every proxied connection holds a descriptor on each side it passes (the
+/// app's socket on the source node, the delivery socket on the destination
+/// node), so the agent raises its soft limit on open files to the hard
+/// one, and says when that limit is low for a busy node.
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    /// Below this, a node carrying thousands of connections runs out.
+    const ENOUGH: u64 = 65_536;
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard
+                && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            {
+                tracing::warn!(soft, hard, %error, "cannot raise the open-file limit");
+            }
+            let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft);
+            if limit < ENOUGH {
+                tracing::warn!(
+                    limit,
+                    "the open-file limit is low: each proxied connection takes a descriptor on each node it passes; raise LimitNOFILE (or the container's nofile ulimit) to at least {ENOUGH}"
+                );
+            } else {
+                tracing::info!(limit, "open-file limit");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
+    }
+}
+
 /// Checks that the state directory takes a write (a full disk or a
 /// read-only mount does not), says so when that changes, and sets
 /// `ambit_state_dir_writable`. The agent goes on enforcing either way.
@@ -399,6 +428,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
 
     // Runs on the main thread before any task: the netns to come back to.
     netns::record_agent_netns().context("read the agent's own network namespace")?;
+    raise_file_limit();
     let missing = probe::missing_features(&cgroup);
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|m| format!("  - {}", m.0)).collect();

@@ -232,20 +232,17 @@ impl Enrolments {
             }
         };
         let netns_cookie = netns_cookie(&outbound_v4).context("read the pod's netns cookie")?;
-        // The listed addresses must be the pod's: other nodes send its
-        // traffic there, and peers are believed only from them.
-        for ip in &pod.ips {
-            netns.check_local_address(*ip).map_err(|e| {
-                let hint = match e.kind() {
-                    std::io::ErrorKind::AddrNotAvailable => " (is this status.podIPs address configured there?)",
-                    _ => "",
-                };
-                anyhow::anyhow!("pod address {ip} in {}: {e}{hint}", path.display())
-            })?;
-        }
         // Every address of the netns is steered, not only the listed ones: an
         // app on [::] is reachable through link-local and unlisted addresses.
         let addresses = netns.addresses().with_context(|| format!("list the addresses of {}", path.display()))?;
+        // The listed addresses must be the pod's: other nodes send its
+        // traffic there, and peers are believed only from them.
+        if let Some(ip) = pod.ips.iter().find(|ip| !addresses.contains(ip)) {
+            anyhow::bail!(
+                "pod address {ip} is not an address of {} (is this status.podIPs address configured there?)",
+                path.display()
+            );
+        }
         // One plaintext and one HBONE listener per family, on the wildcard
         // address; the kernel program steers every address to them.
         let listen = |ip: IpAddr, port| {

@@ -59,6 +59,11 @@ pub struct DeliveryRouting {
 }
 
 impl DeliveryRouting {
+    /// Whether deliveries from IPv6 clients' addresses are routed.
+    pub fn routes_ipv6(&self) -> bool {
+        self.sysctl_v6.is_some()
+    }
+
     /// The next source port for a delivery: the pod's ephemeral range, in
     /// turn, so a tuple comes back only after the whole range was used.
     pub fn next_port(&self) -> u16 {
@@ -272,11 +277,6 @@ impl Netns {
         Ok(routing)
     }
 
-    /// Whether deliveries from IPv6 clients' addresses are routed.
-    pub fn routes_ipv6(routing: &DeliveryRouting) -> bool {
-        routing.sysctl_v6.is_some()
-    }
-
     /// Removes what [`Netns::route_deliveries`] added and restores the
     /// sysctls it changed. Parts already gone are fine.
     pub async fn unroute_deliveries(&self, routing: &DeliveryRouting) -> io::Result<()> {
@@ -360,13 +360,6 @@ impl Netns {
         addresses.sort();
         addresses.dedup();
         Ok(addresses)
-    }
-
-    /// Fails unless `ip` is an address of this netns (a bind to port 0 on it,
-    /// released at once).
-    pub fn check_local_address(&self, ip: IpAddr) -> io::Result<()> {
-        let socket = self.run(|| stream_socket(Domain::for_address(SocketAddr::new(ip, 0))))?;
-        socket.bind(&SocketAddr::new(ip, 0).into())
     }
 }
 

@@ -467,8 +467,7 @@ fn a_policy_that_cannot_be_parsed_fails_closed() {
     assert!(curl(&bed, "shop/client", &url("shop/web")).is_err(), "the file's other policy is in force");
     let denied = n2.wait_connections(1, |c| c.dst_workload == "shop/db" && c.decision == "deny").unwrap();
     assert_eq!(denied[0].policy, "shop/only-api rule 0", "{denied:?}");
-    let (_, metrics) = bed.admin_get("n2", "/metrics").unwrap();
-    assert!(metrics.lines().any(|l| l == "ambit_config_errors 1"), "counted");
+    assert_eq!(gauge(&bed, "n2", "ambit_config_errors"), "1", "counted");
     let errors = n2
         .lines()
         .into_iter()

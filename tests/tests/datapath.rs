@@ -222,7 +222,7 @@ fn enrol_and_unenrol_at_run_time() {
     );
     curl(&bed, "shop/app", &url).unwrap();
     n1.wait_connections(2, |c| c.src_workload == "shop/app").unwrap();
-    assert_eq!(config_errors(&bed), "1", "the broken file is reported until it is fixed");
+    assert_eq!(gauge(&bed, "n1", "ambit_config_errors"), "1", "the broken file is reported until it is fixed");
 
     // A new service account means a new enrolment in the same netns: the
     // old one's cleanup must not undo the new one's routing.
@@ -239,17 +239,11 @@ fn enrol_and_unenrol_at_run_time() {
     bed.set_namespace_mode("shop", Some("ambient")).unwrap();
     bed.set_pod_label("shop/app", "ambit.dev/dataplane-mode", Some("none")).unwrap();
     n1.wait_pod_event("pod unenrolled", "shop/app", 1).unwrap();
-    assert_eq!(config_errors(&bed), "0", "fixed");
+    assert_eq!(gauge(&bed, "n1", "ambit_config_errors"), "0", "fixed");
     curl(&bed, "shop/app", &url).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(captured(&n1), 2, "opted-out pod is not captured: {:?}", n1.connections());
     assert_eq!(delivery_routing(&bed, "shop/app"), (false, false), "the pod's netns is left as it was");
-}
-
-/// The `ambit_config_errors` gauge of node n1's agent.
-fn config_errors(bed: &Bed) -> String {
-    let (_, metrics) = bed.admin_get("n1", "/metrics").unwrap();
-    metrics.lines().find_map(|l| l.strip_prefix("ambit_config_errors ")).unwrap_or_default().to_string()
 }
 
 /// Whether a pod's netns has the agent's routing for deliveries: the rule
@@ -356,7 +350,7 @@ fn agent_restart_resumes_capture_without_leftovers_or_duplicates() {
 
     let mut second = agent(&bed, "n1");
     second.wait_pod_event("pod enrolled", "shop/app", 0).unwrap();
-    assert_eq!(config_errors(&bed), "1", "the broken file is reported");
+    assert_eq!(gauge(&bed, "n1", "ambit_config_errors"), "1", "the broken file is reported");
     curl(&bed, "shop/app", &url).unwrap();
     second.wait_connections(1, |c| c.src_workload == "shop/app").unwrap();
     let after = objects_of(second.pid());

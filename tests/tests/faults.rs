@@ -38,10 +38,7 @@ fn a_netns_deleted_under_the_agent_is_unenrolled_and_reported() {
         })
         .unwrap();
     assert!(refused["error"].as_str().unwrap().contains("No such file"), "{refused}");
-    let not_enrolled = || {
-        let (_, metrics) = bed.admin_get("n1", "/metrics").unwrap();
-        metrics.lines().find_map(|l| l.strip_prefix("ambit_pods_not_enrolled ")).unwrap_or_default().to_string()
-    };
+    let not_enrolled = || gauge(&bed, "n1", "ambit_pods_not_enrolled");
     ambit_testbed::wait_until(Duration::from_secs(5), "reported", || Ok(not_enrolled() == "1")).unwrap();
     curl(&bed, "shop/client", &url).expect("the other pods keep working");
 
@@ -91,10 +88,7 @@ fn a_full_state_directory_is_reported_and_enforcement_goes_on() {
         l["message"].as_str().is_some_and(|m| m.starts_with("cannot write the state directory"))
     })
     .unwrap();
-    let writable = || {
-        let (_, metrics) = bed.admin_get("n1", "/metrics").unwrap();
-        metrics.lines().find_map(|l| l.strip_prefix("ambit_state_dir_writable ")).unwrap_or_default().to_string()
-    };
+    let writable = || gauge(&bed, "n1", "ambit_state_dir_writable");
     assert_eq!(writable(), "0");
 
     drop(unmount);

@@ -241,7 +241,7 @@ impl PodContext {
             return self.connect(dst).await;
         }
         let Some(routing) = self.route_deliveries().await else { return self.connect(dst).await };
-        if client.is_ipv6() && !Netns::routes_ipv6(routing) {
+        if client.is_ipv6() && !routing.routes_ipv6() {
             return self.connect(dst).await;
         }
         // A port can be taken: by a listener (bind), or by a live or recent

@@ -100,6 +100,14 @@ pub fn stop_and_read_counters(agent: &mut Agent) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The value of an unlabelled metric (a gauge, say `ambit_config_errors`)
+/// on `node`'s agent, as its `/metrics` prints it; empty if absent.
+pub fn gauge(bed: &Bed, node: &str, name: &str) -> String {
+    let (_, metrics) = bed.admin_get(node, "/metrics").unwrap();
+    let prefix = format!("{name} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_default().to_string()
+}
+
 pub fn counter(counters: &[(String, u64)], name: &str) -> u64 {
     counters.iter().find(|(k, _)| k == name).map(|(_, v)| *v).unwrap()
 }

@@ -28,6 +28,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("wrk", "wrk"),
     // libfaketime: an agent on a skewed clock (tests/tests/faults.rs).
     ("faketime", "faketime"),
+    // libfuzzer-sys builds libFuzzer (C++) for the fuzz targets in fuzz/.
+    ("g++", "g++"),
     // `bridge` and `host-local`, chained before ambit-cni in the Kubernetes-mode tests.
     ("containernetworking-plugins", "/usr/lib/cni/bridge"),
 ];

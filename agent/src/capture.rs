@@ -1,16 +1,17 @@
 //! Loads the kernel programs, attaches them, and owns their maps.
 //!
-//! Every attachment is a BPF link owned by this process (nothing is pinned),
-//! so the kernel detaches the programs and frees the maps when the agent
-//! exits, however it exits. A restarted agent starts from a clean slate and
-//! attachments never pile up. See docs/ARCHITECTURE.md ("Agent restarts") for
-//! what that means for traffic while the agent is down.
-
+//! Programs, links and maps are pinned under the agent's directory on the
+//! BPF filesystem ([`crate::bpffs`]), so capture outlives the agent: while
+//! none runs, an enrolled pod's connections go to listeners that are gone
+//! and fail. The next agent adopts the maps (when their layout is its own),
+//! swaps its programs in with BPF_LINK_UPDATE, enrols the pods again and
+//! removes what no pod needs any more ([`Capture::sweep`]). See
+//! docs/ARCHITECTURE.md ("Agent restarts and upgrades").
 use std::{
     collections::HashMap as StdHashMap,
     fs::File,
     net::IpAddr,
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -22,13 +23,16 @@ use ambit_abi::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, sk_lookup::SkLookupLinkId},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
 };
 
-use crate::netns::Netns;
+use crate::{
+    bpffs::{self, PinDir, PinError},
+    netns::Netns,
+};
 
 /// The compiled kernel programs, built by agent/build.rs.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
+pub(crate) static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -44,11 +48,20 @@ pub enum CaptureError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("cannot open cgroup {path}: {source}; pass --cgroup a cgroup v2 directory")]
     Cgroup { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Pins(#[from] PinError),
+    #[error("pinning {path}: {source}; is --bpf-dir on a BPF filesystem, and is the agent root?")]
+    Pin { path: PathBuf, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 /// The programs and the maps the agent writes when pods come and go.
 pub struct Capture {
     ebpf: Ebpf,
+    pins: PinDir,
+    layout: String,
+    /// The sk_lookup link pins of the pods this agent enrolled, by netns
+    /// cookie: with their entries, what [`Capture::sweep`] keeps.
+    links: StdHashMap<u64, PathBuf>,
     enrolled: HashMap<MapData, u64, EnrolledPod>,
     addresses: HashMap<MapData, IpKey, PodAddress>,
     listeners: SockHash<MapData, ListenerKey>,
@@ -66,6 +79,8 @@ pub struct FamilyListeners<'a, L> {
 
 /// What [`Capture::enrol`] registers for one pod.
 pub struct Registration<'a, L> {
+    /// `namespace/name`.
+    pub pod_id: &'a str,
     pub netns_cookie: u64,
     pub pod: EnrolledPod,
     /// Every address of the pod's netns.
@@ -117,33 +132,68 @@ impl DeliveryTable {
     pub fn end(&self, key: &DeliveryKey) {
         let _ = self.map.lock().expect("deliveries map lock").remove(key);
     }
+
+    /// Forgets every delivery: at start-up, those of an agent that died
+    /// mid-delivery would let that 4-tuple past the inbound steering.
+    pub fn clear(&self) {
+        let mut map = self.map.lock().expect("deliveries map lock");
+        let keys: Vec<DeliveryKey> = map.keys().flatten().collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
+    }
 }
 
 impl Capture {
-    /// Loads the programs and attaches the cgroup ones under `cgroup`. They act
-    /// only for sockets of enrolled pods, which the ENROLLED map names.
-    pub fn attach(cgroup: &Path) -> Result<(Capture, OrigDstTable, DeliveryTable), CaptureError> {
+    /// Loads the programs, adopting the pinned maps of this layout or
+    /// pinning new ones, and puts them on the cgroup hooks under `cgroup`:
+    /// a pinned link of an earlier agent gets the new program in place,
+    /// otherwise a new link is attached and pinned. The programs act only
+    /// for sockets of enrolled pods, which the ENROLLED map names.
+    pub fn attach(cgroup: &Path, pins: PinDir) -> Result<(Capture, OrigDstTable, DeliveryTable), CaptureError> {
+        let layout = bpffs::map_layout(PROGRAMS)?;
+        let maps_dir = pins.maps(&layout)?;
+        let pin_paths: Vec<(&str, PathBuf)> = names::MAPS.iter().map(|name| (*name, maps_dir.join(name))).collect();
+        let mut loader = EbpfLoader::new();
         // The programs use no CO-RE relocations, so the kernel's BTF is not
         // needed: skipping it saves parsing several MB at start-up, which
         // would otherwise stay in the agent's resident memory.
-        let mut ebpf = EbpfLoader::new().btf(None).load(PROGRAMS)?;
+        loader.btf(None);
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
         let cgroup_dir =
             File::open(cgroup).map_err(|source| CaptureError::Cgroup { path: cgroup.to_path_buf(), source })?;
+        let cgroup_id =
+            bpffs::cgroup_id(cgroup).map_err(|source| CaptureError::Cgroup { path: cgroup.to_path_buf(), source })?;
         // Attached as BPF links (Linux >= 5.7), which always coexist with the
         // other programs at this cgroup (a CNI's, another node's agent in the
         // test bed); the link API takes no attach flags, hence `Single` (0).
         for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+            let err = |source| CaptureError::Program { name, source };
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            program.load().map_err(|source| CaptureError::Program { name, source })?;
-            program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(|source| CaptureError::Program { name, source })?;
+            program.load().map_err(err)?;
+            let pin = pins.cgroup_link(cgroup_id, name);
+            if !update_pinned(&pin, program.fd().map_err(err)?.as_fd()) {
+                let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(err)?;
+                pin_link(&pin, fd_link(program.take_link(id).map_err(err)?, name))?;
+            }
         }
-        let sock_ops: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
-        sock_ops.load().map_err(|source| CaptureError::Program { name: names::PROG_SOCK_OPS, source })?;
-        sock_ops
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(|source| CaptureError::Program { name: names::PROG_SOCK_OPS, source })?;
+        let name = names::PROG_SOCK_OPS;
+        let err = |source| CaptureError::Program { name, source };
+        let sock_ops: &mut SockOps = program(&mut ebpf, name)?;
+        sock_ops.load().map_err(err)?;
+        let pin = pins.cgroup_link(cgroup_id, name);
+        if !update_pinned(&pin, sock_ops.fd().map_err(err)?.as_fd()) {
+            let id = sock_ops.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(err)?;
+            pin_link(&pin, fd_link(sock_ops.take_link(id).map_err(err)?, name))?;
+        }
+        // Links to a cgroup this agent no longer attaches to (--cgroup changed).
+        for stale in pins.other_cgroup_links(cgroup_id) {
+            tracing::info!(pin = %stale.display(), "detaching the capture from a cgroup no longer configured");
+            let _ = bpffs::remove(&stale);
+        }
         let sk_lookup: &mut SkLookup = program(&mut ebpf, names::PROG_SK_LOOKUP)?;
         sk_lookup.load().map_err(|source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source })?;
 
@@ -156,6 +206,9 @@ impl Capture {
             address_owners: StdHashMap::new(),
             counters: Arc::new(CaptureCounters { map: Mutex::new(map(&mut ebpf, names::COUNTERS)?) }),
             ebpf,
+            pins,
+            layout,
+            links: StdHashMap::new(),
         };
         Ok((capture, orig_dst, deliveries))
     }
@@ -165,12 +218,8 @@ impl Capture {
     /// listeners of its family. An address of a family with no listeners is
     /// left out, so the kernel program drops connections to it. On error the
     /// caller removes what was registered with [`Capture::remove_entries`].
-    pub fn enrol<L: AsRawFd>(
-        &mut self,
-        netns: &Netns,
-        registration: &Registration<'_, L>,
-    ) -> Result<SkLookupLinkId, CaptureError> {
-        let Registration { netns_cookie, pod, addresses, address, v4, v6 } = registration;
+    pub fn enrol<L: AsRawFd>(&mut self, netns: &Netns, registration: &Registration<'_, L>) -> Result<(), CaptureError> {
+        let Registration { pod_id, netns_cookie, pod, addresses, address, v4, v6 } = registration;
         for ip in *addresses {
             let Some(listeners) = (if ip.is_ipv4() { Some(v4) } else { v6.as_ref() }) else { continue };
             let key = IpKey::from(*ip);
@@ -188,16 +237,70 @@ impl Capture {
             .insert(*netns_cookie, *pod, 0)
             .map_err(|source| CaptureError::Map { name: names::ENROLLED, source })?;
         let sk_lookup: &mut SkLookup = program(&mut self.ebpf, names::PROG_SK_LOOKUP)?;
-        sk_lookup.attach(netns).map_err(|source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source })
+        let err = |source| CaptureError::Program { name: names::PROG_SK_LOOKUP, source };
+        let pin = self.pins.sk_lookup_link(*netns_cookie, pod_id);
+        if !update_pinned(&pin, sk_lookup.fd().map_err(err)?.as_fd()) {
+            let id = sk_lookup.attach(netns).map_err(err)?;
+            pin_link(&pin, Ok(FdLink::from(sk_lookup.take_link(id).map_err(err)?)))?;
+        }
+        self.links.insert(*netns_cookie, pin);
+        Ok(())
     }
 
-    /// Stops capturing a pod. Connections already open keep running.
-    pub fn unenrol(&mut self, netns_cookie: u64, link: SkLookupLinkId) {
+    /// Stops capturing a pod: its entries go, and its sk_lookup link is
+    /// detached. Connections already open keep running.
+    pub fn unenrol(&mut self, netns_cookie: u64) {
         self.remove_entries(netns_cookie);
-        if let Ok(sk_lookup) = program::<SkLookup>(&mut self.ebpf, names::PROG_SK_LOOKUP)
-            && let Err(e) = sk_lookup.detach(link)
+        if let Some(pin) = self.links.remove(&netns_cookie)
+            && let Err(e) = bpffs::remove(&pin)
         {
-            tracing::warn!(error = %e, "detaching sk_lookup failed");
+            tracing::warn!(pin = %pin.display(), error = %e, "detaching sk_lookup failed");
+        }
+    }
+
+    /// Once the pods are enrolled after start-up: removes what earlier
+    /// agents left that no pod needs any more (entries and sk_lookup links
+    /// of pods that went while no agent ran, maps of another layout). A
+    /// pod that should be captured but failed to enrol (`failing`) keeps
+    /// its capture: its connections fail until it is enrolled.
+    pub fn sweep(&mut self, failing: impl Fn(&str) -> bool) {
+        let mut keep: std::collections::HashSet<u64> = self.links.keys().copied().collect();
+        let mut stale_pins = Vec::new();
+        for (cookie, pod, pin) in self.pins.sk_lookup_links() {
+            if keep.contains(&cookie) && self.links.get(&cookie) == Some(&pin) {
+                continue;
+            }
+            if failing(&pod) && !keep.contains(&cookie) {
+                keep.insert(cookie);
+            } else {
+                stale_pins.push(pin);
+            }
+        }
+        let stale_pods: Vec<u64> = self.enrolled.keys().flatten().filter(|cookie| !keep.contains(cookie)).collect();
+        for cookie in &stale_pods {
+            let _ = self.enrolled.remove(cookie);
+        }
+        let stale_addresses: Vec<IpKey> =
+            self.addresses.keys().flatten().filter(|ip| !self.address_owners.contains_key(ip)).collect();
+        for ip in &stale_addresses {
+            let _ = self.addresses.remove(ip);
+            for port in [INBOUND_PORT, HBONE_PORT] {
+                let _ = self.listeners.remove(&ListenerKey::new(*ip, port));
+            }
+        }
+        stale_pins.extend(self.pins.other_maps(&self.layout));
+        for pin in &stale_pins {
+            if let Err(e) = bpffs::remove(pin) {
+                tracing::warn!(pin = %pin.display(), error = %e, "cannot remove a stale pin");
+            }
+        }
+        if !stale_pods.is_empty() || !stale_addresses.is_empty() || !stale_pins.is_empty() {
+            tracing::info!(
+                pods = stale_pods.len(),
+                addresses = stale_addresses.len(),
+                pins = stale_pins.len(),
+                "removed what earlier agents left for pods no longer enrolled"
+            );
         }
     }
 
@@ -220,6 +323,37 @@ impl Capture {
     pub fn counters(&self) -> Arc<CaptureCounters> {
         self.counters.clone()
     }
+}
+
+/// Puts `program` on the hook of the link pinned at `pin` in place
+/// (BPF_LINK_UPDATE), if an earlier agent pinned one; false if there is
+/// none. A pinned link that cannot take it (its netns or cgroup is gone)
+/// is removed, and false returned: the caller attaches a new one.
+fn update_pinned(pin: &Path, program: BorrowedFd<'_>) -> bool {
+    match bpffs::open_pinned(pin).and_then(|link| bpffs::update_link(link.as_fd(), program)) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::info!(pin = %pin.display(), error = %e, "a pinned link cannot take the new program; replacing it");
+            let _ = bpffs::remove(pin);
+            false
+        }
+    }
+}
+
+/// Pins a new link at `pin`: it stays attached after the agent exits.
+/// A cgroup link as an [`FdLink`]: always one, since they are attached
+/// with the link API.
+fn fd_link<L>(link: L, name: &'static str) -> Result<FdLink, CaptureError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|source| CaptureError::Pin { path: name.into(), source: source.into() })
+}
+
+fn pin_link(pin: &Path, link: Result<FdLink, CaptureError>) -> Result<(), CaptureError> {
+    link?.pin(pin).map_err(|source| CaptureError::Pin { path: pin.to_path_buf(), source: source.into() })?;
+    Ok(())
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>

@@ -16,7 +16,6 @@ use std::{
 
 use ambit_abi::{EnrolledPod, PodAddress};
 use anyhow::Context as _;
-use aya::programs::sk_lookup::SkLookupLinkId;
 use tokio::task::JoinHandle;
 
 use ambit_hbone::HBONE_PORT;
@@ -26,7 +25,8 @@ use ambit_state::State;
 
 use crate::{
     capture::{Capture, FamilyListeners, Registration},
-    netns::{Netns, netns_cookie},
+    handoff::Handed,
+    netns::Netns,
     proxy::{self, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, hbone, inbound, outbound},
 };
 
@@ -53,8 +53,9 @@ impl EnrolmentSpec {
 struct ActivePod {
     spec: EnrolmentSpec,
     pod: Arc<PodContext>,
-    sk_lookup: SkLookupLinkId,
     proxies: Vec<JoinHandle<()>>,
+    /// Copies of the pod's listening sockets, to hand over to the next agent.
+    listeners: Vec<std::net::TcpListener>,
 }
 
 pub struct Enrolments {
@@ -72,6 +73,9 @@ pub struct Enrolments {
     /// Cleanups inside unenrolled pods' netns, still running or not yet
     /// awaited: a pod enrolled again waits for its own first.
     cleanups: BTreeMap<String, JoinHandle<()>>,
+    /// Listening sockets the agent this one replaces handed over, taken as
+    /// their pods are enrolled.
+    handed: Handed,
 }
 
 /// Which netns paths a pod may be enrolled from.
@@ -102,7 +106,48 @@ impl Enrolments {
             active: BTreeMap::new(),
             failed: BTreeMap::new(),
             cleanups: BTreeMap::new(),
+            handed: Handed::default(),
         }
+    }
+
+    /// Enrols pods on these sockets, not new ones (see [`crate::handoff`]).
+    pub fn take_handed(&mut self, handed: Handed) {
+        self.handed = handed;
+    }
+
+    /// Closes the handed-over sockets no pod took (pods gone meanwhile).
+    pub fn drop_handed(&mut self) -> usize {
+        std::mem::take(&mut self.handed).len()
+    }
+
+    /// Copies of every pod's listening sockets, for the next agent.
+    pub fn listener_fds(&self) -> Vec<std::os::fd::OwnedFd> {
+        self.active
+            .values()
+            .flat_map(|active| &active.listeners)
+            .filter_map(|listener| listener.try_clone().ok().map(Into::into))
+            .collect()
+    }
+
+    /// After a handoff: stops every accept loop and lets go of the
+    /// listeners (the next agent has them), leaving the kernel maps and
+    /// links as they are. Connections already open run on.
+    pub async fn stop_accepting(&mut self) {
+        let accept_loops: Vec<JoinHandle<()>> =
+            std::mem::take(&mut self.active).into_values().flat_map(|active| active.proxies).collect();
+        for accept_loop in &accept_loops {
+            accept_loop.abort();
+        }
+        for accept_loop in accept_loops {
+            let _ = accept_loop.await;
+        }
+    }
+
+    /// After the first enrolment: removes what earlier agents left that no
+    /// pod needs; pods that failed to enrol keep theirs (they stay closed).
+    pub fn sweep(&mut self) {
+        let failed = &self.failed;
+        self.capture.sweep(|pod| failed.contains_key(pod));
     }
 
     pub fn enrolled(&self) -> usize {
@@ -219,19 +264,25 @@ impl Enrolments {
             );
         }
         let netns = Netns::open_pod(path).with_context(|| format!("open netns {}", path.display()))?;
-        let outbound_v4 = netns
-            .listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT))
-            .with_context(|| format!("outbound listener 127.0.0.1:{OUTBOUND_PORT} in {}", path.display()))?;
+        let netns_cookie = netns.cookie().context("read the pod's netns cookie")?;
+        let handed = &mut self.handed;
+        let mut listen = |ip: IpAddr, port| {
+            let addr = SocketAddr::new(ip, port);
+            match handed.take(netns_cookie, addr) {
+                Some(listener) => Ok(listener),
+                None => netns.listen(addr).with_context(|| format!("listener {addr} in {}", path.display())),
+            }
+        };
+        let outbound_v4 = listen(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT)?;
         // IPv6 may be disabled in the pod; then pure IPv6 is not captured, and
         // the kernel program counts every such connect().
-        let outbound_v6 = match netns.listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT)) {
+        let outbound_v6 = match listen(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT) {
             Ok(listener) => Some(listener),
             Err(e) => {
                 tracing::warn!(pod = %pod.id(), error = %e, "no IPv6 outbound listener; IPv6 destinations of this pod are not captured");
                 None
             }
         };
-        let netns_cookie = netns_cookie(&outbound_v4).context("read the pod's netns cookie")?;
         // Every address of the netns is steered, not only the listed ones: an
         // app on [::] is reachable through link-local and unlisted addresses.
         let addresses = netns.addresses().with_context(|| format!("list the addresses of {}", path.display()))?;
@@ -245,11 +296,6 @@ impl Enrolments {
         }
         // One plaintext and one HBONE listener per family, on the wildcard
         // address; the kernel program steers every address to them.
-        let listen = |ip: IpAddr, port| {
-            netns
-                .listen(SocketAddr::new(ip, port))
-                .with_context(|| format!("listener {ip}:{port} in {}", path.display()))
-        };
         let inbound_v4 = listen(Ipv4Addr::UNSPECIFIED.into(), INBOUND_PORT)?;
         let hbone_v4 = listen(Ipv4Addr::UNSPECIFIED.into(), HBONE_PORT)?;
         // Without IPv6 in the pod there is no IPv6 address to steer.
@@ -266,7 +312,9 @@ impl Enrolments {
             outbound_port_v6: if outbound_v6.is_some() { OUTBOUND_PORT } else { 0 },
             _pad: 0,
         };
+        let pod_id = pod.id();
         let registration = Registration {
+            pod_id: &pod_id,
             netns_cookie,
             pod: enrolled,
             addresses: &addresses,
@@ -274,14 +322,19 @@ impl Enrolments {
             v4: FamilyListeners { inbound: &inbound_v4, hbone: &hbone_v4 },
             v6: v6.as_ref().map(|(inbound, hbone)| FamilyListeners { inbound, hbone }),
         };
-        let sk_lookup = match self.capture.enrol(&netns, &registration) {
-            Ok(link) => link,
-            Err(e) => {
-                // Leave nothing half-registered behind.
-                self.capture.remove_entries(netns_cookie);
-                return Err(e.into());
-            }
-        };
+        if let Err(e) = self.capture.enrol(&netns, &registration) {
+            // Leave nothing half-registered behind.
+            self.capture.remove_entries(netns_cookie);
+            return Err(e.into());
+        }
+        let mut copies = vec![&outbound_v4, &inbound_v4, &hbone_v4];
+        copies.extend(outbound_v6.iter());
+        copies.extend(v6.iter().flat_map(|(inbound, hbone)| [inbound, hbone]));
+        let listeners = copies
+            .into_iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<std::io::Result<_>>()
+            .context("copy the pod's listeners")?;
 
         // Fetch the identity's certificate now, ahead of the first connection.
         let svid = self.ctx.certs.acquire(&identity, &pod.id());
@@ -309,7 +362,7 @@ impl Enrolments {
         for listener in std::iter::once(hbone_v4).chain(hbone_v6) {
             proxies.push(proxy::serve(listener, pod_ctx.clone(), self.ctx.clone(), hbone::connection));
         }
-        Ok(ActivePod { spec, pod: pod_ctx, sk_lookup, proxies })
+        Ok(ActivePod { spec, pod: pod_ctx, proxies, listeners })
     }
 
     /// Stops capturing a pod; a task finishes the cleanup inside its netns.
@@ -319,7 +372,7 @@ impl Enrolments {
         let Some(active) = self.active.remove(id) else {
             return Vec::new();
         };
-        self.capture.unenrol(active.pod.netns_cookie, active.sk_lookup);
+        self.capture.unenrol(active.pod.netns_cookie);
         for task in &active.proxies {
             task.abort();
         }
@@ -329,18 +382,6 @@ impl Enrolments {
         let cleanup = tokio::spawn(async move { active.pod.unroute_deliveries().await });
         self.cleanups.insert(id.to_string(), cleanup);
         active.proxies
-    }
-
-    /// Unenrols every pod (on shutdown) and leaves their netns as they were.
-    pub async fn clear(&mut self) {
-        let ids: Vec<String> = self.active.keys().cloned().collect();
-        for id in ids {
-            drop(self.unenrol(&id));
-        }
-        self.ctx.certs.drop_unused();
-        for (_, cleanup) in std::mem::take(&mut self.cleanups) {
-            let _ = cleanup.await;
-        }
     }
 }
 

@@ -6,11 +6,13 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod bpffs;
 pub mod ca;
 pub mod capture;
 pub mod cni;
 pub mod cni_install;
 pub mod enrolment;
+pub mod handoff;
 pub mod kubernetes;
 pub mod netns;
 pub mod podscan;

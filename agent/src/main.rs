@@ -8,11 +8,13 @@ use std::{collections::HashSet, net::SocketAddr, path::PathBuf, process::ExitCod
 
 use ambit_agent::{
     admin::Admin,
+    bpffs::{self, PinDir},
     ca::DirectoryPlacement,
     capture::Capture,
     cni::CniCall,
     cni_install,
     enrolment::{Enrolments, NetnsPaths},
+    handoff,
     kubernetes::Cluster,
     netns, probe,
     proxy::{ProxyContext, workers::Workers},
@@ -37,6 +39,10 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
+const DEFAULT_STATE_DIR: &str = "/var/lib/ambit";
+const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/ambit";
+/// How often the draining agent looks at its open connections.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
 /// How often pods that failed to enrol are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 /// Kubernetes mode: how often each ambient pod's netns is checked (it
@@ -91,8 +97,17 @@ struct AgentArgs {
     /// Where the agent keeps what must outlive a restart: the last good
     /// version of each configuration file (in `config/`), which stands in
     /// for a file that is broken when the agent starts.
-    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit")]
+    #[arg(long, env = "AMBIT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// This agent's directory on the BPF filesystem, where the capture is
+    /// pinned so that it outlives the agent: while no agent runs, enrolled
+    /// pods' connections fail instead of flowing in plaintext. One per node.
+    #[arg(long, env = "AMBIT_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
+    bpf_dir: PathBuf,
+    /// Once another agent has taken over (an upgrade), how long this one
+    /// keeps serving its open connections; those still open then are reset.
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// cgroup v2 directory to attach the capture programs to: the cgroup
     /// root, or the directory that holds the pods' cgroups.
     #[arg(long, env = "AMBIT_CGROUP", required = true)]
@@ -133,6 +148,16 @@ enum Command {
     /// The ambit-cni plugin on this node (Kubernetes mode).
     #[command(subcommand)]
     Cni(CniCommand),
+    /// Remove the capture an agent left in place on this node (stop the
+    /// agent first): enrolled pods' traffic then flows directly, with no
+    /// mTLS and no policy.
+    Uninstall {
+        #[arg(long, env = "AMBIT_BPF_DIR", default_value = DEFAULT_BPF_DIR)]
+        bpf_dir: PathBuf,
+        /// The agent's state directory, where a running agent answers.
+        #[arg(long, env = "AMBIT_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +261,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Ca(command)) => run_ca(command),
         Some(Command::Cni(command)) => run_cni(command),
+        Some(Command::Uninstall { bpf_dir, state_dir }) => uninstall(&bpf_dir, &state_dir),
         None => control_runtime().and_then(|rt| rt.block_on(run_agent(cli.agent))),
     };
     match result {
@@ -296,6 +322,24 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `ambit-agent uninstall`: removes the pinned capture, which detaches the
+/// programs and frees the maps.
+fn uninstall(bpf_dir: &std::path::Path, state_dir: &std::path::Path) -> anyhow::Result<()> {
+    if handoff::agent_running(state_dir).unwrap_or(false) {
+        bail!(
+            "an agent is running (it answers on {}); stop it first, or it keeps capturing",
+            handoff::socket_path(state_dir).display()
+        );
+    }
+    if !bpf_dir.exists() {
+        println!("nothing to remove: {} does not exist", bpf_dir.display());
+        return Ok(());
+    }
+    bpffs::remove(bpf_dir).with_context(|| format!("remove {}", bpf_dir.display()))?;
+    println!("removed the capture pinned in {}; enrolled pods' traffic now flows directly", bpf_dir.display());
+    Ok(())
 }
 
 /// Every proxied connection holds a descriptor on each side it passes (the
@@ -446,8 +490,17 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let bundle = load_bundle(&ca_root, &args.trust_domain)?;
     let provider = CaClient::new(&ca_addr, node.clone(), token_file, &bundle)?;
 
-    let (capture, orig_dst, deliveries) = Capture::attach(&cgroup)?;
-    tracing::info!(cgroup = %cgroup.display(), "kernel programs attached");
+    let pins = PinDir::open(&args.bpf_dir)?;
+    // An agent already running here hands its listeners over (an upgrade).
+    let state_dir = args.state_dir.clone();
+    let predecessor = tokio::task::spawn_blocking(move || handoff::request(&state_dir)).await?.with_context(|| {
+        format!(
+            "an agent runs with --state-dir {} but cannot hand over to this one; stop it, or give this agent another state directory",
+            args.state_dir.display()
+        )
+    })?;
+    let (capture, orig_dst, deliveries) = Capture::attach(&cgroup, pins)?;
+    tracing::info!(cgroup = %cgroup.display(), bpf_dir = %args.bpf_dir.display(), "kernel programs attached");
     let admin_listener =
         admin_listener(args.admin_addr).with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
     let metrics = Arc::new(Metrics::new());
@@ -507,11 +560,17 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         })
         .context("start the proxy worker threads")?,
         warnings: WarnLimiter::new(metrics.clone()),
+        draining: tokio::sync::watch::Sender::new(false),
     });
     tracing::info!(workers = ctx.workers.count(), "proxy workers started");
     let capture_counters = capture.counters();
     let netns_paths = if args.kubernetes { NetnsPaths::Found } else { NetnsPaths::Named };
     let mut enrolments = Enrolments::new(node.clone(), netns_paths, capture, ctx.clone());
+    let predecessor = predecessor.map(|(handed, predecessor)| {
+        tracing::info!(listeners = handed.len(), "taking over from the agent running here");
+        enrolments.take_handed(handed);
+        predecessor
+    });
     let (enrolled_tx, enrolled_rx) = tokio::sync::watch::channel(Vec::new());
     let apply = async |enrolments: &mut Enrolments, cluster: &mut Option<Cluster>| {
         let state = state_rx.borrow().clone();
@@ -526,13 +585,29 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         }
     };
     apply(&mut enrolments, &mut cluster).await;
+    enrolments.sweep();
+    match predecessor {
+        Some(predecessor) => {
+            tokio::task::spawn_blocking(move || predecessor.take_over())
+                .await?
+                .context("the running agent did not stop accepting")?;
+            let unused = enrolments.drop_handed();
+            tracing::info!(unused, "took over: the previous agent drains its connections");
+        }
+        // No agent delivers anything: deliveries left by one that died go.
+        None => ctx.deliveries.clear(),
+    }
+    let (handoff_tx, mut handoff_rx) = tokio::sync::mpsc::channel(1);
+    if let Err(error) = handoff::serve(&args.state_dir, handoff_tx) {
+        tracing::warn!(%error, dir = %args.state_dir.display(), "cannot listen for a handoff: the next agent cannot take over without cutting connections");
+    }
     let admin = Arc::new(Admin {
         node: node.clone(),
         ctx: ctx.clone(),
         capture: capture_counters.clone(),
         enrolled: enrolled_rx,
     });
-    tokio::spawn(admin.serve(admin_listener));
+    let admin = tokio::spawn(admin.serve(admin_listener));
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -544,6 +619,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut waiting_adds = tokio::time::interval(ADD_SETTLE_INTERVAL);
     tracing::info!(%node, enrolled = enrolments.enrolled(), "agent ready");
 
+    let mut taken_over = None;
     loop {
         tokio::select! {
             update = updates.next() => {
@@ -575,20 +651,59 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 // A change reaches the state through the source, as an update.
                 cluster.as_mut().expect("checked").rescan(&state);
             }
+            Some(request) = handoff_rx.recv() => match request {
+                handoff::Request::Listeners(reply) => {
+                    let _ = reply.send(enrolments.listener_fds());
+                }
+                handoff::Request::TakeOver(stopped) => {
+                    taken_over = Some(stopped);
+                    break;
+                }
+            },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
 
-    tracing::info!("shutting down");
+    match taken_over {
+        Some(stopped) => {
+            enrolments.stop_accepting().await;
+            admin.abort();
+            let _ = stopped.send(());
+            drain(&ctx, args.drain_timeout, &mut sigterm).await;
+        }
+        None => tracing::info!(
+            "shutting down; the capture stays in place, so enrolled pods' connections fail until the next agent is ready (`ambit-agent uninstall` removes it)"
+        ),
+    }
     let counters: Vec<String> = capture_counters.read().iter().map(|(name, value)| format!("{name}={value}")).collect();
     tracing::info!(counters = %counters.join(" "), "kernel capture counters");
     let counters: Vec<String> = ctx.counters().iter().map(|(name, value)| format!("{name}={value}")).collect();
     tracing::info!(counters = %counters.join(" "), "proxy counters");
-    enrolments.clear().await;
-    drop(enrolments); // detaches every program
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// After a handoff: GOAWAY to the peers' HBONE connections, then waits for
+/// the open connections to end, up to `timeout`; those still open then are
+/// reset when the agent exits, and counted in the log.
+async fn drain(ctx: &ProxyContext, timeout: Duration, sigterm: &mut tokio::signal::unix::Signal) {
+    ctx.draining.send_replace(true);
+    tracing::info!(open = ctx.workers.in_flight(), ?timeout, "another agent took over; draining the open connections");
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let open = ctx.workers.in_flight();
+        if open == 0 {
+            return tracing::info!("drained: every connection has ended");
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return tracing::warn!(reset = open, "the drain deadline passed; resetting the connections still open");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_POLL) => {}
+            _ = sigterm.recv() => tracing::info!(open, "SIGTERM while draining: exiting once the connections end or at the drain deadline"),
+        }
+    }
 }
 
 /// The admin endpoint's listener. SO_REUSEPORT lets the agent of a rolling

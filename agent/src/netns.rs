@@ -70,6 +70,15 @@ impl DeliveryRouting {
         let (first, last) = (u32::from(*self.ports.start()), u32::from(*self.ports.end()));
         (first + self.next_port.fetch_add(1, Ordering::Relaxed) % (last - first + 1)) as u16
     }
+
+    /// After a port that was taken: moves well past it. Taken ports come in
+    /// runs (after an upgrade, the previous agent's deliveries), which
+    /// trying the next port, one by one, would not get out of.
+    pub fn skip_run(&self) {
+        /// A prime, so repeated skips visit the whole range.
+        const SKIP: u32 = 1009;
+        self.next_port.fetch_add(SKIP, Ordering::Relaxed);
+    }
 }
 
 /// Parses `net.ipv4.ip_local_port_range` ("32768\t60999").
@@ -237,7 +246,13 @@ impl Netns {
                 Ok(previous)
             })
             .ok();
-        let mut routing = DeliveryRouting { sysctls, sysctl_v6, ports, next_port: AtomicU32::new(0) };
+        // A random start: the agent before this one (an upgrade) used the
+        // ports from the start of the range, and may still hold them.
+        let mut start = [0u8; 4];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut start)
+            .map_err(|_| io::Error::other("no randomness for the delivery ports"))?;
+        let next_port = AtomicU32::new(u32::from_ne_bytes(start));
+        let mut routing = DeliveryRouting { sysctls, sysctl_v6, ports, next_port };
         let added = self
             .netlink(|handle| async move {
                 let rule = delivery_rule(handle.rule().add().v4()).execute().await;
@@ -328,6 +343,13 @@ impl Netns {
         let result = f(handle).await;
         connection.abort();
         Ok(result)
+    }
+
+    /// The netns's cookie (the key of the ENROLLED map), read from a socket
+    /// made in it for the purpose.
+    pub fn cookie(&self) -> io::Result<u64> {
+        let socket = self.run(|| Socket::new(Domain::UNIX, socket2::Type::DGRAM.cloexec(), None))?;
+        netns_cookie(&socket)
     }
 
     /// A non-blocking listening socket inside this netns, not yet registered

@@ -8,6 +8,8 @@ use crate::{PREFIX, prereq::cgroup2_mount, wait_until};
 /// processes still in its cgroups first.
 pub fn remove_run(run: &str) {
     let prefix = format!("{PREFIX}{run}");
+    // The pinned capture first: it stays attached after the agents exit.
+    remove_pins(&Path::new(BPF_FS).join(&prefix));
     if let Ok(root) = cgroup2_mount() {
         let run_cgroup = root.join(&prefix);
         if run_cgroup.exists() {
@@ -18,6 +20,21 @@ pub fn remove_run(run: &str) {
     }
     for netns in netns_names().into_iter().filter(|n| n.starts_with(&format!("{prefix}-"))) {
         let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    }
+}
+
+/// Where the bed's agents pin their capture: `<BPF_FS>/<PREFIX><run>/<node>`.
+pub const BPF_FS: &str = "/sys/fs/bpf";
+
+/// Removes a directory of pins (links detach, maps go), as `ambit-agent uninstall` does.
+fn remove_pins(path: &Path) {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+            remove_pins(&entry.path());
+        }
+        let _ = std::fs::remove_dir(path);
+    } else {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -41,6 +58,9 @@ pub fn remove_stale() {
     if let Ok(root) = cgroup2_mount()
         && let Ok(entries) = std::fs::read_dir(root)
     {
+        runs.extend(entries.flatten().filter_map(|e| run_of(&e.file_name().to_string_lossy())));
+    }
+    if let Ok(entries) = std::fs::read_dir(BPF_FS) {
         runs.extend(entries.flatten().filter_map(|e| run_of(&e.file_name().to_string_lossy())));
     }
     runs.sort();
@@ -83,6 +103,14 @@ pub fn leftovers() -> Vec<String> {
                 .flatten()
                 .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
                 .map(|e| format!("cgroup {}", e.path().display())),
+        );
+    }
+    if let Ok(entries) = std::fs::read_dir(BPF_FS) {
+        found.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
+                .map(|e| format!("pins {}", e.path().display())),
         );
     }
     if let Ok(output) = Command::new("bpftool").args(["-j", "prog", "show"]).output()

@@ -190,6 +190,7 @@ impl Bed {
         if let Some(missing) = missing_prerequisites() {
             bail!("the test bed cannot run here: {missing}");
         }
+        prereq::ensure_bpffs()?;
         remove_stale();
         let run = format!("{}-{}", std::process::id(), RUN_COUNTER.fetch_add(1, Ordering::SeqCst));
         let run_cgroup = prereq::cgroup2_mount()?.join(format!("{PREFIX}{run}"));
@@ -342,6 +343,19 @@ impl Bed {
     /// of one node, one after the other, share it.
     pub fn state_dir(&self, node: &str) -> PathBuf {
         self.dir.path().join(format!("state-{node}"))
+    }
+
+    /// Where `node`'s agents pin the capture (`--bpf-dir`): per node and
+    /// run; removed with the run.
+    pub fn bpf_dir(&self, node: &str) -> PathBuf {
+        Path::new(cleanup::BPF_FS).join(format!("{PREFIX}{}", self.run)).join(node)
+    }
+
+    /// Runs `ambit-agent uninstall` for `node`'s agent directories.
+    pub fn uninstall(&self, node: &str) -> Result<Output> {
+        let mut cmd = Command::new(&self.agent_binary);
+        cmd.arg("uninstall").arg("--bpf-dir").arg(self.bpf_dir(node)).arg("--state-dir").arg(self.state_dir(node));
+        cmd.output().context("run ambit-agent uninstall")
     }
 
     /// The name of the fabric's netns (where the CA listens).
@@ -598,6 +612,7 @@ impl Bed {
             Some(kubernetes) => kubernetes.agent_args(&mut cmd, &node.name),
         }
         cmd.args(args).envs(env.iter().copied());
+        cmd.arg("--bpf-dir").arg(self.bpf_dir(&node.name));
         Agent::start(cmd, node, &cgroup, attach, self.dir.path(), &self.state_dir(&node.name))
     }
 
@@ -677,15 +692,35 @@ impl Bed {
     /// Like [`Bed::http_server`], bound to `bind`: `::` listens on every
     /// address of both families, as Go, Java and nginx servers do by default.
     pub fn http_server_at(&self, pod: &str, bind: &str, port: u16, dir: &Path, log: &Path) -> Result<()> {
+        self.python_http_server(pod, bind, port, dir, log, "HTTP/1.0")
+    }
+
+    /// Like [`Bed::http_server`], speaking HTTP/1.1: connections stay open
+    /// between requests (keep-alive) until the client closes them.
+    pub fn http_keepalive_server(&self, pod: &str, port: u16, dir: &Path, log: &Path) -> Result<()> {
+        self.python_http_server(pod, "0.0.0.0", port, dir, log, "HTTP/1.1")
+    }
+
+    fn python_http_server(
+        &self,
+        pod: &str,
+        bind: &str,
+        port: u16,
+        dir: &Path,
+        log: &Path,
+        protocol: &str,
+    ) -> Result<()> {
         const SERVER: &str = "import functools, http.server, socket, sys\n\
             class Server(http.server.ThreadingHTTPServer):\n    request_queue_size = 1024\n\
             \x20   address_family = socket.AF_INET6 if ':' in sys.argv[2] else socket.AF_INET\n\
-            handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[3])\n\
+            class Handler(http.server.SimpleHTTPRequestHandler):\n    protocol_version = sys.argv[4]\n\
+            handler = functools.partial(Handler, directory=sys.argv[3])\n\
             Server((sys.argv[2], int(sys.argv[1])), handler).serve_forever()\n";
         let p = self.pod(pod);
         let mut cmd = p.command("python3");
         cmd.args(["-c", SERVER, &port.to_string(), bind])
             .arg(dir)
+            .arg(protocol)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(log)?);

@@ -82,6 +82,29 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
         .context("no cgroup2 filesystem is mounted")
 }
 
+/// Mounts the BPF filesystem at /sys/fs/bpf if none is (systemd does on
+/// most machines), once per test process: agents started at the same time
+/// would each mount one, and a later mount hides the pins under it.
+pub fn ensure_bpffs() -> Result<()> {
+    static MOUNTED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut mounted = MOUNTED.lock().map_err(|_| anyhow::anyhow!("bpffs lock poisoned"))?;
+    if *mounted {
+        return Ok(());
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let present = mountinfo.lines().any(|line| {
+        line.split_once(" - ").is_some_and(|(before, after)| {
+            before.split_whitespace().nth(4) == Some(crate::cleanup::BPF_FS) && after.starts_with("bpf ")
+        })
+    });
+    if !present {
+        let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf", crate::cleanup::BPF_FS]).status()?;
+        anyhow::ensure!(status.success(), "mount -t bpf bpf {} failed ({status})", crate::cleanup::BPF_FS);
+    }
+    *mounted = true;
+    Ok(())
+}
+
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
 }

@@ -55,7 +55,20 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
         peer_serial = %serial,
         "mTLS connection accepted"
     );
-    while let Some(Ok((request, respond))) = conn.accept().await {
+    let mut draining = ctx.draining.subscribe();
+    let mut going_away = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            _ = draining.wait_for(|draining| *draining), if !going_away => {
+                // The streams open run to their end; the peer opens its
+                // next ones on a new connection, to the agent taking over.
+                conn.graceful_shutdown();
+                going_away = true;
+                continue;
+            }
+        };
+        let Some(Ok((request, respond))) = next else { break };
         // A stream is work on this worker, like a connection: counted, it
         // steers the next connections to less busy workers.
         let stream = stream(request, respond, peer_id.clone(), peer, pod.clone(), ctx.clone());

@@ -70,6 +70,9 @@ pub struct ProxyContext {
     /// Rate limit for the warnings any peer can trigger (refused plaintext,
     /// refused HBONE).
     pub warnings: WarnLimiter,
+    /// True once another agent has taken over: HBONE connections from
+    /// peers get GOAWAY, so their next streams go to the new agent.
+    pub draining: watch::Sender<bool>,
 }
 
 /// Counters the agent reports (in its log on shutdown; as metrics later).
@@ -249,7 +252,10 @@ impl PodContext {
         for _ in 0..DELIVERY_PORT_ATTEMPTS {
             let from = SocketAddr::new(client, routing.next_port());
             let socket = match self.netns.delivery_socket(from) {
-                Err(e) if e.kind() == ErrorKind::AddrInUse => continue,
+                Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                    routing.skip_run();
+                    continue;
+                }
                 other => other?,
             };
             let key = DeliveryKey { client: from.into(), app: dst.into() };
@@ -257,7 +263,7 @@ impl PodContext {
             let result = connect_within_timeout(socket, dst).await;
             deliveries.end(&key);
             match result {
-                Err(e) if e.kind() == ErrorKind::AddrNotAvailable => continue,
+                Err(e) if e.kind() == ErrorKind::AddrNotAvailable => routing.skip_run(),
                 other => return other,
             }
         }

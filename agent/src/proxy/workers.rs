@@ -86,6 +86,11 @@ impl Workers {
         Ok(Self { handles, next: AtomicUsize::new(0), load })
     }
 
+    /// Connections and HBONE streams running on the workers now.
+    pub fn in_flight(&self) -> usize {
+        self.load.iter().map(|count| count.load(Ordering::Relaxed)).sum()
+    }
+
     pub fn count(&self) -> usize {
         self.handles.len()
     }

@@ -15,6 +15,9 @@ pub mod names {
     pub const POD_ADDRESSES: &str = "POD_ADDRESSES";
     pub const DELIVERIES: &str = "DELIVERIES";
     pub const COUNTERS: &str = "COUNTERS";
+    /// Every map: each is pinned, so it outlives the agent.
+    pub const MAPS: [&str; 7] =
+        [ENROLLED, ORIG_DST_BY_COOKIE, ORIG_DST_BY_CONN, INBOUND_LISTENERS, POD_ADDRESSES, DELIVERIES, COUNTERS];
 
     pub const PROG_CONNECT4: &str = "ambit_connect4";
     pub const PROG_CONNECT6: &str = "ambit_connect6";
@@ -43,6 +46,11 @@ pub const INBOUND_PORT: u16 = 15006;
 /// The DNS port: with [`EnrolledPod::DROP_INBOUND_UDP`], UDP from it (DNS
 /// replies) still reaches the pod.
 pub const DNS_PORT: u16 = 53;
+
+/// The meaning of the maps' keys and values. Bump it when a field changes
+/// meaning without changing size; size changes are caught without it. An
+/// agent adopts pinned maps only of its own version and layout.
+pub const MAP_ABI_VERSION: u32 = 1;
 
 /// Capacity of the per-connection original-destination maps. They are LRU
 /// maps, so a connection the agent never accepts cannot exhaust them.

@@ -55,7 +55,10 @@ impl PinDir {
         if !on_bpffs(root) {
             if root.starts_with(BPF_FS_MOUNT) && !on_bpffs(Path::new(BPF_FS_MOUNT)) {
                 mount_bpffs().map_err(|source| PinError::Io { path: BPF_FS_MOUNT.into(), source })?;
-                tracing::info!(path = BPF_FS_MOUNT, "mounted the BPF filesystem");
+                tracing::warn!(
+                    path = BPF_FS_MOUNT,
+                    "mounted the BPF filesystem; in a container it lasts only as long as the container, and the capture with it: mount the host's /sys/fs/bpf into the container instead"
+                );
             }
             if !on_bpffs(root) {
                 return Err(PinError::NotBpfFs(root.to_path_buf()));

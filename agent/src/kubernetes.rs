@@ -300,3 +300,31 @@ async fn write_statuses(client: Client, mut pending: mpsc::UnboundedReceiver<(St
         }
     }
 }
+
+/// What a stopping container of the agents' DaemonSet is part of.
+pub enum DaemonSetFate {
+    /// The DaemonSet stays: a rolling update or a node drain.
+    Stays,
+    /// It is being deleted, or the container's own access is gone (its
+    /// service account or RBAC went first): ambit is being uninstalled.
+    Deleted(&'static str),
+    /// The API server could not tell.
+    Unknown(String),
+}
+
+/// Asks the API server about DaemonSet `namespace/name`.
+pub async fn daemonset_fate(namespace: &str, name: &str) -> DaemonSetFate {
+    let client = match ambit_kube::client().await {
+        Ok(client) => client,
+        Err(error) => return DaemonSetFate::Unknown(format!("{error:#}")),
+    };
+    let daemonsets = kube::Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client, namespace);
+    match daemonsets.get_opt(name).await {
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_none() => DaemonSetFate::Stays,
+        Ok(_) => DaemonSetFate::Deleted("the DaemonSet is being deleted"),
+        Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => {
+            DaemonSetFate::Deleted("the DaemonSet's own access is gone")
+        }
+        Err(error) => DaemonSetFate::Unknown(error.to_string()),
+    }
+}

@@ -15,7 +15,7 @@ use ambit_agent::{
     cni_install,
     enrolment::{Enrolments, NetnsPaths},
     handoff,
-    kubernetes::Cluster,
+    kubernetes::{Cluster, DaemonSetFate, daemonset_fate},
     netns, probe,
     proxy::{ProxyContext, workers::Workers},
 };
@@ -87,6 +87,11 @@ struct AgentArgs {
     /// istio.io/use-waypoint, for clusters moving over from Istio ambient.
     #[arg(long, env = "AMBIT_ISTIO_LABELS", requires = "kubernetes")]
     istio_labels: bool,
+    /// Kubernetes mode: the agents' DaemonSet (`namespace/name`). An agent
+    /// stopping while it is being deleted removes the capture (ambit is
+    /// being uninstalled); otherwise the capture stays.
+    #[arg(long, env = "AMBIT_DAEMONSET", default_value = "ambit-system/ambit-agent")]
+    daemonset: String,
     /// Kubernetes mode: where the ambit-cni plugin reaches the agent.
     #[arg(long, env = "AMBIT_CNI_SOCKET", default_value = ambit_cni_api::DEFAULT_SOCKET)]
     cni_socket: PathBuf,
@@ -414,7 +419,6 @@ async fn run_cni(command: CniCommand) -> anyhow::Result<()> {
     let (mut sigterm, mut sigint) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
     let install = || cni_install::install(&plugin, &host.cni_bin_dir, &host.cni_conf_dir, &agent_socket);
     install()?;
-    let client = ambit_kube::client().await?;
     tracing::info!(conf_dir = %host.cni_conf_dir.display(), "CNI installer running: ambit-cni is chained");
     let mut check = tokio::time::interval(CNI_RECHECK_INTERVAL);
     loop {
@@ -426,22 +430,16 @@ async fn run_cni(command: CniCommand) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
     }
-    let daemonsets = kube::Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client, namespace);
-    match daemonsets.get_opt(name).await {
-        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_none() => {
+    match daemonset_fate(namespace, name).await {
+        DaemonSetFate::Stays => {
             tracing::info!("the DaemonSet stays (a rolling update): ambit-cni stays chained for the next installer");
             Ok(())
         }
-        Ok(_) => {
-            tracing::info!("the DaemonSet is being deleted: removing ambit-cni from the host");
+        DaemonSetFate::Deleted(why) => {
+            tracing::info!(why, "removing ambit-cni from the host");
             cni_install::uninstall(&host.cni_bin_dir, &host.cni_conf_dir)
         }
-        // Its service account or RBAC went first: ambit is being uninstalled.
-        Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => {
-            tracing::info!(code = status.code, "the installer's own access is gone: removing ambit-cni from the host");
-            cni_install::uninstall(&host.cni_bin_dir, &host.cni_conf_dir)
-        }
-        Err(error) => {
+        DaemonSetFate::Unknown(error) => {
             tracing::warn!(%error, "cannot tell whether the DaemonSet is being deleted; ambit-cni stays chained (run `ambit-agent cni uninstall` on the node to remove it)");
             Ok(())
         }
@@ -486,6 +484,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             "--config-dir {}: not a directory; create it or point at the standalone configuration",
             config_dir.display()
         );
+    }
+    if args.kubernetes {
+        namespaced_name("--daemonset", &args.daemonset)?;
     }
     let bundle = load_bundle(&ca_root, &args.trust_domain)?;
     let provider = CaClient::new(&ca_addr, node.clone(), token_file, &bundle)?;
@@ -672,9 +673,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             let _ = stopped.send(());
             drain(&ctx, args.drain_timeout, &mut sigterm).await;
         }
-        None => tracing::info!(
-            "shutting down; the capture stays in place, so enrolled pods' connections fail until the next agent is ready (`ambit-agent uninstall` removes it)"
-        ),
+        None => stop_capture(args.kubernetes, &args.daemonset, &args.bpf_dir).await,
     }
     let counters: Vec<String> = capture_counters.read().iter().map(|(name, value)| format!("{name}={value}")).collect();
     tracing::info!(counters = %counters.join(" "), "kernel capture counters");
@@ -682,6 +681,34 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     tracing::info!(counters = %counters.join(" "), "proxy counters");
     tracing::info!("agent stopped");
     Ok(())
+}
+
+/// A stop with no agent taking over: the capture stays in place, so
+/// enrolled pods' connections fail until the next agent is ready, unless
+/// ambit is being uninstalled (Kubernetes mode: the DaemonSet is going).
+async fn stop_capture(kubernetes: bool, daemonset: &str, bpf_dir: &std::path::Path) {
+    if kubernetes && let Ok((namespace, name)) = namespaced_name("--daemonset", daemonset) {
+        match daemonset_fate(namespace, name).await {
+            DaemonSetFate::Deleted(why) => {
+                return match bpffs::remove(bpf_dir) {
+                    Ok(()) => tracing::info!(
+                        why,
+                        "ambit is being uninstalled: the capture is removed, and pods' traffic flows directly"
+                    ),
+                    Err(error) => {
+                        tracing::error!(why, %error, bpf_dir = %bpf_dir.display(), "ambit is being uninstalled, but the capture cannot be removed; run `ambit-agent uninstall` on the node")
+                    }
+                };
+            }
+            DaemonSetFate::Unknown(error) => {
+                tracing::warn!(%error, "cannot tell whether the DaemonSet is being deleted; the capture stays");
+            }
+            DaemonSetFate::Stays => {}
+        }
+    }
+    tracing::info!(
+        "shutting down; the capture stays in place, so enrolled pods' connections fail until the next agent is ready (`ambit-agent uninstall` removes it)"
+    );
 }
 
 /// After a handoff: GOAWAY to the peers' HBONE connections, then waits for

@@ -24,9 +24,9 @@ use serde_json::{Value, json};
 
 use crate::{cargo, exec, root, setup};
 
-const IPERF_PORT: u16 = 5201;
-const ECHO_PORT: u16 = 7000;
-const HTTP_PORT: u16 = 8000;
+pub(crate) const IPERF_PORT: u16 = 5201;
+pub(crate) const ECHO_PORT: u16 = 7000;
+pub(crate) const HTTP_PORT: u16 = 8000;
 /// The server-side relay of the plain-relays scenario listens on each
 /// server port plus this.
 const RELAY_PORT_OFFSET: u16 = 10_000;
@@ -146,7 +146,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     for i in 0..IDLE_PODS - 2 {
         bed.add_pod("n1", "shop", &format!("idle-{i}"))?;
     }
-    let mut agents = vec![bed.start_agent("n1")?, bed.start_agent("n2")?];
+    let mut agents = [bed.start_agent("n1")?, bed.start_agent("n2")?];
     for agent in &mut agents {
         agent.wait_ready()?;
     }
@@ -191,6 +191,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     }
     let peak_rss_kb =
         agents.iter().map(|a| ambit_testbed::proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
+    let lifecycle = crate::lifecycle_bench::run(&bed, &mut agents, &tool)?;
     let elapsed = started.elapsed();
 
     let report = Report {
@@ -201,6 +202,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         kubernetes,
         node,
         http,
+        lifecycle,
     };
     println!("{}", report.markdown(&plan, elapsed));
     if let Some(path) = out {
@@ -284,7 +286,7 @@ fn iperf3(bed: &Bed, client: &str, server: &str, secs: &str, streams: usize) -> 
 }
 
 /// User and system CPU seconds of `pids`, summed.
-fn cpu_seconds(pids: &[u32]) -> Result<f64> {
+pub(crate) fn cpu_seconds(pids: &[u32]) -> Result<f64> {
     let ticks_per_second = 100.0; // USER_HZ on Linux
     let mut total = 0.0;
     for pid in pids {
@@ -310,6 +312,8 @@ struct Report<'a> {
     node: Value,
     /// Per round: the L4-only service, then the same through the waypoint.
     http: Vec<[HttpSample; 2]>,
+    /// `lifecycle_bench`: connections held, and an upgrade under load.
+    lifecycle: Value,
 }
 
 const L4_VIP: &str = "10.96.0.30";
@@ -507,6 +511,7 @@ impl Report<'_> {
             n["ambit_cni_bytes"]
         ));
         out.push_str(&self.http_markdown());
+        out.push_str(&crate::lifecycle_bench::markdown(&self.lifecycle));
         out.push_str(&format!("Run time: {:.0} s.\n", elapsed.as_secs_f64()));
         out
     }
@@ -590,6 +595,7 @@ impl Report<'_> {
                 "l4": {"rps": l4.rps, "p50_ms": l4.p50_ms, "p99_ms": l4.p99_ms},
                 "waypoint": {"rps": l7.rps, "p50_ms": l7.p50_ms, "p99_ms": l7.p99_ms},
             })).collect::<Vec<_>>(),
+            "lifecycle": self.lifecycle,
             "elapsed_seconds": elapsed.as_secs_f64(),
             "machine": machine(),
         })

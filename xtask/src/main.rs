@@ -11,6 +11,7 @@
 
 mod bench;
 mod cluster_bench;
+mod lifecycle_bench;
 mod demo;
 mod fuzz;
 mod setup;

@@ -64,17 +64,138 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         concurrency: usize,
     },
+    /// Opens COUNT connections to an echo server (one byte each way), holds
+    /// them for SECONDS, then checks each still echoes. Prints a JSON line
+    /// when all are open and another at the end.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// CONNECTIONS HTTP/1.1 keep-alive connections, each sending a request
+    /// every INTERVAL_MS for SECONDS and checking every response body.
+    Keepalive {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+    },
 }
+
+/// The HTTP server's answer to every request.
+const HTTP_BODY: &[u8] = b"hello from the bench server\n";
+/// Connections opened at once by `hold`.
+const HOLD_CONCURRENCY: usize = 128;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Thousands of connections need thousands of descriptors.
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     match Cli::parse().command {
         Command::Echo { listen } => echo(listen).await,
         Command::Http { listen } => http(listen).await,
         Command::Pingpong { to, size, count } => pingpong(to, size, count).await,
         Command::Connrate { to, seconds, concurrency } => connrate(to, seconds, concurrency).await,
         Command::Relay { forwards } => relay(forwards).await,
+        Command::Hold { to, count, seconds } => hold(to, count, seconds).await,
+        Command::Keepalive { to, connections, seconds, interval_ms } => {
+            keepalive(to, connections, seconds, interval_ms).await
+        }
     }
+}
+
+/// One byte there and back.
+async fn echo_once(stream: &mut TcpStream) -> std::io::Result<()> {
+    stream.write_all(b"x").await?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).await?;
+    Ok(())
+}
+
+async fn hold(to: SocketAddr, count: usize, seconds: u64) -> anyhow::Result<()> {
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(HOLD_CONCURRENCY));
+    let opening: Vec<_> = (0..count)
+        .map(|_| {
+            let semaphore = semaphore.clone();
+            tokio::spawn(async move {
+                let _permit = semaphore.acquire().await.ok()?;
+                let mut stream = TcpStream::connect(to).await.ok()?;
+                echo_once(&mut stream).await.ok()?;
+                Some(stream)
+            })
+        })
+        .collect();
+    let mut streams = Vec::with_capacity(count);
+    for task in opening {
+        streams.extend(task.await?);
+    }
+    println!("{{\"opened\": {}, \"refused\": {}}}", streams.len(), count - streams.len());
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let mut broken = 0;
+    for stream in &mut streams {
+        if echo_once(stream).await.is_err() {
+            broken += 1;
+        }
+    }
+    println!("{{\"broken\": {broken}}}");
+    Ok(())
+}
+
+async fn keepalive(to: SocketAddr, connections: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<()> {
+    use http_body_util::BodyExt as _;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let clients: Vec<_> = (0..connections)
+        .map(|_| {
+            tokio::spawn(async move {
+                // (requests answered intact, requests failed, whether the connection broke)
+                let (mut ok, mut failed) = (0u64, 0u64);
+                let Ok(stream) = TcpStream::connect(to).await else { return (ok, 1, true) };
+                let Ok((mut sender, connection)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                else {
+                    return (ok, 1, true);
+                };
+                tokio::spawn(connection);
+                let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    let request = hyper::Request::get(format!("http://{to}/")).body(Full::new(Bytes::new()));
+                    let answered = async {
+                        let response = sender.send_request(request.ok()?).await.ok()?;
+                        let body = response.into_body().collect().await.ok()?.to_bytes();
+                        (body == HTTP_BODY).then_some(())
+                    };
+                    match answered.await {
+                        Some(()) => ok += 1,
+                        None => {
+                            failed += 1;
+                            if sender.is_closed() {
+                                return (ok, failed, true);
+                            }
+                        }
+                    }
+                }
+                (ok, failed, false)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed, mut broken) = (0, 0, 0);
+    for client in clients {
+        let (o, f, b) = client.await?;
+        ok += o;
+        failed += f;
+        broken += u64::from(b);
+    }
+    println!("{{\"connections\": {connections}, \"requests\": {ok}, \"failed\": {failed}, \"broken\": {broken}}}");
+    Ok(())
 }
 
 async fn echo(listen: SocketAddr) -> anyhow::Result<()> {
@@ -132,7 +253,7 @@ async fn http(listen: SocketAddr) -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let service = service_fn(|_request| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello from the bench server\n"))))
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(HTTP_BODY))))
             });
             let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service).await;
         });
@@ -175,10 +296,7 @@ async fn connrate(to: SocketAddr, seconds: u64, concurrency: usize) -> anyhow::R
                 while Instant::now() < deadline {
                     let exchange = async {
                         let mut stream = TcpStream::connect(to).await?;
-                        stream.write_all(b"x").await?;
-                        let mut byte = [0u8; 1];
-                        stream.read_exact(&mut byte).await?;
-                        Ok::<_, std::io::Error>(())
+                        echo_once(&mut stream).await
                     };
                     match exchange.await {
                         Ok(()) => done += 1,

@@ -11,9 +11,9 @@
 
 mod bench;
 mod cluster_bench;
-mod lifecycle_bench;
 mod demo;
 mod fuzz;
+mod lifecycle_bench;
 mod setup;
 mod test;
 

@@ -34,6 +34,21 @@ pub struct EnrolledPod {
     pub netns_cookie: u64,
 }
 
+/// The enrolled pods with no valid certificate yet, one line each.
+pub fn missing_certificates(ctx: &ProxyContext, enrolled: &[EnrolledPod]) -> Vec<String> {
+    let held = ctx.certs.held();
+    let now = SystemTime::now();
+    enrolled
+        .iter()
+        .filter(|pod| {
+            !held
+                .iter()
+                .any(|(id, svid)| id.to_string() == pod.identity && svid.as_ref().is_some_and(|s| s.is_valid_at(now)))
+        })
+        .map(|pod| format!("  {}: no valid certificate for {} yet", pod.pod, pod.identity))
+        .collect()
+}
+
 pub struct Admin {
     pub node: String,
     pub ctx: Arc<ProxyContext>,
@@ -98,18 +113,7 @@ impl Admin {
 
     /// Why the agent is not ready; empty when it is.
     fn not_ready(&self) -> Vec<String> {
-        let held = self.ctx.certs.held();
-        let now = SystemTime::now();
-        self.enrolled
-            .borrow()
-            .iter()
-            .filter(|pod| {
-                !held.iter().any(|(id, svid)| {
-                    id.to_string() == pod.identity && svid.as_ref().is_some_and(|s| s.is_valid_at(now))
-                })
-            })
-            .map(|pod| format!("  {}: no valid certificate for {} yet", pod.pod, pod.identity))
-            .collect()
+        missing_certificates(&self.ctx, &self.enrolled.borrow())
     }
 
     fn config_dump(&self) -> serde_json::Value {

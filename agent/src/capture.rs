@@ -170,25 +170,23 @@ impl Capture {
         // Attached as BPF links (Linux >= 5.7), which always coexist with the
         // other programs at this cgroup (a CNI's, another node's agent in the
         // test bed); the link API takes no attach flags, hence `Single` (0).
-        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            let err = |source| CaptureError::Program { name, source };
-            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            program.load().map_err(err)?;
-            let pin = pins.cgroup_link(cgroup_id, name);
-            if !update_pinned(&pin, program.fd().map_err(err)?.as_fd()) {
-                let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(err)?;
-                pin_link(&pin, fd_link(program.take_link(id).map_err(err)?, name))?;
-            }
+        // The cgroup program types share no trait for attaching: one body, per type.
+        macro_rules! put_on_cgroup {
+            ($kind:ty, $name:expr) => {{
+                let name = $name;
+                let err = |source| CaptureError::Program { name, source };
+                let program: &mut $kind = program(&mut ebpf, name)?;
+                program.load().map_err(err)?;
+                let pin = pins.cgroup_link(cgroup_id, name);
+                if !update_pinned(&pin, program.fd().map_err(err)?.as_fd()) {
+                    let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(err)?;
+                    pin_link(&pin, fd_link(program.take_link(id).map_err(err)?, name))?;
+                }
+            }};
         }
-        let name = names::PROG_SOCK_OPS;
-        let err = |source| CaptureError::Program { name, source };
-        let sock_ops: &mut SockOps = program(&mut ebpf, name)?;
-        sock_ops.load().map_err(err)?;
-        let pin = pins.cgroup_link(cgroup_id, name);
-        if !update_pinned(&pin, sock_ops.fd().map_err(err)?.as_fd()) {
-            let id = sock_ops.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(err)?;
-            pin_link(&pin, fd_link(sock_ops.take_link(id).map_err(err)?, name))?;
-        }
+        put_on_cgroup!(CgroupSockAddr, names::PROG_CONNECT4);
+        put_on_cgroup!(CgroupSockAddr, names::PROG_CONNECT6);
+        put_on_cgroup!(SockOps, names::PROG_SOCK_OPS);
         // Links to a cgroup this agent no longer attaches to (--cgroup changed).
         for stale in pins.other_cgroup_links(cgroup_id) {
             tracing::info!(pin = %stale.display(), "detaching the capture from a cgroup no longer configured");

@@ -245,3 +245,53 @@ fn hand_over(conn: &OwnedFd, requests: &mpsc::Sender<Request>) -> io::Result<Out
     send(conn, DRAINING, &[])?;
     Ok(Outcome::TookOver)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A whole handoff between two ends in one process: the listeners
+    /// arrive as the same sockets, and the old end stops answering after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listeners_are_handed_over_and_the_old_agent_stops_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let expected: Vec<(u64, SocketAddr)> =
+            listeners.iter().map(|l| (netns_cookie(l).unwrap(), l.local_addr().unwrap())).collect();
+        let (tx, mut rx) = mpsc::channel(1);
+        serve(dir.path(), tx).unwrap();
+        let old_agent = tokio::spawn(async move {
+            while let Some(request) = rx.recv().await {
+                match request {
+                    Request::Listeners(reply) => {
+                        let copies = listeners.iter().map(|l| OwnedFd::from(l.try_clone().unwrap())).collect();
+                        reply.send(copies).unwrap();
+                    }
+                    Request::TakeOver(stopped) => return stopped.send(()).unwrap(),
+                }
+            }
+        });
+        assert!(agent_running(dir.path()).unwrap());
+
+        let path = dir.path().to_path_buf();
+        let (mut handed, predecessor) =
+            tokio::task::spawn_blocking(move || request(&path)).await.unwrap().unwrap().expect("an agent answers");
+        assert_eq!(handed.len(), 3);
+        for (cookie, addr) in &expected {
+            let listener = handed.take(*cookie, *addr).expect("the same socket");
+            assert_eq!(listener.local_addr().unwrap(), *addr);
+        }
+        assert!(handed.is_empty());
+        tokio::task::spawn_blocking(move || predecessor.take_over()).await.unwrap().unwrap();
+        old_agent.await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!agent_running(dir.path()).unwrap(), "the handoff thread ends after a takeover");
+    }
+
+    #[test]
+    fn nobody_answers_in_an_empty_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!agent_running(dir.path()).unwrap());
+        assert!(request(dir.path()).unwrap().is_none());
+    }
+}

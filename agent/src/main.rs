@@ -7,7 +7,7 @@
 use std::{collections::HashSet, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use ambit_agent::{
-    admin::Admin,
+    admin::{Admin, missing_certificates},
     bpffs::{self, PinDir},
     ca::DirectoryPlacement,
     capture::Capture,
@@ -41,8 +41,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/ambit";
 const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/ambit";
+/// How long a new agent waits for its pods' certificates before taking
+/// over from the running one anyway.
+const TAKEOVER_CERTIFICATE_WAIT: Duration = Duration::from_secs(30);
 /// How often the draining agent looks at its open connections.
 const DRAIN_POLL: Duration = Duration::from_millis(200);
+/// How often the draining agent logs how many connections are still open.
+const DRAIN_PROGRESS: Duration = Duration::from_secs(10);
 /// How often pods that failed to enrol are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(2);
 /// Kubernetes mode: how often each ambient pod's netns is checked (it
@@ -589,6 +594,18 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     enrolments.sweep();
     match predecessor {
         Some(predecessor) => {
+            // The old agent serves until this one holds its pods' certificates.
+            let certificates = async {
+                while !missing_certificates(&ctx, &enrolments.enrolled_pods()).is_empty() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            if tokio::time::timeout(TAKEOVER_CERTIFICATE_WAIT, certificates).await.is_err() {
+                tracing::warn!(
+                    missing = %missing_certificates(&ctx, &enrolments.enrolled_pods()).join("; "),
+                    "taking over without every pod's certificate"
+                );
+            }
             tokio::task::spawn_blocking(move || predecessor.take_over())
                 .await?
                 .context("the running agent did not stop accepting")?;
@@ -718,6 +735,7 @@ async fn drain(ctx: &ProxyContext, timeout: Duration, sigterm: &mut tokio::signa
     ctx.draining.send_replace(true);
     tracing::info!(open = ctx.workers.in_flight(), ?timeout, "another agent took over; draining the open connections");
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut progress = tokio::time::interval(DRAIN_PROGRESS);
     loop {
         let open = ctx.workers.in_flight();
         if open == 0 {
@@ -728,6 +746,7 @@ async fn drain(ctx: &ProxyContext, timeout: Duration, sigterm: &mut tokio::signa
         }
         tokio::select! {
             _ = tokio::time::sleep(DRAIN_POLL) => {}
+            _ = progress.tick() => tracing::info!(open, "draining"),
             _ = sigterm.recv() => tracing::info!(open, "SIGTERM while draining: exiting once the connections end or at the drain deadline"),
         }
     }

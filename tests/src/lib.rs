@@ -541,19 +541,55 @@ impl Bed {
         self.write_pod(&pod)
     }
 
+    /// Adds `count` pods to `node` that exist only to be enrolled: each is
+    /// a netns holding its address on a veth pair of its own, with no path anywhere,
+    /// so a thousand of them cost the bed little (benchmarks of enrolment).
+    /// They are named `<prefix>-<i>`, use `accounts` service accounts in
+    /// turn, and are declared in one configuration file, `file`; returns
+    /// their ids.
+    pub fn add_enrolment_only_pods(
+        &mut self,
+        node: &str,
+        namespace: &str,
+        prefix: &str,
+        count: usize,
+        accounts: usize,
+        file: &str,
+    ) -> Result<Vec<String>> {
+        let node = self.node(node).clone();
+        let mut documents = Vec::with_capacity(count);
+        let mut ids = Vec::with_capacity(count);
+        for i in 0..count {
+            let name = format!("{prefix}-{i}");
+            let netns = format!("{PREFIX}{}-{namespace}-{name}", self.run);
+            let pod = Pod {
+                namespace: namespace.to_string(),
+                name: name.clone(),
+                node: node.name.clone(),
+                ip: Ipv4Addr::new(10, 200 + node.index, u8::try_from(i / 250)?, u8::try_from(i % 250 + 1)?),
+                ip6: None,
+                service_account: format!("{prefix}-sa-{}", i % accounts.max(1)),
+                netns: netns.clone(),
+                cgroup: node.cgroup.clone(),
+                labels: BTreeMap::from([("app".to_string(), prefix.to_string())]),
+                uid: None,
+            };
+            ip(&["netns", "add", &netns])?;
+            let setup = format!(
+                "link add d0 type veth peer name d1\naddr add {}/32 dev d0\nlink set d0 up\nlink set d1 up\nlink set lo up\n",
+                pod.ip
+            );
+            run_with_input(Command::new("ip").args(["-n", &netns, "-batch", "-"]), &setup)?;
+            documents.push(pod_yaml(&pod));
+            ids.push(pod.id());
+            self.pods.push(pod);
+        }
+        self.write_config(file, &documents.join("---\n"))?;
+        Ok(ids)
+    }
+
     fn write_pod(&self, pod: &Pod) -> Result<()> {
-        let labels: String = pod.labels.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
-        let yaml = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\n  annotations:\n    ambit.dev/netns: {netns}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIPs:\n  - ip: {ip}\n{ip6}",
-            name = pod.name,
-            ns = pod.namespace,
-            netns = pod.netns_path().display(),
-            node = pod.node,
-            sa = pod.service_account,
-            ip = pod.ip,
-            ip6 = pod.ip6.map(|ip6| format!("  - ip: {ip6}\n")).unwrap_or_default(),
-        );
-        self.write_config(&format!("pod-{}-{}.yaml", pod.namespace, pod.name), &yaml)
+        self.write_config(&format!("pod-{}-{}.yaml", pod.namespace, pod.name), &pod_yaml(pod))
     }
 
     /// Writes a file into the configuration directory atomically (a hidden
@@ -755,6 +791,21 @@ impl Drop for Bed {
     }
 }
 
+/// A pod's configuration file (standalone mode).
+fn pod_yaml(pod: &Pod) -> String {
+    let labels: String = pod.labels.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\n  annotations:\n    ambit.dev/netns: {netns}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIPs:\n  - ip: {ip}\n{ip6}",
+        name = pod.name,
+        ns = pod.namespace,
+        netns = pod.netns_path().display(),
+        node = pod.node,
+        sa = pod.service_account,
+        ip = pod.ip,
+        ip6 = pod.ip6.map(|ip6| format!("  - ip: {ip6}\n")).unwrap_or_default(),
+    )
+}
+
 /// A figure of `/proc/<pid>/status` in kB, e.g. `VmRSS:` (resident now)
 /// or `VmHWM:` (the peak).
 pub fn proc_status(pid: u32, key: &str) -> Result<u64> {
@@ -822,6 +873,18 @@ fn ip(args: &[&str]) -> Result<()> {
 
 fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
     run_ok(Command::new("ip").arg("-n").arg(netns).args(args))
+}
+
+/// Runs `cmd` with `input` on its stdin, failing with its stderr.
+fn run_with_input(cmd: &mut Command, input: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("{cmd:?} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
 }
 
 fn run_ok(cmd: &mut Command) -> Result<()> {

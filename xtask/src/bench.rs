@@ -146,7 +146,10 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     for i in 0..IDLE_PODS - 2 {
         bed.add_pod("n1", "shop", &format!("idle-{i}"))?;
     }
-    let mut agents = [bed.start_agent("n1")?, bed.start_agent("n2")?];
+    let mut agents = [
+        bed.start_agent_with("n1", crate::lifecycle_bench::AGENT_ARGS)?,
+        bed.start_agent_with("n2", crate::lifecycle_bench::AGENT_ARGS)?,
+    ];
     for agent in &mut agents {
         agent.wait_ready()?;
     }
@@ -191,7 +194,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     }
     let peak_rss_kb =
         agents.iter().map(|a| ambit_testbed::proc_status(a.pid(), "VmHWM:")).collect::<Result<Vec<_>>>()?;
-    let lifecycle = crate::lifecycle_bench::run(&bed, &mut agents, &tool)?;
+    let lifecycle = crate::lifecycle_bench::run(&mut bed, &mut agents, &tool)?;
     let elapsed = started.elapsed();
 
     let report = Report {

@@ -6,16 +6,18 @@
 //! - both agents upgraded, one after the other, under an iperf3 stream,
 //!   1,000 HTTP keep-alive connections (a request every 500 ms, every body
 //!   checked) and a stream of new connections: failures, broken
-//!   connections, and what the old agents reset.
+//!   connections, and what the old agents reset;
+//! - 1,000 pods added to node 1 at once, then removed: the time to enrol
+//!   and unenrol them all, and the agent's RSS per enrolled pod.
 
 use std::{
     io::{BufRead as _, BufReader},
     path::Path,
     process::Stdio,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use ambit_testbed::{Agent, Bed, proc_status};
+use ambit_testbed::{Agent, Bed, proc_status, wait_until};
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
@@ -27,15 +29,55 @@ const HOLD_SECONDS: u64 = 20;
 const REST_SECONDS: u64 = 10;
 const KEEPALIVE: usize = 1_000;
 const UPGRADE_LOAD_SECONDS: u64 = 20;
+const CHURN_PODS: usize = 1_000;
+/// Service accounts among the churned pods: each is a certificate.
+const CHURN_ACCOUNTS: usize = 100;
+const CHURN_FILE: &str = "bench-churn.yaml";
+/// The bench's agents drain for at most this long after an upgrade: what
+/// is still open then is reset, and counted.
+pub const AGENT_ARGS: &[&str] = &["--drain-timeout", "30s"];
 
-pub fn run(bed: &Bed, agents: &mut [Agent; 2], tool: &Path) -> Result<Value> {
+pub fn run(bed: &mut Bed, agents: &mut [Agent; 2], tool: &Path) -> Result<Value> {
     let tool = tool.to_str().context("UTF-8 path")?;
     let server = bed.pod("shop/server").ip.to_string();
     eprintln!("bench: {HELD} concurrent connections");
     let held = hold(bed, agents, tool, &server)?;
     eprintln!("bench: agents upgraded under load");
     let upgrade = upgrade(bed, agents, tool, &server)?;
-    Ok(json!({ "held_connections": held, "upgrade_under_load": upgrade }))
+    eprintln!("bench: {CHURN_PODS} pods enrolled and unenrolled");
+    let churn = churn(bed, &agents[0])?;
+    Ok(json!({ "held_connections": held, "upgrade_under_load": upgrade, "pod_churn": churn }))
+}
+
+fn churn(bed: &mut Bed, agent: &Agent) -> Result<Value> {
+    let enrolled = |bed: &Bed| -> Result<usize> {
+        let (_, metrics) = bed.admin_get("n1", "/metrics")?;
+        let value = metrics.lines().find_map(|l| l.strip_prefix("ambit_enrolled_pods "));
+        Ok(value.context("ambit_enrolled_pods")?.trim().parse()?)
+    };
+    let before = enrolled(bed)?;
+    let rss_before = proc_status(agent.pid(), "VmRSS:")?;
+    bed.add_enrolment_only_pods("n1", "shop", "churn", CHURN_PODS, CHURN_ACCOUNTS, CHURN_FILE)?;
+    // Timed from the moment the file holding them all is written.
+    let written = Instant::now();
+    wait_until(Duration::from_secs(300), "every churned pod enrolled", || Ok(enrolled(bed)? >= before + CHURN_PODS))?;
+    let enrol = written.elapsed();
+    // Their certificates arrive right after.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_enrolled = proc_status(agent.pid(), "VmRSS:")?;
+    std::fs::remove_file(bed.config_dir().join(CHURN_FILE))?;
+    let removed = Instant::now();
+    wait_until(Duration::from_secs(300), "every churned pod unenrolled", || Ok(enrolled(bed)? <= before))?;
+    let unenrol = removed.elapsed();
+    Ok(json!({
+        "pods": CHURN_PODS,
+        "service_accounts": CHURN_ACCOUNTS,
+        "enrol_all_seconds": enrol.as_secs_f64(),
+        "unenrol_all_seconds": unenrol.as_secs_f64(),
+        "rss_kb_before": rss_before,
+        "rss_kb_enrolled": rss_enrolled,
+        "rss_kb_per_pod": rss_enrolled.saturating_sub(rss_before) as f64 / CHURN_PODS as f64,
+    }))
 }
 
 fn hold(bed: &Bed, agents: &[Agent; 2], tool: &str, server: &str) -> Result<Value> {
@@ -83,8 +125,8 @@ fn upgrade(bed: &Bed, agents: &mut [Agent; 2], tool: &str, server: &str) -> Resu
     std::thread::sleep(Duration::from_secs(4));
     let (mut switch_ms, mut drained) = (Vec::new(), Vec::new());
     for (index, node) in ["n1", "n2"].into_iter().enumerate() {
-        let started = std::time::Instant::now();
-        let mut next = bed.start_agent(node)?;
+        let started = Instant::now();
+        let mut next = bed.start_agent_with(node, AGENT_ARGS)?;
         next.wait_ready()?;
         switch_ms.push(started.elapsed().as_millis() as u64);
         let old = std::mem::replace(&mut agents[index], next);
@@ -97,8 +139,23 @@ fn upgrade(bed: &Bed, agents: &mut [Agent; 2], tool: &str, server: &str) -> Resu
     };
     let (iperf, keepalive, connrate) = (output(iperf)?, output(keepalive)?, output(connrate)?);
     let mut reset = 0;
+    // Why connections failed: agent, direction, destination and error, over
+    // the old and the new agents' logs.
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
+    for (role, agent) in drained.iter().map(|a| ("old", a)).chain(agents.iter().map(|a| ("new", a))) {
+        for c in agent.connections() {
+            if let Some(error) = c.error {
+                let key = format!("{role} {}: {} to {}: {error}", agent.node, c.direction, c.dst_addr);
+                *errors.entry(key).or_default() += 1;
+            }
+        }
+    }
     for old in &mut drained {
-        old.wait_exit(Duration::from_secs(60))?;
+        old.wait_exit(Duration::from_secs(60)).with_context(|| {
+            let log = old.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            format!("the old agent of {} did not exit; its log ends:\n{}", old.node, tail.join("\n"))
+        })?;
         reset += old.lines().iter().filter_map(|l| l["reset"].as_u64()).sum::<u64>();
     }
     Ok(json!({
@@ -108,6 +165,7 @@ fn upgrade(bed: &Bed, agents: &mut [Agent; 2], tool: &str, server: &str) -> Resu
         "new_connections": connrate,
         "switch_ms": switch_ms,
         "reset_at_drain_deadline": reset,
+        "connection_errors": errors,
     }))
 }
 
@@ -115,6 +173,7 @@ fn upgrade(bed: &Bed, agents: &mut [Agent; 2], tool: &str, server: &str) -> Resu
 pub fn markdown(lifecycle: &Value) -> String {
     let held = &lifecycle["held_connections"];
     let upgrade = &lifecycle["upgrade_under_load"];
+    let churn = &lifecycle["pod_churn"];
     let per_connection = |i: usize| held["rss_bytes_per_connection"][i].as_f64().unwrap_or_default() / 1024.0;
     format!(
         "\n## The agent under load and across an upgrade\n\n\
@@ -126,7 +185,10 @@ pub fn markdown(lifecycle: &Value) -> String {
         | {KEEPALIVE} keep-alive connections: requests answered / failed / connections broken | {} / {} / {} |\n\
         | new connections during the switch: per second / failed | {} / {} |\n\
         | connections reset at the drain deadline | {} |\n\
-        | time from starting the new agent to ready, n1 / n2 | {} ms / {} ms |\n",
+        | time from starting the new agent to ready, n1 / n2 | {} ms / {} ms |\n\
+        | {CHURN_PODS} pods ({CHURN_ACCOUNTS} service accounts) added at once: all enrolled after | {:.2} s |\n\
+        | the same removed: all unenrolled after | {:.2} s |\n\
+        | agent RSS per enrolled pod | {:.1} KiB |\n",
         held["opened"],
         held["refused"],
         held["broken_after_hold"],
@@ -142,5 +204,8 @@ pub fn markdown(lifecycle: &Value) -> String {
         upgrade["reset_at_drain_deadline"],
         upgrade["switch_ms"][0],
         upgrade["switch_ms"][1],
+        churn["enrol_all_seconds"].as_f64().unwrap_or_default(),
+        churn["unenrol_all_seconds"].as_f64().unwrap_or_default(),
+        churn["rss_kb_per_pod"].as_f64().unwrap_or_default(),
     )
 }

@@ -19,6 +19,10 @@ use tokio::net::TcpStream;
 
 use super::{ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext, workers};
 
+/// While draining, how often a connection that got GOAWAY checks whether
+/// it still carries a stream.
+const DRAIN_IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The destination side: mTLS from other tunnels, on one pod IP's port 15008.
 pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     let reject = |reason: &dyn std::fmt::Display| {
@@ -36,7 +40,7 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
             "HBONE connection rejected"
         );
     };
-    let Some(config) = pod.server_tls(&ctx.bundle) else {
+    let Some(config) = pod.svid().await.and_then(|svid| pod.server_tls(&svid, &ctx.bundle)) else {
         reject(&format_args!("no certificate for {} yet", pod.identity));
         relay::reset(&tcp);
         return;
@@ -57,6 +61,9 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
     );
     let mut draining = ctx.draining.subscribe();
     let mut going_away = false;
+    // One clone per stream running: the connection may close only when none is.
+    let streams = Arc::new(());
+    let (mut idle_check, mut idle_checks) = (tokio::time::interval(DRAIN_IDLE_CHECK), 0);
     loop {
         let next = tokio::select! {
             next = conn.accept() => next,
@@ -67,12 +74,27 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
                 going_away = true;
                 continue;
             }
+            // A peer that keeps an idle connection open after GOAWAY would
+            // hold the draining agent until its deadline.
+            // Idle at two checks in a row: the last stream's final frames
+            // have been flushed by then.
+            _ = idle_check.tick(), if going_away => {
+                idle_checks = if Arc::strong_count(&streams) == 1 { idle_checks + 1 } else { 0 };
+                if idle_checks == 2 {
+                    break;
+                }
+                continue;
+            }
         };
         let Some(Ok((request, respond))) = next else { break };
         // A stream is work on this worker, like a connection: counted, it
         // steers the next connections to less busy workers.
+        let running = streams.clone();
         let stream = stream(request, respond, peer_id.clone(), peer, pod.clone(), ctx.clone());
-        tokio::spawn(ctx.workers.count_stream().around(stream));
+        tokio::spawn(ctx.workers.count_stream().around(async move {
+            stream.await;
+            drop(running);
+        }));
     }
 }
 

@@ -50,6 +50,9 @@ use crate::{
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Port of the plaintext inbound listener, on the wildcard address in each pod.
 pub use ambit_abi::INBOUND_PORT;
+/// How long a connection waits for its pod's certificate when there is no
+/// valid one yet, before it fails.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 /// How long to wait for the destination to accept before failing the connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -199,19 +202,24 @@ impl PodContext {
         }
     }
 
-    /// The current SVID, if one is valid now.
-    pub fn current_svid(&self) -> Option<Arc<Svid>> {
-        self.svid.borrow().clone().filter(|s| s.is_valid_at(std::time::SystemTime::now()))
+    /// A valid SVID: the current one, or the first to arrive within
+    /// [`CERTIFICATE_WAIT`] (the pod was just enrolled, or this agent just
+    /// took over from another and is still fetching its certificates).
+    pub async fn svid(&self) -> Option<Arc<Svid>> {
+        let valid =
+            |svid: &Option<Arc<Svid>>| svid.as_ref().is_some_and(|s| s.is_valid_at(std::time::SystemTime::now()));
+        let mut svid = self.svid.clone();
+        let arrived = tokio::time::timeout(CERTIFICATE_WAIT, svid.wait_for(valid)).await;
+        arrived.ok()?.ok().and_then(|svid| svid.clone())
     }
 
-    /// The HBONE server configuration for the current SVID.
-    fn server_tls(&self, bundle: &TrustBundle) -> Option<Arc<rustls::ServerConfig>> {
-        let svid = self.current_svid()?;
+    /// The HBONE server configuration for `svid`.
+    fn server_tls(&self, svid: &Svid, bundle: &TrustBundle) -> Option<Arc<rustls::ServerConfig>> {
         let mut cached = self.server_tls.lock().expect("server tls lock");
         if let Some((_, config)) = cached.as_ref().filter(|(serial, _)| *serial == svid.serial) {
             return Some(config.clone());
         }
-        let config = match tls::server_config(&svid, bundle, true) {
+        let config = match tls::server_config(svid, bundle, true) {
             Ok(config) => Arc::new(config),
             Err(e) => {
                 tracing::error!(pod = %self.id, error = %e, "cannot build the mTLS server configuration");

@@ -151,7 +151,7 @@ async fn open_hbone(
     pod: &PodContext,
     ctx: &ProxyContext,
 ) -> Result<HboneStream, HboneError> {
-    let svid = pod.current_svid().ok_or_else(|| HboneError::NoCertificate(pod.identity.clone()))?;
+    let svid = pod.svid().await.ok_or_else(|| HboneError::NoCertificate(pod.identity.clone()))?;
     let source_ip = source_ip.ok_or(HboneError::NoSourceAddress(app))?;
     let target = HboneTarget { hbone, expected: expected.clone(), app, source_ip };
     ctx.pool.open(pod, &svid, &ctx.bundle, &target).await

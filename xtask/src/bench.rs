@@ -22,11 +22,12 @@ use ambit_testbed::{Agent, Bed, wait_until};
 use anyhow::{Context as _, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{cargo, exec, root, setup};
+use crate::{
+    cargo, exec,
+    measure::{ECHO_PORT, HTTP_PORT, IPERF_PORT, cpu_seconds},
+    root, setup,
+};
 
-pub(crate) const IPERF_PORT: u16 = 5201;
-pub(crate) const ECHO_PORT: u16 = 7000;
-pub(crate) const HTTP_PORT: u16 = 8000;
 /// The server-side relay of the plain-relays scenario listens on each
 /// server port plus this.
 const RELAY_PORT_OFFSET: u16 = 10_000;
@@ -286,21 +287,6 @@ fn iperf3(bed: &Bed, client: &str, server: &str, secs: &str, streams: usize) -> 
     let report: Value = serde_json::from_str(&out)?;
     let received = &report["end"]["sum_received"];
     Ok((received["bits_per_second"].as_f64().unwrap_or_default() / 1e9, received["bytes"].as_u64().unwrap_or_default()))
-}
-
-/// User and system CPU seconds of `pids`, summed.
-pub(crate) fn cpu_seconds(pids: &[u32]) -> Result<f64> {
-    let ticks_per_second = 100.0; // USER_HZ on Linux
-    let mut total = 0.0;
-    for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name (which may hold spaces): utime is
-        // field 14, stime 15, counting from 1.
-        let after = stat.rsplit_once(')').context("/proc/pid/stat format")?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        total += (fields[11].parse::<f64>()? + fields[12].parse::<f64>()?) / ticks_per_second;
-    }
-    Ok(total)
 }
 
 struct Report<'a> {

@@ -21,7 +21,7 @@ use ambit_testbed::{Agent, Bed, proc_status, wait_until};
 use anyhow::{Context as _, Result};
 use serde_json::{Value, json};
 
-use crate::bench::{ECHO_PORT, HTTP_PORT, IPERF_PORT, cpu_seconds};
+use crate::measure::{ECHO_PORT, HTTP_PORT, IPERF_PORT, cpu_seconds};
 
 const HELD: usize = 10_000;
 const HOLD_SECONDS: u64 = 20;

@@ -14,6 +14,7 @@ mod cluster_bench;
 mod demo;
 mod fuzz;
 mod lifecycle_bench;
+mod measure;
 mod setup;
 mod test;
 

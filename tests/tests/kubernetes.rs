@@ -409,3 +409,37 @@ fn the_cni_installer_keeps_the_plugin_chained_until_the_daemonset_goes() {
     stop(installer);
     is_chained(false);
 }
+
+/// Kubernetes mode: an agent stopped by a rolling update leaves the
+/// capture in place (the node fails closed until the next agent); one
+/// stopped while its DaemonSet is being deleted removes it, and the pods
+/// talk directly.
+#[test]
+fn an_agent_stopped_as_its_daemonset_is_deleted_removes_the_capture() {
+    let Some((mut bed, mut n1, _n2)) = cluster() else { return };
+    bed.api()
+        .put(json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "ambit-agent", "namespace": "ambit-system"}}))
+        .unwrap();
+    let base = client_and_web(&mut bed);
+    curl(&bed, "shop/client", &base).unwrap();
+
+    n1.stop().unwrap();
+    assert!(bed.bpf_dir("n1").exists(), "a rolling update keeps the capture");
+    assert!(curl(&bed, "shop/client", &base).is_err(), "and the node fails closed");
+
+    let mut n1 = agent(&bed, "n1");
+    n1.wait_pod_event("pod enrolled", "shop/client", 0).unwrap();
+    curl(&bed, "shop/client", &base).unwrap();
+    bed.api().remove("daemonsets", Some("ambit-system"), "ambit-agent");
+    n1.stop().unwrap();
+    assert!(
+        n1.lines()
+            .iter()
+            .any(|l| l["message"]
+                == "ambit is being uninstalled: the capture is removed, and pods' traffic flows directly"),
+        "{}",
+        n1.log_text()
+    );
+    assert!(!bed.bpf_dir("n1").exists());
+    curl(&bed, "shop/client", &base).expect("the pod talks directly");
+}

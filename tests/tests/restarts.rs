@@ -323,3 +323,34 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
     wait_until(timeout, "the client to finish", || Ok(child.try_wait()?.is_some())).unwrap();
     child.wait().unwrap()
 }
+
+/// Maps pinned by an agent of another map layout (another version) are
+/// never adopted: the agent makes its own beside them, puts its programs on
+/// the hooks, and removes the others once its pods are enrolled.
+#[test]
+fn maps_of_another_layout_are_not_adopted_and_are_removed() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pods(&[("n1", "shop/app"), ("n2", "shop/web")]).unwrap();
+    let (root, _) = web_root(&bed, 1024);
+    bed.http_server("shop/web", HTTP_PORT, &root, &bed.scratch().join("web.log")).unwrap();
+    // What an agent of layout v0 would have left: its ENROLLED map, laid out otherwise.
+    let other = bed.bpf_dir("n1").join("maps-v0-000000000000");
+    std::fs::create_dir_all(&other).unwrap();
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(other.join("ENROLLED"))
+        .args(["type", "hash", "key", "8", "value", "4", "entries", "16", "name", "ENROLLED"])
+        .status()
+        .unwrap();
+    assert!(created.success());
+    let stale_id =
+        bpftool(&["map", "show", "pinned", other.join("ENROLLED").to_str().unwrap()])["id"].as_u64().unwrap();
+
+    let n1 = agent(&bed, "n1");
+    let _n2 = agent(&bed, "n2");
+    wait_nodes_ready(&bed, &["n1", "n2"]);
+    curl(&bed, "shop/app", &format!("http://{}:{HTTP_PORT}/index.html", bed.pod("shop/web").ip)).unwrap();
+    assert!(!objects_of(n1.pid()).maps.contains(&stale_id), "the other layout's map is not used");
+    assert!(!other.exists(), "the other layout's maps are removed");
+    wait_until(Duration::from_secs(10), "the stale map freed", || Ok(!exists("map", stale_id))).unwrap();
+}

@@ -182,7 +182,7 @@ pub fn markdown(lifecycle: &Value) -> String {
         | agent RSS per held connection, n1 (app side) / n2 (delivery side) | {:.1} KiB / {:.1} KiB |\n\
         | agents' CPU at rest with them held | {:.3} cores |\n\
         | upgrade under load: iperf3 error | {} |\n\
-        | {KEEPALIVE} keep-alive connections: requests answered / failed / connections broken | {} / {} / {} |\n\
+        | {KEEPALIVE} keep-alive connections: opened / requests answered / failed / connections broken | {} / {} / {} / {} |\n\
         | new connections during the switch: per second / failed | {} / {} |\n\
         | connections reset at the drain deadline | {} |\n\
         | time from starting the new agent to ready, n1 / n2 | {} ms / {} ms |\n\
@@ -196,6 +196,7 @@ pub fn markdown(lifecycle: &Value) -> String {
         per_connection(1),
         held["cpu_at_rest_cores"].as_f64().unwrap_or_default(),
         upgrade["iperf3_error"].as_str().unwrap_or("none"),
+        upgrade["keepalive"]["opened"],
         upgrade["keepalive"]["requests"],
         upgrade["keepalive"]["failed"],
         upgrade["keepalive"]["broken"],

@@ -150,51 +150,64 @@ async fn hold(to: SocketAddr, count: usize, seconds: u64) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn keepalive(to: SocketAddr, connections: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<()> {
+/// One GET on `sender`; whether the answer came back whole.
+async fn get(sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>, to: SocketAddr) -> bool {
     use http_body_util::BodyExt as _;
+    let Ok(request) = hyper::Request::get(format!("http://{to}/")).body(Full::new(Bytes::new())) else { return false };
+    let Ok(response) = sender.send_request(request).await else { return false };
+    response.into_body().collect().await.is_ok_and(|body| body.to_bytes() == HTTP_BODY)
+}
+
+async fn keepalive(to: SocketAddr, connections: usize, seconds: u64, interval_ms: u64) -> anyhow::Result<()> {
+    // Opened a few at a time, each with one request, before the timed
+    // part: a thousand connects at once overflow the server's accept queue,
+    // with or without a mesh.
+    let opening = std::sync::Arc::new(tokio::sync::Semaphore::new(HOLD_CONCURRENCY));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let clients: Vec<_> = (0..connections)
         .map(|_| {
+            let opening = opening.clone();
             tokio::spawn(async move {
-                // (requests answered intact, requests failed, whether the connection broke)
-                let (mut ok, mut failed) = (0u64, 0u64);
-                let Ok(stream) = TcpStream::connect(to).await else { return (ok, 1, true) };
+                // (opened, requests answered intact, requests failed, whether the connection broke)
+                let permit = opening.acquire().await.ok();
+                let Ok(stream) = TcpStream::connect(to).await else { return (false, 0, 0, false) };
                 let Ok((mut sender, connection)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
                 else {
-                    return (ok, 1, true);
+                    return (false, 0, 0, false);
                 };
                 tokio::spawn(connection);
+                if !get(&mut sender, to).await {
+                    return (false, 0, 0, false);
+                }
+                drop(permit);
+                let (mut ok, mut failed) = (1u64, 0u64);
                 let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
                 while Instant::now() < deadline {
                     tick.tick().await;
-                    let request = hyper::Request::get(format!("http://{to}/")).body(Full::new(Bytes::new()));
-                    let answered = async {
-                        let response = sender.send_request(request.ok()?).await.ok()?;
-                        let body = response.into_body().collect().await.ok()?.to_bytes();
-                        (body == HTTP_BODY).then_some(())
-                    };
-                    match answered.await {
-                        Some(()) => ok += 1,
-                        None => {
-                            failed += 1;
-                            if sender.is_closed() {
-                                return (ok, failed, true);
-                            }
+                    if get(&mut sender, to).await {
+                        ok += 1;
+                    } else {
+                        failed += 1;
+                        if sender.is_closed() {
+                            return (true, ok, failed, true);
                         }
                     }
                 }
-                (ok, failed, false)
+                (true, ok, failed, false)
             })
         })
         .collect();
-    let (mut ok, mut failed, mut broken) = (0, 0, 0);
+    let (mut opened, mut ok, mut failed, mut broken) = (0, 0, 0, 0);
     for client in clients {
-        let (o, f, b) = client.await?;
-        ok += o;
+        let (o, answered, f, b) = client.await?;
+        opened += u64::from(o);
+        ok += answered;
         failed += f;
         broken += u64::from(b);
     }
-    println!("{{\"connections\": {connections}, \"requests\": {ok}, \"failed\": {failed}, \"broken\": {broken}}}");
+    println!(
+        "{{\"connections\": {connections}, \"opened\": {opened}, \"requests\": {ok}, \"failed\": {failed}, \"broken\": {broken}}}"
+    );
     Ok(())
 }
 

@@ -69,10 +69,6 @@ impl PinDir {
         Ok(Self { root: root.to_path_buf() })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The maps directory of the given layout (see [`map_layout`]), created.
     pub fn maps(&self, layout: &str) -> Result<PathBuf, PinError> {
         let dir = self.root.join(format!("maps-{layout}"));

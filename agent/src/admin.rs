@@ -4,7 +4,8 @@
 //! - `/healthz/ready`: 200 once the kernel programs are attached and every
 //!   enrolled pod's certificate is loaded, 503 with the reasons before;
 //! - `/config_dump`: the state the agent acts on (no private keys);
-//! - `/certs`: every identity held, with serial, validity and chain.
+//! - `/certs`: every identity held, with serial, validity and chain (each
+//!   signer summarized), and the roots the agent trusts.
 
 use std::{
     convert::Infallible,
@@ -20,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use ambit_identity::ca::pem;
+use ambit_identity::{ca::pem, svid::summarize};
 use ambit_runtime::{listener::accept_next, metrics::Metrics};
 
 use crate::{capture::CaptureCounters, proxy::ProxyContext};
@@ -140,11 +141,17 @@ impl Admin {
                     "not_before": unix(svid.not_before),
                     "not_after": unix(svid.not_after),
                     "chain": svid.chain.iter().map(|c| pem("CERTIFICATE", c)).collect::<Vec<_>>(),
+                    "signers": svid.chain[1..].iter().filter_map(|c| summarize(c).ok()).collect::<Vec<_>>(),
                 }),
                 None => serde_json::json!({ "identity": identity.to_string(), "serial": null }),
             })
             .collect();
-        serde_json::json!({ "now": unix(SystemTime::now()), "identities": identities })
+        let roots: Vec<_> = self.ctx.bundle.roots().iter().filter_map(|c| summarize(c).ok()).collect();
+        serde_json::json!({
+            "now": unix(SystemTime::now()),
+            "identities": identities,
+            "trust_bundle": { "trust_domain": self.ctx.bundle.trust_domain, "roots": roots },
+        })
     }
 }
 

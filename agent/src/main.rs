@@ -22,10 +22,11 @@ use ambit_agent::{
 use ambit_config::{ConfigDir, Update, log_errors, watch_dir};
 use ambit_hbone::HbonePool;
 use ambit_identity::{
-    ca::{CertificateAuthority, TokenClaims},
+    ca::{CaTokens, CertificateAuthority, TokenClaims},
     ca_client::CaClient,
     ca_server::{Authorizer, CaServer, NodeTokenAuthorizer},
     manager::CertManager,
+    signing,
     tls::load_bundle,
 };
 use ambit_kube::{Labels, NodePods, Options, ca::TokenReviewAuthorizer, watch_cluster};
@@ -221,6 +222,13 @@ enum CaCommand {
         /// ConfigMap `ambit-root-cert` in every namespace.
         #[arg(long)]
         kubernetes: bool,
+        /// A plug-in CA: sign with the intermediate in this directory, in
+        /// Istio's `cacerts` layout (ca-cert.pem, ca-key.pem, cert-chain.pem,
+        /// root-cert.pem), followed as it changes. Agents trust
+        /// root-cert.pem. In Kubernetes mode, an empty directory (the
+        /// optional Secret `cacerts` is absent) means the embedded root.
+        #[arg(long)]
+        cacerts_dir: Option<PathBuf>,
         /// Kubernetes mode: the Secret (`namespace/name`) that holds the
         /// root; created with a new root if it does not exist.
         #[arg(long, default_value = "ambit-system/ambit-ca-root")]
@@ -237,7 +245,7 @@ enum CaCommand {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         leaf_ttl: Duration,
     },
-    /// Print a token for the CA (creating the CA if needed): node NODE's,
+    /// Print a token for the CA (creating its secret if needed): node NODE's,
     /// or with --identity a waypoint's, which obtains that identity only.
     /// Tokens expire: put a new one in the file before then (no restart).
     Token {
@@ -252,8 +260,6 @@ enum CaCommand {
         /// How long the token is valid, e.g. 24h, 7d.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
     },
 }
 
@@ -290,6 +296,7 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             dir,
             config_dir,
             kubernetes,
+            cacerts_dir,
             root_secret,
             agent_service_account,
             listen,
@@ -298,18 +305,29 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
         } => {
             let (ca, authorizer): (_, Box<dyn Authorizer>) = match config_dir {
                 Some(config_dir) if !kubernetes => {
-                    let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
+                    let ca = match &cacerts_dir {
+                        Some(cacerts) => CertificateAuthority::plugged(&dir, cacerts, &trust_domain)?,
+                        None => CertificateAuthority::load_or_create(&dir, &trust_domain)?,
+                    };
                     let placement = Box::new(DirectoryPlacement::new(config_dir));
                     let authorizer = Box::new(NodeTokenAuthorizer::new(ca.tokens(), placement));
-                    (ca, authorizer)
+                    (Arc::new(ca), authorizer)
                 }
                 _ => {
                     let client = ambit_kube::client().await?;
                     let secret = namespaced_name("--root-secret", &root_secret)?;
                     let (namespace, service_account) =
                         namespaced_name("--agent-service-account", &agent_service_account)?;
-                    let ca = ambit_kube::ca::load_root(&client, secret, &dir, &trust_domain).await?;
-                    tokio::spawn(ambit_kube::ca::publish_root(client.clone(), &ca));
+                    let plugged = match &cacerts_dir {
+                        Some(cacerts) if signing::plugged_files_present(cacerts)? => Some(cacerts),
+                        _ => None,
+                    };
+                    let ca = match plugged {
+                        Some(cacerts) => CertificateAuthority::plugged(&dir, cacerts, &trust_domain)?,
+                        None => ambit_kube::ca::load_root(&client, secret, &dir, &trust_domain).await?,
+                    };
+                    let ca = Arc::new(ca);
+                    tokio::spawn(ambit_kube::ca::publish_root(client.clone(), ca.clone()));
                     let authorizer = Box::new(TokenReviewAuthorizer::new(client, namespace, service_account));
                     (ca, authorizer)
                 }
@@ -322,13 +340,13 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
                 _ = shutdown_signal() => Ok(()),
             }
         }
-        CaCommand::Token { dir, node, identity, ttl, trust_domain } => {
+        CaCommand::Token { dir, node, identity, ttl } => {
             if let Some(identity) = &identity {
                 namespaced_name("--identity", identity)?;
             }
-            let ca = CertificateAuthority::load_or_create(&dir, &trust_domain)?;
+            let tokens = CaTokens::load_or_create(&dir)?;
             let exp = (std::time::SystemTime::now() + ttl).duration_since(std::time::UNIX_EPOCH)?.as_secs();
-            println!("{}", ca.tokens().issue(&TokenClaims { node, identity, exp }));
+            println!("{}", tokens.issue(&TokenClaims { node, identity, exp }));
             Ok(())
         }
     }

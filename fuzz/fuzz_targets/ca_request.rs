@@ -21,7 +21,7 @@ impl PodPlacement for Anywhere {
 }
 
 static SERVER: LazyLock<(CaServer, tokio::runtime::Runtime)> = LazyLock::new(|| {
-    let ca = CertificateAuthority::create("cluster.local").expect("a CA");
+    let ca = std::sync::Arc::new(CertificateAuthority::create("cluster.local").expect("a CA"));
     let authorizer = NodeTokenAuthorizer::new(ca.tokens(), Box::new(Anywhere));
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
     (CaServer::new(ca, Box::new(authorizer), Duration::from_secs(60)), runtime)

@@ -157,6 +157,8 @@ pub struct Bed {
     kubernetes: Option<cluster::Kubernetes>,
     /// Nodes and pods have IPv6 addresses too ([`Bed::dual_stack`]).
     ipv6: bool,
+    /// The plug-in CA directory ([`Bed::plug_in_ca`]); the CA's own root if `None`.
+    cacerts: Option<PathBuf>,
 }
 
 /// libfaketime (Debian's faketime), for agents on a skewed clock.
@@ -210,6 +212,7 @@ impl Bed {
             ca: Mutex::new(None),
             kubernetes: None,
             ipv6,
+            cacerts: None,
         };
         ip(&["netns", "add", &bed.fabric])?;
         ip_in(&bed.fabric, &["link", "add", "br0", "type", "bridge"])?;
@@ -268,16 +271,32 @@ impl Bed {
                 "net.ipv6.conf.all.forwarding=1",
             ]))?;
         }
-        // The node's CA token; the first call also creates the CA's root.
+        // The node's CA token; the first call also creates the CA's token secret.
         let token = self.ca_token(name, None)?;
         std::fs::write(self.node_token_file(name), token)?;
         self.nodes.push(Node { name: name.to_string(), index, netns, ip: node_ip, cgroup });
         Ok(())
     }
 
-    /// The CA's directory: `root.pem` is the mesh's trust anchor.
+    /// The CA's directory: `root.pem` is the mesh's trust anchor, unless
+    /// the CA is a plug-in one.
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.path().join("ca")
+    }
+
+    /// From the next [`Bed::start_ca`] on, the CA signs with the plug-in
+    /// intermediate in `cacerts` (Istio's layout), and agents and waypoints
+    /// started after that trust its `root-cert.pem`.
+    pub fn plug_in_ca(&mut self, cacerts: &Path) {
+        self.cacerts = Some(cacerts.to_path_buf());
+    }
+
+    /// The roots agents and waypoints are given (`--ca-root`).
+    pub fn trust_anchors(&self) -> PathBuf {
+        match &self.cacerts {
+            Some(cacerts) => cacerts.join("root-cert.pem"),
+            None => self.ca_dir().join("root.pem"),
+        }
     }
 
     /// A CA token from `ambit-agent ca token`: node `node`'s, or with
@@ -324,6 +343,9 @@ impl Bed {
             None => cmd.arg("--dir").arg(self.ca_dir()).arg("--config-dir").arg(self.config_dir()),
             Some(kubernetes) => kubernetes.ca_args(&mut cmd),
         };
+        if let Some(cacerts) = &self.cacerts {
+            cmd.arg("--cacerts-dir").arg(cacerts);
+        }
         cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         enter(&mut cmd, &Path::new("/run/netns").join(&self.fabric), Some(&cgroup))?;
         *self.ca.lock().expect("ca lock") = Some(cmd.spawn().context("start the CA")?);
@@ -642,7 +664,7 @@ impl Bed {
         match &self.kubernetes {
             None => {
                 cmd.arg("--config-dir").arg(self.config_dir());
-                cmd.arg("--ca-root").arg(self.ca_dir().join("root.pem"));
+                cmd.arg("--ca-root").arg(self.trust_anchors());
                 cmd.arg("--node-token-file").arg(self.node_token_file(&node.name));
             }
             Some(kubernetes) => kubernetes.agent_args(&mut cmd, &node.name),
@@ -665,7 +687,7 @@ impl Bed {
         cmd.args(["--pod", pod, "--log-format", "json", "--ca-addr", CA_ADDR, "--config-dir"])
             .arg(self.config_dir())
             .arg("--ca-root")
-            .arg(self.ca_dir().join("root.pem"))
+            .arg(self.trust_anchors())
             .arg("--ca-token-file")
             .arg(&token_file)
             .args(args)

@@ -503,10 +503,10 @@ fn impostor_ca(bed: &Bed) {
     let own_root = CertificateAuthority::create("cluster.local").unwrap();
     let serving = Identity::new("cluster.local", CA_NAMESPACE, CA_SERVICE_ACCOUNT);
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = genuine.issue(&serving, &key, Duration::from_secs(3600)).unwrap();
+    let chain = genuine.issue(&serving, &key, Duration::from_secs(3600)).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let svid = Svid::from_chain(&serving, vec![cert], key, "cluster.local").unwrap();
-    let bundle = tls::TrustBundle::new("cluster.local", &[genuine.root().clone()]).unwrap();
+    let svid = Svid::from_chain(&serving, chain, key, "cluster.local").unwrap();
+    let bundle = tls::TrustBundle::new("cluster.local", &genuine.roots()).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&svid, &bundle, false).unwrap()));
     let own_root = Arc::new(own_root);
     let fabric = std::fs::File::open(format!("/run/netns/{}", bed.fabric_netns())).unwrap();
@@ -534,7 +534,7 @@ fn impostor_ca(bed: &Bed) {
                         let identity = Identity::new("cluster.local", &asked.namespace, &asked.service_account);
                         let csr = STANDARD.decode(&asked.csr).unwrap();
                         let leaf = own_root.issue_for_request(&identity, &csr, Duration::from_secs(3600)).unwrap();
-                        let chain = vec![STANDARD.encode(&leaf), STANDARD.encode(own_root.root())];
+                        let chain = vec![STANDARD.encode(&leaf[0]), STANDARD.encode(&own_root.roots()[0])];
                         let answer = serde_json::to_vec(&SvidResponse { chain }).unwrap();
                         let response = http::Response::builder().status(200).body(()).unwrap();
                         let mut send = respond.send_response(response, false).unwrap();

@@ -178,6 +178,16 @@ async fn get_json(admin: SocketAddr, path: &str) -> anyhow::Result<Json> {
     serde_json::from_str(&body).with_context(|| format!("{path} is not JSON"))
 }
 
+/// `subject, expires in ...` for a certificate summary from /certs.
+fn describe_certificate(summary: &serde_json::Value, now: u64) -> String {
+    let subject = summary["subject"].as_str().unwrap_or("?");
+    match summary["not_after"].as_u64() {
+        Some(not_after) if not_after > now => format!("{subject}, expires in {}", human(not_after - now)),
+        Some(_) => format!("{subject}, EXPIRED"),
+        None => subject.to_string(),
+    }
+}
+
 /// Prints the status; returns whether everything is healthy.
 async fn status(admin: SocketAddr) -> anyhow::Result<bool> {
     let (ready_status, ready_body) = get(admin, "/healthz/ready").await?;
@@ -231,6 +241,9 @@ async fn status(admin: SocketAddr) -> anyhow::Result<bool> {
             percent(age, lifetime),
             human(lifetime)
         );
+        for signer in cert["signers"].as_array().into_iter().flatten() {
+            println!("    signed by {}", describe_certificate(signer, now));
+        }
         if age as f64 > RENEWAL_WARNING * lifetime as f64 {
             healthy = false;
             let failed = failures.get(identity).copied().unwrap_or(0.0);
@@ -239,6 +252,12 @@ async fn status(admin: SocketAddr) -> anyhow::Result<bool> {
                 RENEWAL_WARNING * 100.0
             );
         }
+    }
+
+    let bundle = &certs["trust_bundle"];
+    println!("\nTrust bundle ({})", bundle["trust_domain"].as_str().unwrap_or("?"));
+    for root in bundle["roots"].as_array().into_iter().flatten() {
+        println!("  root {}", describe_certificate(root, now));
     }
 
     println!("\nConnections by security policy (since the agent started)");

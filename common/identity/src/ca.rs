@@ -1,40 +1,45 @@
-//! The embedded certificate authority: an ECDSA P-256 root that issues
-//! short-lived X.509-SVIDs, publishes its trust bundle in the SPIFFE bundle
-//! format, and derives the tokens nodes authenticate with.
+//! The embedded certificate authority: issues short-lived X.509-SVIDs with
+//! the [`SigningChain`] it holds (a root it created, or a plug-in
+//! intermediate from the user's PKI), publishes its trust bundle in the
+//! SPIFFE bundle format, and derives the tokens nodes authenticate with.
 //!
-//! The CA's directory holds `root.pem`, `root.key` (mode 0600), `node-secret`
-//! (the HMAC key behind node tokens) and `bundle-sequence`. The root key never
-//! leaves the CA process: agents send certificate requests for keys they
-//! generate themselves.
+//! The CA's directory holds `node-secret` (the HMAC key behind node tokens,
+//! mode 0600), `bundle-sequence`, and for a root the CA created, `root.pem`
+//! and `root.key` (mode 0600). The signing key never leaves the CA process:
+//! agents send certificate requests for keys they generate themselves.
 
 use std::{
     fs,
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
-use base64::{
-    Engine as _,
-    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
-};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::{Engine as _, engine::general_purpose::STANDARD};
 use hmac::{Hmac, Mac as _};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
-    SerialNumber,
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::Identity;
+use crate::signing::{self, PluggedError, SigningChain};
 
-/// Lifetime of a newly created root.
-const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How often bundle consumers should re-fetch the bundle.
 pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
+const BUNDLE_SEQUENCE: &str = "bundle-sequence";
+const NODE_SECRET: &str = "node-secret";
+/// Shorter RSA keys are refused (NIST SP 800-131A).
+const MIN_RSA_BITS: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -44,6 +49,12 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     #[error("the certificate request is invalid: {0}")]
     BadRequest(String),
+    #[error(transparent)]
+    Plugged(#[from] PluggedError),
+    #[error(
+        "the signing chain expired at {at}; put a new intermediate in the plug-in CA directory (the CA reloads it)"
+    )]
+    ChainExpired { at: String },
 }
 
 /// Standalone mode's CA tokens (`ambit-agent ca token`): claims signed with
@@ -58,6 +69,27 @@ pub enum CaError {
 #[derive(Clone)]
 pub struct CaTokens {
     secret: Vec<u8>,
+}
+
+impl CaTokens {
+    /// The tokens of the CA in `dir`, whose secret is created there if it has none.
+    pub fn load_or_create(dir: &Path) -> Result<Self, CaError> {
+        let storage = |reason: String| CaError::Storage { dir: dir.to_path_buf(), reason };
+        fs::create_dir_all(dir).map_err(|e| storage(e.to_string()))?;
+        let path = dir.join(NODE_SECRET);
+        if !path.exists() {
+            write_private(&path, &Self::generate().secret).map_err(|e| storage(format!("{NODE_SECRET}: {e}")))?;
+        }
+        let secret = fs::read(&path).map_err(|e| storage(format!("{NODE_SECRET}: {e}")))?;
+        Ok(Self { secret })
+    }
+
+    /// Tokens under a new secret held in memory only.
+    pub fn generate() -> Self {
+        let mut secret = vec![0u8; 32];
+        rand::fill(&mut secret[..]);
+        Self { secret }
+    }
 }
 
 /// What a token allows.
@@ -114,29 +146,30 @@ impl CaTokens {
     }
 }
 
+/// The CA: signs leaves with its [`SigningChain`], which a plug-in CA
+/// replaces in place ([`Self::reload`]) when its files change.
 pub struct CertificateAuthority {
     trust_domain: String,
-    root: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-    node_secret: Vec<u8>,
-    bundle_sequence: u64,
+    signing: RwLock<Arc<SigningChain>>,
+    tokens: CaTokens,
+    /// Where `bundle-sequence` is kept; None for a CA held in memory.
+    dir: Option<PathBuf>,
+    bundle_sequence: AtomicU64,
 }
 
 impl CertificateAuthority {
     /// Loads the CA from `dir`, creating a new root there first if it has none.
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
         let storage = |reason: String| CaError::Storage { dir: dir.to_path_buf(), reason };
-        fs::create_dir_all(dir).map_err(|e| storage(e.to_string()))?;
+        let tokens = CaTokens::load_or_create(dir)?;
         let (cert_path, key_path) = (dir.join("root.pem"), dir.join("root.key"));
         if !key_path.exists() {
-            let created = Self::create(trust_domain)?;
-            write_private(&dir.join("node-secret"), &created.node_secret).map_err(|e| storage(e.to_string()))?;
-            write_private(&key_path, created.issuer.key().serialize_pem().as_bytes())
+            let signing = SigningChain::create_root(trust_domain)?;
+            write_private(&key_path, signing.issuer.key().serialize_pem().as_bytes())
                 .map_err(|e| storage(e.to_string()))?;
-            fs::write(&cert_path, pem("CERTIFICATE", &created.root)).map_err(|e| storage(e.to_string()))?;
-            fs::write(dir.join("bundle-sequence"), "1").map_err(|e| storage(e.to_string()))?;
+            fs::write(&cert_path, pem("CERTIFICATE", &signing.roots()[0])).map_err(|e| storage(e.to_string()))?;
             tracing::info!(dir = %dir.display(), trust_domain, "created a new root CA");
-            return Ok(created);
+            return Ok(Self::new(trust_domain, signing, tokens, Some(dir)));
         }
         let key_pem = fs::read_to_string(&key_path).map_err(|e| storage(format!("root.key: {e}")))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| storage(format!("root.key: {e}")))?;
@@ -145,79 +178,90 @@ impl CertificateAuthority {
             .next()
             .ok_or_else(|| storage("root.pem holds no certificate".into()))?
             .map_err(|e| storage(format!("root.pem: {e}")))?;
-        let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| storage(format!("root.pem: {e}")))?;
-        let node_secret = fs::read(dir.join("node-secret")).map_err(|e| storage(format!("node-secret: {e}")))?;
-        let bundle_sequence =
-            fs::read_to_string(dir.join("bundle-sequence")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1);
-        Ok(Self { trust_domain: trust_domain.to_string(), root, issuer, node_secret, bundle_sequence })
+        let signing = SigningChain::from_root(root, key).map_err(|e| storage(format!("root.pem: {e}")))?;
+        Ok(Self::new(trust_domain, signing, tokens, Some(dir)))
+    }
+
+    /// A plug-in CA: signs with the intermediate in `cacerts` (see
+    /// [`crate::signing`]); `dir` keeps the node-token secret and the
+    /// bundle sequence.
+    pub fn plugged(dir: &Path, cacerts: &Path, trust_domain: &str) -> Result<Self, CaError> {
+        let tokens = CaTokens::load_or_create(dir)?;
+        let signing = SigningChain::load_plugged(cacerts, trust_domain)?;
+        tracing::info!(cacerts = %cacerts.display(), trust_domain, chain = %signing.describe(), "plug-in CA loaded");
+        Ok(Self::new(trust_domain, signing, tokens, Some(dir)))
     }
 
     /// A new CA held in memory only.
     pub fn create(trust_domain: &str) -> Result<Self, CaError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let mut name = DistinguishedName::new();
-        name.push(DnType::OrganizationName, "ambit");
-        name.push(DnType::CommonName, format!("ambit root CA for {trust_domain}"));
-        params.distinguished_name = name;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{trust_domain}").try_into().map_err(|_| CaError::BadRequest("trust domain".into()))?,
-        )];
-        let now = SystemTime::now();
-        params.not_before = now.into();
-        params.not_after = (now + ROOT_LIFETIME).into();
-        params.serial_number = Some(random_serial());
-        let root = params.self_signed(&key)?.der().clone();
-        let mut node_secret = vec![0u8; 32];
-        rand::fill(&mut node_secret[..]);
-        Ok(Self {
+        Ok(Self::new(trust_domain, SigningChain::create_root(trust_domain)?, CaTokens::generate(), None))
+    }
+
+    fn new(trust_domain: &str, signing: SigningChain, tokens: CaTokens, dir: Option<&Path>) -> Self {
+        let bundle_sequence = dir
+            .and_then(|dir| fs::read_to_string(dir.join(BUNDLE_SEQUENCE)).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1);
+        Self {
             trust_domain: trust_domain.to_string(),
-            root,
-            issuer: Issuer::new(params, key),
-            node_secret,
-            bundle_sequence: 1,
-        })
+            signing: RwLock::new(Arc::new(signing)),
+            tokens,
+            dir: dir.map(Path::to_path_buf),
+            bundle_sequence: AtomicU64::new(bundle_sequence),
+        }
+    }
+
+    /// A plug-in CA reads its files again. A changed, valid chain replaces
+    /// the current one (returned); an unchanged one is `None`; an invalid
+    /// one is refused and the current chain stays in use.
+    pub fn reload(&self) -> Result<Option<Arc<SigningChain>>, CaError> {
+        let current = self.signing();
+        let Some(cacerts) = current.plugged_dir() else {
+            return Ok(None);
+        };
+        let next = SigningChain::load_plugged(cacerts, &self.trust_domain)?;
+        if next.same_as(&current) {
+            return Ok(None);
+        }
+        if next.roots() != current.roots() {
+            let sequence = self.bundle_sequence.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some(dir) = &self.dir
+                && let Err(error) = fs::write(dir.join(BUNDLE_SEQUENCE), sequence.to_string())
+            {
+                tracing::warn!(%error, "cannot persist the bundle sequence");
+            }
+        }
+        let next = Arc::new(next);
+        *self.signing.write().expect("signing lock") = next.clone();
+        Ok(Some(next))
+    }
+
+    /// The chain leaves are signed with now.
+    pub fn signing(&self) -> Arc<SigningChain> {
+        self.signing.read().expect("signing lock").clone()
     }
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
-    pub fn root(&self) -> &CertificateDer<'static> {
-        &self.root
+    /// The trust anchors agents verify against.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.signing().roots().to_vec()
     }
 
-    /// Issues a leaf for `identity` on `public_key`, valid for `ttl` (and
-    /// back-dated a little, for clocks that lag).
+    /// Issues a leaf for `identity` on `public_key`, valid for `ttl`, and
+    /// returns it with the intermediates to send after it.
     pub fn issue(
         &self,
         identity: &Identity,
         public_key: &impl PublicKeyData,
         ttl: Duration,
-    ) -> Result<CertificateDer<'static>, CaError> {
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
         if identity.trust_domain != self.trust_domain {
             return Err(CaError::BadRequest(format!("{identity} is not in trust domain {}", self.trust_domain)));
         }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            identity
-                .to_string()
-                .try_into()
-                .map_err(|_| CaError::BadRequest(format!("{identity} is not a valid URI")))?,
-        )];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let backdate = (ttl / 10).min(Duration::from_secs(60));
-        let now = SystemTime::now();
-        params.not_before = (now - backdate).into();
-        params.not_after = (now + ttl).into();
-        params.serial_number = Some(random_serial());
-        Ok(params.signed_by(public_key, &self.issuer)?.der().clone())
+        sign_leaf(&self.signing(), identity, public_key, ttl)
     }
 
     /// Issues a leaf for `identity` from a PKCS#10 request. The request's
@@ -228,7 +272,8 @@ impl CertificateAuthority {
         identity: &Identity,
         request: &[u8],
         ttl: Duration,
-    ) -> Result<CertificateDer<'static>, CaError> {
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        check_request_key(request)?;
         let request = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(request))
             .map_err(|e| CaError::BadRequest(e.to_string()))?;
         self.issue(identity, &request.public_key, ttl)
@@ -236,30 +281,95 @@ impl CertificateAuthority {
 
     /// The tokens standalone nodes and waypoints present to obtain SVIDs.
     pub fn tokens(&self) -> CaTokens {
-        CaTokens { secret: self.node_secret.clone() }
+        self.tokens.clone()
     }
 
     /// The trust bundle in the SPIFFE bundle format (a JWKS document).
     pub fn bundle_json(&self) -> serde_json::Value {
-        let point = self.issuer.key().public_key_raw();
-        // Uncompressed SEC1 point: 0x04 || X (32 bytes) || Y (32 bytes).
-        let (x, y) = point[1..].split_at(32);
+        let keys: Vec<serde_json::Value> = self
+            .roots()
+            .iter()
+            .filter_map(|root| match signing::jwk(root) {
+                Ok(key) => Some(key),
+                Err(reason) => {
+                    tracing::warn!(%reason, "a root is left out of the SPIFFE bundle");
+                    None
+                }
+            })
+            .collect();
         serde_json::json!({
-            "keys": [{
-                "use": "x509-svid",
-                "kty": "EC",
-                "crv": "P-256",
-                "x": URL_SAFE_NO_PAD.encode(x),
-                "y": URL_SAFE_NO_PAD.encode(y),
-                "x5c": [STANDARD.encode(self.root.as_ref())],
-            }],
-            "spiffe_sequence": self.bundle_sequence,
+            "keys": keys,
+            "spiffe_sequence": self.bundle_sequence.load(Ordering::SeqCst),
             "spiffe_refresh_hint": BUNDLE_REFRESH_HINT_SECS,
         })
     }
 }
 
-fn random_serial() -> SerialNumber {
+/// Signs a leaf for `identity` with `signing`, back-dated a little for
+/// clocks that lag, and kept within the chain's own validity: a leaf must
+/// not start before, nor outlive, what it chains to.
+pub(crate) fn sign_leaf(
+    signing: &SigningChain,
+    identity: &Identity,
+    public_key: &impl PublicKeyData,
+    ttl: Duration,
+) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(
+        identity.to_string().try_into().map_err(|_| CaError::BadRequest(format!("{identity} is not a valid URI")))?,
+    )];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    // RFC 5280 §4.2.1.1: every certificate but a self-signed root names its signer's key.
+    params.use_authority_key_identifier_extension = true;
+    let (chain_from, chain_until) = signing.validity();
+    let now = SystemTime::now();
+    let backdate = (ttl / 10).min(Duration::from_secs(60));
+    let (not_before, not_after) = ((now - backdate).max(chain_from), (now + ttl).min(chain_until));
+    if not_after <= now {
+        return Err(CaError::ChainExpired { at: humantime::format_rfc3339_seconds(chain_until).to_string() });
+    }
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    params.serial_number = Some(random_serial());
+    let leaf = params.signed_by(public_key, &signing.issuer)?.der().clone();
+    let mut chain = vec![leaf];
+    chain.extend(signing.intermediates().iter().cloned());
+    Ok(chain)
+}
+
+/// The keys the CA signs for: ECDSA P-256 and P-384, RSA of 2048 bits or
+/// more, and Ed25519. Anything else is refused by name, before the request's
+/// signature is checked (which would fail for a short RSA key with a
+/// misleading "invalid signature").
+fn check_request_key(request: &[u8]) -> Result<(), CaError> {
+    use x509_parser::{certification_request::X509CertificationRequest, prelude::FromDer as _, public_key::PublicKey};
+    let (_, parsed) = X509CertificationRequest::from_der(request)
+        .map_err(|e| CaError::BadRequest(format!("not a PKCS#10 certificate request: {e}")))?;
+    let spki = &parsed.certification_request_info.subject_pki;
+    let refuse = |what: String| {
+        CaError::BadRequest(format!(
+            "{what} keys are not accepted; use ECDSA P-256 or P-384, RSA of 2048 bits or more, or Ed25519"
+        ))
+    };
+    match spki.parsed() {
+        Ok(PublicKey::RSA(rsa)) if rsa.key_size() < MIN_RSA_BITS => Err(refuse(format!("RSA-{}", rsa.key_size()))),
+        Ok(PublicKey::RSA(_)) => Ok(()),
+        Ok(PublicKey::EC(_)) => {
+            let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
+            match curve.as_deref() {
+                Some("1.2.840.10045.3.1.7" | "1.3.132.0.34") => Ok(()),
+                other => Err(refuse(format!("EC ({})", other.unwrap_or("no curve")))),
+            }
+        }
+        _ if spki.algorithm.algorithm.to_id_string() == "1.3.101.112" => Ok(()),
+        _ => Err(refuse(format!("algorithm {}", spki.algorithm.algorithm.to_id_string()))),
+    }
+}
+
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     rand::fill(&mut bytes);
     bytes[0] &= 0x7f; // positive
@@ -281,33 +391,61 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::svid::{check_chain, check_root};
+    use rcgen::PKCS_ECDSA_P256_SHA256;
 
-    fn issued(ca: &CertificateAuthority, ttl: Duration) -> CertificateDer<'static> {
+    fn shop_cart() -> Identity {
+        Identity::new("cluster.local", "shop", "cart")
+    }
+
+    /// What every SVID ambit hands out must pass, whichever CA signed it:
+    /// the SPIFFE rules, the spiffe crate's parser, webpki against `roots`,
+    /// an Authority Key Identifier naming its signer's key, and a validity
+    /// inside its signer's.
+    pub(crate) fn assert_conforms(chain: &[CertificateDer<'static>], key: &KeyPair, roots: &[CertificateDer<'static>]) {
+        check_chain(chain).unwrap();
+        let der: Vec<u8> = chain.iter().flat_map(|c| c.as_ref().iter().copied()).collect();
+        spiffe::X509Svid::parse_from_der(&der, &key.serialize_der()).unwrap();
+        let bundle = crate::tls::TrustBundle::new("cluster.local", roots).unwrap();
+        crate::tls::verify_issued(&bundle, chain).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref()).unwrap();
+        let signer_der = chain.get(1).unwrap_or(&roots[0]);
+        let (_, signer) = x509_parser::parse_x509_certificate(signer_der.as_ref()).unwrap();
+        let aki = leaf.extensions().iter().find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.clone(),
+            _ => None,
+        });
+        let ski = signer.extensions().iter().find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.clone()),
+            _ => None,
+        });
+        assert_eq!(aki.map(|k| k.0.to_vec()), ski.map(|k| k.0.to_vec()), "the AKI names the signer's key");
+        assert!(leaf.validity().not_before >= signer.validity().not_before, "the leaf starts before its signer");
+        assert!(leaf.validity().not_after <= signer.validity().not_after, "the leaf outlives its signer");
+    }
+
+    fn issued(ca: &CertificateAuthority, ttl: Duration) -> (Vec<CertificateDer<'static>>, KeyPair) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        ca.issue(&Identity::new("cluster.local", "shop", "cart"), &key, ttl).unwrap()
+        (ca.issue(&shop_cart(), &key, ttl).unwrap(), key)
     }
 
     #[test]
     fn issued_svids_pass_every_spiffe_rule() {
         let ca = CertificateAuthority::create("cluster.local").unwrap();
-        check_root(ca.root()).unwrap();
-        let leaf = issued(&ca, Duration::from_secs(3600));
-        let id = check_chain(&[leaf.clone(), ca.root().clone()]).unwrap();
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
-        // The spiffe crate's own X509Svid parser accepts it as well.
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let der = ca.issue(&Identity::new("cluster.local", "shop", "cart"), &key, Duration::from_secs(60)).unwrap();
-        spiffe::X509Svid::parse_from_der(der.as_ref(), &key.serialize_der()).unwrap();
+        check_root(&ca.roots()[0]).unwrap();
+        let (chain, key) = issued(&ca, Duration::from_secs(3600));
+        assert_eq!(chain.len(), 1, "the root signs: no intermediates");
+        assert_eq!(check_chain(&chain).unwrap().to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
+        assert_conforms(&chain, &key, &ca.roots());
     }
 
     #[test]
     fn leaf_lifetime_follows_the_ttl() {
         let ca = CertificateAuthority::create("cluster.local").unwrap();
-        let leaf = issued(&ca, Duration::from_secs(20));
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+        let (chain, _) = issued(&ca, Duration::from_secs(20));
+        let (_, cert) = x509_parser::parse_x509_certificate(chain[0].as_ref()).unwrap();
         let lifetime = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(lifetime, 22, "20 s, back-dated by a tenth");
     }
@@ -325,12 +463,71 @@ mod tests {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         // The request asks for a CA certificate; the CA ignores that.
         let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let request = params.serialize_request(&key).unwrap();
-        let leaf = ca
-            .issue_for_request(&Identity::new("cluster.local", "shop", "cart"), request.der(), Duration::from_secs(60))
+        let chain = ca.issue_for_request(&shop_cart(), request.der(), Duration::from_secs(60)).unwrap();
+        assert_conforms(&chain, &key, &ca.roots());
+    }
+
+    /// One case per key type: the ones the CA signs, and the ones it
+    /// refuses by name.
+    #[test]
+    fn request_key_types() {
+        let ca = CertificateAuthority::create("cluster.local").unwrap();
+        let openssl_key = |args: &[&str]| {
+            let out = std::process::Command::new("openssl").arg("genpkey").args(args).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            KeyPair::from_pem(&String::from_utf8(out.stdout).unwrap())
+        };
+        let cases: Vec<(&str, Result<KeyPair, rcgen::Error>, Option<&str>)> = vec![
+            ("P-256", KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256), None),
+            ("P-384", KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384), None),
+            ("Ed25519", KeyPair::generate_for(&rcgen::PKCS_ED25519), None),
+            ("RSA-2048", openssl_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]), None),
+            (
+                "RSA-1024",
+                openssl_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"]),
+                Some("RSA-1024 keys are not accepted"),
+            ),
+        ];
+        for (name, key, refusal) in cases {
+            let key = match key {
+                Ok(key) => key,
+                // ring cannot load a 1024-bit RSA key to sign the request: build it with openssl.
+                Err(_) => continue,
+            };
+            let request = CertificateParams::default().serialize_request(&key).unwrap();
+            let result = ca.issue_for_request(&shop_cart(), request.der(), Duration::from_secs(60));
+            match refusal {
+                None => assert_conforms(&result.unwrap_or_else(|e| panic!("{name}: {e}")), &key, &ca.roots()),
+                Some(reason) => assert!(result.unwrap_err().to_string().contains(reason), "{name}"),
+            }
+        }
+        // RSA-1024 from openssl's own request, as a client would send it.
+        let dir = tempfile::tempdir().unwrap();
+        let csr = dir.path().join("csr.der");
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-new", "-newkey", "rsa:1024", "-nodes", "-subj", "/CN=x", "-outform", "DER", "-keyout"])
+            .arg(dir.path().join("key.pem"))
+            .arg("-out")
+            .arg(&csr)
+            .output()
             .unwrap();
-        check_chain(&[leaf]).unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let error = ca.issue_for_request(&shop_cart(), &fs::read(&csr).unwrap(), Duration::from_secs(60)).unwrap_err();
+        assert!(error.to_string().contains("RSA-1024 keys are not accepted; use ECDSA P-256"), "{error}");
+    }
+
+    #[test]
+    fn a_fresh_roots_leaves_start_inside_it() {
+        let ca = CertificateAuthority::create("cluster.local").unwrap();
+        let (chain, key) = issued(&ca, Duration::from_secs(3600));
+        assert_conforms(&chain, &key, &ca.roots());
+        let roots = ca.roots();
+        let (_, root) = x509_parser::parse_x509_certificate(roots[0].as_ref()).unwrap();
+        let age = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64
+            - root.validity().not_before.timestamp();
+        assert!(age >= 3599, "the root is back-dated an hour for lagging clocks: {age} s");
     }
 
     #[test]
@@ -364,15 +561,26 @@ mod tests {
             (key["use"].as_str(), key["kty"].as_str(), key["crv"].as_str()),
             (Some("x509-svid"), Some("EC"), Some("P-256"))
         );
-        assert_eq!(STANDARD.decode(key["x5c"][0].as_str().unwrap()).unwrap(), ca.root().as_ref());
+        assert_eq!(STANDARD.decode(key["x5c"][0].as_str().unwrap()).unwrap(), ca.roots()[0].as_ref());
         assert_eq!(URL_SAFE_NO_PAD.decode(key["x"].as_str().unwrap()).unwrap().len(), 32);
-        let mode =
-            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.path().join("root.key")).unwrap().permissions());
-        assert_eq!(mode & 0o777, 0o600);
+        for file in ["root.key", NODE_SECRET] {
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.path().join(file)).unwrap().permissions());
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
 
         let again = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
-        assert_eq!(again.root(), ca.root(), "the root is loaded, not recreated");
+        assert_eq!(again.roots(), ca.roots(), "the root is loaded, not recreated");
         let claims = TokenClaims { node: "n1".into(), identity: None, exp: u64::MAX };
         assert_eq!(again.tokens().verify(&ca.tokens().issue(&claims), 0), Ok(claims), "same token secret");
+    }
+
+    #[test]
+    fn tokens_minted_before_the_ca_first_started_stay_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let claims = TokenClaims { node: "n1".into(), identity: None, exp: u64::MAX };
+        let token = CaTokens::load_or_create(dir.path()).unwrap().issue(&claims);
+        let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        assert_eq!(ca.tokens().verify(&token, 0), Ok(claims));
     }
 }

@@ -170,31 +170,30 @@ impl Authorizer for NodeTokenAuthorizer {
 }
 
 pub struct CaServer {
-    ca: CertificateAuthority,
+    ca: Arc<CertificateAuthority>,
     authorizer: Box<dyn Authorizer>,
     leaf_ttl: Duration,
 }
 
 impl CaServer {
-    pub fn new(ca: CertificateAuthority, authorizer: Box<dyn Authorizer>, leaf_ttl: Duration) -> Self {
+    pub fn new(ca: Arc<CertificateAuthority>, authorizer: Box<dyn Authorizer>, leaf_ttl: Duration) -> Self {
         Self { ca, authorizer, leaf_ttl }
     }
 
-    /// The CA's own serving identity and TLS configuration.
+    /// The CA's TLS configuration: it presents an SVID of its own, renewed
+    /// like any other (see [`ServingCertificate`]).
     fn tls_config(&self) -> anyhow::Result<rustls::ServerConfig> {
-        let identity = Identity::new(self.ca.trust_domain(), CA_NAMESPACE, CA_SERVICE_ACCOUNT);
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        // The serving certificate lives as long as the process; a year is plenty.
-        let cert = self.ca.issue(&identity, &key, Duration::from_secs(365 * 24 * 3600))?;
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-        let svid = Svid::from_chain(&identity, vec![cert], key, self.ca.trust_domain()).map_err(anyhow::Error::msg)?;
-        let bundle = tls::TrustBundle::new(self.ca.trust_domain(), &[self.ca.root().clone()])?;
-        Ok(tls::server_config(&svid, &bundle, false)?)
+        let resolver = ServingCertificate::new(self.ca.clone(), self.leaf_ttl);
+        resolver.current().ok_or_else(|| anyhow::anyhow!("the CA cannot issue its own serving certificate"))?;
+        Ok(tls::server_config_with_resolver(Arc::new(resolver))?)
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> anyhow::Result<()> {
         let acceptor = TlsAcceptor::from(Arc::new(self.tls_config()?));
         tracing::info!(addr = %listener.local_addr()?, trust_domain = self.ca.trust_domain(), "CA serving");
+        if self.ca.signing().plugged_dir().is_some() {
+            tokio::spawn(follow_plugged_files(self.ca.clone()));
+        }
         let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let per_peer = Arc::new(PeerConnections::default());
         loop {
@@ -281,11 +280,103 @@ impl CaServer {
         match self.ca.issue_for_request(&identity, &csr, self.leaf_ttl) {
             Ok(leaf) => {
                 tracing::info!(%identity, node = %request.node, ttl_secs = self.leaf_ttl.as_secs(), "SVID issued");
-                let chain = vec![STANDARD.encode(leaf.as_ref())];
+                let chain = leaf.iter().map(|c| STANDARD.encode(c.as_ref())).collect();
                 (StatusCode::OK, serde_json::to_value(SvidResponse { chain }).expect("serializable"))
             }
             Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
         }
+    }
+}
+
+/// How often a plug-in CA looks at its files. A Kubernetes Secret mounted
+/// as a volume changes by a symbolic link swapped under the directory,
+/// which reading the files again sees whatever the file system is.
+const PLUGGED_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Follows the plug-in CA's files: a new, valid chain is used for every
+/// leaf from then on; an invalid one is refused, said once, and the chain
+/// in use stays.
+async fn follow_plugged_files(ca: Arc<CertificateAuthority>) {
+    let mut refused = None;
+    loop {
+        tokio::time::sleep(PLUGGED_RELOAD_INTERVAL).await;
+        match ca.reload() {
+            Ok(Some(chain)) => {
+                refused = None;
+                tracing::info!(chain = %chain.describe(), "plug-in CA files changed; new leaves are signed with this chain");
+            }
+            Ok(None) => refused = None,
+            Err(error) => {
+                let reason = error.to_string();
+                if refused.as_ref() != Some(&reason) {
+                    tracing::error!(
+                        error = %reason,
+                        "the plug-in CA files are not usable; the chain in use stays until they are fixed"
+                    );
+                    refused = Some(reason);
+                }
+            }
+        }
+    }
+}
+
+/// The CA's own SVID (`ns/ambit-system/sa/ambit-ca`), issued by the CA
+/// itself with the leaf lifetime, and issued again at half its life or
+/// when the signing chain changes, at the next handshake.
+struct ServingCertificate {
+    ca: Arc<CertificateAuthority>,
+    ttl: Duration,
+    current: std::sync::Mutex<Option<Served>>,
+}
+
+struct Served {
+    key: Arc<rustls::sign::CertifiedKey>,
+    renew_at: std::time::SystemTime,
+    chain: Arc<crate::signing::SigningChain>,
+}
+
+impl std::fmt::Debug for ServingCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServingCertificate({})", self.ca.trust_domain())
+    }
+}
+
+impl ServingCertificate {
+    fn new(ca: Arc<CertificateAuthority>, ttl: Duration) -> Self {
+        Self { ca, ttl, current: std::sync::Mutex::new(None) }
+    }
+
+    fn current(&self) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let mut current = self.current.lock().expect("serving certificate lock");
+        let chain = self.ca.signing();
+        let fresh = current
+            .as_ref()
+            .is_some_and(|served| std::time::SystemTime::now() < served.renew_at && Arc::ptr_eq(&served.chain, &chain));
+        if !fresh {
+            match self.issue() {
+                Ok((key, renew_at)) => *current = Some(Served { key, renew_at, chain }),
+                // The one it has (if any) stays in use until it expires.
+                Err(error) => tracing::error!(%error, "cannot renew the CA's own serving certificate"),
+            }
+        }
+        current.as_ref().map(|served| served.key.clone())
+    }
+
+    fn issue(&self) -> anyhow::Result<(Arc<rustls::sign::CertifiedKey>, std::time::SystemTime)> {
+        let identity = Identity::new(self.ca.trust_domain(), CA_NAMESPACE, CA_SERVICE_ACCOUNT);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let chain = self.ca.issue(&identity, &key, self.ttl)?;
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let svid = Svid::from_chain(&identity, chain, key, self.ca.trust_domain()).map_err(anyhow::Error::msg)?;
+        let signing_key = tls::provider().key_provider.load_private_key(svid.key.clone_key())?;
+        tracing::info!(serial = %svid.serial, "the CA's own serving certificate issued");
+        Ok((Arc::new(rustls::sign::CertifiedKey::new(svid.chain.clone(), signing_key)), svid.refresh_at()))
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCertificate {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current()
     }
 }
 
@@ -334,7 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_node_gets_only_the_identities_of_its_own_pods() {
-        let ca = CertificateAuthority::create("cluster.local").unwrap();
+        let ca = Arc::new(CertificateAuthority::create("cluster.local").unwrap());
         let (to_n1, to_n2) = (request(&ca, "n1"), request(&ca, "n2"));
         let mut forged: SvidRequest = serde_json::from_slice(&to_n2).unwrap();
         forged.node = "n1".into();
@@ -350,7 +441,7 @@ mod tests {
     /// identity only, never another pod's of the same node.
     #[tokio::test]
     async fn a_workload_token_obtains_its_own_identity_only() {
-        let ca = CertificateAuthority::create("cluster.local").unwrap();
+        let ca = Arc::new(CertificateAuthority::create("cluster.local").unwrap());
         let mut asked: SvidRequest = serde_json::from_slice(&request(&ca, "n1")).unwrap();
         let scoped = |identity: &str| {
             ca.tokens().issue(&TokenClaims { node: "n1".into(), identity: Some(identity.into()), exp: u64::MAX })
@@ -385,8 +476,8 @@ mod tests {
     #[tokio::test]
     async fn a_caller_cannot_hold_many_streams_or_any_for_long() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let ca = CertificateAuthority::create("cluster.local").unwrap();
-        let bundle = tls::TrustBundle::new("cluster.local", &[ca.root().clone()]).unwrap();
+        let ca = Arc::new(CertificateAuthority::create("cluster.local").unwrap());
+        let bundle = tls::TrustBundle::new("cluster.local", &ca.roots()).unwrap();
         let authorizer = NodeTokenAuthorizer::new(ca.tokens(), Box::new(OnePod));
         let server = Arc::new(CaServer::new(ca, Box::new(authorizer), Duration::from_secs(60)));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -7,7 +7,10 @@
 //! - [`tls`]: rustls configurations whose verifiers apply those rules
 //!   during the handshake: everything here that speaks mTLS (the CA, its
 //!   client, HBONE, the waypoint) uses them;
-//! - [`ca`]: the embedded certificate authority (root, issuance, bundle);
+//! - [`ca`]: the embedded certificate authority (issuance, bundle, tokens);
+//! - [`signing`]: what it signs with: a root it created, or a plug-in
+//!   intermediate from the user's PKI (Istio's `cacerts` layout), checked
+//!   as a whole;
 //! - [`ca_server`] / [`ca_client`]: the CA as a service, and the provider
 //!   the agent uses to reach it;
 //! - [`manager`]: per-identity cache, refresh at half-life, backoff.
@@ -17,6 +20,7 @@ pub mod ca;
 pub mod ca_client;
 pub mod ca_server;
 pub mod manager;
+pub mod signing;
 pub mod svid;
 pub mod tls;
 

@@ -199,9 +199,9 @@ mod tests {
                     return Err(IdentityError::Unreachable { addr: "test".into(), reason: "switched off".into() });
                 }
                 let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-                let cert = self.ca.issue(identity, &key, self.ttl).unwrap();
+                let chain = self.ca.issue(identity, &key, self.ttl).unwrap();
                 let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-                let mut svid = Svid::from_chain(identity, vec![cert], key, "cluster.local").unwrap();
+                let mut svid = Svid::from_chain(identity, chain, key, "cluster.local").unwrap();
                 // The manager judges the validity it reads, not the signature.
                 let skew = self.skew_secs.load(Ordering::SeqCst);
                 let shift = |t: SystemTime| match skew >= 0 {

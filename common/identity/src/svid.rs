@@ -135,6 +135,26 @@ fn check_signer(der: &CertificateDer<'_>, index: usize) -> Result<(), SvidError>
     Ok(())
 }
 
+/// What an operator reads of a certificate: who it is, who signed it, and
+/// when it is valid (seconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertificateSummary {
+    pub subject: String,
+    pub issuer: String,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+pub fn summarize(der: &CertificateDer<'_>) -> Result<CertificateSummary, SvidError> {
+    let cert = parse(der, 0)?;
+    Ok(CertificateSummary {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
 /// Checks a root (trust anchor) the same way as other signing certificates.
 pub fn check_root(der: &CertificateDer<'_>) -> Result<(), SvidError> {
     check_signer(der, 0)

@@ -79,6 +79,11 @@ impl TrustBundle {
     pub fn spiffe_bundle(&self) -> &spiffe::X509Bundle {
         &self.bundle
     }
+
+    /// The trust anchors, DER.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.bundle.authorities().iter().map(|c| CertificateDer::from(c.as_bytes().to_vec())).collect()
+    }
 }
 
 /// Server side of an HBONE (or CA) connection: presents `svid`, and, with
@@ -103,6 +108,20 @@ pub fn server_config(
         builder.with_no_client_auth()
     };
     let mut config = builder.with_single_cert(svid.chain.clone(), svid.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// A server that presents what `resolver` gives at each handshake and asks
+/// for no client certificate: the CA, whose callers prove themselves with
+/// tokens.
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }

@@ -14,7 +14,7 @@
 //! So a node's agent can obtain the identities of its own node's pods and
 //! no others, and a waypoint only its own.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::{collections::BTreeMap, path::Path, sync::Arc, time::Duration};
 
 use ambit_identity::{
     Identity,
@@ -229,13 +229,12 @@ fn tempfile_dir(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
 
 /// Keeps the root certificate in a ConfigMap in every namespace, so that
 /// agents and waypoints mount the trust anchor like any other file.
-pub fn publish_root(client: Client, ca: &CertificateAuthority) -> impl Future<Output = ()> + Send + use<> {
-    let wanted = BTreeMap::from([(ROOT_CERT_KEY.to_string(), pem("CERTIFICATE", ca.root()))]);
-    publish_loop(client, wanted)
-}
-
-async fn publish_loop(client: Client, wanted: BTreeMap<String, String>) {
+/// The roots are read again each round: a plug-in CA's root-cert.pem may
+/// change (a root rotation), and every namespace follows.
+pub async fn publish_root(client: Client, ca: Arc<CertificateAuthority>) {
     loop {
+        let roots: String = ca.roots().iter().map(|root| pem("CERTIFICATE", root)).collect();
+        let wanted = BTreeMap::from([(ROOT_CERT_KEY.to_string(), roots)]);
         if let Err(error) = publish_once(&client, &wanted).await {
             tracing::warn!(error = %format!("{error:#}"), "cannot publish the root certificate; retrying");
         }

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use ambit_identity::{ca::pem, svid::summarize};
+use ambit_identity::{ca::pem, svid::summarize, tls::TrustBundle};
 use ambit_runtime::{listener::accept_next, metrics::Metrics};
 
 use crate::{capture::CaptureCounters, proxy::ProxyContext};
@@ -121,7 +121,7 @@ impl Admin {
         let state = self.ctx.state.borrow().clone();
         serde_json::json!({
             "node": self.node,
-            "trust_domain": self.ctx.bundle.trust_domain,
+            "trust_domain": self.ctx.trust.trust_domain(),
             "enrolled": *self.enrolled.borrow(),
             "state": state.snapshot(),
         })
@@ -146,11 +146,16 @@ impl Admin {
                 None => serde_json::json!({ "identity": identity.to_string(), "serial": null }),
             })
             .collect();
-        let roots: Vec<_> = self.ctx.bundle.roots().iter().filter_map(|c| summarize(c).ok()).collect();
+        let bundle = |bundle: &TrustBundle| {
+            let roots: Vec<_> = bundle.roots().iter().filter_map(|c| summarize(c).ok()).collect();
+            serde_json::json!({ "trust_domain": bundle.trust_domain, "roots": roots })
+        };
+        let federated: Vec<_> = self.ctx.trust.foreign().values().map(bundle).collect();
         serde_json::json!({
             "now": unix(SystemTime::now()),
             "identities": identities,
-            "trust_bundle": { "trust_domain": self.ctx.bundle.trust_domain, "roots": roots },
+            "trust_bundle": bundle(&self.ctx.trust.local()),
+            "federated_bundles": federated,
         })
     }
 }

@@ -24,10 +24,11 @@ use ambit_hbone::HbonePool;
 use ambit_identity::{
     ca::{CaTokens, CertificateAuthority, TokenClaims},
     ca_client::CaClient,
-    ca_server::{Authorizer, CaServer, NodeTokenAuthorizer},
+    ca_server::{Authorizer, BundleEndpointTls, CaServer, NodeTokenAuthorizer},
+    federation::Federations,
     manager::CertManager,
     signing,
-    tls::load_bundle,
+    tls::{TrustStore, follow_bundle_file, load_bundle},
 };
 use ambit_kube::{Labels, NodePods, Options, ca::TokenReviewAuthorizer, watch_cluster};
 use ambit_model::Snapshot;
@@ -151,6 +152,8 @@ struct AgentArgs {
     hbone_idle_timeout: Duration,
 }
 
+// Parsed once at start-up: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// The embedded certificate authority.
@@ -205,6 +208,7 @@ struct CniHost {
     cni_conf_dir: PathBuf,
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum CaCommand {
     /// Create the root in DIR if there is none, and serve SVIDs.
@@ -244,6 +248,30 @@ enum CaCommand {
         /// Lifetime of issued SVIDs, e.g. 1h, 30m, 10s.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         leaf_ttl: Duration,
+        /// Serve the trust bundle on a SPIFFE bundle endpoint at this
+        /// address, profile https_spiffe: the endpoint presents the CA's
+        /// own SVID, spiffe://<trust domain>/ns/ambit-system/sa/ambit-ca.
+        #[arg(long)]
+        bundle_endpoint: Option<SocketAddr>,
+        /// Serve the trust bundle on a SPIFFE bundle endpoint at this
+        /// address, profile https_web, with --bundle-endpoint-web-cert/-key.
+        #[arg(long, requires_all = ["bundle_endpoint_web_cert", "bundle_endpoint_web_key"])]
+        bundle_endpoint_web: Option<SocketAddr>,
+        /// PEM certificate chain (Web PKI) of the https_web bundle endpoint.
+        #[arg(long, requires = "bundle_endpoint_web")]
+        bundle_endpoint_web_cert: Option<PathBuf>,
+        /// PEM private key of the https_web bundle endpoint.
+        #[arg(long, requires = "bundle_endpoint_web")]
+        bundle_endpoint_web_key: Option<PathBuf>,
+        /// How often federated meshes should fetch the bundle again
+        /// (`spiffe_refresh_hint`).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        bundle_refresh_hint: Duration,
+        /// A plug-in CA's new root (a root rotation) is in the bundle this
+        /// long before it signs, so that every peer has it first: at least
+        /// the refresh hint, plus the time a ConfigMap takes to reach pods.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        root_propagation: Duration,
     },
     /// Print a token for the CA (creating its secret if needed): node NODE's,
     /// or with --identity a waypoint's, which obtains that identity only.
@@ -302,6 +330,12 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             listen,
             trust_domain,
             leaf_ttl,
+            bundle_endpoint,
+            bundle_endpoint_web,
+            bundle_endpoint_web_cert,
+            bundle_endpoint_web_key,
+            bundle_refresh_hint,
+            root_propagation,
         } => {
             let (ca, authorizer): (_, Box<dyn Authorizer>) = match config_dir {
                 Some(config_dir) if !kubernetes => {
@@ -334,9 +368,28 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             };
             let listener =
                 tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
-            let server = Arc::new(CaServer::new(ca, authorizer, leaf_ttl));
+            let server = Arc::new(
+                CaServer::new(ca, authorizer, leaf_ttl).with_bundle_timing(bundle_refresh_hint, root_propagation),
+            );
+            let mut endpoints = tokio::task::JoinSet::new();
+            if let Some(addr) = bundle_endpoint {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--bundle-endpoint {addr}: cannot listen"))?;
+                endpoints.spawn(server.clone().serve_bundle_endpoint(listener, BundleEndpointTls::Spiffe));
+            }
+            if let (Some(addr), Some(cert), Some(key)) =
+                (bundle_endpoint_web, bundle_endpoint_web_cert, bundle_endpoint_web_key)
+            {
+                let tls = BundleEndpointTls::web_from_files(&cert, &key)?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--bundle-endpoint-web {addr}: cannot listen"))?;
+                endpoints.spawn(server.clone().serve_bundle_endpoint(listener, tls));
+            }
             tokio::select! {
                 result = server.serve(listener) => result,
+                Some(Ok(Err(error))) = endpoints.join_next() => Err(error),
                 _ = shutdown_signal() => Ok(()),
             }
         }
@@ -511,8 +564,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     if args.kubernetes {
         namespaced_name("--daemonset", &args.daemonset)?;
     }
-    let bundle = load_bundle(&ca_root, &args.trust_domain)?;
-    let provider = CaClient::new(&ca_addr, node.clone(), token_file, &bundle)?;
+    let trust = TrustStore::new(load_bundle(&ca_root, &args.trust_domain)?);
+    tokio::spawn(follow_bundle_file(ca_root.clone(), trust.clone()));
+    let provider = CaClient::new(&ca_addr, node.clone(), token_file, &trust)?;
 
     let pins = PinDir::open(&args.bpf_dir)?;
     // An agent already running here hands its listeners over (an upgrade).
@@ -567,12 +621,15 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     metrics.config_errors.set(errors.len() as i64);
     let mut policy_warnings = HashSet::new();
     warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
-    let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(State::new(snapshot, &args.trust_domain)));
+    let state = State::new(snapshot, &args.trust_domain);
+    let federations = Federations::new(trust.clone());
+    federations.follow(&state.federations());
+    let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(state));
     let ctx = Arc::new(ProxyContext {
         orig_dst,
         deliveries,
         state: state_rx.clone(),
-        bundle,
+        trust,
         certs: CertManager::new(Arc::new(provider), metrics.clone()),
         pool: HbonePool::new(metrics.clone(), args.hbone_idle_timeout),
         next_endpoint: Default::default(),
@@ -665,7 +722,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 log_errors(&errors);
                 metrics.config_errors.set(errors.len() as i64);
                 warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
-                state_tx.send_replace(Arc::new(State::new(snapshot, &args.trust_domain)));
+                let state = State::new(snapshot, &args.trust_domain);
+                federations.follow(&state.federations());
+                state_tx.send_replace(Arc::new(state));
                 apply(&mut enrolments, &mut cluster).await;
                 tracing::info!(enrolled = enrolments.enrolled(), errors = errors.len(), "configuration applied");
             }

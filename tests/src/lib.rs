@@ -159,6 +159,24 @@ pub struct Bed {
     ipv6: bool,
     /// The plug-in CA directory ([`Bed::plug_in_ca`]); the CA's own root if `None`.
     cacerts: Option<PathBuf>,
+    /// A second mesh on some of the nodes ([`Bed::add_peer_mesh`]).
+    peer: Option<PeerMesh>,
+}
+
+/// A second mesh in the bed, for federation: a trust domain, CA and
+/// configuration directory of its own, on some of the nodes.
+struct PeerMesh {
+    trust_domain: String,
+    nodes: Vec<String>,
+    cacerts: Option<PathBuf>,
+    ca: Mutex<Option<Child>>,
+}
+
+/// Which mesh of the bed a CA, configuration or agent belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Peer,
 }
 
 /// libfaketime (Debian's faketime), for agents on a skewed clock.
@@ -166,6 +184,8 @@ pub const FAKETIME_LIBRARY: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketi
 
 /// Where the bed's certificate authority listens (on the fabric bridge).
 pub const CA_ADDR: &str = "10.100.0.254:15012";
+/// Where the peer mesh's certificate authority listens ([`Bed::add_peer_mesh`]).
+pub const PEER_CA_ADDR: &str = "10.100.0.253:15012";
 /// Leaf lifetime the bed's CA uses unless a test asks for another.
 pub const DEFAULT_LEAF_TTL: &str = "1h";
 
@@ -213,6 +233,7 @@ impl Bed {
             kubernetes: None,
             ipv6,
             cacerts: None,
+            peer: None,
         };
         ip(&["netns", "add", &bed.fabric])?;
         ip_in(&bed.fabric, &["link", "add", "br0", "type", "bridge"])?;
@@ -291,27 +312,15 @@ impl Bed {
         self.cacerts = Some(cacerts.to_path_buf());
     }
 
-    /// The roots agents and waypoints are given (`--ca-root`).
+    /// The roots the primary mesh's agents and waypoints are given (`--ca-root`).
     pub fn trust_anchors(&self) -> PathBuf {
-        match &self.cacerts {
-            Some(cacerts) => cacerts.join("root-cert.pem"),
-            None => self.ca_dir().join("root.pem"),
-        }
+        self.mesh_anchors(Side::Primary)
     }
 
     /// A CA token from `ambit-agent ca token`: node `node`'s, or with
     /// `identity` (`namespace/service-account`) a waypoint's.
     pub fn ca_token(&self, node: &str, identity: Option<&str>) -> Result<String> {
-        let mut cmd = Command::new(&self.agent_binary);
-        cmd.args(["ca", "token", "--node", node, "--dir"]).arg(self.ca_dir());
-        if let Some(identity) = identity {
-            cmd.args(["--identity", identity]);
-        }
-        let token = cmd.output().context("run `ambit-agent ca token`")?;
-        if !token.status.success() {
-            bail!("ambit-agent ca token failed: {}", String::from_utf8_lossy(&token.stderr));
-        }
-        Ok(String::from_utf8(token.stdout)?)
+        self.mesh_ca_token(self.side_of(node), node, identity)
     }
 
     /// The file a waypoint in `pod` presents to the CA: its own token.
@@ -331,32 +340,153 @@ impl Bed {
     /// Starts the CA (in the fabric netns, reachable from every node),
     /// issuing leaves that live `leaf_ttl` (e.g. "1h", "6s").
     pub fn start_ca(&self, leaf_ttl: &str) -> Result<()> {
+        self.start_ca_with(leaf_ttl, &[])
+    }
+
+    /// Like [`Bed::start_ca`], with extra `ambit-agent ca serve` arguments.
+    pub fn start_ca_with(&self, leaf_ttl: &str, args: &[&str]) -> Result<()> {
         self.stop_ca()?;
-        let cgroup = self.run_cgroup.join("ca");
+        *self.ca.lock().expect("ca lock") = Some(self.launch_ca(Side::Primary, leaf_ttl, args)?);
+        Ok(())
+    }
+
+    fn launch_ca(&self, side: Side, leaf_ttl: &str, args: &[&str]) -> Result<Child> {
+        let (addr, log, name) = match side {
+            Side::Primary => (CA_ADDR, self.ca_log(), "ca"),
+            Side::Peer => (PEER_CA_ADDR, self.peer_ca_log(), "peer-ca"),
+        };
+        let cgroup = self.run_cgroup.join(name);
         if !cgroup.exists() {
             std::fs::create_dir(&cgroup)?;
         }
-        let log = File::options().create(true).append(true).open(self.ca_log())?;
+        let log_file = File::options().create(true).append(true).open(&log)?;
         let mut cmd = Command::new(&self.agent_binary);
-        cmd.args(["ca", "serve", "--log-format", "json", "--listen", CA_ADDR, "--leaf-ttl", leaf_ttl]);
-        match &self.kubernetes {
-            None => cmd.arg("--dir").arg(self.ca_dir()).arg("--config-dir").arg(self.config_dir()),
-            Some(kubernetes) => kubernetes.ca_args(&mut cmd),
+        cmd.args(["ca", "serve", "--log-format", "json", "--listen", addr, "--leaf-ttl", leaf_ttl]);
+        match (&self.kubernetes, side) {
+            (Some(kubernetes), Side::Primary) => kubernetes.ca_args(&mut cmd),
+            _ => cmd.arg("--dir").arg(self.mesh_ca_dir(side)).arg("--config-dir").arg(self.mesh_config_dir(side)),
         };
-        if let Some(cacerts) = &self.cacerts {
+        if let Some(cacerts) = self.mesh_cacerts(side) {
             cmd.arg("--cacerts-dir").arg(cacerts);
         }
-        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        if side == Side::Peer {
+            cmd.arg("--trust-domain").arg(&self.peer_mesh().trust_domain);
+        }
+        cmd.args(args).stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
         enter(&mut cmd, &Path::new("/run/netns").join(&self.fabric), Some(&cgroup))?;
-        *self.ca.lock().expect("ca lock") = Some(cmd.spawn().context("start the CA")?);
-        let port = CA_ADDR.rsplit(':').next().expect("ip:port");
-        let filter = format!("sport = :{port}");
+        let child = cmd.spawn().context("start the CA")?;
+        let filter = format!("src {addr}");
         let fabric = self.fabric.clone();
         wait_until(Duration::from_secs(10), "the CA to listen", || {
             let out = Command::new("ip").args(["netns", "exec", &fabric, "ss", "-Hltn", &filter]).output()?;
             Ok(!out.stdout.is_empty())
         })
-        .with_context(|| format!("CA log:\n{}", std::fs::read_to_string(self.ca_log()).unwrap_or_default()))
+        .with_context(|| format!("CA log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))?;
+        Ok(child)
+    }
+
+    /// Adds a second mesh, trust domain `trust_domain`, made of `nodes`
+    /// (which have no pods yet): its own CA (at [`PEER_CA_ADDR`], signing
+    /// with the plug-in `cacerts` if given, started with
+    /// [`Bed::start_peer_ca`]), configuration directory and agents. Each
+    /// mesh's configuration lists every pod, the other mesh's annotated
+    /// with its trust domain.
+    pub fn add_peer_mesh(&mut self, trust_domain: &str, nodes: &[&str], cacerts: Option<&Path>) -> Result<()> {
+        if self.pods.iter().any(|p| nodes.contains(&p.node.as_str())) {
+            bail!("add the peer mesh before the pods of its nodes");
+        }
+        self.peer = Some(PeerMesh {
+            trust_domain: trust_domain.to_string(),
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            cacerts: cacerts.map(Path::to_path_buf),
+            ca: Mutex::new(None),
+        });
+        std::fs::create_dir_all(self.mesh_config_dir(Side::Peer))?;
+        let ca_ip = PEER_CA_ADDR.split(':').next().expect("ip:port");
+        ip_in(&self.fabric, &["addr", "add", &format!("{ca_ip}/24"), "dev", "br0"])?;
+        for node in nodes {
+            let token = self.mesh_ca_token(Side::Peer, node, None)?;
+            std::fs::write(self.node_token_file(node), token)?;
+        }
+        let namespaces: Vec<(String, Option<String>)> = self.namespaces.clone().into_iter().collect();
+        for (name, mode) in namespaces {
+            self.set_namespace_mode(&name, mode.as_deref())?;
+        }
+        Ok(())
+    }
+
+    fn peer_mesh(&self) -> &PeerMesh {
+        self.peer.as_ref().expect("the bed has a peer mesh (Bed::add_peer_mesh)")
+    }
+
+    /// Starts (or restarts) the peer mesh's CA, with extra `ca serve` arguments.
+    pub fn start_peer_ca(&self, leaf_ttl: &str, args: &[&str]) -> Result<()> {
+        self.stop_peer_ca()?;
+        let child = self.launch_ca(Side::Peer, leaf_ttl, args)?;
+        *self.peer_mesh().ca.lock().expect("peer ca lock") = Some(child);
+        Ok(())
+    }
+
+    /// Stops the peer mesh's CA (as an outage would).
+    pub fn stop_peer_ca(&self) -> Result<()> {
+        if let Some(mut ca) = self.peer_mesh().ca.lock().expect("peer ca lock").take() {
+            ca.kill()?;
+            ca.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn peer_ca_log(&self) -> PathBuf {
+        self.dir.path().join("peer-ca.log")
+    }
+
+    /// The mesh `node` belongs to.
+    fn side_of(&self, node: &str) -> Side {
+        match &self.peer {
+            Some(peer) if peer.nodes.iter().any(|n| n == node) => Side::Peer,
+            _ => Side::Primary,
+        }
+    }
+
+    fn mesh_ca_dir(&self, side: Side) -> PathBuf {
+        match side {
+            Side::Primary => self.ca_dir(),
+            Side::Peer => self.dir.path().join("peer-ca"),
+        }
+    }
+
+    fn mesh_config_dir(&self, side: Side) -> PathBuf {
+        match side {
+            Side::Primary => self.config_dir(),
+            Side::Peer => self.dir.path().join("peer-config"),
+        }
+    }
+
+    fn mesh_cacerts(&self, side: Side) -> Option<&Path> {
+        match side {
+            Side::Primary => self.cacerts.as_deref(),
+            Side::Peer => self.peer_mesh().cacerts.as_deref(),
+        }
+    }
+
+    fn mesh_anchors(&self, side: Side) -> PathBuf {
+        match self.mesh_cacerts(side) {
+            Some(cacerts) => cacerts.join("root-cert.pem"),
+            None => self.mesh_ca_dir(side).join("root.pem"),
+        }
+    }
+
+    fn mesh_ca_token(&self, side: Side, node: &str, identity: Option<&str>) -> Result<String> {
+        let mut cmd = Command::new(&self.agent_binary);
+        cmd.args(["ca", "token", "--node", node, "--dir"]).arg(self.mesh_ca_dir(side));
+        if let Some(identity) = identity {
+            cmd.args(["--identity", identity]);
+        }
+        let token = cmd.output().context("run `ambit-agent ca token`")?;
+        if !token.status.success() {
+            bail!("ambit-agent ca token failed: {}", String::from_utf8_lossy(&token.stderr));
+        }
+        Ok(String::from_utf8(token.stdout)?)
     }
 
     /// A command that will run in the fabric netns, where the nodes' uplinks
@@ -479,7 +609,11 @@ impl Bed {
             None => String::new(),
         };
         let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n");
-        self.write_config(&format!("namespace-{name}.yaml"), &yaml)
+        self.write_config(&format!("namespace-{name}.yaml"), &yaml)?;
+        if self.peer.is_some() {
+            self.write_peer_config(&format!("namespace-{name}.yaml"), &yaml)?;
+        }
+        Ok(())
     }
 
     /// Creates a pod on `node` in `namespace` (declared before), with its
@@ -602,7 +736,7 @@ impl Bed {
                 pod.ip
             );
             run_with_input(Command::new("ip").args(["-n", &netns, "-batch", "-"]), &setup)?;
-            documents.push(pod_yaml(&pod));
+            documents.push(pod_yaml(&pod, None));
             ids.push(pod.id());
             self.pods.push(pod);
         }
@@ -610,17 +744,35 @@ impl Bed {
         Ok(ids)
     }
 
+    /// Writes the pod into each mesh's configuration; the other mesh's
+    /// pods carry their trust domain.
     fn write_pod(&self, pod: &Pod) -> Result<()> {
-        self.write_config(&format!("pod-{}-{}.yaml", pod.namespace, pod.name), &pod_yaml(pod))
+        let file = format!("pod-{}-{}.yaml", pod.namespace, pod.name);
+        let Some(peer) = &self.peer else {
+            return self.write_config(&file, &pod_yaml(pod, None));
+        };
+        let (for_primary, for_peer) = match self.side_of(&pod.node) {
+            Side::Primary => (None, Some("cluster.local")),
+            Side::Peer => (Some(peer.trust_domain.as_str()), None),
+        };
+        self.write_config(&file, &pod_yaml(pod, for_primary))?;
+        self.write_peer_config(&file, &pod_yaml(pod, for_peer))
     }
 
     /// Writes a file into the configuration directory atomically (a hidden
     /// temporary file, then a rename), as a careful operator would.
     pub fn write_config(&self, file: &str, contents: &str) -> Result<()> {
-        let tmp = self.config_dir().join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, contents)?;
-        std::fs::rename(&tmp, self.config_dir().join(file))?;
-        Ok(())
+        write_atomically(&self.config_dir(), file, contents)
+    }
+
+    /// Like [`Bed::write_config`], into the peer mesh's configuration.
+    pub fn write_peer_config(&self, file: &str, contents: &str) -> Result<()> {
+        write_atomically(&self.mesh_config_dir(Side::Peer), file, contents)
+    }
+
+    /// Removes a file from the peer mesh's configuration.
+    pub fn remove_peer_config(&self, file: &str) -> Result<()> {
+        Ok(std::fs::remove_file(self.mesh_config_dir(Side::Peer).join(file))?)
     }
 
     /// Starts the agent of `node`: inside the node's netns, in a cgroup
@@ -660,14 +812,21 @@ impl Bed {
             std::fs::create_dir(&cgroup)?;
         }
         let mut cmd = Command::new(&self.agent_binary);
-        cmd.args(["--ca-addr", CA_ADDR]);
-        match &self.kubernetes {
-            None => {
-                cmd.arg("--config-dir").arg(self.config_dir());
-                cmd.arg("--ca-root").arg(self.trust_anchors());
-                cmd.arg("--node-token-file").arg(self.node_token_file(&node.name));
+        let side = self.side_of(&node.name);
+        match (&self.kubernetes, side) {
+            (Some(kubernetes), Side::Primary) => {
+                cmd.args(["--ca-addr", CA_ADDR]);
+                kubernetes.agent_args(&mut cmd, &node.name)
             }
-            Some(kubernetes) => kubernetes.agent_args(&mut cmd, &node.name),
+            _ => {
+                cmd.args(["--ca-addr", if side == Side::Peer { PEER_CA_ADDR } else { CA_ADDR }]);
+                cmd.arg("--config-dir").arg(self.mesh_config_dir(side));
+                cmd.arg("--ca-root").arg(self.mesh_anchors(side));
+                cmd.arg("--node-token-file").arg(self.node_token_file(&node.name));
+                if side == Side::Peer {
+                    cmd.arg("--trust-domain").arg(&self.peer_mesh().trust_domain);
+                }
+            }
         }
         cmd.args(args).envs(env.iter().copied());
         cmd.arg("--bpf-dir").arg(self.bpf_dir(&node.name));
@@ -805,6 +964,9 @@ impl Bed {
 impl Drop for Bed {
     fn drop(&mut self) {
         let _ = self.stop_ca();
+        if self.peer.is_some() {
+            let _ = self.stop_peer_ca();
+        }
         for mut child in self.children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
             let _ = child.kill();
             let _ = child.wait();
@@ -813,11 +975,13 @@ impl Drop for Bed {
     }
 }
 
-/// A pod's configuration file (standalone mode).
-fn pod_yaml(pod: &Pod) -> String {
+/// A pod's configuration file (standalone mode); `trust_domain` for a pod
+/// of another mesh.
+fn pod_yaml(pod: &Pod, trust_domain: Option<&str>) -> String {
     let labels: String = pod.labels.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
+    let trust_domain = trust_domain.map(|td| format!("\n    ambit.dev/trust-domain: {td}")).unwrap_or_default();
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\n  annotations:\n    ambit.dev/netns: {netns}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIPs:\n  - ip: {ip}\n{ip6}",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{labels}\n  annotations:\n    ambit.dev/netns: {netns}{trust_domain}\nspec:\n  nodeName: {node}\n  serviceAccountName: {sa}\nstatus:\n  podIPs:\n  - ip: {ip}\n{ip6}",
         name = pod.name,
         ns = pod.namespace,
         netns = pod.netns_path().display(),
@@ -826,6 +990,13 @@ fn pod_yaml(pod: &Pod) -> String {
         ip = pod.ip,
         ip6 = pod.ip6.map(|ip6| format!("  - ip: {ip6}\n")).unwrap_or_default(),
     )
+}
+
+fn write_atomically(dir: &Path, file: &str, contents: &str) -> Result<()> {
+    let tmp = dir.join(format!(".{file}.tmp"));
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, dir.join(file))?;
+    Ok(())
 }
 
 /// A figure of `/proc/<pid>/status` in kB, e.g. `VmRSS:` (resident now)

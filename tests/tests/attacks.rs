@@ -192,7 +192,8 @@ fn unenrolling_a_pod_leaves_the_pod_that_reuses_its_ip_protected() {
 /// token in `token_file`: what an attacker holding that token can mint.
 fn mint(bed: &Bed, node: &str, token_file: &std::path::Path, identity: &Identity) -> Result<Svid, String> {
     let bundle = tls::load_bundle(&bed.ca_dir().join("root.pem"), "cluster.local").unwrap();
-    let client = CaClient::new(CA_ADDR, node.to_string(), token_file.to_path_buf(), &bundle).unwrap();
+    let client =
+        CaClient::new(CA_ADDR, node.to_string(), token_file.to_path_buf(), &tls::TrustStore::new(bundle)).unwrap();
     bed.in_netns(&bed.node(node).netns, || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(client.fetch(identity)).map_err(|e| format!("{e:#}"))
@@ -211,7 +212,7 @@ fn hbone_connect_from_node(
     target: SocketAddr,
 ) -> Result<u16, String> {
     let bundle = tls::load_bundle(&bed.ca_dir().join("root.pem"), "cluster.local").unwrap();
-    let config = Arc::new(tls::client_config(Some(svid), &bundle, server.spiffe_id()).unwrap());
+    let config = Arc::new(tls::client_config(Some(svid), &tls::TrustStore::new(bundle), server.spiffe_id()).unwrap());
     bed.in_netns(&bed.node(node).netns, || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
@@ -506,8 +507,15 @@ fn impostor_ca(bed: &Bed) {
     let chain = genuine.issue(&serving, &key, Duration::from_secs(3600)).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     let svid = Svid::from_chain(&serving, chain, key, "cluster.local").unwrap();
-    let bundle = tls::TrustBundle::new("cluster.local", &genuine.roots()).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&svid, &bundle, false).unwrap()));
+    // The CA asks for no client certificate: callers present tokens.
+    let mut config = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(svid.chain.clone(), svid.key.clone_key())
+        .unwrap();
+    config.alpn_protocols = vec![tls::ALPN_H2.to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let own_root = Arc::new(own_root);
     let fabric = std::fs::File::open(format!("/run/netns/{}", bed.fabric_netns())).unwrap();
     let (listening, ready) = std::sync::mpsc::channel();
@@ -611,7 +619,7 @@ fn a_slow_client_cannot_grow_the_ca() {
     let mut n1 = bed.start_agent("n1").unwrap();
     let bundle = tls::load_bundle(&bed.ca_dir().join("root.pem"), "cluster.local").unwrap();
     let ca_id = Identity::new("cluster.local", "ambit-system", "ambit-ca").spiffe_id();
-    let config = Arc::new(tls::client_config(None, &bundle, ca_id).unwrap());
+    let config = Arc::new(tls::client_config(None, &tls::TrustStore::new(bundle), ca_id).unwrap());
     let (reset, during) = bed
         .in_netns(&bed.node("n2").netns, || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

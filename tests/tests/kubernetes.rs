@@ -256,7 +256,13 @@ fn ambit_cni_fails_add_for_an_ambient_pod_while_the_agent_is_down() {
 /// as `node` with the token in `token_file`.
 fn ask_ca(bed: &Bed, node: &str, token_file: &Path, identity: &Identity) -> Result<(), String> {
     let bundle = load_bundle(&bed.root_cert(), "cluster.local").unwrap();
-    let client = CaClient::new(CA_ADDR, node.to_string(), token_file.to_path_buf(), &bundle).unwrap();
+    let client = CaClient::new(
+        CA_ADDR,
+        node.to_string(),
+        token_file.to_path_buf(),
+        &ambit_identity::tls::TrustStore::new(bundle),
+    )
+    .unwrap();
     bed.in_fabric(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(client.fetch(identity)).map(drop).map_err(|e| format!("{e:#}"))

@@ -188,7 +188,8 @@ fn view(snapshot: Snapshot, trust_domain: &str, gateway: &Gateway) -> View {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let bundle = tls::load_bundle(&args.ca_root, &args.trust_domain)?;
+    let trust = tls::TrustStore::new(tls::load_bundle(&args.ca_root, &args.trust_domain)?);
+    tokio::spawn(tls::follow_bundle_file(args.ca_root.clone(), trust.clone()));
     let (mut updates, source) = match &args.config_dir {
         Some(dir) => (
             watch_dir(ConfigDir::new(dir))
@@ -224,7 +225,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listen = SocketAddr::new(*pod.ips.first().context("the waypoint pod has no IP")?, HBONE_PORT);
     let identity = Identity::new(&args.trust_domain, &pod.namespace, &pod.service_account);
     let metrics = Arc::new(Metrics::new());
-    let provider = CaClient::new(&args.ca_addr, pod.node.clone(), args.ca_token_file.clone(), &bundle)?;
+    let provider = CaClient::new(&args.ca_addr, pod.node.clone(), args.ca_token_file.clone(), &trust)?;
     let certs = CertManager::new(Arc::new(provider), metrics.clone());
     let mut svid = certs.acquire(&identity, &args.pod);
     svid.wait_for(Option::is_some).await.context("certificate manager stopped")?;
@@ -253,7 +254,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dial = Arc::new(Dial {
         ip: listen.ip(),
         svid,
-        bundle,
+        trust,
         view: view_rx,
         pool: HbonePool::new(metrics.clone(), DEFAULT_POOL_IDLE_TIMEOUT),
     });
@@ -285,7 +286,7 @@ impl Waypoint {
         if let Some((_, config)) = cached.as_ref().filter(|(serial, _)| *serial == svid.serial) {
             return Some(config.clone());
         }
-        let config = Arc::new(tls::server_config(&svid, &self.dial.bundle, true).ok()?);
+        let config = Arc::new(tls::server_config(&svid, &self.dial.trust).ok()?);
         *cached = Some((svid.serial.clone(), config.clone()));
         Some(config)
     }
@@ -293,17 +294,16 @@ impl Waypoint {
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let Some(config) = self.server_tls() else { return };
         let owner = self.dial.view.borrow().state.identity_at(peer.ip());
-        let Accepted { mut conn, peer_id, .. } =
-            match accept(tcp, peer, owner, config, &self.dial.bundle.trust_domain, &self.metrics).await {
-                Ok(accepted) => accepted,
-                Err(reason) => {
-                    if let Some(suppressed) = self.warnings.admit(peer.ip(), "hbone_rejected", &reason) {
-                        let suppressed = (suppressed > 0).then_some(suppressed);
-                        tracing::warn!(src_addr = %peer, error = %reason, suppressed, "HBONE connection rejected");
-                    }
-                    return;
+        let Accepted { mut conn, peer_id, .. } = match accept(tcp, peer, owner, config, &self.metrics).await {
+            Ok(accepted) => accepted,
+            Err(reason) => {
+                if let Some(suppressed) = self.warnings.admit(peer.ip(), "hbone_rejected", &reason) {
+                    let suppressed = (suppressed > 0).then_some(suppressed);
+                    tracing::warn!(src_addr = %peer, error = %reason, suppressed, "HBONE connection rejected");
                 }
-            };
+                return;
+            }
+        };
         while let Some(Ok((request, respond))) = conn.accept().await {
             tokio::spawn(self.clone().stream(request, respond, peer_id.clone(), peer));
         }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use ambit_hbone::{Dialer, HBONE_PORT, HbonePool, HboneTarget, StreamGuard};
-use ambit_identity::{Svid, tls::TrustBundle};
+use ambit_identity::{Svid, tls::TrustStore};
 use http::Uri;
 use hyper_util::{
     client::legacy::connect::{Connected, Connection},
@@ -31,7 +31,7 @@ pub struct Dial {
     /// connections carry many clients' requests.
     pub ip: IpAddr,
     pub svid: watch::Receiver<Option<Arc<Svid>>>,
-    pub bundle: TrustBundle,
+    pub trust: TrustStore,
     pub view: watch::Receiver<Arc<View>>,
     pub pool: HbonePool,
 }
@@ -79,7 +79,7 @@ impl tower_service::Service<Uri> for HboneConnector {
             let svid = dial.svid.borrow().clone().ok_or("the waypoint has no certificate yet")?;
             let target =
                 HboneTarget { hbone: SocketAddr::new(addr.ip(), HBONE_PORT), expected, app: addr, source_ip: dial.ip };
-            let stream = dial.pool.open(&Host, &svid, &dial.bundle, &target).await?;
+            let stream = dial.pool.open(&Host, &svid, &dial.trust, &target).await?;
             Ok(TokioIo::new(Upstream { io: StreamIo::new(stream.send, stream.recv), _guard: stream.guard }))
         })
     }

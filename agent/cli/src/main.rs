@@ -259,6 +259,16 @@ async fn status(admin: SocketAddr) -> anyhow::Result<bool> {
     for root in bundle["roots"].as_array().into_iter().flatten() {
         println!("  root {}", describe_certificate(root, now));
     }
+    let federated = certs["federated_bundles"].as_array().cloned().unwrap_or_default();
+    if !federated.is_empty() {
+        println!("\nFederated trust domains");
+        for bundle in &federated {
+            println!("  {}", bundle["trust_domain"].as_str().unwrap_or("?"));
+            for root in bundle["roots"].as_array().into_iter().flatten() {
+                println!("    root {}", describe_certificate(root, now));
+            }
+        }
+    }
 
     println!("\nConnections by security policy (since the agent started)");
     let opened = "ambit_tcp_connections_opened_total";

@@ -40,17 +40,16 @@ pub async fn connection(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>, 
             "HBONE connection rejected"
         );
     };
-    let Some(config) = pod.svid().await.and_then(|svid| pod.server_tls(&svid, &ctx.bundle)) else {
+    let Some(config) = pod.svid().await.and_then(|svid| pod.server_tls(&svid, &ctx.trust)) else {
         reject(&format_args!("no certificate for {} yet", pod.identity));
         relay::reset(&tcp);
         return;
     };
     let owner = ctx.state.borrow().identity_at(peer.ip());
-    let Accepted { mut conn, peer_id, serial } =
-        match accept(tcp, peer, owner, config, &ctx.bundle.trust_domain, &ctx.metrics).await {
-            Ok(accepted) => accepted,
-            Err(reason) => return reject(&reason),
-        };
+    let Accepted { mut conn, peer_id, serial } = match accept(tcp, peer, owner, config, &ctx.metrics).await {
+        Ok(accepted) => accepted,
+        Err(reason) => return reject(&reason),
+    };
     tracing::info!(
         target: "ambit::conn",
         src_addr = %peer,

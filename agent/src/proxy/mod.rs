@@ -32,7 +32,7 @@ use ambit_hbone::HbonePool;
 use ambit_identity::{
     Identity, Svid,
     manager::CertManager,
-    tls::{self, TrustBundle},
+    tls::{self, TrustStore},
 };
 use ambit_runtime::{
     listener::accept_next,
@@ -61,7 +61,7 @@ pub struct ProxyContext {
     pub orig_dst: OrigDstTable,
     pub deliveries: DeliveryTable,
     pub state: watch::Receiver<Arc<State>>,
-    pub bundle: TrustBundle,
+    pub trust: TrustStore,
     pub certs: CertManager,
     pub pool: HbonePool,
     /// Round-robin position over service endpoints.
@@ -214,12 +214,12 @@ impl PodContext {
     }
 
     /// The HBONE server configuration for `svid`.
-    fn server_tls(&self, svid: &Svid, bundle: &TrustBundle) -> Option<Arc<rustls::ServerConfig>> {
+    fn server_tls(&self, svid: &Svid, trust: &TrustStore) -> Option<Arc<rustls::ServerConfig>> {
         let mut cached = self.server_tls.lock().expect("server tls lock");
         if let Some((_, config)) = cached.as_ref().filter(|(serial, _)| *serial == svid.serial) {
             return Some(config.clone());
         }
-        let config = match tls::server_config(svid, bundle, true) {
+        let config = match tls::server_config(svid, trust) {
             Ok(config) => Arc::new(config),
             Err(e) => {
                 tracing::error!(pod = %self.id, error = %e, "cannot build the mTLS server configuration");

@@ -154,7 +154,7 @@ async fn open_hbone(
     let svid = pod.svid().await.ok_or_else(|| HboneError::NoCertificate(pod.identity.clone()))?;
     let source_ip = source_ip.ok_or(HboneError::NoSourceAddress(app))?;
     let target = HboneTarget { hbone, expected: expected.clone(), app, source_ip };
-    ctx.pool.open(pod, &svid, &ctx.bundle, &target).await
+    ctx.pool.open(pod, &svid, &ctx.trust, &target).await
 }
 
 /// A destination outside the mesh: plain TCP from the pod's own address,

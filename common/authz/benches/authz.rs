@@ -58,6 +58,7 @@ fn main() {
         name: "api".into(),
         uid: None,
         service_account: "api".into(),
+        trust_domain: None,
         node: "n1".into(),
         labels: [("app".to_string(), "app-107".to_string())].into(),
         ips: vec!["10.244.1.5".parse().unwrap()],

@@ -62,9 +62,11 @@ pub fn lint(snapshot: &Snapshot, trust_domain: &str) -> Vec<Finding> {
         }
         for (index, rule) in policy.rules.iter().enumerate() {
             for condition in rule.from.iter().flatten().chain(&rule.when) {
-                if let Some(td) = foreign_trust_domain(condition, trust_domain) {
+                if let Some(td) = foreign_trust_domain(condition, trust_domain)
+                    && !snapshot.federations.contains_key(&td)
+                {
                     warn(format!(
-                        "rule {index}: `{}` names trust domain `{td}`, but this mesh's is `{trust_domain}`: that value never matches",
+                        "rule {index}: `{}` names trust domain `{td}`, which is neither this mesh's (`{trust_domain}`) nor federated with it (no TrustDomainFederation): that value never matches",
                         condition.field
                     ));
                 }

@@ -14,6 +14,7 @@ fn api_pod() -> Pod {
         name: "api".into(),
         uid: None,
         service_account: "api".into(),
+        trust_domain: None,
         node: "n1".into(),
         labels: [("app".to_string(), "api".to_string())].into(),
         ips: vec!["10.0.0.5".parse().unwrap()],

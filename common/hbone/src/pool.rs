@@ -15,7 +15,7 @@ use std::{
 
 use ambit_identity::{
     Identity, Svid,
-    tls::{self, TrustBundle},
+    tls::{self, TrustStore},
 };
 use ambit_runtime::metrics::Metrics;
 use bytes::Bytes;
@@ -164,7 +164,7 @@ impl HbonePool {
         &self,
         from: &impl Dialer,
         svid: &Svid,
-        bundle: &TrustBundle,
+        trust: &TrustStore,
         target: &HboneTarget,
     ) -> Result<HboneStream, HboneError> {
         let HboneTarget { hbone: dst, expected, app: target, source_ip } = target;
@@ -182,7 +182,7 @@ impl HbonePool {
                 self.metrics.hbone_pool_reuse.inc();
                 found
             }
-            None => self.dial_once(&pool, &key, from, svid, bundle).await?,
+            None => self.dial_once(&pool, &key, from, svid, trust).await?,
         };
         active.fetch_add(1, Ordering::Relaxed);
         let guard = StreamGuard(active);
@@ -233,7 +233,7 @@ impl HbonePool {
         key: &PoolKey,
         from: &impl Dialer,
         svid: &Svid,
-        bundle: &TrustBundle,
+        trust: &TrustStore,
     ) -> Result<(SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
         let waiting_since = Instant::now();
         let mut last_failure = pool.dial.lock().await;
@@ -244,7 +244,7 @@ impl HbonePool {
         if let Some((_, reason)) = last_failure.as_ref().filter(|(failed_at, _)| *failed_at >= waiting_since) {
             return Err(HboneError::SharedDial(key.dst, reason.clone()));
         }
-        match self.dial(key, from, svid, bundle).await {
+        match self.dial(key, from, svid, trust).await {
             Ok((send, active)) => {
                 *last_failure = None;
                 let used = Arc::new(AtomicBool::new(true));
@@ -264,12 +264,12 @@ impl HbonePool {
         key: &PoolKey,
         from: &impl Dialer,
         svid: &Svid,
-        bundle: &TrustBundle,
+        trust: &TrustStore,
     ) -> Result<(SendRequest<Bytes>, Arc<AtomicUsize>), HboneError> {
         let dst = key.dst;
         let tls_error = |reason: String| HboneError::Tls { dst, expected: key.expected.to_string(), reason };
         let config =
-            tls::client_config(Some(svid), bundle, key.expected.spiffe_id()).map_err(|e| tls_error(e.to_string()))?;
+            tls::client_config(Some(svid), trust, key.expected.spiffe_id()).map_err(|e| tls_error(e.to_string()))?;
         let tcp = from.dial(dst).await.map_err(|e| HboneError::Connect(dst, e))?;
         keep_alive(&tcp);
         let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;

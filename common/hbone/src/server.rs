@@ -43,7 +43,6 @@ pub async fn accept(
     peer: SocketAddr,
     owner: Option<Identity>,
     config: Arc<rustls::ServerConfig>,
-    trust_domain: &str,
     metrics: &Metrics,
 ) -> Result<Accepted, String> {
     keep_alive(&tcp);
@@ -53,7 +52,7 @@ pub async fn accept(
     metrics.handshake("inbound", matches!(tls, Ok(Ok(_))));
     let tls = tls.map_err(|_| timed_out("mTLS handshake"))?.map_err(|e| format!("mTLS handshake failed: {e}"))?;
     let peer_certs = tls.get_ref().1.peer_certificates();
-    let peer_id = tls::peer_identity(peer_certs, trust_domain).map_err(|e| e.to_string())?;
+    let peer_id = tls::peer_identity(peer_certs).map_err(|e| e.to_string())?;
     match owner {
         Some(owner) if owner.spiffe_id() == peer_id => {}
         Some(owner) => {

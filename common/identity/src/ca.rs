@@ -34,8 +34,6 @@ use sha2::Sha256;
 use super::Identity;
 use crate::signing::{self, PluggedError, SigningChain};
 
-/// How often bundle consumers should re-fetch the bundle.
-pub const BUNDLE_REFRESH_HINT_SECS: u64 = 300;
 const BUNDLE_SEQUENCE: &str = "bundle-sequence";
 const NODE_SECRET: &str = "node-secret";
 /// Shorter RSA keys are refused (NIST SP 800-131A).
@@ -150,7 +148,7 @@ impl CaTokens {
 /// replaces in place ([`Self::reload`]) when its files change.
 pub struct CertificateAuthority {
     trust_domain: String,
-    signing: RwLock<Arc<SigningChain>>,
+    signing: RwLock<Signing>,
     tokens: CaTokens,
     /// Where `bundle-sequence` is kept; None for a CA held in memory.
     dir: Option<PathBuf>,
@@ -204,26 +202,44 @@ impl CertificateAuthority {
             .unwrap_or(1);
         Self {
             trust_domain: trust_domain.to_string(),
-            signing: RwLock::new(Arc::new(signing)),
+            signing: RwLock::new(Signing { active: Arc::new(signing), staged: None }),
             tokens,
             dir: dir.map(Path::to_path_buf),
             bundle_sequence: AtomicU64::new(bundle_sequence),
         }
     }
 
-    /// A plug-in CA reads its files again. A changed, valid chain replaces
-    /// the current one (returned); an unchanged one is `None`; an invalid
-    /// one is refused and the current chain stays in use.
-    pub fn reload(&self) -> Result<Option<Arc<SigningChain>>, CaError> {
+    /// A plug-in CA reads its files again. An unchanged chain is `None`; an
+    /// invalid one is refused and the chain in use stays. A valid new chain
+    /// under a root already trusted is used at once. One under a new root
+    /// (a root rotation) is staged: its root joins the bundle now, and it
+    /// signs only `propagation` later, once federated meshes and this
+    /// mesh's agents have had time to fetch the new bundle, so that no
+    /// peer meets a leaf, or a bundle endpoint, it cannot verify.
+    pub fn reload(&self, propagation: Duration) -> Result<Option<Reloaded>, CaError> {
         let current = self.signing();
         let Some(cacerts) = current.plugged_dir() else {
             return Ok(None);
         };
         let next = SigningChain::load_plugged(cacerts, &self.trust_domain)?;
-        if next.same_as(&current) {
+        let mut signing = self.signing.write().expect("signing lock");
+        if next.same_as(&current) || signing.staged.as_ref().is_some_and(|(staged, _)| next.same_as(staged)) {
             return Ok(None);
         }
-        if next.roots() != current.roots() {
+        let roots_before = signing.roots();
+        let next = Arc::new(next);
+        let reloaded = match current.roots().contains(next.anchor()) {
+            true => {
+                (signing.active, signing.staged) = (next.clone(), None);
+                Reloaded::Active(next)
+            }
+            false => {
+                let at = SystemTime::now() + propagation;
+                signing.staged = Some((next.clone(), at));
+                Reloaded::Staged { chain: next, signs_from: at }
+            }
+        };
+        if signing.roots() != roots_before {
             let sequence = self.bundle_sequence.fetch_add(1, Ordering::SeqCst) + 1;
             if let Some(dir) = &self.dir
                 && let Err(error) = fs::write(dir.join(BUNDLE_SEQUENCE), sequence.to_string())
@@ -231,23 +247,32 @@ impl CertificateAuthority {
                 tracing::warn!(%error, "cannot persist the bundle sequence");
             }
         }
-        let next = Arc::new(next);
-        *self.signing.write().expect("signing lock") = next.clone();
-        Ok(Some(next))
+        Ok(Some(reloaded))
     }
 
-    /// The chain leaves are signed with now.
+    /// The chain leaves are signed with now: a staged chain once its time has come.
     pub fn signing(&self) -> Arc<SigningChain> {
-        self.signing.read().expect("signing lock").clone()
+        let due = |signing: &Signing| signing.staged.as_ref().is_some_and(|(_, at)| SystemTime::now() >= *at);
+        if due(&self.signing.read().expect("signing lock")) {
+            let mut signing = self.signing.write().expect("signing lock");
+            if due(&signing) {
+                let (staged, _) = signing.staged.take().expect("due");
+                tracing::info!(chain = %staged.describe(), "the staged chain signs from now on");
+                signing.active = staged;
+            }
+        }
+        self.signing.read().expect("signing lock").active.clone()
     }
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
-    /// The trust anchors agents verify against.
+    /// The trust anchors agents verify against: the chain's, and during a
+    /// root rotation the staged chain's too.
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
-        self.signing().roots().to_vec()
+        self.signing();
+        self.signing.read().expect("signing lock").roots()
     }
 
     /// Issues a leaf for `identity` on `public_key`, valid for `ttl`, and
@@ -284,8 +309,9 @@ impl CertificateAuthority {
         self.tokens.clone()
     }
 
-    /// The trust bundle in the SPIFFE bundle format (a JWKS document).
-    pub fn bundle_json(&self) -> serde_json::Value {
+    /// The trust bundle in the SPIFFE bundle format (a JWKS document),
+    /// telling consumers to fetch it again after `refresh_hint`.
+    pub fn bundle_json(&self, refresh_hint: Duration) -> serde_json::Value {
         let keys: Vec<serde_json::Value> = self
             .roots()
             .iter()
@@ -300,9 +326,35 @@ impl CertificateAuthority {
         serde_json::json!({
             "keys": keys,
             "spiffe_sequence": self.bundle_sequence.load(Ordering::SeqCst),
-            "spiffe_refresh_hint": BUNDLE_REFRESH_HINT_SECS,
+            "spiffe_refresh_hint": refresh_hint.as_secs().max(1),
         })
     }
+}
+
+/// The chain in use, and one staged to replace it at a set time.
+struct Signing {
+    active: Arc<SigningChain>,
+    staged: Option<(Arc<SigningChain>, SystemTime)>,
+}
+
+impl Signing {
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        let mut roots = self.active.roots().to_vec();
+        for root in self.staged.iter().flat_map(|(staged, _)| staged.roots()) {
+            if !roots.contains(root) {
+                roots.push(root.clone());
+            }
+        }
+        roots
+    }
+}
+
+/// What a reload of the plug-in files did.
+pub enum Reloaded {
+    /// The new chain signs from now on.
+    Active(Arc<SigningChain>),
+    /// The new chain's root is in the bundle; the chain signs from `signs_from`.
+    Staged { chain: Arc<SigningChain>, signs_from: SystemTime },
 }
 
 /// Signs a leaf for `identity` with `signing`, back-dated a little for
@@ -553,9 +605,9 @@ pub(crate) mod tests {
     fn bundle_is_a_spiffe_jwks_and_persists() {
         let dir = tempfile::tempdir().unwrap();
         let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
-        let bundle = ca.bundle_json();
+        let bundle = ca.bundle_json(Duration::from_secs(300));
         assert_eq!(bundle["spiffe_sequence"], 1);
-        assert_eq!(bundle["spiffe_refresh_hint"], BUNDLE_REFRESH_HINT_SECS);
+        assert_eq!(bundle["spiffe_refresh_hint"], 300);
         let key = &bundle["keys"][0];
         assert_eq!(
             (key["use"].as_str(), key["kty"].as_str(), key["crv"].as_str()),

@@ -15,7 +15,7 @@ use super::{
     Identity, IdentityError, IdentityProvider, ProviderFuture, Svid,
     ca_server::{CA_NAMESPACE, CA_SERVICE_ACCOUNT, SvidRequest, SvidResponse, read_body},
 };
-use crate::tls::{self, TrustBundle};
+use crate::tls::{self, TrustStore};
 
 const CA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -26,14 +26,14 @@ pub struct CaClient {
     server_name: ServerName<'static>,
     node: String,
     token_file: PathBuf,
-    bundle: TrustBundle,
+    trust: TrustStore,
     tls: Arc<rustls::ClientConfig>,
 }
 
 impl CaClient {
     /// A client of the CA at `addr`, for `node`, presenting the token in
     /// `token_file` (a node token, or a projected service-account token).
-    pub fn new(addr: &str, node: String, token_file: PathBuf, bundle: &TrustBundle) -> anyhow::Result<Self> {
+    pub fn new(addr: &str, node: String, token_file: PathBuf, trust: &TrustStore) -> anyhow::Result<Self> {
         let host = match addr.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host,
             _ => anyhow::bail!(
@@ -43,10 +43,10 @@ impl CaClient {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let server_name = ServerName::try_from(host.to_string())
             .map_err(|e| anyhow::anyhow!("--ca-addr {addr}: {host} is not a host name or address: {e}"))?;
-        let ca_identity = Identity::new(&bundle.trust_domain, CA_NAMESPACE, CA_SERVICE_ACCOUNT);
-        let tls = tls::client_config(None, bundle, ca_identity.spiffe_id())?;
+        let ca_identity = Identity::new(trust.trust_domain(), CA_NAMESPACE, CA_SERVICE_ACCOUNT);
+        let tls = tls::client_config(None, trust, ca_identity.spiffe_id())?;
         let client =
-            Self { addr: addr.to_string(), server_name, node, token_file, bundle: bundle.clone(), tls: Arc::new(tls) };
+            Self { addr: addr.to_string(), server_name, node, token_file, trust: trust.clone(), tls: Arc::new(tls) };
         // A token file that cannot be read is a start-up error, not a
         // renewal that fails later.
         client.token()?;
@@ -118,8 +118,8 @@ impl CaClient {
             .map(|c| STANDARD.decode(c).map(CertificateDer::from))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(e.to_string()))?;
-        tls::verify_issued(&self.bundle, &chain).map_err(invalid)?;
-        Svid::from_chain(identity, chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()), &self.bundle.trust_domain)
+        tls::verify_issued(&self.trust.local(), &chain).map_err(invalid)?;
+        Svid::from_chain(identity, chain, PrivateKeyDer::Pkcs8(key.serialize_der().into()), self.trust.trust_domain())
             .map_err(invalid)
     }
 }

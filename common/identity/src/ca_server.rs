@@ -25,13 +25,17 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     Identity, Svid,
-    ca::{CaTokens, CertificateAuthority},
+    ca::{CaTokens, CertificateAuthority, Reloaded},
     tls,
 };
 
 /// Namespace and service account of the CA's own identity.
 pub const CA_NAMESPACE: &str = "ambit-system";
 pub const CA_SERVICE_ACCOUNT: &str = "ambit-ca";
+/// The refresh hint of the SPIFFE bundle unless configured (the spec's suggestion).
+const DEFAULT_BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(300);
+/// Two refresh intervals: a consumer that misses one fetch still has the new root in time.
+const DEFAULT_ROOT_PROPAGATION: Duration = Duration::from_secs(600);
 /// Largest request body the CA reads.
 const MAX_BODY: usize = 64 * 1024;
 /// How long a client has for the TLS and HTTP/2 handshakes, and how long a
@@ -173,11 +177,73 @@ pub struct CaServer {
     ca: Arc<CertificateAuthority>,
     authorizer: Box<dyn Authorizer>,
     leaf_ttl: Duration,
+    /// What the SPIFFE bundle tells consumers: fetch again after this long.
+    bundle_refresh_hint: Duration,
+    /// How long a new root is in the bundle before it signs.
+    root_propagation: Duration,
+}
+
+/// The TLS a bundle endpoint presents: its SPIFFE profile.
+pub enum BundleEndpointTls {
+    /// `https_spiffe`: the CA's own SVID (`ns/ambit-system/sa/ambit-ca`).
+    Spiffe,
+    /// `https_web`: a Web PKI certificate chain and its key.
+    Web { chain: Vec<rustls::pki_types::CertificateDer<'static>>, key: rustls::pki_types::PrivateKeyDer<'static> },
+}
+
+impl BundleEndpointTls {
+    /// `https_web` with the chain and key in these PEM files.
+    pub fn web_from_files(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let pem = std::fs::read(cert).with_context(|| format!("--bundle-endpoint-web-cert {}", cert.display()))?;
+        let chain = rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("--bundle-endpoint-web-cert {}: not PEM certificates", cert.display()))?;
+        anyhow::ensure!(!chain.is_empty(), "--bundle-endpoint-web-cert {}: holds no certificate", cert.display());
+        let pem = std::fs::read(key).with_context(|| format!("--bundle-endpoint-web-key {}", key.display()))?;
+        let key = rustls_pemfile::private_key(&mut pem.as_slice())
+            .with_context(|| format!("--bundle-endpoint-web-key {}: not PEM", key.display()))?
+            .with_context(|| format!("--bundle-endpoint-web-key {}: holds no private key", key.display()))?;
+        Ok(Self::Web { chain, key })
+    }
 }
 
 impl CaServer {
     pub fn new(ca: Arc<CertificateAuthority>, authorizer: Box<dyn Authorizer>, leaf_ttl: Duration) -> Self {
-        Self { ca, authorizer, leaf_ttl }
+        Self {
+            ca,
+            authorizer,
+            leaf_ttl,
+            bundle_refresh_hint: DEFAULT_BUNDLE_REFRESH_HINT,
+            root_propagation: DEFAULT_ROOT_PROPAGATION,
+        }
+    }
+
+    /// The bundle's refresh hint, and how long a new root is published
+    /// before it signs (see [`CertificateAuthority::reload`]).
+    pub fn with_bundle_timing(mut self, refresh_hint: Duration, root_propagation: Duration) -> Self {
+        (self.bundle_refresh_hint, self.root_propagation) = (refresh_hint, root_propagation);
+        self
+    }
+
+    /// Serves the trust bundle on a SPIFFE bundle endpoint.
+    pub async fn serve_bundle_endpoint(
+        self: Arc<Self>,
+        listener: TcpListener,
+        profile: BundleEndpointTls,
+    ) -> anyhow::Result<()> {
+        let tls = match profile {
+            BundleEndpointTls::Spiffe => self.tls_config()?,
+            BundleEndpointTls::Web { chain, key } => rustls::ServerConfig::builder_with_provider(tls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(chain, key)?,
+        };
+        tracing::info!(addr = %listener.local_addr()?, "SPIFFE bundle endpoint serving");
+        let server = self.clone();
+        let document = Arc::new(move || server.ca.bundle_json(server.bundle_refresh_hint));
+        crate::federation::serve_bundle_endpoint(listener, tls, document).await;
+        Ok(())
     }
 
     /// The CA's TLS configuration: it presents an SVID of its own, renewed
@@ -192,7 +258,7 @@ impl CaServer {
         let acceptor = TlsAcceptor::from(Arc::new(self.tls_config()?));
         tracing::info!(addr = %listener.local_addr()?, trust_domain = self.ca.trust_domain(), "CA serving");
         if self.ca.signing().plugged_dir().is_some() {
-            tokio::spawn(follow_plugged_files(self.ca.clone()));
+            tokio::spawn(follow_plugged_files(self.ca.clone(), self.root_propagation));
         }
         let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let per_peer = Arc::new(PeerConnections::default());
@@ -240,7 +306,7 @@ impl CaServer {
     async fn request(&self, request: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
         let (parts, body) = request.into_parts();
         let (status, body) = match (parts.method, parts.uri.path()) {
-            (Method::GET, "/v1/bundle") => (StatusCode::OK, self.ca.bundle_json()),
+            (Method::GET, "/v1/bundle") => (StatusCode::OK, self.ca.bundle_json(self.bundle_refresh_hint)),
             (Method::POST, "/v1/svid") => match read_body(body, MAX_BODY).await {
                 Ok(body) => self.issue(&body).await,
                 Err(e) => (StatusCode::BAD_REQUEST, serde_json::json!({ "error": e.to_string() })),
@@ -296,14 +362,22 @@ const PLUGGED_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// Follows the plug-in CA's files: a new, valid chain is used for every
 /// leaf from then on; an invalid one is refused, said once, and the chain
 /// in use stays.
-async fn follow_plugged_files(ca: Arc<CertificateAuthority>) {
+async fn follow_plugged_files(ca: Arc<CertificateAuthority>, root_propagation: Duration) {
     let mut refused = None;
     loop {
         tokio::time::sleep(PLUGGED_RELOAD_INTERVAL).await;
-        match ca.reload() {
-            Ok(Some(chain)) => {
+        match ca.reload(root_propagation) {
+            Ok(Some(Reloaded::Active(chain))) => {
                 refused = None;
                 tracing::info!(chain = %chain.describe(), "plug-in CA files changed; new leaves are signed with this chain");
+            }
+            Ok(Some(Reloaded::Staged { chain, signs_from })) => {
+                refused = None;
+                tracing::info!(
+                    chain = %chain.describe(),
+                    signs_from = %humantime::format_rfc3339_seconds(signs_from),
+                    "plug-in CA files changed to a new root: it is in the bundle now, and signs once peers have fetched it"
+                );
             }
             Ok(None) => refused = None,
             Err(error) => {
@@ -485,7 +559,7 @@ mod tests {
         tokio::spawn(server.serve(listener));
 
         let ca_id = Identity::new("cluster.local", CA_NAMESPACE, CA_SERVICE_ACCOUNT).spiffe_id();
-        let config = Arc::new(tls::client_config(None, &bundle, ca_id).unwrap());
+        let config = Arc::new(tls::client_config(None, &tls::TrustStore::new(bundle), ca_id).unwrap());
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();

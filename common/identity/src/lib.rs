@@ -13,12 +13,15 @@
 //!   as a whole;
 //! - [`ca_server`] / [`ca_client`]: the CA as a service, and the provider
 //!   the agent uses to reach it;
-//! - [`manager`]: per-identity cache, refresh at half-life, backoff.
+//! - [`manager`]: per-identity cache, refresh at half-life, backoff;
+//! - [`federation`]: the SPIFFE bundle endpoint, and following the bundles
+//!   of federated trust domains.
 #![forbid(unsafe_code)]
 
 pub mod ca;
 pub mod ca_client;
 pub mod ca_server;
+pub mod federation;
 pub mod manager;
 pub mod signing;
 pub mod svid;

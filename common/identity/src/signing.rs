@@ -76,6 +76,8 @@ pub struct SigningChain {
     /// the root; empty when a root signs.
     intermediates: Vec<CertificateDer<'static>>,
     roots: Vec<CertificateDer<'static>>,
+    /// The root that issued the top of the chain.
+    anchor: CertificateDer<'static>,
     /// When every certificate between a leaf and its root is valid: leaves
     /// are kept inside it.
     valid_from: SystemTime,
@@ -109,7 +111,15 @@ impl SigningChain {
     pub fn from_root(root: CertificateDer<'static>, key: KeyPair) -> Result<Self, String> {
         let (valid_from, valid_until) = validity(&root)?;
         let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| e.to_string())?;
-        Ok(Self { issuer, intermediates: Vec::new(), roots: vec![root], valid_from, valid_until, plugged: None })
+        Ok(Self {
+            issuer,
+            intermediates: Vec::new(),
+            anchor: root.clone(),
+            roots: vec![root],
+            valid_from,
+            valid_until,
+            plugged: None,
+        })
     }
 
     /// Reads and checks a plug-in CA directory (see the module's docs).
@@ -164,7 +174,9 @@ impl SigningChain {
             ));
         }
         let issuer = Issuer::from_ca_cert_der(&ca_cert, key).map_err(|e| fail(CA_CERT, e.to_string()))?;
-        let signing = Self { issuer, intermediates, roots, valid_from, valid_until, plugged: Some(dir.to_path_buf()) };
+        let anchor = anchor.clone();
+        let plugged = Some(dir.to_path_buf());
+        let signing = Self { issuer, intermediates, roots, anchor, valid_from, valid_until, plugged };
         signing.check_by_signing_a_probe(trust_domain).map_err(|reason| fail(CERT_CHAIN, reason))?;
         Ok(signing)
     }
@@ -188,6 +200,11 @@ impl SigningChain {
 
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+
+    /// The root its leaves chain to.
+    pub fn anchor(&self) -> &CertificateDer<'static> {
+        &self.anchor
     }
 
     pub fn plugged_dir(&self) -> Option<&Path> {
@@ -316,7 +333,7 @@ pub fn jwk(root: &CertificateDer<'_>) -> Result<serde_json::Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::{CertificateAuthority, tests::assert_conforms};
+    use crate::ca::{CertificateAuthority, Reloaded, tests::assert_conforms};
 
     /// A user's PKI, built with rcgen: a root and intermediates under it.
     struct Pki {
@@ -386,7 +403,7 @@ mod tests {
         let chain = ca.issue(&shop_cart(), &leaf_key, Duration::from_secs(3600)).unwrap();
         assert_eq!(chain[1..], [cert], "the leaf carries the intermediate, not the root");
         assert_conforms(&chain, &leaf_key, std::slice::from_ref(&pki.root));
-        assert_eq!(ca.bundle_json()["keys"][0]["x5c"][0], STANDARD.encode(pki.root.as_ref()));
+        assert_eq!(ca.bundle_json(Duration::from_secs(300))["keys"][0]["x5c"][0], STANDARD.encode(pki.root.as_ref()));
     }
 
     #[test]
@@ -501,26 +518,47 @@ mod tests {
         let (first, first_key) = pki.intermediate(|_| {});
         write(dir.path(), &first, &first_key, &[&first, &pki.root], &[&pki.root]);
         let ca = CertificateAuthority::plugged(state.path(), dir.path(), "cluster.local").unwrap();
-        assert!(ca.reload().unwrap().is_none(), "unchanged files change nothing");
+        let propagation = Duration::from_secs(3600);
+        assert!(ca.reload(propagation).unwrap().is_none(), "unchanged files change nothing");
 
         let (second, second_key) = pki.intermediate(|_| {});
         write(dir.path(), &second, &second_key, &[&second, &pki.root], &[&pki.root]);
-        assert!(ca.reload().unwrap().is_some());
+        assert!(matches!(ca.reload(propagation).unwrap(), Some(Reloaded::Active(_))), "same root: at once");
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         assert_eq!(ca.issue(&shop_cart(), &leaf_key, Duration::from_secs(60)).unwrap()[1], second);
-        assert_eq!(ca.bundle_json()["spiffe_sequence"], 1, "same root, same bundle");
+        assert_eq!(ca.bundle_json(Duration::from_secs(300))["spiffe_sequence"], 1, "same root, same bundle");
 
         // Half-written: the new certificate with the old key.
         std::fs::write(dir.path().join(CA_CERT), pem_of(&[&first])).unwrap();
-        assert!(ca.reload().is_err());
+        assert!(ca.reload(propagation).is_err());
         assert_eq!(ca.issue(&shop_cart(), &leaf_key, Duration::from_secs(60)).unwrap()[1], second, "still signing");
+    }
 
-        // A root rotation: both roots trusted, the sequence moves on.
-        let next_root = Pki::new("next corp root");
-        write(dir.path(), &second, &second_key, &[&second], &[&pki.root, &next_root.root]);
-        assert!(ca.reload().unwrap().is_some());
-        assert_eq!(ca.bundle_json()["spiffe_sequence"], 2);
-        assert_eq!(ca.bundle_json()["keys"].as_array().unwrap().len(), 2);
+    /// A root rotation in one step (new root and an intermediate under it):
+    /// the new root is published at once, and signs only after the
+    /// propagation time.
+    #[test]
+    fn a_new_root_is_published_before_it_signs() {
+        let (pki, dir, state) = (Pki::new("corp root"), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (first, first_key) = pki.intermediate(|_| {});
+        write(dir.path(), &first, &first_key, &[&first], &[&pki.root]);
+        let ca = CertificateAuthority::plugged(state.path(), dir.path(), "cluster.local").unwrap();
+        let next = Pki::new("next corp root");
+        let (second, second_key) = next.intermediate(|_| {});
+        write(dir.path(), &second, &second_key, &[&second], &[&pki.root, &next.root]);
+        let Some(Reloaded::Staged { .. }) = ca.reload(Duration::from_millis(300)).unwrap() else {
+            panic!("a new root is staged")
+        };
+        assert_eq!(ca.roots(), vec![pki.root.clone(), next.root.clone()], "both roots are published");
+        let bundle = ca.bundle_json(Duration::from_secs(300));
+        assert_eq!((bundle["spiffe_sequence"].as_u64(), bundle["keys"].as_array().unwrap().len()), (Some(2), 2));
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        assert_eq!(ca.issue(&shop_cart(), &leaf_key, Duration::from_secs(60)).unwrap()[1], first, "still the old");
+        assert!(ca.reload(Duration::from_millis(300)).unwrap().is_none(), "staged once");
+        std::thread::sleep(Duration::from_millis(400));
+        let chain = ca.issue(&shop_cart(), &leaf_key, Duration::from_secs(60)).unwrap();
+        assert_eq!(chain[1], second, "the new chain signs once propagated");
+        assert_conforms(&chain, &leaf_key, &ca.roots());
     }
 
     #[test]

@@ -1,11 +1,16 @@
-//! mTLS with SPIFFE identities: rustls configurations whose verifiers check
-//! the signature chain against the trust bundle (webpki), then the SPIFFE
-//! X.509-SVID rules and the trust domain, and, on the client side, that the
-//! server is exactly the identity the caller expects.
+//! mTLS with SPIFFE identities: rustls configurations whose verifiers read
+//! the peer's SPIFFE ID, check the signature chain (webpki) against the
+//! bundle of *that ID's* trust domain, this mesh's own or a federated one
+//! ([`TrustStore`]), then the SPIFFE X.509-SVID rules, and, on the client
+//! side, that the server is exactly the identity the caller expects. A peer
+//! of a trust domain with no bundle here is refused.
 //!
 //! TLS 1.3 only, ALPN `h2`, as HBONE peers (ztunnel included) expect.
 
-use std::sync::Arc;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
 
 use anyhow::{Context as _, bail};
 use rustls::{
@@ -20,7 +25,10 @@ use rustls::{
 };
 use spiffe::SpiffeId;
 
-use crate::{Svid, svid::check_chain_in};
+use crate::{
+    Svid,
+    svid::{check_chain, check_leaf},
+};
 
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -29,6 +37,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The trust bundle from the CA's root certificate file (`--ca-root`).
+/// [`follow_bundle_file`] keeps it current.
 pub fn load_bundle(path: &std::path::Path, trust_domain: &str) -> anyhow::Result<TrustBundle> {
     let pem = std::fs::read(path).with_context(|| format!("--ca-root {}: cannot read it", path.display()))?;
     let roots = rustls_pemfile::certs(&mut pem.as_slice())
@@ -44,13 +53,13 @@ pub fn load_bundle(path: &std::path::Path, trust_domain: &str) -> anyhow::Result
 }
 
 /// The trust anchors of one trust domain: the SPIFFE bundle, and the same
-/// roots as the TLS library's trust store. Peers are validated against the
-/// bundle of their own trust domain only, which is this one.
+/// roots as the TLS library's trust store and client verifier.
 #[derive(Clone)]
 pub struct TrustBundle {
     pub trust_domain: String,
     bundle: Arc<spiffe::X509Bundle>,
     roots: Arc<RootCertStore>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +81,11 @@ impl TrustBundle {
         for root in roots {
             store.add(root.clone()).map_err(|e| BundleError::Root(e.to_string()))?;
         }
-        Ok(Self { trust_domain: trust_domain.to_string(), bundle: Arc::new(bundle), roots: Arc::new(store) })
+        let roots = Arc::new(store);
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| BundleError::Root(e.to_string()))?;
+        Ok(Self { trust_domain: trust_domain.to_string(), bundle: Arc::new(bundle), roots, client_verifier })
     }
 
     /// The SPIFFE bundle (trust domain and X.509 authorities).
@@ -86,28 +99,109 @@ impl TrustBundle {
     }
 }
 
-/// Server side of an HBONE (or CA) connection: presents `svid`, and, with
-/// `require_client`, requires and verifies the client's SVID.
-pub fn server_config(
-    svid: &Svid,
-    bundle: &TrustBundle,
-    require_client: bool,
-) -> Result<rustls::ServerConfig, TlsError> {
-    let provider = provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?;
-    let builder = if require_client {
-        let inner = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider)
-            .build()
-            .map_err(|e| TlsError::General(e.to_string()))?;
-        builder.with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
-            inner,
-            trust_domain: bundle.trust_domain.clone(),
-        }))
-    } else {
-        builder.with_no_client_auth()
-    };
-    let mut config = builder.with_single_cert(svid.chain.clone(), svid.key.clone_key())?;
+/// Every bundle this node trusts, by trust domain: the mesh's own (whose
+/// roots change in a root rotation), and those of the trust domains
+/// federated with it. Each handshake reads the bundles as they are then.
+#[derive(Clone)]
+pub struct TrustStore {
+    trust_domain: String,
+    bundles: Arc<RwLock<Arc<BTreeMap<String, TrustBundle>>>>,
+}
+
+impl TrustStore {
+    /// A store with only the mesh's own bundle.
+    pub fn new(local: TrustBundle) -> Self {
+        let trust_domain = local.trust_domain.clone();
+        let bundles = BTreeMap::from([(trust_domain.clone(), local)]);
+        Self { trust_domain, bundles: Arc::new(RwLock::new(Arc::new(bundles))) }
+    }
+
+    /// The mesh's own bundle now.
+    pub fn local(&self) -> TrustBundle {
+        self.bundle_for(&self.trust_domain).expect("the mesh's own bundle is never removed")
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The bundle that verifies IDs of `trust_domain`; why there is none otherwise.
+    pub fn bundle_for(&self, trust_domain: &str) -> Result<TrustBundle, String> {
+        self.bundles.read().expect("trust store lock").get(trust_domain).cloned().ok_or_else(|| {
+            format!(
+                "trust domain {trust_domain} is not federated with this mesh ({}): no bundle to verify it with",
+                self.trust_domain
+            )
+        })
+    }
+
+    /// Installs (or replaces) a bundle: the mesh's own, or a federated one.
+    pub fn set(&self, bundle: TrustBundle) {
+        self.change(|bundles| {
+            bundles.insert(bundle.trust_domain.clone(), bundle);
+        });
+    }
+
+    /// Drops a federated trust domain: its IDs are refused from the next handshake on.
+    pub fn remove_foreign(&self, trust_domain: &str) {
+        if trust_domain != self.trust_domain {
+            self.change(|bundles| {
+                bundles.remove(trust_domain);
+            });
+        }
+    }
+
+    fn change(&self, edit: impl FnOnce(&mut BTreeMap<String, TrustBundle>)) {
+        let mut bundles = self.bundles.write().expect("trust store lock");
+        let mut next = BTreeMap::clone(&bundles);
+        edit(&mut next);
+        *bundles = Arc::new(next);
+    }
+
+    /// The federated bundles now.
+    pub fn foreign(&self) -> BTreeMap<String, TrustBundle> {
+        let bundles = self.bundles.read().expect("trust store lock").clone();
+        bundles.iter().filter(|(td, _)| **td != self.trust_domain).map(|(td, b)| (td.clone(), b.clone())).collect()
+    }
+}
+
+/// How often the root certificate file is read again.
+const BUNDLE_FILE_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Follows the mesh's root certificate file (a ConfigMap the CA keeps
+/// current, or a file the operator replaces): new roots, e.g. during a
+/// root rotation, apply to the next handshake; an unusable file is said
+/// once and the roots in use stay.
+pub async fn follow_bundle_file(path: std::path::PathBuf, trust: TrustStore) {
+    let mut refused = None;
+    loop {
+        tokio::time::sleep(BUNDLE_FILE_POLL).await;
+        match load_bundle(&path, trust.trust_domain()) {
+            Ok(bundle) if bundle.roots() != trust.local().roots() => {
+                tracing::info!(file = %path.display(), roots = bundle.roots().len(), "the mesh's roots changed");
+                trust.set(bundle);
+                refused = None;
+            }
+            Ok(_) => refused = None,
+            Err(error) => {
+                let reason = format!("{error:#}");
+                if refused.as_ref() != Some(&reason) {
+                    tracing::error!(error = %reason, "the root certificate file is unusable; the roots in use stay");
+                    refused = Some(reason);
+                }
+            }
+        }
+    }
+}
+
+/// Server side of an HBONE connection: presents `svid`, and requires and
+/// verifies the client's SVID against the bundle of its trust domain.
+pub fn server_config(svid: &Svid, trust: &TrustStore) -> Result<rustls::ServerConfig, TlsError> {
+    let verifier = Arc::new(SpiffeClientVerifier { trust: trust.clone(), provider: provider() });
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(svid.chain.clone(), svid.key.clone_key())?;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }
@@ -130,11 +224,11 @@ pub fn server_config_with_resolver(
 /// SVID names `expected`.
 pub fn client_config(
     svid: Option<&Svid>,
-    bundle: &TrustBundle,
+    trust: &TrustStore,
     expected: SpiffeId,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(SpiffeServerVerifier { bundle: bundle.clone(), expected, provider: provider.clone() });
+    let verifier = Arc::new(SpiffeServerVerifier { trust: trust.clone(), expected, provider: provider.clone() });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -153,19 +247,18 @@ pub fn client_config(
 /// certificate its peers would not trust.
 pub fn verify_issued(bundle: &TrustBundle, chain: &[CertificateDer<'static>]) -> Result<(), String> {
     let (leaf, intermediates) = chain.split_first().ok_or("the chain is empty")?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider())
-        .build()
-        .map_err(|e| e.to_string())?;
-    verifier
+    bundle
+        .client_verifier
         .verify_client_cert(leaf, intermediates, UnixTime::now())
         .map(drop)
         .map_err(|e| format!("not signed by the trust bundle of {}: {e}", bundle.trust_domain))
 }
 
-/// The verified identity of a peer, from the certificates of a finished handshake.
-pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>, trust_domain: &str) -> Result<SpiffeId, String> {
+/// The identity of a peer, from the certificates of a handshake that a
+/// verifier of this module has accepted (so its trust domain is trusted).
+pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Result<SpiffeId, String> {
     let certs = certs.ok_or("the peer presented no certificate")?;
-    check_chain_in(certs, trust_domain).map_err(|e| e.to_string())
+    check_chain(certs).map_err(|e| e.to_string())
 }
 
 fn spiffe_error(e: impl std::fmt::Display) -> TlsError {
@@ -187,8 +280,8 @@ impl std::error::Error for SpiffeRuleError {}
 
 #[derive(Debug)]
 struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    trust_domain: String,
+    trust: TrustStore,
+    provider: Arc<CryptoProvider>,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -203,10 +296,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, TlsError> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        // The ID names the trust domain whose bundle must have signed it.
+        let id = check_leaf(end_entity).map_err(spiffe_error)?;
+        let bundle = self.trust.bundle_for(id.trust_domain_name()).map_err(spiffe_error)?;
+        bundle.client_verifier.verify_client_cert(end_entity, intermediates, now)?;
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
-        check_chain_in(&chain, &self.trust_domain).map_err(spiffe_error)?;
+        check_chain(&chain).map_err(spiffe_error)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -216,7 +312,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -225,17 +321,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    bundle: TrustBundle,
+    trust: TrustStore,
     expected: SpiffeId,
     provider: Arc<CryptoProvider>,
 }
@@ -243,6 +339,13 @@ struct SpiffeServerVerifier {
 impl std::fmt::Debug for TrustBundle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "TrustBundle({}, {} roots)", self.trust_domain, self.roots.len())
+    }
+}
+
+impl std::fmt::Debug for TrustStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let foreign: Vec<String> = self.foreign().keys().cloned().collect();
+        write!(f, "TrustStore({}, federated: {foreign:?})", self.trust_domain)
     }
 }
 
@@ -255,21 +358,24 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        // The server is identified by its SPIFFE ID, not by a DNS name.
+        // The server is identified by its SPIFFE ID, not by a DNS name,
+        // and verified with the bundle of the trust domain it is expected in.
+        let id = check_leaf(end_entity).map_err(spiffe_error)?;
+        if id != self.expected {
+            return Err(spiffe_error(format!("server is {id}, expected {}", self.expected)));
+        }
+        let bundle = self.trust.bundle_for(id.trust_domain_name()).map_err(spiffe_error)?;
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.bundle.roots,
+            &bundle.roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
-        let id = check_chain_in(&chain, &self.bundle.trust_domain).map_err(spiffe_error)?;
-        if id != self.expected {
-            return Err(spiffe_error(format!("server is {id}, expected {}", self.expected)));
-        }
+        check_chain(&chain).map_err(spiffe_error)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -293,5 +399,51 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Identity, ca::CertificateAuthority};
+
+    fn svid_of(ca: &CertificateAuthority, identity: &Identity) -> Vec<CertificateDer<'static>> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        ca.issue(identity, &key, std::time::Duration::from_secs(600)).unwrap()
+    }
+
+    /// A peer is verified with the bundle of its own ID's trust domain:
+    /// refused while that domain is not federated, accepted once it is,
+    /// refused again when it goes; and a CA cannot vouch for another
+    /// domain's IDs.
+    #[test]
+    fn peers_are_verified_with_the_bundle_of_their_trust_domain() {
+        let (a, b) =
+            (CertificateAuthority::create("a.example").unwrap(), CertificateAuthority::create("b.example").unwrap());
+        let trust = TrustStore::new(TrustBundle::new("b.example", &b.roots()).unwrap());
+        let verifier = SpiffeClientVerifier { trust: trust.clone(), provider: provider() };
+        let verify = |chain: &[CertificateDer<'static>]| {
+            verifier.verify_client_cert(&chain[0], &chain[1..], UnixTime::now()).map(drop).map_err(|e| e.to_string())
+        };
+        let local = svid_of(&b, &Identity::new("b.example", "shop", "web"));
+        let foreign = svid_of(&a, &Identity::new("a.example", "shop", "client"));
+        assert!(verify(&local).is_ok());
+        assert!(verify(&foreign).unwrap_err().contains("trust domain a.example is not federated"));
+
+        trust.set(TrustBundle::new("a.example", &a.roots()).unwrap());
+        assert!(verify(&foreign).is_ok());
+        // B's CA signing an a.example ID: verified with A's bundle, so refused.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let forged = crate::ca::sign_leaf(
+            &b.signing(),
+            &Identity::new("a.example", "shop", "client"),
+            &key,
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+        assert!(verify(&forged).is_err(), "another domain's CA vouched for an a.example ID");
+
+        trust.remove_foreign("a.example");
+        assert!(verify(&foreign).unwrap_err().contains("not federated"));
     }
 }

@@ -20,7 +20,7 @@ pub enum ConfigError {
     #[error("{file}: document {doc}: missing `kind`; every object needs `apiVersion` and `kind` (e.g. Namespace, Pod)")]
     MissingKind { file: PathBuf, doc: usize },
     #[error(
-        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service, Gateway, PeerAuthentication, AuthorizationPolicy or RequestAuthentication"
+        "{file}: document {doc}: kind `{kind}` is not supported; use Namespace, Pod, Service, Gateway, PeerAuthentication, AuthorizationPolicy, RequestAuthentication or TrustDomainFederation"
     )]
     UnknownKind { file: PathBuf, doc: usize, kind: String },
     #[error("{file}: document {doc} ({object}): field `{field}`: {reason}")]

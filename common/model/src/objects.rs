@@ -11,6 +11,10 @@ use crate::{AuthorizationPolicy, RequestAuthentication};
 pub const DATAPLANE_MODE_LABEL: &str = "ambit.dev/dataplane-mode";
 /// Annotation on a Pod: path of its network namespace (the CNI's netns path).
 pub const NETNS_ANNOTATION: &str = "ambit.dev/netns";
+/// Annotation on a Pod of another mesh (standalone mode): the trust domain
+/// its SPIFFE ID is in, one federated with this mesh (a
+/// [`TrustDomainFederation`]). Pods without it are in this mesh's.
+pub const TRUST_DOMAIN_ANNOTATION: &str = "ambit.dev/trust-domain";
 /// Label on a Namespace or Service: send its service traffic through the
 /// named waypoint (a Gateway of the same namespace); `none` opts a service out.
 pub const USE_WAYPOINT_LABEL: &str = "ambit.dev/use-waypoint";
@@ -62,6 +66,8 @@ pub struct Pod {
     /// from an earlier one of the same name.
     pub uid: Option<String>,
     pub service_account: String,
+    /// [`TRUST_DOMAIN_ANNOTATION`]: None for this mesh's own pods.
+    pub trust_domain: Option<String>,
     pub node: String,
     pub labels: BTreeMap<String, String>,
     pub ips: Vec<IpAddr>,
@@ -156,6 +162,35 @@ impl Gateway {
     }
 }
 
+/// A trust domain federated with this mesh: its SPIFFE bundle is fetched
+/// from its bundle endpoint (SPIFFE Trust Domain and Bundle spec, §5) and
+/// kept current, and peers with IDs in it are verified with that bundle.
+/// Cluster-wide: no namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TrustDomainFederation {
+    pub name: String,
+    pub trust_domain: String,
+    /// `https://...`: where the foreign trust domain serves its bundle.
+    pub bundle_endpoint_url: String,
+    pub profile: BundleEndpointProfile,
+    /// A SPIFFE bundle (JSON) to start from: with `https_spiffe`, the
+    /// bundle the endpoint's own SVID is first verified with.
+    pub trust_domain_bundle: Option<String>,
+}
+
+/// How the bundle endpoint is authenticated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BundleEndpointProfile {
+    /// The endpoint presents an SVID with this ID, verified with the
+    /// foreign trust domain's bundle: the last one fetched, or the
+    /// `trustDomainBundle` at first.
+    HttpsSpiffe { endpoint_spiffe_id: String },
+    /// The endpoint presents a Web PKI certificate for its host name,
+    /// verified with these roots (PEM), or the system's when absent.
+    HttpsWeb { ca_certificates: Option<String> },
+}
+
 /// One parsed object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
@@ -166,6 +201,7 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     RequestAuthentication(RequestAuthentication),
     Gateway(Gateway),
+    TrustDomainFederation(TrustDomainFederation),
 }
 
 impl Object {
@@ -180,6 +216,8 @@ impl Object {
             Object::AuthorizationPolicy(ap) => ("AuthorizationPolicy", ap.id()),
             Object::RequestAuthentication(ra) => ("RequestAuthentication", format!("{}/{}", ra.namespace, ra.name)),
             Object::Gateway(gw) => ("Gateway", gw.id()),
+            // One per trust domain, whatever the objects' names.
+            Object::TrustDomainFederation(f) => ("TrustDomainFederation", f.trust_domain.clone()),
         }
     }
 }

@@ -12,9 +12,9 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use crate::{
-    DATAPLANE_MODE_LABEL, DataplaneMode, Gateway, INBOUND_UDP_LABEL, InboundUdp, MtlsMode, NETNS_ANNOTATION, Namespace,
-    Object, PeerAuthentication, Pod, Service, ServicePort, USE_WAYPOINT_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL,
-    WaypointFor,
+    BundleEndpointProfile, DATAPLANE_MODE_LABEL, DataplaneMode, Gateway, INBOUND_UDP_LABEL, InboundUdp, MtlsMode,
+    NETNS_ANNOTATION, Namespace, Object, PeerAuthentication, Pod, Service, ServicePort, TRUST_DOMAIN_ANNOTATION,
+    TrustDomainFederation, USE_WAYPOINT_LABEL, WAYPOINT_CLASS, WAYPOINT_FOR_LABEL, WaypointFor,
     document::{ConfigError, RawMetadata, deserialize},
     policy_parse,
 };
@@ -53,6 +53,34 @@ struct RawPodStatus {
 #[derive(Deserialize)]
 struct RawPodIp {
     ip: IpAddr,
+}
+
+#[derive(Deserialize)]
+struct RawFederation {
+    metadata: RawMetadata,
+    spec: RawFederationSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawFederationSpec {
+    trust_domain: String,
+    #[serde(rename = "bundleEndpointURL")]
+    bundle_endpoint_url: String,
+    bundle_endpoint_profile: RawEndpointProfile,
+    #[serde(default)]
+    trust_domain_bundle: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawEndpointProfile {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(rename = "endpointSPIFFEID", default)]
+    endpoint_spiffe_id: Option<String>,
+    #[serde(default)]
+    ca_certificates: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -213,6 +241,11 @@ pub fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, Con
                 }
             };
             let use_waypoint = raw.metadata.labels.get(USE_WAYPOINT_LABEL).cloned();
+            let trust_domain = raw.metadata.annotations.get(TRUST_DOMAIN_ANNOTATION).cloned();
+            if let Some(Err(reason)) = trust_domain.as_deref().map(check_trust_domain) {
+                let field = format!("metadata.annotations.{TRUST_DOMAIN_ANNOTATION}");
+                return Err(ConfigError::field(file, doc, &describe, &field, reason));
+            }
             // Both become segments of the pod's SPIFFE ID.
             let namespace = raw.metadata.namespace.unwrap_or_else(|| "default".to_string());
             for (field, value) in
@@ -227,6 +260,7 @@ pub fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, Con
                 name: raw.metadata.name,
                 uid: raw.metadata.uid,
                 service_account: raw.spec.service_account_name,
+                trust_domain,
                 node: raw.spec.node_name,
                 labels: raw.metadata.labels,
                 ips: raw.status.pod_ips.into_iter().map(|p| p.ip).collect(),
@@ -337,11 +371,95 @@ pub fn parse_object(file: &Path, doc: usize, value: Value) -> Result<Object, Con
                 waypoint_for,
             }))
         }
+        "TrustDomainFederation" => {
+            let raw: RawFederation = deserialize(file, doc, &describe, value)?;
+            federation(raw)
+                .map(Object::TrustDomainFederation)
+                .map_err(|(field, reason)| ConfigError::field(file, doc, &describe, &format!("spec.{field}"), reason))
+        }
         "RequestAuthentication" => {
             Ok(Object::RequestAuthentication(policy_parse::request_authentication(file, doc, &describe, value)?))
         }
         _ => Err(ConfigError::UnknownKind { file: file.to_path_buf(), doc, kind }),
     }
+}
+
+/// A SPIFFE trust domain name: lowercase letters, digits, `.`, `-`, `_`.
+fn check_trust_domain(name: &str) -> Result<(), String> {
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_');
+    match name.is_empty() || !name.chars().all(valid) {
+        true => Err(format!(
+            "`{name}` is not a SPIFFE trust domain; use lowercase letters, digits, `.`, `-` and `_`, e.g. partner.example"
+        )),
+        false => Ok(()),
+    }
+}
+
+/// Validates a TrustDomainFederation; on error, the field under `spec` and why.
+fn federation(raw: RawFederation) -> Result<TrustDomainFederation, (&'static str, String)> {
+    let spec = raw.spec;
+    check_trust_domain(&spec.trust_domain).map_err(|reason| ("trustDomain", reason))?;
+    let url = &spec.bundle_endpoint_url;
+    if !url.strip_prefix("https://").is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/')) {
+        return Err((
+            "bundleEndpointURL",
+            format!("`{url}` is not an https:// URL; bundle endpoints are served over TLS"),
+        ));
+    }
+    if let Some(bundle) = &spec.trust_domain_bundle {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_str(bundle);
+        if !parsed.as_ref().is_ok_and(|v| v["keys"].is_array()) {
+            return Err(("trustDomainBundle", "is not a SPIFFE bundle: a JSON object with a `keys` array".into()));
+        }
+    }
+    let profile = spec.bundle_endpoint_profile;
+    let profile = match profile.kind.as_str() {
+        "https_spiffe" => {
+            let id = profile.endpoint_spiffe_id.ok_or((
+                "bundleEndpointProfile.endpointSPIFFEID",
+                "https_spiffe needs the endpoint's SPIFFE ID, e.g. spiffe://partner.example/ns/ambit-system/sa/ambit-ca".into(),
+            ))?;
+            let prefix = format!("spiffe://{}/", spec.trust_domain);
+            if !id.starts_with(&prefix) {
+                return Err((
+                    "bundleEndpointProfile.endpointSPIFFEID",
+                    format!(
+                        "`{id}` is not in trust domain {}: the endpoint must be of the domain it serves",
+                        spec.trust_domain
+                    ),
+                ));
+            }
+            if spec.trust_domain_bundle.is_none() {
+                return Err((
+                    "trustDomainBundle",
+                    "https_spiffe needs a bundle to verify the endpoint with the first time; paste the foreign trust domain's SPIFFE bundle (curl its endpoint once)".into(),
+                ));
+            }
+            BundleEndpointProfile::HttpsSpiffe { endpoint_spiffe_id: id }
+        }
+        "https_web" => {
+            if profile.endpoint_spiffe_id.is_some() {
+                return Err((
+                    "bundleEndpointProfile.endpointSPIFFEID",
+                    "only https_spiffe takes an endpoint SPIFFE ID".into(),
+                ));
+            }
+            BundleEndpointProfile::HttpsWeb { ca_certificates: profile.ca_certificates }
+        }
+        other => {
+            return Err((
+                "bundleEndpointProfile.type",
+                format!("`{other}` is not a profile; use https_spiffe or https_web"),
+            ));
+        }
+    };
+    Ok(TrustDomainFederation {
+        name: raw.metadata.name,
+        trust_domain: spec.trust_domain,
+        bundle_endpoint_url: spec.bundle_endpoint_url,
+        profile,
+        trust_domain_bundle: spec.trust_domain_bundle,
+    })
 }
 
 /// Whether `name` is a Kubernetes DNS-1123 subdomain (what namespaces and
@@ -557,7 +675,7 @@ status:
         assert_eq!(
             errors_of("kind: Deployment\nmetadata: {name: x}\n"),
             vec![
-                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service, Gateway, PeerAuthentication, AuthorizationPolicy or RequestAuthentication"
+                "pods.yaml: document 1: kind `Deployment` is not supported; use Namespace, Pod, Service, Gateway, PeerAuthentication, AuthorizationPolicy, RequestAuthentication or TrustDomainFederation"
             ]
         );
         assert!(errors_of("metadata: {name: x}\n")[0].contains("missing `kind`"));

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     AuthorizationPolicy, Gateway, Namespace, Object, PeerAuthentication, Pod, RequestAuthentication, Service,
-    WaypointFor,
+    TrustDomainFederation, WaypointFor,
 };
 
 /// Every object currently in force.
@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub gateways: BTreeMap<String, Gateway>,
     /// JWT rules, enforced by waypoints (public keys only).
     pub request_authentications: Vec<RequestAuthentication>,
+    /// Keyed by trust domain.
+    pub federations: BTreeMap<String, TrustDomainFederation>,
 }
 
 impl Snapshot {
@@ -45,6 +47,9 @@ impl Snapshot {
                 replace(&mut self.peer_authentications, pa, |a, b| (&a.namespace, &a.name) == (&b.namespace, &b.name))
             }
             Object::AuthorizationPolicy(ap) => replace(&mut self.authorization_policies, ap, |a, b| a.id() == b.id()),
+            Object::TrustDomainFederation(federation) => {
+                self.federations.insert(federation.trust_domain.clone(), federation);
+            }
             Object::RequestAuthentication(ra) => replace(&mut self.request_authentications, ra, |a, b| {
                 (&a.namespace, &a.name) == (&b.namespace, &b.name)
             }),

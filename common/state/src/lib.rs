@@ -13,10 +13,13 @@ use std::{
 use spiffe::SpiffeId;
 
 use ambit_authz::{Connection, Decision, PolicySet, Reason};
-use ambit_identity::Identity;
+use ambit_identity::{
+    Identity,
+    federation::{EndpointProfile, FederatedDomain},
+};
 use ambit_model::{
-    DataplaneMode, GATEWAY_NAME_LABEL, InboundUdp, MtlsMode, PeerAuthentication, Pod, ROOT_NAMESPACE, Service,
-    Snapshot, WaypointFor,
+    BundleEndpointProfile, DataplaneMode, GATEWAY_NAME_LABEL, InboundUdp, MtlsMode, PeerAuthentication, Pod,
+    ROOT_NAMESPACE, Service, Snapshot, WaypointFor,
 };
 
 pub mod check;
@@ -94,9 +97,32 @@ impl State {
         &self.policies
     }
 
-    /// The identity a pod runs as.
+    /// The trust domains federated with this mesh, as the agent follows them.
+    pub fn federations(&self) -> Vec<FederatedDomain> {
+        self.snapshot
+            .federations
+            .values()
+            .map(|f| FederatedDomain {
+                trust_domain: f.trust_domain.clone(),
+                url: f.bundle_endpoint_url.clone(),
+                profile: match &f.profile {
+                    BundleEndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => {
+                        EndpointProfile::HttpsSpiffe { endpoint_id: endpoint_spiffe_id.clone() }
+                    }
+                    BundleEndpointProfile::HttpsWeb { ca_certificates } => {
+                        EndpointProfile::HttpsWeb { roots_pem: ca_certificates.clone() }
+                    }
+                },
+                initial_bundle: f.trust_domain_bundle.clone(),
+            })
+            .collect()
+    }
+
+    /// The identity a pod runs as: in this mesh's trust domain, or for a
+    /// pod of a federated mesh, the one its annotation names.
     pub fn identity_of(&self, pod: &Pod) -> Identity {
-        Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account)
+        let trust_domain = pod.trust_domain.as_deref().unwrap_or(&self.trust_domain);
+        Identity::new(trust_domain, &pod.namespace, &pod.service_account)
     }
 
     /// Resolves a captured connection's original destination.
@@ -290,6 +316,7 @@ mod tests {
             name: name.into(),
             uid: None,
             service_account: "default".into(),
+            trust_domain: None,
             node: node.into(),
             labels: Default::default(),
             ips: vec![format!("10.0.0.{}", name.len()).parse().unwrap()],

@@ -22,12 +22,14 @@ use ambit_agent::{
 use ambit_config::{ConfigDir, Update, log_errors, watch_dir};
 use ambit_hbone::HbonePool;
 use ambit_identity::{
+    IdentityProvider,
     ca::{CaTokens, CertificateAuthority, TokenClaims},
     ca_client::CaClient,
     ca_server::{Authorizer, BundleEndpointTls, CaServer, NodeTokenAuthorizer},
     federation::Federations,
     manager::CertManager,
     signing,
+    spire::{self, SelectorTemplates, SpireProvider},
     tls::{TrustStore, follow_bundle_file, load_bundle},
 };
 use ambit_kube::{Labels, NodePods, Options, ca::TokenReviewAuthorizer, watch_cluster};
@@ -129,17 +131,44 @@ struct AgentArgs {
     trust_domain: String,
     /// The certificate authority (`ambit-agent ca serve`), host:port; a
     /// name is resolved at every connection (e.g. the CA's Service).
-    #[arg(long, env = "AMBIT_CA_ADDR", required = true)]
+    #[arg(
+        long,
+        env = "AMBIT_CA_ADDR",
+        required_unless_present = "spire_admin_socket",
+        conflicts_with = "spire_admin_socket"
+    )]
     ca_addr: Option<String>,
     /// PEM file with the trust bundle's root certificate(s).
-    #[arg(long, env = "AMBIT_CA_ROOT", required = true)]
+    #[arg(
+        long,
+        env = "AMBIT_CA_ROOT",
+        required_unless_present = "spire_admin_socket",
+        conflicts_with = "spire_admin_socket"
+    )]
     ca_root: Option<PathBuf>,
     /// File holding this node's token for the CA: in standalone mode the
     /// output of `ambit-agent ca token`; in Kubernetes mode the agent's
     /// projected service-account token (audience `ambit-ca`), read again
     /// for every request as the kubelet rotates it.
-    #[arg(long, env = "AMBIT_NODE_TOKEN_FILE", required = true)]
+    #[arg(
+        long,
+        env = "AMBIT_NODE_TOKEN_FILE",
+        required_unless_present = "spire_admin_socket",
+        conflicts_with = "spire_admin_socket"
+    )]
     node_token_file: Option<PathBuf>,
+    /// SPIRE as the identity provider instead of the embedded CA: the SPIRE
+    /// agent's admin socket, where this agent is an authorized delegate
+    /// (Delegated Identity API). SVIDs and trust bundles, federated ones
+    /// included, then come from SPIRE.
+    #[arg(long, env = "AMBIT_SPIRE_ADMIN_SOCKET")]
+    spire_admin_socket: Option<PathBuf>,
+    /// With SPIRE: the selectors that pick a pod's identity, `type:value`
+    /// with {namespace}, {service_account} and {trust_domain}; repeat for
+    /// each. Kubernetes workload attestation's by default.
+    #[arg(long, env = "AMBIT_SPIRE_SELECTORS", value_delimiter = ',', requires = "spire_admin_socket",
+          default_values_t = ["k8s:ns:{namespace}".to_string(), "k8s:sa:{service_account}".to_string()])]
+    spire_selector: Vec<String>,
     /// Admin endpoint: /metrics, /healthz/ready, /config_dump, /certs.
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     admin_addr: SocketAddr,
@@ -405,6 +434,26 @@ async fn run_ca(command: CaCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The identity provider the arguments name, and the trust store it keeps:
+/// SPIRE, or the embedded CA with the root file.
+async fn identity_provider(args: &AgentArgs, node: &str) -> anyhow::Result<(Arc<dyn IdentityProvider>, TrustStore)> {
+    if let Some(socket) = &args.spire_admin_socket {
+        let selectors = SelectorTemplates::parse(&args.spire_selector).map_err(anyhow::Error::msg)?;
+        let (provider, trust) = SpireProvider::connect(socket, &args.trust_domain, selectors).await?;
+        let provider = Arc::new(provider);
+        tokio::spawn(spire::follow_bundles(provider.clone()));
+        tracing::info!(socket = %socket.display(), "identities from SPIRE");
+        return Ok((provider, trust));
+    }
+    let (Some(ca_addr), Some(ca_root), Some(token_file)) = (&args.ca_addr, &args.ca_root, &args.node_token_file) else {
+        bail!("give --ca-addr, --ca-root and --node-token-file (the embedded CA), or --spire-admin-socket");
+    };
+    let trust = TrustStore::new(load_bundle(ca_root, &args.trust_domain)?);
+    tokio::spawn(follow_bundle_file(ca_root.clone(), trust.clone()));
+    let provider = CaClient::new(ca_addr, node.to_string(), token_file.clone(), &trust)?;
+    Ok((Arc::new(provider), trust))
+}
+
 /// `ambit-agent uninstall`: removes the pinned capture, which detaches the
 /// programs and frees the maps.
 fn uninstall(bpf_dir: &std::path::Path, state_dir: &std::path::Path) -> anyhow::Result<()> {
@@ -539,10 +588,8 @@ fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     // clap enforces these without a subcommand.
-    let node = args.node.expect("required");
-    let cgroup = args.cgroup.expect("required");
-    let (ca_addr, ca_root, token_file) =
-        (args.ca_addr.expect("required"), args.ca_root.expect("required"), args.node_token_file.expect("required"));
+    let node = args.node.clone().expect("required");
+    let cgroup = args.cgroup.clone().expect("required");
 
     // Runs on the main thread before any task: the netns to come back to.
     netns::record_agent_netns().context("read the agent's own network namespace")?;
@@ -564,9 +611,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     if args.kubernetes {
         namespaced_name("--daemonset", &args.daemonset)?;
     }
-    let trust = TrustStore::new(load_bundle(&ca_root, &args.trust_domain)?);
-    tokio::spawn(follow_bundle_file(ca_root.clone(), trust.clone()));
-    let provider = CaClient::new(&ca_addr, node.clone(), token_file, &trust)?;
+    let (provider, trust) = identity_provider(&args, &node).await?;
 
     let pins = PinDir::open(&args.bpf_dir)?;
     // An agent already running here hands its listeners over (an upgrade).
@@ -630,7 +675,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         deliveries,
         state: state_rx.clone(),
         trust,
-        certs: CertManager::new(Arc::new(provider), metrics.clone()),
+        certs: CertManager::new(provider, metrics.clone()),
         pool: HbonePool::new(metrics.clone(), args.hbone_idle_timeout),
         next_endpoint: Default::default(),
         stats: Default::default(),

@@ -26,6 +26,7 @@ pub mod apiserver;
 mod cleanup;
 mod cluster;
 mod prereq;
+pub mod spire;
 
 use std::{
     collections::BTreeMap,
@@ -161,6 +162,9 @@ pub struct Bed {
     cacerts: Option<PathBuf>,
     /// A second mesh on some of the nodes ([`Bed::add_peer_mesh`]).
     peer: Option<PeerMesh>,
+    /// Nodes whose agents take their identities from a SPIRE agent's
+    /// admin socket ([`Bed::use_spire`]).
+    spire: BTreeMap<String, PathBuf>,
 }
 
 /// A second mesh in the bed, for federation: a trust domain, CA and
@@ -234,6 +238,7 @@ impl Bed {
             ipv6,
             cacerts: None,
             peer: None,
+            spire: BTreeMap::new(),
         };
         ip(&["netns", "add", &bed.fabric])?;
         ip_in(&bed.fabric, &["link", "add", "br0", "type", "bridge"])?;
@@ -310,6 +315,12 @@ impl Bed {
     /// started after that trust its `root-cert.pem`.
     pub fn plug_in_ca(&mut self, cacerts: &Path) {
         self.cacerts = Some(cacerts.to_path_buf());
+    }
+
+    /// `node`'s agents started from now on take their identities from the
+    /// SPIRE agent at `socket` instead of the CA.
+    pub fn use_spire(&mut self, node: &str, socket: &Path) {
+        self.spire.insert(node.to_string(), socket.to_path_buf());
     }
 
     /// The roots the primary mesh's agents and waypoints are given (`--ca-root`).
@@ -819,10 +830,16 @@ impl Bed {
                 kubernetes.agent_args(&mut cmd, &node.name)
             }
             _ => {
-                cmd.args(["--ca-addr", if side == Side::Peer { PEER_CA_ADDR } else { CA_ADDR }]);
                 cmd.arg("--config-dir").arg(self.mesh_config_dir(side));
-                cmd.arg("--ca-root").arg(self.mesh_anchors(side));
-                cmd.arg("--node-token-file").arg(self.node_token_file(&node.name));
+                match self.spire.get(&node.name) {
+                    Some(socket) => cmd.arg("--spire-admin-socket").arg(socket),
+                    None => cmd
+                        .args(["--ca-addr", if side == Side::Peer { PEER_CA_ADDR } else { CA_ADDR }])
+                        .arg("--ca-root")
+                        .arg(self.mesh_anchors(side))
+                        .arg("--node-token-file")
+                        .arg(self.node_token_file(&node.name)),
+                };
                 if side == Side::Peer {
                     cmd.arg("--trust-domain").arg(&self.peer_mesh().trust_domain);
                 }

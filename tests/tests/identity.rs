@@ -469,3 +469,105 @@ fn two_trust_domains_federate_with_policy_root_rotation_and_an_endpoint_outage()
     assert!(curl(&bed, "shop/client4", &url).is_err(), "a caller of an unfederated trust domain got through");
     assert!(agents[1].log_text().contains("trust domain cluster.local is not federated"), "{}", agents[1].log_text());
 }
+
+/// The serial of the certificate `node` holds for `identity`, if any.
+fn held_serial(bed: &Bed, node: &str, identity: &str) -> Option<String> {
+    held(bed, node, identity)?["serial"].as_str().map(str::to_string)
+}
+
+/// SPIRE as the identity provider, through the SPIRE agent double's
+/// Delegated Identity API: SVIDs pushed, rotated (by SPIRE, and at half
+/// life) and revoked, SPIRE down (the current SVIDs serve until they
+/// expire, then connections fail, as with the CA), and back. A caller that
+/// is not an authorized delegate gets nothing.
+#[test]
+fn spire_provides_pushes_rotates_and_revokes_identities() {
+    use ambit_testbed::spire::{SpireAgent, socket_path};
+    let Some(mut bed) = bed() else { return };
+    let sockets = [socket_path(bed.scratch(), "n1"), socket_path(bed.scratch(), "n2")];
+    let spire = SpireAgent::start("cluster.local", Duration::from_secs(20), &sockets).unwrap();
+    let (client_id, web_id) = ("spiffe://cluster.local/ns/shop/sa/client", "spiffe://cluster.local/ns/shop/sa/web");
+    spire.register(client_id, &["k8s:ns:shop", "k8s:sa:client"]);
+    spire.register(web_id, &["k8s:ns:shop", "k8s:sa:web"]);
+    bed.use_spire("n1", &sockets[0]);
+    bed.use_spire("n2", &sockets[1]);
+
+    // A SPIRE agent whose authorized delegate is another user refuses this agent.
+    let elsewhere = bed.scratch().join("spire-elsewhere.sock");
+    let other = SpireAgent::start_authorizing(
+        "cluster.local",
+        Duration::from_secs(20),
+        std::slice::from_ref(&elsewhere),
+        65534,
+    );
+    bed.use_spire("n1", &elsewhere);
+    let mut refused = bed.start_agent("n1").unwrap();
+    assert!(!refused.wait_exit(Duration::from_secs(20)).unwrap().success());
+    assert!(refused.log_text().contains("not an authorized delegate"), "{}", refused.log_text());
+    assert!(refused.log_text().contains("authorized_delegates"), "{}", refused.log_text());
+    drop((refused, other));
+    bed.use_spire("n1", &sockets[0]);
+
+    bed.add_pods(&[("n1", "shop/client"), ("n2", "shop/web")]).unwrap();
+    let (www, _) = web_root(&bed, 1024);
+    bed.http_server("shop/web", HTTP_PORT, &www, &bed.scratch().join("web.log")).unwrap();
+    let agents = [agent(&bed, "n1"), agent(&bed, "n2")];
+    wait_nodes_ready(&bed, &["n1", "n2"]);
+    let url = format!("http://{}:{HTTP_PORT}/index.html", bed.pod("shop/web").ip);
+    assert_eq!(curl(&bed, "shop/client", &url).unwrap(), "hello from the web pod\n");
+    // What SPIRE pushed is what the agent holds, and it passes openssl's strict checks.
+    let pushed = spire.serial(client_id).unwrap();
+    assert_eq!(held_serial(&bed, "n1", client_id), Some(pushed.clone()));
+    let held_client = held(&bed, "n1", client_id).unwrap();
+    let leaf = bed.scratch().join("spire-leaf.pem");
+    std::fs::write(&leaf, held_client["chain"][0].as_str().unwrap()).unwrap();
+    let root = bed.scratch().join("spire-root.pem");
+    std::fs::write(&root, ambit_identity::ca::pem("CERTIFICATE", &spire.root())).unwrap();
+    let verify = Command::new("openssl")
+        .args(["verify", "-x509_strict", "-purpose", "sslclient", "-CAfile"])
+        .arg(&root)
+        .arg(&leaf)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "openssl verify: {}", String::from_utf8_lossy(&verify.stderr));
+
+    // SPIRE rotates: the new SVID is pushed and used.
+    spire.rotate(client_id);
+    let rotated = spire.serial(client_id);
+    wait_until(Duration::from_secs(10), "the rotated SVID to be held", || {
+        let now = spire.serial(client_id);
+        Ok(now.is_some() && now != Some(pushed.clone()) && held_serial(&bed, "n1", client_id) == now)
+    })
+    .unwrap_or_else(|e| panic!("{e:#} ({rotated:?})\n{}", agents[0].log_text()));
+    assert_eq!(curl(&bed, "shop/client", &url).unwrap(), "hello from the web pod\n");
+    // ...and at half life without being asked (20 s SVIDs).
+    let before = held_serial(&bed, "n2", web_id);
+    wait_until(Duration::from_secs(15), "web's SVID to rotate at half life", || {
+        Ok(held_serial(&bed, "n2", web_id).is_some_and(|s| Some(s) != before))
+    })
+    .unwrap();
+
+    // Entry deleted: the identity is revoked at once, and its connections fail.
+    spire.delete(client_id);
+    wait_until(Duration::from_secs(10), "the client identity to be revoked", || {
+        Ok(held(&bed, "n1", client_id).is_some_and(|c| c["serial"].is_null()))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agents[0].log_text()));
+    assert!(agents[0].log_text().contains("identity revoked by its provider"));
+    assert!(curl(&bed, "shop/client", &url).is_err(), "a revoked identity still connects");
+    spire.register(client_id, &["k8s:ns:shop", "k8s:sa:client"]);
+    wait_until(Duration::from_secs(35), "the client identity back", || Ok(curl(&bed, "shop/client", &url).is_ok()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agents[0].log_text()));
+
+    // SPIRE down: the SVIDs in hand serve until they expire, then fail closed.
+    spire.stop();
+    assert_eq!(curl(&bed, "shop/client", &url).unwrap(), "hello from the web pod\n");
+    wait_until(Duration::from_secs(30), "connections to fail once the SVIDs expire", || {
+        Ok(curl(&bed, "shop/client", &url).is_err())
+    })
+    .unwrap();
+    assert!(agents[0].log_text().contains("the current certificate stays in use until it expires"));
+    spire.resume().unwrap();
+    wait_until(Duration::from_secs(40), "SPIRE back", || Ok(curl(&bed, "shop/client", &url).is_ok()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", agents[0].log_text()));
+}

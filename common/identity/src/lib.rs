@@ -15,7 +15,8 @@
 //!   the agent uses to reach it;
 //! - [`manager`]: per-identity cache, refresh at half-life, backoff;
 //! - [`federation`]: the SPIFFE bundle endpoint, and following the bundles
-//!   of federated trust domains.
+//!   of federated trust domains;
+//! - [`spire`]: SPIRE as the provider, through its Delegated Identity API.
 #![forbid(unsafe_code)]
 
 pub mod ca;
@@ -24,6 +25,7 @@ pub mod ca_server;
 pub mod federation;
 pub mod manager;
 pub mod signing;
+pub mod spire;
 pub mod svid;
 pub mod tls;
 
@@ -152,11 +154,30 @@ pub enum IdentityError {
 
 pub type ProviderFuture<'a> = Pin<Box<dyn Future<Output = Result<Svid, IdentityError>> + Send + 'a>>;
 
-/// Issues SVIDs. The embedded CA (through [`ca_client::CaClient`]) is the
-/// default; SPIRE can implement this too, without the tunnel noticing.
+/// What a pushing provider says about an identity.
+pub enum SvidUpdate {
+    /// A new SVID, to use from now on.
+    Issued(Svid),
+    /// The provider no longer issues this identity (why): the current
+    /// certificate must not be used any more.
+    Revoked(String),
+}
+
+pub type SvidStream = Pin<Box<dyn futures::Stream<Item = Result<SvidUpdate, IdentityError>> + Send>>;
+pub type SubscribeFuture<'a> = Pin<Box<dyn Future<Output = Result<SvidStream, IdentityError>> + Send + 'a>>;
+
+/// Issues SVIDs: the embedded CA (through [`ca_client::CaClient`]), the
+/// default, or SPIRE ([`spire::SpireProvider`]), without the tunnel noticing.
 pub trait IdentityProvider: Send + Sync {
-    /// Obtains a fresh SVID for `identity`; the key is generated locally.
+    /// Obtains a fresh SVID for `identity`.
     fn fetch<'a>(&'a self, identity: &'a Identity) -> ProviderFuture<'a>;
+
+    /// A provider that pushes each SVID as it issues one (SPIRE) returns
+    /// the stream of its updates; the certificate manager then follows it
+    /// instead of asking [`Self::fetch`] at half-life.
+    fn subscribe<'a>(&'a self, _identity: &'a Identity) -> Option<SubscribeFuture<'a>> {
+        None
+    }
 }
 
 #[cfg(test)]

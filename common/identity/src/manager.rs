@@ -13,7 +13,7 @@ use std::{
 
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{Identity, IdentityError, IdentityProvider, Svid};
+use super::{Identity, IdentityError, IdentityProvider, Svid, SvidUpdate};
 use ambit_runtime::metrics::Metrics;
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
@@ -97,67 +97,132 @@ async fn refresh(
     identity: Identity,
     tx: watch::Sender<Option<Arc<Svid>>>,
 ) {
-    let labels = Metrics::identity(&identity);
-    let unix = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let holder = Holder { labels: Metrics::identity(&identity), identity, metrics, tx };
     let mut backoff = INITIAL_BACKOFF;
     loop {
-        // A certificate this node's clock does not accept yet (or any more)
-        // is a failed renewal: the current one stays in use.
-        let fetched = provider.fetch(&identity).await.and_then(|svid| match svid.is_valid_at(SystemTime::now()) {
+        match provider.subscribe(&holder.identity) {
+            Some(subscription) => follow(&holder, subscription, &mut backoff).await,
+            None => pull(&holder, provider.as_ref(), &mut backoff).await,
+        }
+        back_off(&mut backoff).await;
+    }
+}
+
+/// Asks the provider for a new SVID at half the current one's life, until
+/// a request fails.
+async fn pull(holder: &Holder, provider: &dyn IdentityProvider, backoff: &mut Duration) {
+    loop {
+        let svid = match provider.fetch(&holder.identity).await.and_then(|svid| holder.valid_now(svid)) {
+            Ok(svid) => svid,
+            Err(error) => return holder.failed(&error, *backoff),
+        };
+        let refresh_at = svid.refresh_at();
+        holder.publish(svid);
+        if refresh_at <= SystemTime::now() {
+            // Issued with half its life already gone by this node's clock:
+            // asking again at once would get the same.
+            tracing::warn!(
+                identity = %holder.identity,
+                retry_in_ms = backoff.as_millis() as u64,
+                "certificate issued past its renewal time; is the CA's clock behind this node's?"
+            );
+            return;
+        }
+        *backoff = INITIAL_BACKOFF;
+        sleep_until(refresh_at).await;
+    }
+}
+
+/// Follows a pushing provider's updates until its stream fails or ends.
+async fn follow(holder: &Holder, subscription: crate::SubscribeFuture<'_>, backoff: &mut Duration) {
+    use futures::StreamExt as _;
+    let mut updates = match subscription.await {
+        Ok(updates) => updates,
+        Err(error) => return holder.failed(&error, *backoff),
+    };
+    while let Some(update) = updates.next().await {
+        match update.and_then(|update| match update {
+            SvidUpdate::Issued(svid) => holder.valid_now(svid).map(Some),
+            SvidUpdate::Revoked(reason) => Ok(holder.revoke(&reason)),
+        }) {
+            Ok(Some(svid)) => {
+                *backoff = INITIAL_BACKOFF;
+                holder.publish(svid);
+            }
+            Ok(None) => {}
+            Err(error) => return holder.failed(&error, *backoff),
+        }
+    }
+    holder
+        .failed(&IdentityError::Unreachable { addr: "the provider".into(), reason: "updates ended".into() }, *backoff);
+}
+
+/// One identity's certificate, as the manager keeps it.
+struct Holder {
+    identity: Identity,
+    labels: ambit_runtime::metrics::IdentityLabels,
+    metrics: Arc<Metrics>,
+    tx: watch::Sender<Option<Arc<Svid>>>,
+}
+
+impl Holder {
+    /// A certificate this node's clock does not accept yet (or any more) is
+    /// a failed renewal: the current one stays in use.
+    fn valid_now(&self, svid: Svid) -> Result<Svid, IdentityError> {
+        match svid.is_valid_at(SystemTime::now()) {
             true => Ok(svid),
             false => Err(IdentityError::NotValidNow {
-                identity: identity.to_string(),
+                identity: self.identity.to_string(),
                 not_before: humantime::format_rfc3339_seconds(svid.not_before).to_string(),
                 not_after: humantime::format_rfc3339_seconds(svid.not_after).to_string(),
             }),
-        });
-        match fetched {
-            Ok(svid) => {
-                tracing::info!(
-                    %identity,
-                    serial = %svid.serial,
-                    valid_for_secs = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
-                    "certificate obtained"
-                );
-                let refresh_at = svid.refresh_at();
-                metrics.certificate_expiry.get_or_create(&labels).set(unix(svid.not_after));
-                metrics.certificate_issued.get_or_create(&labels).set(unix(svid.not_before));
-                tx.send_replace(Some(Arc::new(svid)));
-                if refresh_at > SystemTime::now() {
-                    backoff = INITIAL_BACKOFF;
-                    sleep_until(refresh_at).await;
-                } else {
-                    // Issued with half its life already gone by this node's
-                    // clock: asking again at once would get the same.
-                    tracing::warn!(
-                        %identity,
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "certificate issued past its renewal time; is the CA's clock behind this node's?"
-                    );
-                    back_off(&mut backoff).await;
-                }
-            }
-            Err(error) => {
-                metrics.certificate_renewal_failures.get_or_create(&labels).inc();
-                let current = tx.borrow().clone();
-                match current.filter(|svid| svid.is_valid_at(SystemTime::now())) {
-                    Some(svid) => tracing::warn!(
-                        %identity,
-                        %error,
-                        serial = %svid.serial,
-                        expires_in_secs = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "certificate renewal failed; the current certificate stays in use until it expires"
-                    ),
-                    None => tracing::error!(
-                        %identity,
-                        %error,
-                        retry_in_ms = backoff.as_millis() as u64,
-                        "no valid certificate; connections for this identity fail until one is issued"
-                    ),
-                }
-                back_off(&mut backoff).await;
-            }
+        }
+    }
+
+    fn publish(&self, svid: Svid) {
+        let unix = |t: SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        tracing::info!(
+            identity = %self.identity,
+            serial = %svid.serial,
+            valid_for_secs = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+            "certificate obtained"
+        );
+        self.metrics.certificate_expiry.get_or_create(&self.labels).set(unix(svid.not_after));
+        self.metrics.certificate_issued.get_or_create(&self.labels).set(unix(svid.not_before));
+        self.tx.send_replace(Some(Arc::new(svid)));
+    }
+
+    /// The provider took the identity back: the certificate goes at once.
+    fn revoke(&self, reason: &str) -> Option<Svid> {
+        self.tx.send_replace(None);
+        self.metrics.certificate_expiry.remove(&self.labels);
+        self.metrics.certificate_issued.remove(&self.labels);
+        tracing::error!(
+            identity = %self.identity,
+            %reason,
+            "identity revoked by its provider: certificate and key dropped; connections for it fail"
+        );
+        None
+    }
+
+    fn failed(&self, error: &IdentityError, backoff: Duration) {
+        self.metrics.certificate_renewal_failures.get_or_create(&self.labels).inc();
+        let current = self.tx.borrow().clone();
+        match current.filter(|svid| svid.is_valid_at(SystemTime::now())) {
+            Some(svid) => tracing::warn!(
+                identity = %self.identity,
+                %error,
+                serial = %svid.serial,
+                expires_in_secs = svid.not_after.duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
+                retry_in_ms = backoff.as_millis() as u64,
+                "certificate renewal failed; the current certificate stays in use until it expires"
+            ),
+            None => tracing::error!(
+                identity = %self.identity,
+                %error,
+                retry_in_ms = backoff.as_millis() as u64,
+                "no valid certificate; connections for this identity fail until one is issued"
+            ),
         }
     }
 }

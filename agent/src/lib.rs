@@ -18,3 +18,4 @@ pub mod netns;
 pub mod podscan;
 pub mod probe;
 pub mod proxy;
+pub mod workload_api;

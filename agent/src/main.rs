@@ -18,6 +18,7 @@ use ambit_agent::{
     kubernetes::{Cluster, DaemonSetFate, daemonset_fate},
     netns, probe,
     proxy::{ProxyContext, workers::Workers},
+    workload_api,
 };
 use ambit_config::{ConfigDir, Update, log_errors, watch_dir};
 use ambit_hbone::HbonePool;
@@ -169,6 +170,12 @@ struct AgentArgs {
     #[arg(long, env = "AMBIT_SPIRE_SELECTORS", value_delimiter = ',', requires = "spire_admin_socket",
           default_values_t = ["k8s:ns:{namespace}".to_string(), "k8s:sa:{service_account}".to_string()])]
     spire_selector: Vec<String>,
+    /// Serve the SPIFFE Workload API to the enrolled pods on this Unix
+    /// socket (mount its directory into the pods): each caller gets its own
+    /// pod's X.509-SVID and the trust bundles. Kubernetes mode needs the
+    /// pods' processes visible to the agent (hostPID).
+    #[arg(long, env = "AMBIT_WORKLOAD_API_SOCKET")]
+    workload_api_socket: Option<PathBuf>,
     /// Admin endpoint: /metrics, /healthz/ready, /config_dump, /certs.
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     admin_addr: SocketAddr,
@@ -743,9 +750,14 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         node: node.clone(),
         ctx: ctx.clone(),
         capture: capture_counters.clone(),
-        enrolled: enrolled_rx,
+        enrolled: enrolled_rx.clone(),
     });
+    let admin_enrolled = enrolled_rx;
     let admin = tokio::spawn(admin.serve(admin_listener));
+    if let Some(socket) = &args.workload_api_socket {
+        let listener = workload_api::listen(socket)?;
+        tokio::spawn(workload_api::serve(listener, args.host_proc.clone(), ctx.clone(), admin_enrolled.clone()));
+    }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

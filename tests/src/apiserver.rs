@@ -81,6 +81,7 @@ pub const RESOURCES: &[Resource] = &[
     resource!("security.istio.io", "v1", "authorizationpolicies", "AuthorizationPolicy", true),
     resource!("security.istio.io", "v1", "requestauthentications", "RequestAuthentication", true),
     resource!("gateway.networking.k8s.io", "v1", "gateways", "Gateway", true),
+    resource!("ambit.dev", "v1alpha1", "trustdomainfederations", "TrustDomainFederation", false),
 ];
 
 const TOKEN_REVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";

@@ -571,3 +571,45 @@ fn spire_provides_pushes_rotates_and_revokes_identities() {
     wait_until(Duration::from_secs(40), "SPIRE back", || Ok(curl(&bed, "shop/client", &url).is_ok()))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", agents[0].log_text()));
 }
+
+/// The SPIFFE Workload API (`--workload-api-socket`), called by the
+/// `spiffe` crate's client: run inside an enrolled pod, it gets that pod's
+/// SVID (the very certificate the agent holds) and the bundles; run in a
+/// pod outside the mesh, or on the host, it gets nothing.
+#[test]
+fn pods_get_their_own_svid_from_the_workload_api() {
+    let Some(mut bed) = bed() else { return };
+    bed.add_pods(&[("n1", "shop/client"), ("n1", "legacy/outsider")]).unwrap();
+    let socket = bed.scratch().join("workload-api").join("agent.sock");
+    let mut agent = bed.start_agent_with("n1", &["--workload-api-socket", socket.to_str().unwrap()]).unwrap();
+    agent.wait_ready().unwrap();
+    let client_id = "spiffe://cluster.local/ns/shop/sa/client";
+    wait_until(
+        Duration::from_secs(10),
+        "the client's certificate",
+        || Ok(held_serial(&bed, "n1", client_id).is_some()),
+    )
+    .unwrap();
+    let bench = env!("CARGO_BIN_EXE_ambit-bench");
+    let fetch = |command: &mut Command| command.args(["workload-svid", "--socket"]).arg(&socket).output().unwrap();
+
+    let out = fetch(&mut bed.pod("shop/client").command(bench));
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), agent.log_text());
+    let fetched: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fetched["spiffe_id"], client_id);
+    assert_eq!(
+        fetched["serial"].as_str(),
+        held_serial(&bed, "n1", client_id).as_deref(),
+        "the agent's own certificate"
+    );
+    assert_eq!(fetched["trust_domains"], serde_json::json!(["cluster.local"]));
+
+    for (who, mut command) in
+        [("a pod outside the mesh", bed.pod("legacy/outsider").command(bench)), ("the host", Command::new(bench))]
+    {
+        let out = fetch(&mut command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{who} got an SVID: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(stderr.contains("runs in no pod this agent enrols"), "{who}: {stderr}");
+    }
+}

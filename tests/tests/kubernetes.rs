@@ -449,3 +449,53 @@ fn an_agent_stopped_as_its_daemonset_is_deleted_removes_the_capture() {
     assert!(!bed.bpf_dir("n1").exists());
     curl(&bed, "shop/client", &base).expect("the pod talks directly");
 }
+
+/// A TrustDomainFederation put to the API reaches the agents (its
+/// configured bundle is trusted at once, its endpoint is followed), and
+/// deleting it drops the trust domain; a pod's `ambit.dev/trust-domain`
+/// annotation is not believed in a cluster.
+#[test]
+fn a_trust_domain_federation_applied_through_the_api_is_followed_and_withdrawn() {
+    let Some((mut bed, n1, _n2)) = cluster() else { return };
+    let partner = ambit_identity::ca::CertificateAuthority::create("partner.example").unwrap();
+    let bundle = partner.bundle_json(Duration::from_secs(300)).to_string();
+    bed.api()
+        .put(json!({
+            "apiVersion": "ambit.dev/v1alpha1",
+            "kind": "TrustDomainFederation",
+            "metadata": {"name": "partner"},
+            "spec": {
+                "trustDomain": "partner.example",
+                "bundleEndpointURL": "https://10.100.0.200:8443/",
+                "bundleEndpointProfile": {
+                    "type": "https_spiffe",
+                    "endpointSPIFFEID": "spiffe://partner.example/ns/ambit-system/sa/ambit-ca",
+                },
+                "trustDomainBundle": bundle,
+            },
+        }))
+        .unwrap();
+    let federated = |bed: &Bed| -> Vec<String> {
+        let (_, body) = bed.admin_get("n1", "/certs").unwrap();
+        let certs: Value = serde_json::from_str(&body).unwrap();
+        certs["federated_bundles"].as_array().unwrap().iter().map(|b| b["trust_domain"].to_string()).collect()
+    };
+    wait_until(Duration::from_secs(10), "the federation to reach the agent", || {
+        Ok(federated(&bed) == ["\"partner.example\""])
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", n1.log_text()));
+
+    // Annotated as a partner workload: in a cluster, it is the cluster's.
+    let url = client_and_web(&mut bed);
+    let mut pod = bed.api().get("pods", Some("shop"), "client").unwrap();
+    pod["metadata"]["annotations"]["ambit.dev/trust-domain"] = json!("partner.example");
+    bed.api().put(pod).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(curl(&bed, "shop/client", &format!("{url}index.html")).unwrap(), "hello from the web pod\n");
+    let web = format!("{}:{HTTP_PORT}", bed.pod("shop/web").ip);
+    assert_mutual_tls(&n1, &web, &spiffe("shop", "client"), &spiffe("shop", "web"));
+
+    assert!(bed.api().remove("trustdomainfederations", None, "partner"));
+    wait_until(Duration::from_secs(10), "the federation to be withdrawn", || Ok(federated(&bed).is_empty()))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", n1.log_text()));
+}

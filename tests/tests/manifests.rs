@@ -30,7 +30,7 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
 
 #[test]
 fn every_kustomization_passes_the_kubernetes_1_33_schemas() {
-    for dir in ["", "istio-crds-present", "examples/waypoint"] {
+    for dir in ["", "istio-crds-present", "examples/waypoint", "examples/spire"] {
         let (text, objects) = render(dir);
         assert!(!objects.is_empty(), "{dir}");
         let mut validate = Command::new("python3")
@@ -102,7 +102,7 @@ fn every_container_passes_only_flags_its_binary_takes() {
     let agent = agent_binary();
     let binaries = agent.parent().unwrap();
     let mut checked = 0;
-    for dir in ["", "examples/waypoint"] {
+    for dir in ["", "examples/waypoint", "examples/spire"] {
         let (_, objects) = render(dir);
         for object in objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("DaemonSet" | "Deployment"))) {
             for container in object["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
@@ -124,6 +124,6 @@ fn every_container_passes_only_flags_its_binary_takes() {
             }
         }
     }
-    assert_eq!(checked, 4, "agent, installer, CA, waypoint");
+    assert_eq!(checked, 7, "agent, installer, CA, waypoint; and the agent, installer and CA of the SPIRE example");
     assert!(Path::new(&binaries.join("ambit-cni")).exists());
 }

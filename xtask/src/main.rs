@@ -5,7 +5,7 @@
 //! - `test`:  every test, unit and end to end, then a leftover check
 //! - `demo`:  a simulated two-node cluster with real traffic, explained
 //! - `bench`: the data path against no mesh, ratios per round
-//! - `crds`:  write the custom resource definitions to `deploy/crds/`
+//! - `crds`:  write the custom resource definitions to `deploy/crds/` and `deploy/base/ambit-crds/`
 //! - `fuzz`:  run the cargo-fuzz targets in `fuzz/`
 #![forbid(unsafe_code)]
 
@@ -57,7 +57,7 @@ enum Task {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Write the custom resource definitions (from common/kube/src/crds.rs) to deploy/crds/.
+    /// Write the custom resource definitions (from common/kube/src/crds.rs) to deploy/crds/ (Istio's) and deploy/base/ambit-crds/ (ambit's own).
     Crds,
     /// Fuzz what ambit parses from untrusted input (nightly, libFuzzer), growing fuzz/corpus/.
     Fuzz {
@@ -111,10 +111,10 @@ fn build_agent(release: bool) -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// Writes the custom resource definitions to `deploy/crds/`.
+/// Writes the custom resource definitions to `deploy/crds/` and `deploy/base/ambit-crds/`.
 fn write_crds() -> Result<()> {
-    let dir = root().join("deploy/crds");
-    exec(cargo().args(["run", "--quiet", "--package", "ambit-kube", "--example", "crds", "--"]).arg(dir))
+    let (istio, own) = (root().join("deploy/crds"), root().join("deploy/base/ambit-crds"));
+    exec(cargo().args(["run", "--quiet", "--package", "ambit-kube", "--example", "crds", "--"]).arg(istio).arg(own))
 }
 
 fn cargo() -> Command {

@@ -74,6 +74,12 @@ impl CertManager {
         });
     }
 
+    /// A view of `identity`'s SVID, if a pod on this node uses it; unlike
+    /// [`Self::acquire`], it keeps nothing alive.
+    pub fn watch(&self, identity: &Identity) -> Option<watch::Receiver<Option<Arc<Svid>>>> {
+        self.entries.lock().expect("cert manager lock").get(identity).map(|entry| entry.svid.clone())
+    }
+
     /// Every identity held, with its current SVID if it has one.
     pub fn held(&self) -> Vec<(Identity, Option<Arc<Svid>>)> {
         let entries = self.entries.lock().expect("cert manager lock");

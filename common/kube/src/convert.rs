@@ -5,7 +5,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
-use ambit_model::{DATAPLANE_MODE_LABEL, NETNS_ANNOTATION, USE_WAYPOINT_LABEL, WAYPOINT_CLASS};
+use ambit_model::{
+    DATAPLANE_MODE_LABEL, NETNS_ANNOTATION, TRUST_DOMAIN_ANNOTATION, USE_WAYPOINT_LABEL, WAYPOINT_CLASS,
+};
 use kube::api::DynamicObject;
 use serde_json::{Map, Value, json};
 
@@ -26,8 +28,12 @@ pub struct Labels {
 /// namespace is never taken from the API: anyone who may edit a pod could
 /// name another netns there (the host's, say); in a cluster the CNI plugin
 /// reports it ([`PodNetwork`]).
+/// The netns comes from the CNI report, and every pod of a cluster is in
+/// the cluster's trust domain: a pod annotated otherwise would claim a
+/// federated mesh's identity.
 fn kept_annotation(key: &str) -> bool {
-    (key.starts_with("ambit.dev/") && key != NETNS_ANNOTATION) || key == "istio.io/dry-run"
+    (key.starts_with("ambit.dev/") && key != NETNS_ANNOTATION && key != TRUST_DOMAIN_ANNOTATION)
+        || key == "istio.io/dry-run"
 }
 
 /// The fields of `data` (everything but the object's metadata) that ambit

@@ -2,7 +2,9 @@
 //! schema Istio users already write: PeerAuthentication,
 //! AuthorizationPolicy and RequestAuthentication. `cargo xtask crds` writes
 //! their definitions to `deploy/crds/`; a cluster that runs Istio already
-//! has them, and then ambit's copies are not installed.
+//! has them, and then ambit's copies are not installed. ambit's own
+//! resource, TrustDomainFederation (`ambit.dev/v1alpha1`), goes to
+//! `deploy/base/ambit-crds/`, installed in every case.
 //!
 //! Each spec keeps the fields it does not name
 //! (`x-kubernetes-preserve-unknown-fields`): a field the API server pruned
@@ -177,13 +179,52 @@ pub struct RequestAuthenticationSpec {
     pub jwt_rules: Option<Vec<JwtRule>>,
 }
 
-/// Every definition, with the file name `cargo xtask crds` gives it.
-pub fn all() -> Vec<(String, CustomResourceDefinition)> {
-    [PeerAuthentication::crd(), AuthorizationPolicy::crd(), RequestAuthentication::crd()]
-        .into_iter()
-        .map(|crd| (format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default()), crd))
-        .collect()
+/// How a bundle endpoint is authenticated.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct BundleEndpointProfile {
+    /// `https_spiffe` or `https_web`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// https_spiffe: the endpoint's SPIFFE ID.
+    #[serde(rename = "endpointSPIFFEID")]
+    pub endpoint_spiffe_id: Option<String>,
+    /// https_web: the PEM roots of the endpoint's certificate (else the system's).
+    #[serde(rename = "caCertificates")]
+    pub ca_certificates: Option<String>,
 }
+
+/// A trust domain federated with this mesh.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[kube(group = "ambit.dev", version = "v1alpha1", kind = "TrustDomainFederation")]
+#[kube(doc = "A SPIFFE trust domain whose bundle ambit fetches from its bundle endpoint and trusts")]
+#[kube(shortname = "tdf")]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
+pub struct TrustDomainFederationSpec {
+    pub trust_domain: String,
+    #[serde(rename = "bundleEndpointURL")]
+    pub bundle_endpoint_url: String,
+    pub bundle_endpoint_profile: BundleEndpointProfile,
+    /// The SPIFFE bundle (JSON) to start from; required with https_spiffe.
+    pub trust_domain_bundle: Option<String>,
+}
+
+/// Every copy of Istio's definitions, with the file name `cargo xtask crds` gives it.
+pub fn all() -> Vec<(String, CustomResourceDefinition)> {
+    named([PeerAuthentication::crd(), AuthorizationPolicy::crd(), RequestAuthentication::crd()])
+}
+
+/// ambit's own definitions, installed with the base.
+pub fn ambit_own() -> Vec<(String, CustomResourceDefinition)> {
+    named([TrustDomainFederation::crd()])
+}
+
+fn named(crds: impl IntoIterator<Item = CustomResourceDefinition>) -> Vec<(String, CustomResourceDefinition)> {
+    crds.into_iter().map(|crd| (format!("{}.yaml", crd.metadata.name.clone().unwrap_or_default()), crd)).collect()
+}
+
+/// Where ambit's own definitions go, under `deploy/base/`.
+pub const OWN_DIR: &str = "ambit-crds";
 
 /// The file that lists the definitions for kustomize (`deploy/crds/`).
 pub const KUSTOMIZATION: &str = "kustomization.yaml";
@@ -218,10 +259,16 @@ mod tests {
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy"))
     }
 
+    /// Every definition and the directory its file is committed in.
+    fn committed() -> Vec<(std::path::PathBuf, CustomResourceDefinition)> {
+        let istio = all().into_iter().map(|(file, crd)| (deploy().join("crds").join(file), crd));
+        let own = ambit_own().into_iter().map(|(file, crd)| (deploy().join("base").join(OWN_DIR).join(file), crd));
+        istio.chain(own).collect()
+    }
+
     #[test]
     fn the_committed_definitions_are_current() {
-        for (file, crd) in all() {
-            let path = deploy().join("crds").join(&file);
+        for (path, crd) in committed() {
             let committed = std::fs::read_to_string(&path).unwrap_or_default();
             assert!(committed == to_yaml(&crd), "{} differs from the types; run `cargo xtask crds`", path.display());
         }
@@ -236,7 +283,7 @@ mod tests {
     /// installs it).
     #[test]
     fn the_definitions_pass_the_kubernetes_schema() {
-        let files: Vec<_> = all().into_iter().map(|(file, _)| deploy().join("crds").join(file)).collect();
+        let files: Vec<_> = committed().into_iter().map(|(path, _)| path).collect();
         let output = Command::new("python3")
             .args(["-m", "kubernetes_validate", "--strict", "-k", "1.33.0"])
             .args(&files)
@@ -255,7 +302,7 @@ mod tests {
     /// installs).
     #[test]
     fn the_examples_validate_against_the_definitions() {
-        let schemas: BTreeMap<String, serde_json::Value> = all()
+        let schemas: BTreeMap<String, serde_json::Value> = committed()
             .into_iter()
             .map(|(_, crd)| {
                 let version = &crd.spec.versions[0];

@@ -44,7 +44,7 @@ struct Kind {
     plural: &'static str,
 }
 
-const KINDS: [Kind; 7] = [
+const KINDS: [Kind; 8] = [
     Kind { group: "", version: "v1", kind: "Namespace", plural: "namespaces" },
     Kind { group: "", version: "v1", kind: "Pod", plural: "pods" },
     Kind { group: "", version: "v1", kind: "Service", plural: "services" },
@@ -52,6 +52,7 @@ const KINDS: [Kind; 7] = [
     Kind { group: "security.istio.io", version: "v1", kind: "AuthorizationPolicy", plural: "authorizationpolicies" },
     Kind { group: "security.istio.io", version: "v1", kind: "RequestAuthentication", plural: "requestauthentications" },
     Kind { group: "gateway.networking.k8s.io", version: "v1", kind: "Gateway", plural: "gateways" },
+    Kind { group: "ambit.dev", version: "v1alpha1", kind: "TrustDomainFederation", plural: "trustdomainfederations" },
 ];
 
 impl Kind {

@@ -3,7 +3,8 @@
 //! server (hyper) for wrk. Clients: request/response latency on one
 //! persistent connection, and new-connection rate with a 1-byte exchange.
 //! Clients print one JSON object. A plain TCP relay stands for the least any
-//! user-space proxy pair costs: no TLS, no HTTP/2, no policy.
+//! user-space proxy pair costs: no TLS, no HTTP/2, no policy. And a SPIFFE
+//! Workload API client (the `spiffe` crate's), for the end-to-end tests.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -87,6 +88,12 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
     },
+    /// Fetch this process's X.509-SVID from the SPIFFE Workload API at
+    /// SOCKET; print its SPIFFE ID, serial and bundles' trust domains.
+    WorkloadSvid {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
 }
 
 /// The HTTP server's answer to every request.
@@ -110,7 +117,24 @@ async fn main() -> anyhow::Result<()> {
         Command::Keepalive { to, connections, seconds, interval_ms } => {
             keepalive(to, connections, seconds, interval_ms).await
         }
+        Command::WorkloadSvid { socket } => workload_svid(&socket).await,
     }
+}
+
+async fn workload_svid(socket: &std::path::Path) -> anyhow::Result<()> {
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", socket.display())).await?;
+    let svid = client.fetch_x509_svid().await?;
+    let bundles = client.fetch_x509_bundles().await?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(svid.leaf().as_bytes())?;
+    let trust_domains: Vec<String> = bundles.iter().map(|(td, _)| td.to_string()).collect();
+    let report = serde_json::json!({
+        "spiffe_id": svid.spiffe_id().to_string(),
+        "serial": leaf.raw_serial_as_string().replace(':', ""),
+        "chain": svid.cert_chain().len(),
+        "trust_domains": trust_domains,
+    });
+    println!("{report}");
+    Ok(())
 }
 
 /// One byte there and back.

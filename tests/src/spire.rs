@@ -342,12 +342,14 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for DelegatedIdent
                 "SubscribeToX509SVIDs" => {
                     let codec: ProstCodec<SubscribeToX509sviDsResponse, SubscribeToX509sviDsRequest> =
                         ProstCodec::default();
-                    Grpc::new(codec).server_streaming(Svids(shared), request).await
+                    let subscribe = tower::service_fn(move |request| subscribe_svids(shared.clone(), request));
+                    Grpc::new(codec).server_streaming(subscribe, request).await
                 }
                 "SubscribeToX509Bundles" => {
                     let codec: ProstCodec<SubscribeToX509BundlesResponse, SubscribeToX509BundlesRequest> =
                         ProstCodec::default();
-                    Grpc::new(codec).server_streaming(Bundles(shared), request).await
+                    let subscribe = tower::service_fn(move |request| subscribe_bundles(shared.clone(), request));
+                    Grpc::new(codec).server_streaming(subscribe, request).await
                 }
                 _ => Status::unimplemented(format!("{method} is not served by this double")).into_http(),
             })
@@ -389,53 +391,28 @@ where
     }))
 }
 
-struct Svids(Arc<Shared>);
-
-impl tower_service::Service<tonic::Request<SubscribeToX509sviDsRequest>> for Svids {
-    type Response = tonic::Response<Updates<SubscribeToX509sviDsResponse>>;
-    type Error = Status;
-    type Future = Boxed<Result<Self::Response, Status>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Status>> {
-        std::task::Poll::Ready(Ok(()))
+async fn subscribe_svids(
+    shared: Arc<Shared>,
+    request: tonic::Request<SubscribeToX509sviDsRequest>,
+) -> Result<tonic::Response<Updates<SubscribeToX509sviDsResponse>>, Status> {
+    attest(&shared, &request)?;
+    let request = request.into_inner();
+    if request.pid != 0 {
+        return Err(Status::unimplemented("attestation by pid is not served by this double; send selectors"));
     }
-
-    fn call(&mut self, request: tonic::Request<SubscribeToX509sviDsRequest>) -> Self::Future {
-        let shared = self.0.clone();
-        Box::pin(async move {
-            attest(&shared, &request)?;
-            let request = request.into_inner();
-            if request.pid != 0 {
-                return Err(Status::unimplemented("attestation by pid is not served by this double; send selectors"));
-            }
-            let selectors: BTreeSet<(String, String)> =
-                request.selectors.into_iter().map(|s| (s.r#type, s.value)).collect();
-            Ok(tonic::Response::new(follow(shared, move |registry| SubscribeToX509sviDsResponse {
-                x509_svids: registry.svids_for(&selectors),
-                federates_with: Vec::new(),
-            })))
-        })
-    }
+    let selectors: BTreeSet<(String, String)> = request.selectors.into_iter().map(|s| (s.r#type, s.value)).collect();
+    Ok(tonic::Response::new(follow(shared, move |registry| SubscribeToX509sviDsResponse {
+        x509_svids: registry.svids_for(&selectors),
+        federates_with: Vec::new(),
+    })))
 }
 
-struct Bundles(Arc<Shared>);
-
-impl tower_service::Service<tonic::Request<SubscribeToX509BundlesRequest>> for Bundles {
-    type Response = tonic::Response<Updates<SubscribeToX509BundlesResponse>>;
-    type Error = Status;
-    type Future = Boxed<Result<Self::Response, Status>>;
-
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Status>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: tonic::Request<SubscribeToX509BundlesRequest>) -> Self::Future {
-        let shared = self.0.clone();
-        Box::pin(async move {
-            attest(&shared, &request)?;
-            Ok(tonic::Response::new(follow(shared, |registry| registry.bundles())))
-        })
-    }
+async fn subscribe_bundles(
+    shared: Arc<Shared>,
+    request: tonic::Request<SubscribeToX509BundlesRequest>,
+) -> Result<tonic::Response<Updates<SubscribeToX509BundlesResponse>>, Status> {
+    attest(&shared, &request)?;
+    Ok(tonic::Response::new(follow(shared, |registry| registry.bundles())))
 }
 
 /// Where a node's SPIRE agent socket lives in a bed.

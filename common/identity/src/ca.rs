@@ -23,16 +23,13 @@ use std::{
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use hmac::{Hmac, Mac as _};
-use rcgen::{
-    CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
-};
+use rcgen::{CertificateSigningRequestParams, KeyPair, PublicKeyData};
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::Identity;
-use crate::signing::{self, PluggedError, SigningChain};
+use crate::signing::{self, PluggedError, SignError, SigningChain, sign_leaf};
 
 const BUNDLE_SEQUENCE: &str = "bundle-sequence";
 const NODE_SECRET: &str = "node-secret";
@@ -49,10 +46,8 @@ pub enum CaError {
     BadRequest(String),
     #[error(transparent)]
     Plugged(#[from] PluggedError),
-    #[error(
-        "the signing chain expired at {at}; put a new intermediate in the plug-in CA directory (the CA reloads it)"
-    )]
-    ChainExpired { at: String },
+    #[error(transparent)]
+    Sign(#[from] SignError),
 }
 
 /// Standalone mode's CA tokens (`ambit-agent ca token`): claims signed with
@@ -286,7 +281,7 @@ impl CertificateAuthority {
         if identity.trust_domain != self.trust_domain {
             return Err(CaError::BadRequest(format!("{identity} is not in trust domain {}", self.trust_domain)));
         }
-        sign_leaf(&self.signing(), identity, public_key, ttl)
+        Ok(sign_leaf(&self.signing(), identity, public_key, ttl)?)
     }
 
     /// Issues a leaf for `identity` from a PKCS#10 request. The request's
@@ -357,41 +352,6 @@ pub enum Reloaded {
     Staged { chain: Arc<SigningChain>, signs_from: SystemTime },
 }
 
-/// Signs a leaf for `identity` with `signing`, back-dated a little for
-/// clocks that lag, and kept within the chain's own validity: a leaf must
-/// not start before, nor outlive, what it chains to.
-pub(crate) fn sign_leaf(
-    signing: &SigningChain,
-    identity: &Identity,
-    public_key: &impl PublicKeyData,
-    ttl: Duration,
-) -> Result<Vec<CertificateDer<'static>>, CaError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(
-        identity.to_string().try_into().map_err(|_| CaError::BadRequest(format!("{identity} is not a valid URI")))?,
-    )];
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    // RFC 5280 §4.2.1.1: every certificate but a self-signed root names its signer's key.
-    params.use_authority_key_identifier_extension = true;
-    let (chain_from, chain_until) = signing.validity();
-    let now = SystemTime::now();
-    let backdate = (ttl / 10).min(Duration::from_secs(60));
-    let (not_before, not_after) = ((now - backdate).max(chain_from), (now + ttl).min(chain_until));
-    if not_after <= now {
-        return Err(CaError::ChainExpired { at: humantime::format_rfc3339_seconds(chain_until).to_string() });
-    }
-    params.not_before = not_before.into();
-    params.not_after = not_after.into();
-    params.serial_number = Some(random_serial());
-    let leaf = params.signed_by(public_key, &signing.issuer)?.der().clone();
-    let mut chain = vec![leaf];
-    chain.extend(signing.intermediates().iter().cloned());
-    Ok(chain)
-}
-
 /// The keys the CA signs for: ECDSA P-256 and P-384, RSA of 2048 bits or
 /// more, and Ed25519. Anything else is refused by name, before the request's
 /// signature is checked (which would fail for a short RSA key with a
@@ -421,14 +381,6 @@ fn check_request_key(request: &[u8]) -> Result<(), CaError> {
     }
 }
 
-pub(crate) fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 16];
-    rand::fill(&mut bytes);
-    bytes[0] &= 0x7f; // positive
-    bytes[0] |= 0x01; // and never shorter than 16 bytes
-    SerialNumber::from_slice(&bytes)
-}
-
 /// PEM text of one DER object.
 pub fn pem(label: &str, der: &[u8]) -> String {
     let body = STANDARD.encode(der);
@@ -446,7 +398,7 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 pub(crate) mod tests {
     use super::*;
     use crate::svid::{check_chain, check_root};
-    use rcgen::PKCS_ECDSA_P256_SHA256;
+    use rcgen::{CertificateParams, IsCa, PKCS_ECDSA_P256_SHA256};
 
     fn shop_cart() -> Identity {
         Identity::new("cluster.local", "shop", "cart")

@@ -29,6 +29,9 @@ pub mod spire;
 pub mod svid;
 pub mod tls;
 
+#[cfg(test)]
+mod plugged_tests;
+
 use std::{
     fmt,
     future::Future,

@@ -434,7 +434,7 @@ mod tests {
         assert!(verify(&foreign).is_ok());
         // B's CA signing an a.example ID: verified with A's bundle, so refused.
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let forged = crate::ca::sign_leaf(
+        let forged = crate::signing::sign_leaf(
             &b.signing(),
             &Identity::new("a.example", "shop", "client"),
             &key,

@@ -531,6 +531,14 @@ fn spire_provides_pushes_rotates_and_revokes_identities() {
         .unwrap();
     assert!(verify.status.success(), "openssl verify: {}", String::from_utf8_lossy(&verify.stderr));
 
+    // Bundles come from SPIRE, federated ones included, as SPIRE changes them.
+    let partner = ambit_identity::ca::CertificateAuthority::create("partner.example").unwrap();
+    spire.federate("partner.example", vec![partner.roots()[0].to_vec()]);
+    wait_until(Duration::from_secs(10), "SPIRE's federated bundle on n1", || {
+        Ok(federated(&bed, "n1", "partner.example").is_some_and(|b| b["roots"].as_array().unwrap().len() == 1))
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", agents[0].log_text()));
+
     // SPIRE rotates: the new SVID is pushed and used.
     spire.rotate(client_id);
     let rotated = spire.serial(client_id);

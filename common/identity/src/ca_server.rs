@@ -530,6 +530,23 @@ mod tests {
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     }
 
+    /// The CA's own serving certificate is issued again at half its life,
+    /// and when the signing chain changes: it never runs out under a CA
+    /// that runs for longer than a leaf lives.
+    #[test]
+    fn the_cas_serving_certificate_is_renewed() {
+        let ca = Arc::new(CertificateAuthority::create("cluster.local").unwrap());
+        let serving = ServingCertificate::new(ca, Duration::from_secs(2));
+        let first = serving.current().unwrap();
+        assert!(Arc::ptr_eq(&first, &serving.current().unwrap()), "kept while fresh");
+        std::thread::sleep(Duration::from_millis(1200));
+        let second = serving.current().unwrap();
+        assert_ne!(first.cert[0], second.cert[0], "renewed past half its life");
+        let (_, leaf) = x509_parser::parse_x509_certificate(second.cert[0].as_ref()).unwrap();
+        let lifetime = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert!(lifetime <= 3, "the leaf lifetime, not a year: {lifetime} s");
+    }
+
     #[test]
     fn one_peer_holds_at_most_its_share_of_connections() {
         let peers = Arc::new(PeerConnections::default());

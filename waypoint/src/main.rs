@@ -37,7 +37,7 @@ use ambit_hbone::{
     DEFAULT_POOL_IDLE_TIMEOUT, HBONE_PORT, HbonePool,
     server::{Accepted, accept, connect_target},
 };
-use ambit_identity::{Identity, ca_client::CaClient, manager::CertManager, tls};
+use ambit_identity::{Identity, ca_client::CaClient, federation::Federations, manager::CertManager, tls};
 use ambit_kube::{Options, watch_cluster};
 use ambit_model::{GATEWAY_NAME_LABEL, Gateway, JwtRule, Scope, Snapshot};
 use ambit_runtime::{
@@ -233,6 +233,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let jwks = JwksStore::new(args.jwks_ca.as_deref(), args.jwks_dir.clone(), args.jwks_refresh)?;
     let first = view(snapshot, &args.trust_domain, &gateway);
     jwks.want(first.jwt.fetched_uris());
+    // Callers of federated trust domains are verified as the agents verify them.
+    let federations = Federations::new(trust.clone());
+    federations.follow(&first.state.federations());
     let (view_tx, view_rx) = state_watch::channel(Arc::new(first));
     let trust_domain = args.trust_domain.clone();
     let gateway_for_reload = gateway.clone();
@@ -241,6 +244,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         while let Some(snapshot) = next_snapshot(&mut updates).await {
             let next = view(snapshot, &trust_domain, &gateway_for_reload);
             jwks_for_reload.want(next.jwt.fetched_uris());
+            federations.follow(&next.state.federations());
             view_tx.send_replace(Arc::new(next));
             tracing::info!("configuration applied");
         }

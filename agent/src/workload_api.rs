@@ -5,8 +5,8 @@
 //! The service is `SpiffeWorkloadAPI` of the SPIFFE Workload API
 //! specification, over a Unix socket mounted into the pods:
 //! `FetchX509SVID` streams the pod's SVID, its key, this trust domain's
-//! bundle and the federated ones, again at every rotation;
-//! `FetchX509Bundles` the bundles. The JWT methods answer UNIMPLEMENTED.
+//! bundle and the federated ones, again at every rotation and bundle
+//! change; `FetchX509Bundles` the bundles, again at every change. The JWT methods answer UNIMPLEMENTED.
 //!
 //! **Attestation.** A caller is the pod whose network namespace it runs in:
 //! the kernel's peer credentials give its pid, and the netns of that pid
@@ -219,8 +219,8 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for WorkloadApi {
     }
 }
 
-/// The caller's SVID now, and again at every rotation; the stream ends
-/// when its pod's identity leaves the node.
+/// The caller's SVID now, and again at every rotation and change of the
+/// bundles; the stream ends when its pod's identity leaves the node.
 async fn fetch_x509_svid(
     attestor: Arc<Attestor>,
     request: tonic::Request<X509SvidRequest>,
@@ -231,27 +231,38 @@ async fn fetch_x509_svid(
         .certs
         .watch(&identity)
         .ok_or_else(|| Status::unavailable(format!("no certificate for {identity} yet; retry")))?;
-    let updates = futures::stream::unfold((svids, true), move |(mut svids, first)| {
+    let bundles = attestor.ctx.trust.subscribe();
+    let updates = futures::stream::unfold((svids, bundles, true), move |(mut svids, mut bundles, first)| {
         let (attestor, identity) = (attestor.clone(), identity.clone());
         async move {
             if !first {
-                svids.changed().await.ok()?;
+                tokio::select! {
+                    changed = svids.changed() => changed.ok()?,
+                    changed = bundles.changed() => changed.ok()?,
+                }
             }
             let svid = svids.wait_for(Option::is_some).await.ok()?.clone().expect("waited for one");
-            Some((Ok(attestor.svid_response(&identity, &svid)), (svids, false)))
+            Some((Ok(attestor.svid_response(&identity, &svid)), (svids, bundles, false)))
         }
     });
     Ok(tonic::Response::new(Box::pin(updates)))
 }
 
+/// The bundles now, and again at every change.
 async fn fetch_x509_bundles(
     attestor: Arc<Attestor>,
     request: tonic::Request<X509BundlesRequest>,
 ) -> Result<tonic::Response<Updates<X509BundlesResponse>>, Status> {
     attestor.attest(&request)?;
-    let bundles = X509BundlesResponse { crl: Vec::new(), bundles: attestor.bundles() };
-    // Sent once; the stream stays open, as clients expect of it.
-    let updates =
-        futures::StreamExt::chain(futures::stream::once(async move { Ok(bundles) }), futures::stream::pending());
+    let changes = attestor.ctx.trust.subscribe();
+    let updates = futures::stream::unfold((changes, true), move |(mut changes, first)| {
+        let attestor = attestor.clone();
+        async move {
+            if !first {
+                changes.changed().await.ok()?;
+            }
+            Some((Ok(X509BundlesResponse { crl: Vec::new(), bundles: attestor.bundles() }), (changes, false)))
+        }
+    });
     Ok(tonic::Response::new(Box::pin(updates)))
 }

@@ -218,12 +218,19 @@ impl CertificateAuthority {
         };
         let next = SigningChain::load_plugged(cacerts, &self.trust_domain)?;
         let mut signing = self.signing.write().expect("signing lock");
-        if next.same_as(&current) || signing.staged.as_ref().is_some_and(|(staged, _)| next.same_as(staged)) {
+        if signing.staged.as_ref().is_some_and(|(staged, _)| next.same_as(staged))
+            || (next.same_as(&current) && signing.staged.is_none())
+        {
             return Ok(None);
         }
         let roots_before = signing.roots();
         let next = Arc::new(next);
         let reloaded = match current.roots().contains(next.anchor()) {
+            // The files went back to the chain in use: a staged one is withdrawn.
+            true if next.same_as(&current) => {
+                signing.staged = None;
+                Reloaded::Active(current.clone())
+            }
             true => {
                 (signing.active, signing.staged) = (next.clone(), None);
                 Reloaded::Active(next)

@@ -230,15 +230,24 @@ fn a_new_root_is_published_before_it_signs() {
     let next = Pki::new("next corp root");
     let (second, second_key) = next.intermediate(|_| {});
     write(dir.path(), &second, &second_key, &[&second], &[&pki.root, &next.root]);
-    let Some(Reloaded::Staged { .. }) = ca.reload(Duration::from_millis(300)).unwrap() else {
-        panic!("a new root is staged")
-    };
+    let long = Duration::from_secs(60);
+    let Some(Reloaded::Staged { .. }) = ca.reload(long).unwrap() else { panic!("a new root is staged") };
     assert_eq!(ca.roots(), vec![pki.root.clone(), next.root.clone()], "both roots are published");
     let bundle = ca.bundle_json(Duration::from_secs(300));
     assert_eq!((bundle["spiffe_sequence"].as_u64(), bundle["keys"].as_array().unwrap().len()), (Some(2), 2));
     let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     assert_eq!(ca.issue(&shop_cart(), &leaf_key, Duration::from_secs(60)).unwrap()[1], first, "still the old");
-    assert!(ca.reload(Duration::from_millis(300)).unwrap().is_none(), "staged once");
+    assert!(ca.reload(long).unwrap().is_none(), "staged once");
+    // Put back before it signs: the staged root is withdrawn from the bundle.
+    write(dir.path(), &first, &first_key, &[&first], &[&pki.root]);
+    assert!(matches!(ca.reload(long).unwrap(), Some(Reloaded::Active(_))));
+    assert_eq!(
+        (ca.roots(), ca.bundle_json(Duration::from_secs(300))["spiffe_sequence"].as_u64()),
+        (vec![pki.root.clone()], Some(3))
+    );
+    // Staged again, with a short propagation this time.
+    write(dir.path(), &second, &second_key, &[&second], &[&pki.root, &next.root]);
+    assert!(matches!(ca.reload(Duration::from_millis(300)).unwrap(), Some(Reloaded::Staged { .. })));
     std::thread::sleep(Duration::from_millis(400));
     let chain = ca.issue(&shop_cart(), &leaf_key, Duration::from_secs(60)).unwrap();
     assert_eq!(chain[1], second, "the new chain signs once propagated");

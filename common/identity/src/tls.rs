@@ -106,6 +106,8 @@ impl TrustBundle {
 pub struct TrustStore {
     trust_domain: String,
     bundles: Arc<RwLock<Arc<BTreeMap<String, TrustBundle>>>>,
+    /// Moves on at every change, for those who pass the bundles on.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl TrustStore {
@@ -113,7 +115,11 @@ impl TrustStore {
     pub fn new(local: TrustBundle) -> Self {
         let trust_domain = local.trust_domain.clone();
         let bundles = BTreeMap::from([(trust_domain.clone(), local)]);
-        Self { trust_domain, bundles: Arc::new(RwLock::new(Arc::new(bundles))) }
+        Self {
+            trust_domain,
+            bundles: Arc::new(RwLock::new(Arc::new(bundles))),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
     }
 
     /// The mesh's own bundle now.
@@ -156,6 +162,13 @@ impl TrustStore {
         let mut next = BTreeMap::clone(&bundles);
         edit(&mut next);
         *bundles = Arc::new(next);
+        drop(bundles);
+        self.changes.send_modify(|version| *version += 1);
+    }
+
+    /// Wakes at every change of the bundles.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The federated bundles now.

@@ -23,8 +23,13 @@ impl PodPlacement for DirectoryPlacement {
     fn runs_on(&self, node: &str, identity: &Identity) -> bool {
         let (snapshot, errors) = self.0.lock().expect("config lock").reload();
         log_errors(&errors);
+        // Pods of another mesh (annotated with their trust domain) hold no
+        // identity of this CA's, whatever their node is called.
         snapshot.pods.values().any(|p| {
-            p.node == node && p.namespace == identity.namespace && p.service_account == identity.service_account
+            p.trust_domain.is_none()
+                && p.node == node
+                && p.namespace == identity.namespace
+                && p.service_account == identity.service_account
         })
     }
 }
@@ -49,5 +54,12 @@ mod tests {
         assert!(placement.runs_on("n1", &web), "the last good pods stand");
         std::fs::remove_file(&pods).unwrap();
         assert!(!placement.runs_on("n1", &web), "a deleted file takes its pods with it");
+
+        let partner = POD.replace(
+            "metadata: {name: web, namespace: shop}",
+            "metadata: {name: web, namespace: shop, annotations: {ambit.dev/trust-domain: partner.example}}",
+        );
+        std::fs::write(&pods, partner).unwrap();
+        assert!(!placement.runs_on("n1", &web), "another mesh's pod authorizes no local identity");
     }
 }

@@ -675,7 +675,15 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
     let state = State::new(snapshot, &args.trust_domain);
     let federations = Federations::new(trust.clone());
-    federations.follow(&state.federations());
+    // With SPIRE, federated bundles are SPIRE's: one source per trust domain.
+    let follow_federations = |state: &State| match args.spire_admin_socket.is_some() {
+        true if !state.federations().is_empty() => tracing::warn!(
+            "TrustDomainFederation objects are ignored: with SPIRE as the provider, federated bundles come from SPIRE"
+        ),
+        true => {}
+        false => federations.follow(&state.federations()),
+    };
+    follow_federations(&state);
     let (state_tx, state_rx) = tokio::sync::watch::channel(Arc::new(state));
     let ctx = Arc::new(ProxyContext {
         orig_dst,
@@ -780,7 +788,7 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 metrics.config_errors.set(errors.len() as i64);
                 warn_policies(&snapshot, &args.trust_domain, &mut policy_warnings);
                 let state = State::new(snapshot, &args.trust_domain);
-                federations.follow(&state.federations());
+                follow_federations(&state);
                 state_tx.send_replace(Arc::new(state));
                 apply(&mut enrolments, &mut cluster).await;
                 tracing::info!(enrolled = enrolments.enrolled(), errors = errors.len(), "configuration applied");

@@ -9,8 +9,10 @@
 //! change; `FetchX509Bundles` the bundles, again at every change. The JWT methods answer UNIMPLEMENTED.
 //!
 //! **Attestation.** A caller is the pod whose network namespace it runs in:
-//! the kernel's peer credentials give its pid, and the netns of that pid
-//! must be an enrolled pod's (by netns cookie). A process in no enrolled
+//! when the connection is accepted, the kernel's peer credentials give the
+//! connecting process's pid, and that pid's netns cookie is bound to the
+//! connection; each request is answered for the enrolled pod with that
+//! cookie. (A pid read again later could be another process's.) A process in no enrolled
 //! pod (the host, a pod outside the mesh) gets PERMISSION_DENIED, and a
 //! request without the `workload.spiffe.io: true` header INVALID_ARGUMENT,
 //! as the specification requires.
@@ -26,7 +28,7 @@ use ambit_identity::{Identity, Svid};
 use bytes::Bytes;
 use futures::Stream;
 use tokio::sync::watch;
-use tonic::{Status, server::NamedService, transport::server::UdsConnectInfo};
+use tonic::{Status, server::NamedService};
 
 use crate::{admin::EnrolledPod, netns::Netns, proxy::ProxyContext};
 
@@ -105,15 +107,82 @@ pub async fn serve(
     ctx: Arc<ProxyContext>,
     enrolled: watch::Receiver<Vec<EnrolledPod>>,
 ) {
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let service = WorkloadApi(Arc::new(Attestor { host_proc, ctx, enrolled }));
+    // Each connection is attested as it is accepted, while the process that
+    // connected is there: its pid could be another process's by the time
+    // of a later request on the same connection.
+    let incoming =
+        futures::StreamExt::map(tokio_stream::wrappers::UnixListenerStream::new(listener), move |accepted| {
+            accepted.map(|stream| {
+                let netns_cookie = netns_of_peer(&stream, &host_proc);
+                AttestedStream { stream, caller: Caller(netns_cookie) }
+            })
+        });
+    let service = WorkloadApi(Arc::new(Attestor { ctx, enrolled }));
     if let Err(error) = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await {
         tracing::error!(%error, "the SPIFFE Workload API stopped");
     }
 }
 
+/// The network namespace cookie of the process that made a connection, read
+/// when it was accepted; or why there is none.
+#[derive(Clone)]
+struct Caller(Result<u64, String>);
+
+fn netns_of_peer(stream: &tokio::net::UnixStream, host_proc: &Path) -> Result<u64, String> {
+    let pid = stream
+        .peer_cred()
+        .ok()
+        .and_then(|cred| cred.pid())
+        .filter(|pid| *pid > 0)
+        .ok_or("the caller's process is not visible to the agent")?;
+    Netns::open(&host_proc.join(pid.to_string()).join("ns/net"))
+        .and_then(|netns| netns.cookie())
+        .map_err(|e| format!("cannot read process {pid}'s network namespace: {e}"))
+}
+
+/// A Workload API connection and what its caller was attested as.
+struct AttestedStream {
+    stream: tokio::net::UnixStream,
+    caller: Caller,
+}
+
+impl tonic::transport::server::Connected for AttestedStream {
+    type ConnectInfo = Caller;
+
+    fn connect_info(&self) -> Caller {
+        self.caller.clone()
+    }
+}
+
+impl tokio::io::AsyncRead for AttestedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for AttestedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
 struct Attestor {
-    host_proc: PathBuf,
     ctx: Arc<ProxyContext>,
     enrolled: watch::Receiver<Vec<EnrolledPod>>,
 }
@@ -124,20 +193,14 @@ impl Attestor {
         if request.metadata().get(SECURITY_HEADER).and_then(|v| v.to_str().ok()) != Some("true") {
             return Err(Status::invalid_argument(format!("the `{SECURITY_HEADER}: true` header is required")));
         }
-        let pid = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .and_then(|cred| cred.pid())
-            .filter(|pid| *pid > 0)
-            .ok_or_else(|| Status::permission_denied("the caller's process is not visible to the agent"))?;
-        let netns = self.host_proc.join(pid.to_string()).join("ns/net");
-        let cookie = Netns::open(&netns)
-            .and_then(|netns| netns.cookie())
-            .map_err(|e| Status::permission_denied(format!("cannot read process {pid}'s network namespace: {e}")))?;
+        let Some(Caller(attested)) = request.extensions().get::<Caller>() else {
+            return Err(Status::internal("the connection was not attested"));
+        };
+        // Netns cookies are never reused, unlike pids.
+        let cookie = attested.clone().map_err(Status::permission_denied)?;
         let enrolled = self.enrolled.borrow();
         let pod = enrolled.iter().find(|pod| pod.netns_cookie == cookie).ok_or_else(|| {
-            tracing::warn!(pid, "Workload API caller refused: it runs in no enrolled pod");
+            tracing::warn!(netns_cookie = cookie, "Workload API caller refused: it runs in no enrolled pod");
             Status::permission_denied("the caller runs in no pod this agent enrols")
         })?;
         spiffe::SpiffeId::new(&pod.identity)

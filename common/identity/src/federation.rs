@@ -36,6 +36,11 @@ use crate::{
     tls::{self, TrustBundle, TrustStore},
 };
 
+/// Connections the bundle endpoint serves at once (more wait in the
+/// listen queue), and how long one may last, handshake included: a bundle
+/// is fetched in one request.
+const ENDPOINT_MAX_CONNECTIONS: usize = 256;
+const ENDPOINT_CONNECTION_TIME: Duration = Duration::from_secs(10);
 /// Largest bundle document read.
 const MAX_BUNDLE_BYTES: usize = 1024 * 1024;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,22 +119,31 @@ pub async fn serve_bundle_endpoint(
 ) {
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    // The endpoint runs in the CA, which every node renews from: a client
+    // of it gets a bounded share of connections and time.
+    let connections = Arc::new(tokio::sync::Semaphore::new(ENDPOINT_MAX_CONNECTIONS));
     loop {
+        let permit = connections.clone().acquire_owned().await.expect("the semaphore is never closed");
         let (tcp, peer) = ambit_runtime::listener::accept_next(&listener, "bundle endpoint").await;
         let (acceptor, document) = (acceptor.clone(), document.clone());
         tokio::spawn(async move {
-            let Ok(Ok(tls)) = tokio::time::timeout(FETCH_TIMEOUT, acceptor.accept(tcp)).await else {
-                tracing::debug!(%peer, "bundle endpoint: no TLS handshake");
-                return;
+            let served = async {
+                let tls = acceptor.accept(tcp).await?;
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let document = document.clone();
+                    async move { Ok::<_, std::convert::Infallible>(answer(&request, document.as_ref())) }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                builder.serve_connection(TokioIo::new(tls), service).await.map_err(std::io::Error::other)
             };
-            let service = service_fn(move |request: Request<Incoming>| {
-                let document = document.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&request, document.as_ref())) }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
-                tracing::debug!(%peer, %error, "bundle endpoint connection ended with an error");
+            match tokio::time::timeout(ENDPOINT_CONNECTION_TIME, served).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "bundle endpoint connection ended with an error"),
+                Err(_) => {
+                    tracing::debug!(%peer, "bundle endpoint connection closed after {ENDPOINT_CONNECTION_TIME:?}")
+                }
             }
+            drop(permit);
         });
     }
 }

@@ -267,3 +267,19 @@ fn plugged_files_are_all_or_none() {
     }
     assert!(plugged_files_present(dir.path()).unwrap());
 }
+
+/// Roots of a rotation with the same name: the key identifiers pick the one
+/// that issued the chain, so the new root is staged, and the old one's
+/// expiry does not bound the new chain.
+#[test]
+fn same_named_roots_are_told_apart_by_key_identifier() {
+    let (pki, dir, state) = (Pki::new("corp root"), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first, first_key) = pki.intermediate(|_| {});
+    write(dir.path(), &first, &first_key, &[&first], &[&pki.root]);
+    let ca = CertificateAuthority::plugged(state.path(), dir.path(), "cluster.local").unwrap();
+    let next = Pki::new("corp root");
+    let (second, second_key) = next.intermediate(|_| {});
+    write(dir.path(), &second, &second_key, &[&second], &[&pki.root, &next.root]);
+    let staged = ca.reload(Duration::from_secs(60)).unwrap();
+    assert!(matches!(staged, Some(Reloaded::Staged { .. })), "the new root, same name, is staged");
+}

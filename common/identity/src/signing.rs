@@ -167,12 +167,31 @@ impl SigningChain {
             })?;
         }
         let top = intermediates.last().expect("holds ca-cert");
-        let anchor = roots.iter().find(|root| issued_by(top, root)).ok_or_else(|| {
-            fail(
-                ROOT_CERT,
-                format!("holds no root that issued the last certificate of {CERT_CHAIN} ({})", subject(top)),
-            )
-        })?;
+        // Roots of a rotation often share a name: the key identifiers tell them apart.
+        let named: Vec<&CertificateDer<'static>> = roots.iter().filter(|root| issued_by(top, root)).collect();
+        let anchor = match named.as_slice() {
+            [] => {
+                let reason =
+                    format!("holds no root that issued the last certificate of {CERT_CHAIN} ({})", subject(top));
+                return Err(fail(ROOT_CERT, reason));
+            }
+            [one] => *one,
+            many => {
+                let issuer_key = key_identifier(top, KeyId::Authority);
+                let found =
+                    many.iter().find(|root| issuer_key.is_some() && key_identifier(root, KeyId::Subject) == issuer_key);
+                *found.ok_or_else(|| {
+                    fail(
+                        ROOT_CERT,
+                        format!(
+                            "holds {} roots named {}, and the key identifiers do not say which issued the chain; give the intermediate an authorityKeyIdentifier",
+                            many.len(),
+                            subject(many[0])
+                        ),
+                    )
+                })?
+            }
+        };
         let mut valid_from = UNIX_EPOCH;
         let mut valid_until = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
         for cert in intermediates.iter().chain([anchor]) {
@@ -286,6 +305,24 @@ fn check_signing_trust_domain(cert: &X509Certificate<'_>, trust_domain: &str) ->
         }
     }
     Ok(())
+}
+
+enum KeyId {
+    Subject,
+    Authority,
+}
+
+/// A certificate's subject or authority key identifier, if it carries one.
+fn key_identifier(cert: &CertificateDer<'_>, which: KeyId) -> Option<Vec<u8>> {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    cert.extensions().iter().find_map(|e| match (e.parsed_extension(), &which) {
+        (ParsedExtension::SubjectKeyIdentifier(id), KeyId::Subject) => Some(id.0.to_vec()),
+        (ParsedExtension::AuthorityKeyIdentifier(aki), KeyId::Authority) => {
+            aki.key_identifier.as_ref().map(|id| id.0.to_vec())
+        }
+        _ => None,
+    })
 }
 
 fn issued_by(cert: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> bool {

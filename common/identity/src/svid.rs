@@ -47,6 +47,8 @@ pub enum SvidError {
     SignerCannotSign { index: usize },
     #[error("the SPIFFE ID {id} is not in trust domain {expected}")]
     WrongTrustDomain { id: String, expected: String },
+    #[error("signing certificate {index} names {uri}, another trust domain than the leaf's {trust_domain}")]
+    SignerOfAnotherTrustDomain { index: usize, uri: String, trust_domain: String },
 }
 
 /// Checks a chain (leaf first, then intermediates) and returns the leaf's
@@ -56,6 +58,22 @@ pub fn check_chain(chain: &[CertificateDer<'_>]) -> Result<SpiffeId, SvidError> 
     let id = check_leaf(leaf)?;
     for (i, signer) in signers.iter().enumerate() {
         check_signer(signer, i + 1)?;
+        // An intermediate that names its trust domain may sign only in it:
+        // meshes that share a root stay apart by their intermediates.
+        let cert = parse(signer, i + 1)?;
+        let names = cert.subject_alternative_name().ok().flatten();
+        for name in names.iter().flat_map(|san| san.value.general_names.iter()) {
+            if let GeneralName::URI(uri) = name
+                && let Some(domain) = uri.strip_prefix("spiffe://")
+                && domain.split('/').next() != Some(id.trust_domain_name())
+            {
+                return Err(SvidError::SignerOfAnotherTrustDomain {
+                    index: i + 1,
+                    uri: uri.to_string(),
+                    trust_domain: id.trust_domain_name().to_string(),
+                });
+            }
+        }
     }
     Ok(id)
 }
@@ -280,6 +298,21 @@ mod tests {
         cannot_sign.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         cannot_sign.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         assert_eq!(check_chain(&[leaf, build(cannot_sign)]), Err(SvidError::SignerCannotSign { index: 1 }));
+    }
+
+    #[test]
+    fn an_intermediate_of_another_trust_domain_signs_nothing_here() {
+        let leaf = build(leaf_params());
+        let mut signer = CertificateParams::default();
+        signer.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        signer.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        signer.subject_alt_names = vec![SanType::URI("spiffe://partner.example".try_into().unwrap())];
+        assert!(matches!(
+            check_chain(&[leaf.clone(), build(signer.clone())]),
+            Err(SvidError::SignerOfAnotherTrustDomain { index: 1, .. })
+        ));
+        signer.subject_alt_names = vec![SanType::URI("spiffe://cluster.local".try_into().unwrap())];
+        assert!(check_chain(&[leaf, build(signer)]).is_ok(), "its own trust domain");
     }
 
     #[test]

@@ -142,7 +142,19 @@ impl TrustStore {
     }
 
     /// Installs (or replaces) a bundle: the mesh's own, or a federated one.
+    /// Trust domains that share a root can mint each other's IDs unless
+    /// their intermediates name them: that is said, loudly.
     pub fn set(&self, bundle: TrustBundle) {
+        let roots = bundle.roots();
+        for (other, theirs) in self.bundles.read().expect("trust store lock").iter() {
+            if *other != bundle.trust_domain && theirs.roots().iter().any(|root| roots.contains(root)) {
+                tracing::error!(
+                    trust_domain = %bundle.trust_domain,
+                    shares_a_root_with = %other,
+                    "two trust domains share a root: each one's CA can sign IDs of the other unless its intermediates name their trust domain (a spiffe:// URI SAN)"
+                );
+            }
+        }
         self.change(|bundles| {
             bundles.insert(bundle.trust_domain.clone(), bundle);
         });

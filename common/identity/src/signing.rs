@@ -28,9 +28,7 @@ use rcgen::{
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use x509_parser::{
-    certificate::X509Certificate, extensions::GeneralName, prelude::FromDer as _, public_key::PublicKey,
-};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer as _, public_key::PublicKey};
 
 use crate::{Identity, svid, tls};
 
@@ -150,7 +148,9 @@ impl SigningChain {
         if cert.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
             return Err(fail(CA_KEY, format!("is not the key of {CA_CERT} ({})", cert.subject())));
         }
-        check_signing_trust_domain(&cert, trust_domain).map_err(|reason| fail(CA_CERT, reason))?;
+        if let Some(uri) = svid::other_trust_domain_named(&cert, trust_domain) {
+            return Err(fail(CA_CERT, format!("names {uri}, which is not trust domain {trust_domain}")));
+        }
 
         let chain = read_certs(dir, CERT_CHAIN)?;
         let roots = read_certs(dir, ROOT_CERT)?;
@@ -290,21 +290,6 @@ fn read_key(dir: &Path) -> Result<KeyPair, PluggedError> {
         Ok(_) => Err(fail("holds no private key".into())),
         Err(e) => Err(fail(format!("is not PEM: {e}"))),
     }
-}
-
-/// A signing certificate may name its trust domain (`spiffe://<td>`); if
-/// it names another, its leaves would carry IDs it is not trusted for.
-fn check_signing_trust_domain(cert: &X509Certificate<'_>, trust_domain: &str) -> Result<(), String> {
-    let sans = cert.subject_alternative_name().ok().flatten();
-    for name in sans.iter().flat_map(|san| san.value.general_names.iter()) {
-        if let GeneralName::URI(uri) = name
-            && let Some(rest) = uri.strip_prefix("spiffe://")
-            && rest.trim_end_matches('/') != trust_domain
-        {
-            return Err(format!("names {uri}, which is not trust domain {trust_domain}"));
-        }
-    }
-    Ok(())
 }
 
 enum KeyId {

@@ -95,7 +95,7 @@ impl SpireProvider {
             bundles.iter().map(|(_, bundle)| bundle).find(|b| b.trust_domain().as_str() == trust_domain).ok_or_else(
                 || anyhow::anyhow!("SPIRE serves no bundle of trust domain {trust_domain}; check --trust-domain"),
             )?;
-        let trust = TrustStore::new(TrustBundle::new(trust_domain, &roots_of(local))?);
+        let trust = TrustStore::new(TrustBundle::new(trust_domain, &tls::authorities(local))?);
         Ok((Self { endpoint, selectors, trust: trust.clone() }, trust))
     }
 
@@ -150,10 +150,6 @@ fn to_svid(identity: &Identity, trust: &TrustStore, svid: &spiffe::X509Svid) -> 
     Svid::from_chain(identity, chain, key, trust.trust_domain()).map_err(invalid)
 }
 
-fn roots_of(bundle: &spiffe::X509Bundle) -> Vec<CertificateDer<'static>> {
-    bundle.authorities().iter().map(|c| CertificateDer::from(c.as_bytes().to_vec())).collect()
-}
-
 impl IdentityProvider for SpireProvider {
     fn fetch<'a>(&'a self, identity: &'a Identity) -> ProviderFuture<'a> {
         Box::pin(async move {
@@ -200,7 +196,7 @@ pub async fn follow_bundles(provider: std::sync::Arc<SpireProvider>) {
                     let mut seen = BTreeSet::new();
                     for (_, bundle) in set.iter() {
                         let td = bundle.trust_domain().as_str().to_string();
-                        match TrustBundle::new(&td, &roots_of(bundle)) {
+                        match TrustBundle::new(&td, &tls::authorities(bundle)) {
                             Ok(next) if trust.bundle_for(&td).map_or(true, |b| b.roots() != next.roots()) => {
                                 tracing::info!(trust_domain = %td, roots = next.roots().len(), "bundle from SPIRE");
                                 trust.set(next);

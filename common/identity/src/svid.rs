@@ -60,22 +60,25 @@ pub fn check_chain(chain: &[CertificateDer<'_>]) -> Result<SpiffeId, SvidError> 
         check_signer(signer, i + 1)?;
         // An intermediate that names its trust domain may sign only in it:
         // meshes that share a root stay apart by their intermediates.
-        let cert = parse(signer, i + 1)?;
-        let names = cert.subject_alternative_name().ok().flatten();
-        for name in names.iter().flat_map(|san| san.value.general_names.iter()) {
-            if let GeneralName::URI(uri) = name
-                && let Some(domain) = uri.strip_prefix("spiffe://")
-                && domain.split('/').next() != Some(id.trust_domain_name())
-            {
-                return Err(SvidError::SignerOfAnotherTrustDomain {
-                    index: i + 1,
-                    uri: uri.to_string(),
-                    trust_domain: id.trust_domain_name().to_string(),
-                });
-            }
+        if let Some(uri) = other_trust_domain_named(&parse(signer, i + 1)?, id.trust_domain_name()) {
+            let trust_domain = id.trust_domain_name().to_string();
+            return Err(SvidError::SignerOfAnotherTrustDomain { index: i + 1, uri, trust_domain });
         }
     }
     Ok(id)
+}
+
+/// A `spiffe://` URI SAN of `cert` naming another trust domain than `trust_domain`, if any.
+pub fn other_trust_domain_named(cert: &X509Certificate<'_>, trust_domain: &str) -> Option<String> {
+    let sans = cert.subject_alternative_name().ok().flatten();
+    sans.iter().flat_map(|san| san.value.general_names.iter()).find_map(|name| match name {
+        GeneralName::URI(uri)
+            if uri.strip_prefix("spiffe://").is_some_and(|rest| rest.split('/').next() != Some(trust_domain)) =>
+        {
+            Some(uri.to_string())
+        }
+        _ => None,
+    })
 }
 
 /// Like [`check_chain`], and the ID must belong to `trust_domain`.

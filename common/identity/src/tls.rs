@@ -95,8 +95,13 @@ impl TrustBundle {
 
     /// The trust anchors, DER.
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
-        self.bundle.authorities().iter().map(|c| CertificateDer::from(c.as_bytes().to_vec())).collect()
+        authorities(&self.bundle)
     }
+}
+
+/// The authorities of a SPIFFE bundle, DER.
+pub fn authorities(bundle: &spiffe::X509Bundle) -> Vec<CertificateDer<'static>> {
+    bundle.authorities().iter().map(|c| CertificateDer::from(c.as_bytes().to_vec())).collect()
 }
 
 /// Every bundle this node trusts, by trust domain: the mesh's own (whose

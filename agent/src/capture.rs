@@ -23,7 +23,7 @@ use ambit_abi::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkSkb, SockOps, links::FdLink},
 };
 
 use crate::{
@@ -315,6 +315,25 @@ impl Capture {
                 let _ = self.listeners.remove(&ListenerKey::new(ip, port));
             }
         }
+    }
+
+    /// The same-node fast path: attaches `ambit_splice` to its sources map
+    /// and hands over the maps. The program stays attached while this
+    /// agent runs (its link lives in `self.ebpf`); nothing is pinned.
+    pub fn splicer(&mut self) -> Result<crate::splice::Splicer, CaptureError> {
+        let maps = crate::splice::SpliceMaps {
+            sources: map(&mut self.ebpf, names::SPLICE_SOURCES)?,
+            targets: map(&mut self.ebpf, names::SPLICE_TARGETS)?,
+            peers: map(&mut self.ebpf, names::SPLICE_PEERS)?,
+            forwarded: map(&mut self.ebpf, names::SPLICE_FORWARDED)?,
+            delivered: map(&mut self.ebpf, names::SPLICE_DELIVERED)?,
+        };
+        let events = map(&mut self.ebpf, names::SPLICE_EVENTS)?;
+        let err = |source| CaptureError::Program { name: names::PROG_SPLICE, source };
+        let splice: &mut SkSkb = program(&mut self.ebpf, names::PROG_SPLICE)?;
+        splice.load().map_err(err)?;
+        splice.attach(maps.sources.fd()).map_err(err)?;
+        crate::splice::Splicer::new(maps, events)
     }
 
     /// The kernel-side counters, shareable with the admin endpoint.

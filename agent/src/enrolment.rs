@@ -227,6 +227,7 @@ impl Enrolments {
                 Ok(active) => {
                     tracing::info!(pod = %id, ips = ?pod.ips, netns_cookie = active.pod.netns_cookie, "pod enrolled");
                     self.failed.remove(&id);
+                    self.ctx.local_pods.add(&active.pod);
                     self.active.insert(id, active);
                 }
                 Err(e) => {
@@ -372,6 +373,7 @@ impl Enrolments {
         let Some(active) = self.active.remove(id) else {
             return Vec::new();
         };
+        self.ctx.local_pods.remove(&active.pod);
         self.capture.unenrol(active.pod.netns_cookie);
         for task in &active.proxies {
             task.abort();

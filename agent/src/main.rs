@@ -17,7 +17,7 @@ use ambit_agent::{
     handoff,
     kubernetes::{Cluster, DaemonSetFate, daemonset_fate},
     netns, probe,
-    proxy::{ProxyContext, workers::Workers},
+    proxy::{ProxyContext, local::SameNode, workers::Workers},
     workload_api,
 };
 use ambit_config::{ConfigDir, Update, log_errors, watch_dir};
@@ -41,7 +41,7 @@ use ambit_runtime::{
 };
 use ambit_state::State;
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/ambit";
@@ -182,6 +182,14 @@ struct AgentArgs {
     /// Proxy worker threads (each connection runs on one); 0 means one per CPU.
     #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
+    /// Connections between two enrolled pods of this node: `kernel`
+    /// checks them here (PeerAuthentication, the destination's
+    /// authorization) and joins the agent's two sockets in the kernel
+    /// (sockmap), falling back to `relay` when the kernel lacks sk_skb;
+    /// `relay` checks them here and relays in user space; `hbone` sends
+    /// them through an HBONE tunnel to this agent, like other nodes' traffic.
+    #[arg(long, env = "AMBIT_SAME_NODE", value_enum, default_value = "kernel")]
+    same_node: SameNodeMode,
     /// A pooled HBONE connection that carries no stream for this long (up
     /// to twice this long) is closed, e.g. 5m, 30s.
     #[arg(long, env = "AMBIT_HBONE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
@@ -479,6 +487,40 @@ fn uninstall(bpf_dir: &std::path::Path, state_dir: &std::path::Path) -> anyhow::
     Ok(())
 }
 
+/// `--same-node`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SameNodeMode {
+    Kernel,
+    Relay,
+    Hbone,
+}
+
+/// The same-node path this node can run: `kernel` needs sk_skb, and
+/// falls back to `relay`, said once, without it.
+fn same_node(mode: SameNodeMode, capture: &mut Capture) -> SameNode {
+    let same_node = match mode {
+        SameNodeMode::Hbone => SameNode::Hbone,
+        SameNodeMode::Relay => SameNode::Relay,
+        SameNodeMode::Kernel => {
+            let missing: Vec<String> = probe::missing_for_splice().into_iter().map(|m| m.0).collect();
+            if !missing.is_empty() {
+                tracing::warn!(missing = %missing.join("; "), "same-node connections are relayed in user space: the kernel lacks what joining them needs");
+                SameNode::Relay
+            } else {
+                match capture.splicer() {
+                    Ok(splicer) => SameNode::Kernel(Arc::new(splicer)),
+                    Err(error) => {
+                        tracing::warn!(%error, "same-node connections are relayed in user space: the splice program cannot be attached");
+                        SameNode::Relay
+                    }
+                }
+            }
+        }
+    };
+    tracing::info!(same_node = same_node.name(), "same-node connections");
+    same_node
+}
+
 /// Every proxied connection holds a descriptor on each side it passes (the
 /// app's socket on the source node, the delivery socket on the destination
 /// node), so the agent raises its soft limit on open files to the hard
@@ -629,8 +671,9 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             args.state_dir.display()
         )
     })?;
-    let (capture, orig_dst, deliveries) = Capture::attach(&cgroup, pins)?;
+    let (mut capture, orig_dst, deliveries) = Capture::attach(&cgroup, pins)?;
     tracing::info!(cgroup = %cgroup.display(), bpf_dir = %args.bpf_dir.display(), "kernel programs attached");
+    let same_node = same_node(args.same_node, &mut capture);
     let admin_listener =
         admin_listener(args.admin_addr).with_context(|| format!("--admin-addr {}: cannot listen", args.admin_addr))?;
     let metrics = Arc::new(Metrics::new());
@@ -702,6 +745,8 @@ async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .context("start the proxy worker threads")?,
         warnings: WarnLimiter::new(metrics.clone()),
         draining: tokio::sync::watch::Sender::new(false),
+        same_node,
+        local_pods: Default::default(),
     });
     tracing::info!(workers = ctx.workers.count(), "proxy workers started");
     let capture_counters = capture.counters();

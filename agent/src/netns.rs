@@ -422,24 +422,54 @@ fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
 /// The cookie of the netns a socket lives in: the key of the ENROLLED map.
 /// Needs SO_NETNS_COOKIE (Linux 5.14).
 pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a live u64,
-    // and updates `len`; the fd is borrowed for the duration of the call.
+    get_sockopt(socket, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE)
+}
+
+/// A socket's own cookie (SO_COOKIE, Linux 4.13): never reused while the
+/// machine runs, the key of the splice maps.
+pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    get_sockopt(socket, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// A TCP socket's counters (TCP_INFO).
+pub fn tcp_info(socket: &impl AsRawFd) -> io::Result<libc::tcp_info> {
+    get_sockopt(socket, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Sets SO_RCVLOWAT; the kernel then checks the queue at once, which is
+/// what runs a newly attached stream verdict over bytes already queued.
+pub fn set_rcvlowat(socket: &impl AsRawFd, bytes: libc::c_int) -> io::Result<()> {
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: setsockopt reads `len` bytes from `bytes`, a live c_int.
     #[allow(unsafe_code)]
     let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
+        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, (&raw const bytes).cast(), len)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(())
+}
+
+/// Option values that are plain integers, for which all zeroes is valid.
+trait SockoptValue: Copy {}
+impl SockoptValue for u64 {}
+impl SockoptValue for libc::tcp_info {}
+
+fn get_sockopt<T: SockoptValue>(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which is
+    // that large, and updates `len`; the fd is borrowed for the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::getsockopt(socket.as_raw_fd(), level, name, value.as_mut_ptr().cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zeroed, then partly written by the kernel; every bit
+    // pattern is a valid `SockoptValue` (integers only).
+    #[allow(unsafe_code)]
+    Ok(unsafe { value.assume_init() })
 }
 
 #[cfg(test)]

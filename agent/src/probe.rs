@@ -17,11 +17,7 @@ pub struct Missing(pub String);
 /// Checks everything; returns what is missing (empty when all is there).
 pub fn missing_features(cgroup: &Path) -> Vec<Missing> {
     let mut missing = Vec::new();
-    let mut need = |ok: Result<bool, String>, what: &str| match ok {
-        Ok(true) => {}
-        Ok(false) => missing.push(Missing(what.to_string())),
-        Err(e) => missing.push(Missing(format!("{what} (probe failed: {e})"))),
-    };
+    let mut need = |ok: Result<bool, String>, what: &str| need(&mut missing, ok, what);
     for (program, what) in [
         (ProgramType::CgroupSockAddr, "BPF program type cgroup_sock_addr (Linux 4.17) for outbound capture"),
         (ProgramType::SockOps, "BPF program type sock_ops (Linux 4.13) to key original destinations"),
@@ -55,6 +51,36 @@ pub fn missing_features(cgroup: &Path) -> Vec<Missing> {
     need(netns_cookie_sockopt(), "getsockopt SO_NETNS_COOKIE (Linux 5.14) to match pods to their netns");
     need(is_cgroup2(cgroup), &format!("{} must be a cgroup v2 directory (pass --cgroup)", cgroup.display()));
     missing
+}
+
+/// What the same-node fast path in the kernel needs beyond capture;
+/// without it the agent relays same-node connections in user space.
+pub fn missing_for_splice() -> Vec<Missing> {
+    let mut missing = Vec::new();
+    let checks = [
+        (is_program_supported(ProgramType::SkSkb), "BPF program type sk_skb (Linux 4.14)"),
+        (
+            is_helper_supported(ProgramType::SkSkb, BpfHelper::BPF_FUNC_sk_redirect_hash),
+            "bpf_sk_redirect_hash in sk_skb (Linux 4.18)",
+        ),
+        (
+            is_helper_supported(ProgramType::SkSkb, BpfHelper::BPF_FUNC_get_socket_cookie),
+            "bpf_get_socket_cookie in sk_skb (Linux 4.12)",
+        ),
+    ];
+    for (ok, what) in checks {
+        need(&mut missing, ok.map_err(|e| e.to_string()), what);
+    }
+    missing
+}
+
+/// Records `what` as missing unless the probe said it is there.
+fn need(missing: &mut Vec<Missing>, ok: Result<bool, String>, what: &str) {
+    match ok {
+        Ok(true) => {}
+        Ok(false) => missing.push(Missing(what.to_string())),
+        Err(e) => missing.push(Missing(format!("{what} (probe failed: {e})"))),
+    }
 }
 
 fn netns_cookie_sockopt() -> Result<bool, String> {

@@ -5,6 +5,9 @@
 //! - `ambit_connect4`/`ambit_connect6` (cgroup/connect4, connect6): outbound.
 //! - `ambit_sock_ops` (sock_ops): re-keys the original destination by 4-tuple.
 //! - `ambit_sk_lookup` (sk_lookup, per pod netns): inbound.
+//! - `ambit_splice` (sk_skb stream verdict): the same-node fast path. It
+//!   forwards what arrives on one of the agent's own sockets to the socket
+//!   the agent joined it with, in the kernel (see `agent/src/splice.rs`).
 //!
 //! Outbound, every program returns "allow": capture redirects, it never
 //! drops, and when a map update fails the connection goes on uncaptured and
@@ -17,7 +20,8 @@ use core::ptr::{read_volatile, write_volatile};
 
 use ambit_abi::{
     ConnKey, Counter, DNS_PORT, DeliveryKey, EnrolledPod, HBONE_PORT, INBOUND_PORT, IpKey, ListenerKey, MAX_PODS,
-    ORIG_DST_CAPACITY, OrigDst, PodAddress, SockAddrKey, is_agent_mark,
+    ORIG_DST_CAPACITY, OrigDst, PodAddress, SPLICE_ASKED, SPLICE_BUDGET, SPLICE_CAPACITY, SPLICE_EVENTS_BYTES,
+    SPLICE_RELAYED, SockAddrKey, SpliceEvent, is_agent_mark,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -26,9 +30,9 @@ use aya_ebpf::{
         sk_action::{SK_DROP, SK_PASS},
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops, stream_verdict},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    programs::{SkBuffContext, SkLookupContext, SockAddrContext, SockOpsContext},
 };
 
 const AF_INET: u32 = 2;
@@ -62,6 +66,36 @@ static INBOUND_LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX
 /// Deliveries in flight, written by the agent around each connect().
 #[map(name = "DELIVERIES")]
 static DELIVERIES: LruHashMap<DeliveryKey, u8> = LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+/// Agent sockets whose incoming bytes `ambit_splice` forwards, keyed by
+/// socket cookie. Not pinned: a splice ends with the agent that made it.
+#[map(name = "SPLICE_SOURCES")]
+static SPLICE_SOURCES: SockHash<u64> = SockHash::with_max_entries(SPLICE_CAPACITY, 0);
+
+/// Agent sockets bytes are forwarded to, keyed by socket cookie. A map of
+/// its own, without a program: a socket is a target before it is a source,
+/// so nothing is ever sent to a socket that is not there yet.
+#[map(name = "SPLICE_TARGETS")]
+static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(SPLICE_CAPACITY, 0);
+
+/// For each source's cookie, its target's. The agent deletes both entries
+/// of a connection to stop it at once (access revoked).
+#[map(name = "SPLICE_PEERS")]
+static SPLICE_PEERS: HashMap<u64, u64> = HashMap::with_max_entries(SPLICE_CAPACITY, 0);
+
+/// For each source: bytes forwarded (written only here), with the flags
+/// [`SPLICE_RELAYED`] and [`SPLICE_ASKED`].
+#[map(name = "SPLICE_FORWARDED")]
+static SPLICE_FORWARDED: HashMap<u64, u64> = HashMap::with_max_entries(SPLICE_CAPACITY, 0);
+
+/// For each source: how many of its forwarded bytes the receiving app's
+/// kernel has acknowledged, as the agent last read it (written only there).
+#[map(name = "SPLICE_DELIVERED")]
+static SPLICE_DELIVERED: HashMap<u64, u64> = HashMap::with_max_entries(SPLICE_CAPACITY, 0);
+
+/// Requests to the agent: [`SpliceEvent`]s.
+#[map(name = "SPLICE_EVENTS")]
+static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(SPLICE_EVENTS_BYTES, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -304,6 +338,67 @@ fn steer_inbound(ctx: &SkLookupContext) -> u32 {
         count(Counter::InboundNoListener);
         SK_DROP
     }
+}
+
+/// Runs for what arrives on a source socket. Bytes go to the peer's send
+/// queue (egress, not `BPF_F_INGRESS`), through a queue the kernel does
+/// not bound: so at most [`SPLICE_BUDGET`] bytes may be forwarded and not
+/// yet delivered. Past it, the direction is handed to the agent for good
+/// (`SK_PASS` keeps the bytes on the source, where they count against its
+/// receive window), which relays it in user space once the bytes already
+/// forwarded are delivered.
+#[stream_verdict]
+pub fn ambit_splice(ctx: SkBuffContext) -> u32 {
+    // A bare FIN carries nothing to forward; TCP has already marked the
+    // source half-closed, which the agent sees and passes on once the
+    // bytes before it are delivered. Passing it would queue it on the
+    // source, where a full receive buffer turns it into EPIPE.
+    let len = u64::from(ctx.len());
+    if len == 0 {
+        return SK_DROP;
+    }
+    // SAFETY: the helper reads the cookie of the skb's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain reads of u64 values.
+    let (Some(peer), Some(forwarded)) = (unsafe { SPLICE_PEERS.get(&cookie) }, SPLICE_FORWARDED.get_ptr_mut(&cookie))
+    else {
+        // Revoked (or torn down): nothing more goes through.
+        return SK_DROP;
+    };
+    // SAFETY: the map's value for this source, which only this program
+    // writes, for one skb of the socket at a time.
+    let state = unsafe { *forwarded };
+    if state & SPLICE_RELAYED != 0 {
+        return SK_PASS;
+    }
+    let bytes = state & !(SPLICE_RELAYED | SPLICE_ASKED);
+    // SAFETY: a plain read of a u64 value.
+    let delivered = unsafe { SPLICE_DELIVERED.get(&cookie) }.copied().unwrap_or(0);
+    let in_flight = bytes.saturating_sub(delivered) + len;
+    if in_flight > SPLICE_BUDGET {
+        // SAFETY: as above.
+        unsafe { *forwarded = state | SPLICE_RELAYED };
+        let _ = SPLICE_EVENTS.output::<SpliceEvent>(&SpliceEvent { source: cookie, kind: SpliceEvent::RELAY }, 0);
+        return SK_PASS;
+    }
+    let mut target = *peer;
+    let verdict = SPLICE_TARGETS.redirect_skb(&ctx, &mut target, 0) as u32;
+    if verdict == SK_PASS {
+        // Half the budget in flight: the agent is asked, once, to read
+        // what has been delivered since.
+        let mut flags = state & SPLICE_ASKED;
+        if in_flight > SPLICE_BUDGET / 2 {
+            if flags == 0 {
+                let _ = SPLICE_EVENTS.output::<SpliceEvent>(&SpliceEvent { source: cookie, kind: SpliceEvent::DELIVERED }, 0);
+            }
+            flags = SPLICE_ASKED;
+        } else {
+            flags = 0;
+        }
+        // SAFETY: as above.
+        unsafe { *forwarded = (bytes + len) | flags };
+    }
+    verdict
 }
 
 #[cfg(not(test))]

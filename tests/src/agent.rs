@@ -44,6 +44,8 @@ pub struct ConnectionRecord {
     pub decision: String,
     /// The authorization rule that decided (`namespace/name rule N`), or "-".
     pub policy: String,
+    /// Same-node connections: `kernel` or `relay`; "-" otherwise.
+    pub fast_path: String,
 }
 
 impl ConnectionRecord {
@@ -68,6 +70,7 @@ impl ConnectionRecord {
             dst_identity: text("dst_identity"),
             decision: text("decision"),
             policy: text("policy"),
+            fast_path: text("fast_path"),
         })
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: the data path measured against no mesh, in one run.
 //!
-//! One bed, four scenarios run alternately in every round (direct, plain
-//! relays, ambit cross-node, ambit same-node), so each figure has a no-mesh
+//! One bed, six scenarios run alternately in every round (direct, plain
+//! relays, ambit cross-node, and ambit same-node three ways: joined in the
+//! kernel, relayed in user space, through HBONE), so each figure has a no-mesh
 //! figure taken moments before it: ratios are computed within a round, and
 //! the table shows their median and spread (min-max), which makes a noisy
 //! run visible. "Plain relays" puts a byte-for-byte TCP relay where each
@@ -24,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::{
     cargo, exec,
-    measure::{ECHO_PORT, HTTP_PORT, IPERF_PORT, cpu_seconds},
+    measure::{ECHO_PORT, HTTP_PORT, IPERF_PORT, cpu_seconds, machine_cpu_seconds},
     root, setup,
 };
 
@@ -64,12 +65,18 @@ struct Scenario {
     route: Route,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 6] = [
     Scenario { name: "direct", client: "legacy/client", server: "legacy/server", route: Route::Direct },
     Scenario { name: "plain relays", client: "legacy/client", server: "legacy/server", route: Route::Relays },
     Scenario { name: "ambit cross-node", client: "shop/client", server: "shop/server", route: Route::Mesh },
-    Scenario { name: "ambit same-node", client: "shop/client", server: "shop/local", route: Route::Mesh },
+    Scenario { name: "ambit same-node, kernel", client: "shop/client", server: "shop/local", route: Route::Mesh },
+    Scenario { name: "ambit same-node, relay", client: "shop/client3", server: "shop/local3", route: Route::Mesh },
+    Scenario { name: "ambit same-node, HBONE", client: "shop/client4", server: "shop/local4", route: Route::Mesh },
 ];
+
+/// The same-node path of each node's agent (`--same-node`): n1's default
+/// (`kernel`), and one node for each of the others.
+const SAME_NODE_ARGS: [(&str, &[&str]); 2] = [("n3", &["--same-node", "relay"]), ("n4", &["--same-node", "hbone"])];
 
 /// The scenarios compared with direct, in table order.
 fn compared() -> impl Iterator<Item = &'static Scenario> {
@@ -89,6 +96,9 @@ struct Sample {
     /// CPU seconds of the two proxies (agents or relays) per GB moved by
     /// iperf3; 0 for direct.
     cpu_s_per_gb: f64,
+    /// Busy CPU seconds of the whole machine (apps, proxies, kernel) per
+    /// GB moved by iperf3.
+    machine_cpu_s_per_gb: f64,
 }
 
 pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
@@ -104,6 +114,8 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         "ambit-cni",
         "--package",
         "ambit-testbed",
+        "--features",
+        "ambit-testbed/aws-lc",
         "--bins",
     ]))?;
     // Built here so that compiling it is not part of the measured run.
@@ -118,11 +130,13 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
     };
     let started = Instant::now();
     let authorization = policy_benchmark(&plan)?;
+    eprintln!("bench: rustls with ring and aws-lc-rs");
+    let crypto = crate::crypto_bench::run(&tool, plan.rounds, if quick { 128 } else { 1024 })?;
     let kubernetes = cargo_bench("ambit-kube", "source_memory", &["10000", "1000"])?;
     eprintln!("bench: Kubernetes mode, {} pods through the CNI chain", plan.cni_pods);
     let node = crate::cluster_bench::run(&release, plan.cni_pods)?;
 
-    let mut bed = Bed::with_agent(&["n1", "n2"], release.join("ambit-agent"))?;
+    let mut bed = Bed::with_agent(&["n1", "n2", "n3", "n4"], release.join("ambit-agent"))?;
     bed.namespace("shop", true)?;
     bed.namespace("legacy", false)?;
     bed.add_pods(&[
@@ -131,12 +145,16 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         ("n1", "shop/client"),
         ("n2", "shop/server"),
         ("n1", "shop/local"),
+        ("n3", "shop/client3"),
+        ("n3", "shop/local3"),
+        ("n4", "shop/client4"),
+        ("n4", "shop/local4"),
     ])?;
     // Connection-rate runs open thousands of connections a second; give the
     // clients (and the server-side relay, which connects from legacy/server)
     // the whole port range and let them reuse TIME_WAIT ports, so no path is
     // capped by ephemeral ports.
-    for client in ["legacy/client", "legacy/server", "shop/client"] {
+    for client in ["legacy/client", "legacy/server", "shop/client", "shop/client3", "shop/client4"] {
         bed.run_ok(client, "sysctl", &["-qw", "net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"])?;
     }
     // The same server behind two services: one plain (L4 only), one through
@@ -151,15 +169,20 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         bed.start_agent_with("n1", crate::lifecycle_bench::AGENT_ARGS)?,
         bed.start_agent_with("n2", crate::lifecycle_bench::AGENT_ARGS)?,
     ];
-    for agent in &mut agents {
+    let mut same_node_agents = Vec::new();
+    for (node, args) in SAME_NODE_ARGS {
+        let args: Vec<&str> = crate::lifecycle_bench::AGENT_ARGS.iter().chain(args).copied().collect();
+        same_node_agents.push(bed.start_agent_with(node, &args)?);
+    }
+    for agent in agents.iter_mut().chain(&mut same_node_agents) {
         agent.wait_ready()?;
     }
-    for node in ["n1", "n2"] {
+    for node in ["n1", "n2", "n3", "n4"] {
         wait_until(Duration::from_secs(60), &format!("{node}: every pod's certificate"), || {
             Ok(bed.admin_get(node, "/healthz/ready")?.0 == 200)
         })?;
     }
-    for server in ["legacy/server", "shop/server", "shop/local"] {
+    for server in ["legacy/server", "shop/server", "shop/local", "shop/local3", "shop/local4"] {
         bed.iperf3_server(server, IPERF_PORT)?;
         let ip = bed.pod(server).ip;
         for (mode, port) in [("echo", ECHO_PORT), ("http", HTTP_PORT)] {
@@ -168,7 +191,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         }
     }
     let relays = start_relays(&bed, &tool)?;
-    let agent_pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
+    let agent_pids: Vec<u32> = agents.iter().chain(&same_node_agents).map(Agent::pid).collect();
     let _waypoint = bed.start_waypoint("shop/wp", &[])?;
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss_kb = ambit_testbed::proc_status(agents[0].pid(), "VmRSS:")?;
@@ -207,6 +230,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         node,
         http,
         lifecycle,
+        crypto,
     };
     println!("{}", report.markdown(&plan, elapsed));
     if let Some(path) = out {
@@ -214,6 +238,7 @@ pub fn run(quick: bool, out: Option<PathBuf>) -> Result<()> {
         eprintln!("bench: JSON written to {}", path.display());
     }
     drop(agents);
+    drop(same_node_agents);
     drop(bed);
     Ok(())
 }
@@ -248,10 +273,12 @@ fn measure(bed: &Bed, proxies: &[u32], tool: &Path, scenario: &Scenario, plan: &
     let server =
         if scenario.route == Route::Relays { "127.0.0.1".to_string() } else { bed.pod(scenario.server).ip.to_string() };
     let secs = plan.seconds.to_string();
-    let cpu_before = cpu_seconds(proxies)?;
+    let (cpu_before, machine_before) = (cpu_seconds(proxies)?, machine_cpu_seconds()?);
     let (gbps_1, bytes_1) = iperf3(bed, scenario.client, &server, &secs, 1)?;
     let (gbps_8, bytes_8) = iperf3(bed, scenario.client, &server, &secs, 8)?;
     let cpu = cpu_seconds(proxies)? - cpu_before;
+    let machine_cpu = machine_cpu_seconds()? - machine_before;
+    let gigabytes = (bytes_1 + bytes_8) as f64 / 1e9;
     let tool = tool.to_str().context("UTF-8 path")?;
     let pings = bed.run_ok(
         scenario.client,
@@ -273,7 +300,8 @@ fn measure(bed: &Bed, proxies: &[u32], tool: &Path, scenario: &Scenario, plan: &
         p99_us: pings["p99_us"].as_f64().unwrap_or_default(),
         http_rps: wrk(bed, scenario.client, &format!("{server}:{HTTP_PORT}"), &secs)?.rps,
         conn_rate: rate["connections_per_sec"].as_f64().unwrap_or_default(),
-        cpu_s_per_gb: cpu / ((bytes_1 + bytes_8) as f64 / 1e9),
+        cpu_s_per_gb: cpu / gigabytes,
+        machine_cpu_s_per_gb: machine_cpu / gigabytes,
     })
 }
 
@@ -303,6 +331,8 @@ struct Report<'a> {
     http: Vec<[HttpSample; 2]>,
     /// `lifecycle_bench`: connections held, and an upgrade under load.
     lifecycle: Value,
+    /// `crypto_bench`: one object per provider, suite and round.
+    crypto: Vec<Value>,
 }
 
 const L4_VIP: &str = "10.96.0.30";
@@ -470,6 +500,14 @@ impl Report<'_> {
         for scenario in compared() {
             out.push_str(&format!(" {:.2} | |", median(self.series(scenario.name, |x| x.cpu_s_per_gb))));
         }
+        let machine = |s: &str| median(self.series(s, |x| x.machine_cpu_s_per_gb));
+        out.push_str(&format!(
+            "\n| machine CPU s per GB (iperf3 runs; apps, proxies, kernel threads, interrupts) | {:.2} |",
+            machine("direct")
+        ));
+        for scenario in compared() {
+            out.push_str(&format!(" {:.2} | {:.2}× |", machine(scenario.name), machine(scenario.name) / machine("direct")));
+        }
         out.push('\n');
         out.push_str(&format!(
             "\nAgent memory: {:.1} MB RSS idle with {IDLE_PODS} enrolled pods (node 1), {:.1} MB peak RSS during the run (the larger of the two agents).\n",
@@ -501,6 +539,7 @@ impl Report<'_> {
         ));
         out.push_str(&self.http_markdown());
         out.push_str(&crate::lifecycle_bench::markdown(&self.lifecycle));
+        out.push_str(&self.crypto_markdown());
         out.push_str(&format!("Run time: {:.0} s.\n", elapsed.as_secs_f64()));
         out
     }
@@ -542,6 +581,33 @@ impl Report<'_> {
         out
     }
 
+    /// rustls seal+open throughput per provider and suite (median of rounds).
+    fn crypto_markdown(&self) -> String {
+        let mut out = String::from(
+            "\nrustls, one core, 16 KiB records sealed and opened in memory (GB/s of plaintext, median of rounds):\n\n| provider | TLS13_AES_128_GCM_SHA256 | TLS13_AES_256_GCM_SHA384 |\n|---|---|---|\n",
+        );
+        let mut providers: Vec<&str> = self.crypto.iter().filter_map(|r| r["provider"].as_str()).collect();
+        providers.sort_unstable();
+        providers.dedup();
+        for provider in providers {
+            let speed = |suite: &str| {
+                median(
+                    self.crypto
+                        .iter()
+                        .filter(|r| r["provider"] == provider && r["suite"] == suite)
+                        .filter_map(|r| r["seal_and_open_gbytes_per_s"].as_f64())
+                        .collect(),
+                )
+            };
+            out.push_str(&format!(
+                "| {provider} | {:.2} | {:.2} |\n",
+                speed("TLS13_AES_128_GCM_SHA256"),
+                speed("TLS13_AES_256_GCM_SHA384")
+            ));
+        }
+        out
+    }
+
     fn json(&self, plan: &Plan, elapsed: Duration) -> Value {
         let rounds: BTreeMap<&str, Vec<Value>> = self
             .samples
@@ -555,6 +621,7 @@ impl Report<'_> {
                             "pingpong_p50_us": s.p50_us, "pingpong_p90_us": s.p90_us, "pingpong_p99_us": s.p99_us,
                             "http_keepalive_rps": s.http_rps, "new_connections_per_sec": s.conn_rate,
                             "proxy_cpu_seconds_per_gb": s.cpu_s_per_gb,
+                            "machine_cpu_seconds_per_gb": s.machine_cpu_s_per_gb,
                         })
                     })
                     .collect();
@@ -585,6 +652,7 @@ impl Report<'_> {
                 "waypoint": {"rps": l7.rps, "p50_ms": l7.p50_ms, "p99_ms": l7.p99_ms},
             })).collect::<Vec<_>>(),
             "lifecycle": self.lifecycle,
+            "crypto_providers": self.crypto,
             "elapsed_seconds": elapsed.as_secs_f64(),
             "machine": machine(),
         })
@@ -598,7 +666,17 @@ fn machine() -> Value {
     json!({
         "kernel": read(Command::new("uname").arg("-r")),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok()
-            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))),
+        "cpu_model": cpuinfo("model name"),
+        "cpu_flags": cpuinfo("flags").map(|flags| flags.split_whitespace().map(str::to_string).collect::<Vec<_>>()),
+        "openssl_speed_aes_gcm": crate::crypto_bench::openssl_speed(),
+    })
+}
+
+/// The first CPU's `field` in /proc/cpuinfo.
+fn cpuinfo(field: &str) -> Option<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    cpuinfo.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        (name.trim() == field).then(|| value.trim().to_string())
     })
 }

@@ -11,6 +11,7 @@
 
 mod bench;
 mod cluster_bench;
+mod crypto_bench;
 mod demo;
 mod fuzz;
 mod lifecycle_bench;

@@ -2,10 +2,12 @@
 //! [`outbound`] takes connections the pod's apps make, [`inbound`] takes
 //! plaintext connections made to the pod, and [`hbone`] takes mTLS tunnels
 //! from other pods' agents. Bytes move through `ambit_hbone::relay`: `relay`
-//! (TCP to TCP) or `bridge` (TCP to an HTTP/2 stream).
+//! (TCP to TCP) or `bridge` (TCP to an HTTP/2 stream); between two pods of
+//! this node, [`local`] checks and joins them itself.
 
 pub mod hbone;
 pub mod inbound;
+pub mod local;
 pub mod outbound;
 pub mod workers;
 
@@ -76,6 +78,10 @@ pub struct ProxyContext {
     /// True once another agent has taken over: HBONE connections from
     /// peers get GOAWAY, so their next streams go to the new agent.
     pub draining: watch::Sender<bool>,
+    /// How connections between two pods of this node go.
+    pub same_node: local::SameNode,
+    /// This node's enrolled pods, for [`local`].
+    pub local_pods: local::LocalPods,
 }
 
 /// Counters the agent reports (in its log on shutdown; as metrics later).
@@ -376,6 +382,8 @@ struct ConnectionLog {
     suppressed: Option<u64>,
     /// The rate limit leaves this line out: metrics only.
     quiet: bool,
+    /// Same-node connections: `kernel` or `relay` ([`local`]).
+    fast_path: Option<&'static str>,
 }
 
 impl ConnectionLog {
@@ -400,6 +408,7 @@ impl ConnectionLog {
             denial: None,
             suppressed: None,
             quiet: false,
+            fast_path: None,
         }
     }
 
@@ -474,6 +483,7 @@ impl ConnectionLog {
         let policy = self.policy.as_deref().unwrap_or("-");
         let audit = self.audit.as_deref().unwrap_or("-");
         let dry_run = self.dry_run.as_deref().unwrap_or("-");
+        let fast_path = self.fast_path.unwrap_or("-");
         let error = error.map(ToString::to_string).or_else(|| self.denial.clone());
         if self.quiet {
             return;
@@ -498,6 +508,7 @@ impl ConnectionLog {
                 policy,
                 audit,
                 dry_run,
+                fast_path,
                 "connection closed"
             ),
             Some(error) => tracing::warn!(
@@ -518,6 +529,7 @@ impl ConnectionLog {
                 policy,
                 audit,
                 dry_run,
+                fast_path,
                 error = %error,
                 suppressed,
                 "connection failed"

@@ -23,9 +23,12 @@ use ambit_identity::Identity;
 use ambit_model::GATEWAY_NAME_LABEL;
 use ambit_state::Destination;
 
-use super::{ConnectionLog, Direction, Flag, PodContext, ProxyContext};
+use super::{
+    ConnectionLog, Direction, Flag, PodContext, ProxyContext,
+    local::{self, SameNode},
+};
 
-pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
+pub async fn handle(mut app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, ctx: Arc<ProxyContext>) {
     // The entry is keyed by this connection's 4-tuple as the app sees it.
     let orig_dst = app.local_addr().ok().and_then(|listener_addr| {
         let key = ConnKey::new(pod.netns_cookie, app_addr.into(), listener_addr.into());
@@ -79,6 +82,20 @@ pub async fn handle(app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContext>, 
         log.dst_identity = endpoint.identity.as_ref().map(ToString::to_string);
         log.mtls = endpoint.identity.is_some();
         let opened = match &endpoint.identity {
+            // Both ends on this node: checked and joined here, no tunnel.
+            Some(expected)
+                if waypoint.is_none()
+                    && !matches!(ctx.same_node, SameNode::Hbone)
+                    && let Some(dst_pod) = ctx.local_pods.get(endpoint.addr.ip(), expected) =>
+            {
+                match local::connect(app, endpoint.addr, &pod, &dst_pod, &ctx, &mut log).await {
+                    Ok(()) => return,
+                    Err((returned, e)) => {
+                        app = returned;
+                        Err(e)
+                    }
+                }
+            }
             Some(expected) => {
                 let (hbone, authority) = match waypoint {
                     Some(_) => (endpoint.addr, orig_dst),

@@ -23,6 +23,16 @@ pub mod names {
     pub const PROG_CONNECT6: &str = "ambit_connect6";
     pub const PROG_SOCK_OPS: &str = "ambit_sock_ops";
     pub const PROG_SK_LOOKUP: &str = "ambit_sk_lookup";
+
+    /// The same-node fast path's maps and program: not pinned, they live
+    /// and die with the agent that joined the sockets.
+    pub const SPLICE_SOURCES: &str = "SPLICE_SOURCES";
+    pub const SPLICE_TARGETS: &str = "SPLICE_TARGETS";
+    pub const SPLICE_PEERS: &str = "SPLICE_PEERS";
+    pub const SPLICE_FORWARDED: &str = "SPLICE_FORWARDED";
+    pub const SPLICE_DELIVERED: &str = "SPLICE_DELIVERED";
+    pub const SPLICE_EVENTS: &str = "SPLICE_EVENTS";
+    pub const PROG_SPLICE: &str = "ambit_splice";
 }
 
 /// Socket mark the agent puts on every socket it opens inside a pod, so the
@@ -57,6 +67,37 @@ pub const MAP_ABI_VERSION: u32 = 1;
 pub const ORIG_DST_CAPACITY: u32 = 65_536;
 /// Enrolled pods per node.
 pub const MAX_PODS: u32 = 4_096;
+/// Agent sockets joined in the kernel at once (two per connection).
+pub const SPLICE_CAPACITY: u32 = 65_536;
+/// Bytes one direction of a joined connection may have forwarded and not
+/// yet delivered (acknowledged by the receiving app's kernel). The
+/// kernel's redirect queue has no bound of its own: past this, the
+/// direction is relayed by the agent.
+pub const SPLICE_BUDGET: u64 = 1024 * 1024;
+/// In a SPLICE_FORWARDED value: the direction is relayed by the agent.
+pub const SPLICE_RELAYED: u64 = 1 << 63;
+/// In a SPLICE_FORWARDED value: the agent was asked to update
+/// SPLICE_DELIVERED, and has not answered below half the budget yet.
+pub const SPLICE_ASKED: u64 = 1 << 62;
+/// Size of the SPLICE_EVENTS ring buffer.
+pub const SPLICE_EVENTS_BYTES: u32 = 256 * 1024;
+
+/// What `ambit_splice` asks of the agent about one source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpliceEvent {
+    /// The source socket's cookie.
+    pub source: u64,
+    /// [`SpliceEvent::DELIVERED`] or [`SpliceEvent::RELAY`].
+    pub kind: u64,
+}
+
+impl SpliceEvent {
+    /// Half the budget is in flight: update SPLICE_DELIVERED.
+    pub const DELIVERED: u64 = 1;
+    /// The budget is spent: relay this direction from now on.
+    pub const RELAY: u64 = 2;
+}
 
 /// An IP address as 16 bytes: IPv6 as is, IPv4 as IPv4-mapped IPv6
 /// (`::ffff:a.b.c.d`). One layout for both families keeps every key the same

@@ -70,7 +70,9 @@ pub async fn relay(mut a: TcpStream, mut b: TcpStream, stop: impl Future<Output 
     RelayOutcome { a_to_b, b_to_a, error }
 }
 
-async fn copy_then_shutdown<R, W>(reader: &mut R, writer: &mut W, copied: &mut u64) -> io::Result<()>
+/// One direction of [`relay`]: copies until `reader` ends, then shuts
+/// down `writer`'s write half; `copied` counts as it goes.
+pub async fn copy_then_shutdown<R, W>(reader: &mut R, writer: &mut W, copied: &mut u64) -> io::Result<()>
 where
     R: AsyncReadExt + Unpin,
     W: AsyncWriteExt + Unpin,

@@ -88,6 +88,53 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         interval_ms: u64,
     },
+    /// On every connection: write BYTES of a counting pattern at once
+    /// (the server speaks first) while checking the client's pattern, then
+    /// close. Prints a JSON line per connection.
+    SequenceServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Connects and writes BYTES of the pattern at once, half-closes, and
+    /// checks the server's pattern to its end; prints a JSON line. Fails on
+    /// the first byte out of place.
+    SequenceClient {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Accepts one connection with a receive buffer of RCVBUF bytes, reads
+    /// nothing for HOLD_MS, then reads to the end checking the pattern;
+    /// prints the bytes read.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        rcvbuf: usize,
+        #[arg(long)]
+        hold_ms: u64,
+    },
+    /// Connects with a send buffer of SNDBUF bytes and writes the pattern
+    /// without blocking for SECONDS; prints how many bytes the kernel took,
+    /// then closes.
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        sndbuf: usize,
+        #[arg(long)]
+        seconds: u64,
+    },
+    /// rustls record throughput in memory on one core (seal and open), per
+    /// crypto provider built in (ring; aws-lc-rs with feature `aws-lc`)
+    /// and AES-GCM suite; prints a JSON line per pair.
+    TlsThroughput {
+        #[arg(long, default_value_t = 1024)]
+        megabytes: usize,
+    },
     /// Fetch this process's X.509-SVID from the SPIFFE Workload API at
     /// SOCKET; print its SPIFFE ID, serial and bundles' trust domains.
     WorkloadSvid {
@@ -118,7 +165,189 @@ async fn main() -> anyhow::Result<()> {
             keepalive(to, connections, seconds, interval_ms).await
         }
         Command::WorkloadSvid { socket } => workload_svid(&socket).await,
+        Command::TlsThroughput { megabytes } => tls_throughput(megabytes),
+        Command::SequenceServer { listen, bytes } => sequence_server(listen, bytes).await,
+        Command::SequenceClient { to, bytes } => sequence_client(to, bytes).await,
+        Command::Sink { listen, rcvbuf, hold_ms } => sink(listen, rcvbuf, hold_ms).await,
+        Command::Flood { to, sndbuf, seconds } => flood(to, sndbuf, seconds).await,
     }
+}
+
+/// The providers this build has, by name.
+fn crypto_providers() -> Vec<(&'static str, rustls::crypto::CryptoProvider)> {
+    #[allow(unused_mut)]
+    let mut providers = vec![("ring", rustls::crypto::ring::default_provider())];
+    #[cfg(feature = "aws-lc")]
+    providers.push(("aws-lc-rs", rustls::crypto::aws_lc_rs::default_provider()));
+    providers
+}
+
+fn tls_throughput(megabytes: usize) -> anyhow::Result<()> {
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, pki_types::ServerName};
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    let cert = rcgen::generate_simple_self_signed(vec!["bench.local".to_string()])?;
+    let der = cert.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let mut roots = RootCertStore::empty();
+    roots.add(der.clone())?;
+    let record = vec![0x5au8; 16 * 1024];
+    for (name, provider) in crypto_providers() {
+        for suite in ["TLS13_AES_128_GCM_SHA256", "TLS13_AES_256_GCM_SHA384"] {
+            let mut provider = provider.clone();
+            provider.cipher_suites.retain(|s| format!("{:?}", s.suite()) == suite);
+            let provider = Arc::new(provider);
+            let server = ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_no_client_auth()
+                .with_single_cert(vec![der.clone()], key.clone_key())?;
+            let client = ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            let mut client = ClientConnection::new(Arc::new(client), ServerName::try_from("bench.local")?)?;
+            let mut server = ServerConnection::new(Arc::new(server))?;
+            let mut wire = Vec::new();
+            // Handshake, in memory.
+            while client.is_handshaking() || server.is_handshaking() {
+                wire.clear();
+                client.write_tls(&mut wire)?;
+                server.read_tls(&mut &wire[..])?;
+                server.process_new_packets()?;
+                wire.clear();
+                server.write_tls(&mut wire)?;
+                client.read_tls(&mut &wire[..])?;
+                client.process_new_packets()?;
+            }
+            let mut plain = vec![0u8; record.len()];
+            let records = megabytes * 1024 * 1024 / record.len();
+            let started = Instant::now();
+            for _ in 0..records {
+                client.writer().write_all(&record)?;
+                wire.clear();
+                client.write_tls(&mut wire)?;
+                let mut sealed = &wire[..];
+                while !sealed.is_empty() {
+                    server.read_tls(&mut sealed)?;
+                    server.process_new_packets()?;
+                }
+                server.reader().read_exact(&mut plain)?;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let gbytes_per_s = (records * record.len()) as f64 / seconds / 1e9;
+            println!("{}", serde_json::json!({ "provider": name, "suite": suite, "seal_and_open_gbytes_per_s": gbytes_per_s }));
+        }
+    }
+    Ok(())
+}
+
+/// Byte `offset` of the pattern: a little-endian count of 8-byte words, so
+/// any chunk out of place, lost or repeated shows.
+fn pattern_byte(offset: u64) -> u8 {
+    (offset / 8).to_le_bytes()[(offset % 8) as usize]
+}
+
+fn fill_pattern(buf: &mut [u8], from: u64) {
+    for (i, byte) in buf.iter_mut().enumerate() {
+        *byte = pattern_byte(from + i as u64);
+    }
+}
+
+/// Writes `bytes` of the pattern.
+async fn write_pattern(writer: &mut (impl AsyncWriteExt + Unpin), bytes: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(buf.len() as u64) as usize;
+        fill_pattern(&mut buf[..n], sent);
+        writer.write_all(&buf[..n]).await?;
+        sent += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads to the end, checking the pattern; the count read.
+async fn read_pattern(reader: &mut (impl AsyncReadExt + Unpin)) -> anyhow::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(read);
+        }
+        if let Some(i) = (0..n).find(|&i| buf[i] != pattern_byte(read + i as u64)) {
+            anyhow::bail!("byte {} out of order: {} where {} belongs", read + i as u64, buf[i], pattern_byte(read + i as u64));
+        }
+        read += n as u64;
+    }
+}
+
+async fn sequence_server(listen: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let (mut reader, mut writer) = stream.split();
+            let (written, read) = tokio::join!(write_pattern(&mut writer, bytes), read_pattern(&mut reader));
+            let report = serde_json::json!({
+                "written": written.is_ok(),
+                "read": read.as_ref().ok(),
+                "error": read.as_ref().err().map(ToString::to_string),
+            });
+            println!("{report}");
+        });
+    }
+}
+
+async fn sequence_client(to: SocketAddr, bytes: u64) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(to).await?;
+    let (mut reader, mut writer) = stream.split();
+    let write = async {
+        write_pattern(&mut writer, bytes).await?;
+        writer.shutdown().await
+    };
+    let (written, read) = tokio::join!(write, read_pattern(&mut reader));
+    written?;
+    let read = read?;
+    println!("{}", serde_json::json!({ "written": bytes, "read": read }));
+    Ok(())
+}
+
+async fn sink(listen: SocketAddr, rcvbuf: usize, hold_ms: u64) -> anyhow::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(listen), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    // Set on the listener, so the accepted socket has it from its SYN.
+    socket.set_recv_buffer_size(rcvbuf)?;
+    socket.bind(&listen.into())?;
+    socket.listen(16)?;
+    socket.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(socket.into())?;
+    let (mut stream, _) = listener.accept().await?;
+    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    let read = read_pattern(&mut stream).await?;
+    println!("{}", serde_json::json!({ "read": read }));
+    Ok(())
+}
+
+async fn flood(to: SocketAddr, sndbuf: usize, seconds: u64) -> anyhow::Result<()> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_send_buffer_size(sndbuf as u32)?;
+    let stream = socket.connect(to).await?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut taken = 0u64;
+    while Instant::now() < deadline {
+        fill_pattern(&mut buf, taken);
+        match stream.try_write(&buf) {
+            Ok(n) => taken += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let _ = tokio::time::timeout(Duration::from_millis(50), stream.writable()).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    println!("{}", serde_json::json!({ "taken": taken }));
+    Ok(())
 }
 
 async fn workload_svid(socket: &std::path::Path) -> anyhow::Result<()> {

@@ -17,6 +17,6 @@ pub mod kubernetes;
 pub mod netns;
 pub mod podscan;
 pub mod probe;
-pub mod splice;
 pub mod proxy;
+pub mod splice;
 pub mod workload_api;

@@ -42,7 +42,7 @@ use std::{
     time::Duration,
 };
 
-use ambit_abi::{SPLICE_ASKED, SPLICE_RELAYED, SpliceEvent, names};
+use ambit_abi::{SPLICE_RELAYED, SpliceEvent, names};
 use ambit_hbone::relay::{self, RelayOutcome};
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -97,28 +97,55 @@ impl Splicer {
     }
 
     /// Joins `a` (accepted from the client's app) and `b` (connected to
-    /// the server's app), neither read from yet. Fails only if a socket
-    /// cannot leave the runtime, which ends the connection.
+    /// the server's app), neither read from yet. An error ends the
+    /// connection (both sockets are reset): a socket could not leave the
+    /// runtime, or the kernel took one direction and not the other, when
+    /// undoing the first could lose bytes.
     pub fn join(self: &Arc<Self>, a: TcpStream, b: TcpStream) -> io::Result<Joined> {
         let (a, b) = (a.into_std()?, b.into_std()?);
-        Ok(match self.try_join(&a, &b) {
-            Ok(joining) => Joined::Spliced(Spliced { splicer: self.clone(), a, b, joining }),
-            Err(error) => Joined::NotJoined(TcpStream::from_std(a)?, TcpStream::from_std(b)?, error),
-        })
+        match self.try_join(&a, &b) {
+            Ok(joining) => Ok(Joined::Spliced(Spliced { splicer: self.clone(), a, b, joining })),
+            Err(JoinError::Nothing(why)) => {
+                Ok(Joined::NotJoined(TcpStream::from_std(a)?, TcpStream::from_std(b)?, why))
+            }
+            Err(JoinError::Half(why)) => {
+                for socket in [&a, &b] {
+                    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+                }
+                Err(io::Error::other(why))
+            }
+        }
     }
 
-    fn try_join(&self, a: &StdTcpStream, b: &StdTcpStream) -> Result<Joining, String> {
+    fn try_join(&self, a: &StdTcpStream, b: &StdTcpStream) -> Result<Joining, JoinError> {
         let cookies = [socket_cookie(a), socket_cookie(b)];
-        let [Ok(ca), Ok(cb)] = cookies else { return Err("cannot read the sockets' cookies".into()) };
+        let [Ok(ca), Ok(cb)] = cookies else {
+            return Err(JoinError::Nothing("cannot read the sockets' cookies".into()));
+        };
         // Before the program sends anything: what each socket's counter of
         // acknowledged bytes already holds (an active opener's SYN).
         let acked = |s: &StdTcpStream| tcp_info(s).map(|info| info.tcpi_bytes_acked);
-        let (Ok(a_acked), Ok(b_acked)) = (acked(a), acked(b)) else { return Err("cannot read TCP_INFO".into()) };
+        let (Ok(a_acked), Ok(b_acked)) = (acked(a), acked(b)) else {
+            return Err(JoinError::Nothing("cannot read TCP_INFO".into()));
+        };
         for socket in [a, b] {
             let socket = socket2::SockRef::from(socket);
-            socket.set_recv_buffer_size(SPLICE_BUFFER).map_err(|e| format!("SO_RCVBUF: {e}"))?;
-            socket.set_send_buffer_size(SPLICE_BUFFER).map_err(|e| format!("SO_SNDBUF: {e}"))?;
+            let sized =
+                socket.set_recv_buffer_size(SPLICE_BUFFER).and_then(|()| socket.set_send_buffer_size(SPLICE_BUFFER));
+            sized.map_err(|e| JoinError::Nothing(format!("socket buffers: {e}")))?;
         }
+        // Watched before the program can ask anything about them.
+        let watched = self
+            .watcher
+            .watch(a, ca, (b, b_acked))
+            .and_then(|a_events| Ok((a_events, self.watcher.watch(b, cb, (a, a_acked))?)));
+        let events = match watched {
+            Ok(events) => events,
+            Err(e) => {
+                self.watcher.unwatch(a, ca);
+                return Err(JoinError::Nothing(format!("cannot watch the sockets: {e}")));
+            }
+        };
         let mut maps = self.maps.lock().expect("splice maps lock");
         let mut entries = || -> Result<(), MapError> {
             maps.targets.insert(ca, a.as_raw_fd(), NO_EXIST)?;
@@ -129,26 +156,35 @@ impl Splicer {
                 maps.delivered.insert(source, 0, NO_EXIST)?;
             }
             // Sources last: from here on the program forwards.
-            maps.sources.insert(ca, a.as_raw_fd(), NO_EXIST)?;
-            maps.sources.insert(cb, b.as_raw_fd(), NO_EXIST)
+            maps.sources.insert(ca, a.as_raw_fd(), NO_EXIST)
         };
-        if let Err(e) = entries() {
+        let joined = match entries() {
+            Err(e) => Err(JoinError::Nothing(format!("the kernel did not take the sockets: {e}"))),
+            Ok(()) => maps
+                .sources
+                .insert(cb, b.as_raw_fd(), NO_EXIST)
+                .map_err(|e| JoinError::Half(format!("the kernel joined one direction and not the other: {e}"))),
+        };
+        if let Err(e) = joined {
             maps.forget(ca, cb);
-            return Err(format!("the kernel did not take the sockets: {e}"));
+            drop(maps);
+            self.watcher.unwatch(a, ca);
+            self.watcher.unwatch(b, cb);
+            return Err(e);
         }
         drop(maps);
         // Forwards what arrived before the program was there.
         for socket in [a, b] {
             let _ = set_rcvlowat(socket, 1);
         }
-        Ok(Joining { cookies: (ca, cb), acked_before: (a_acked, b_acked) })
+        Ok(Joining { cookies: (ca, cb), acked_before: (a_acked, b_acked), events })
     }
 
     /// Bytes the program forwarded from `source`.
     fn forwarded(&self, source: u64) -> (u64, bool) {
         let maps = self.maps.lock().expect("splice maps lock");
         let state = maps.forwarded.get(&source, 0).unwrap_or(0);
-        (state & !(SPLICE_RELAYED | SPLICE_ASKED), state & SPLICE_RELAYED != 0)
+        (state & !SPLICE_RELAYED, state & SPLICE_RELAYED != 0)
     }
 }
 
@@ -173,6 +209,13 @@ impl SpliceMaps {
     }
 }
 
+enum JoinError {
+    /// Nothing was joined: the connection can be relayed in user space.
+    Nothing(String),
+    /// One direction was joined and not the other.
+    Half(String),
+}
+
 /// A joined connection, until [`Spliced::run`] ends it.
 pub struct Spliced {
     splicer: Arc<Splicer>,
@@ -185,6 +228,8 @@ struct Joining {
     cookies: (u64, u64),
     /// Each socket's `tcpi_bytes_acked` when it was joined.
     acked_before: (u64, u64),
+    /// What the watcher says of each source.
+    events: (watch::Receiver<u32>, watch::Receiver<u32>),
 }
 
 /// One direction: from `source` (cookie) to `target`, whose count of
@@ -197,25 +242,35 @@ struct Way<'a> {
     acked_before: u64,
     /// Set once the source's FIN has arrived (the kernel counts it as a byte).
     fin: AtomicBool,
+    /// Set when the program handed the direction over to the agent.
+    relayed: AtomicBool,
 }
 
 impl Spliced {
-    /// Runs until both directions have ended, either fails, or `stop`
-    /// resolves (access revoked); then both sockets are reset.
-    pub async fn run(self, stop: impl std::future::Future<Output = String>) -> RelayOutcome {
+    /// Runs until both directions have ended, either socket fails, or
+    /// `stop` resolves (access revoked); then both sockets are reset. Also
+    /// says whether a direction was handed over to user space.
+    pub async fn run(self, stop: impl std::future::Future<Output = String>) -> (RelayOutcome, bool) {
         let Spliced { splicer, a, b, joining } = self;
-        let Joining { cookies: (ca, cb), acked_before: (a_acked, b_acked) } = joining;
-        let forward = Way { splicer: &splicer, source: &a, cookie: ca, target: &b, acked_before: b_acked, fin: false.into() };
-        let backward = Way { splicer: &splicer, source: &b, cookie: cb, target: &a, acked_before: a_acked, fin: false.into() };
-        let watched = (splicer.watcher.watch(&forward), splicer.watcher.watch(&backward));
-        let error = match watched {
-            (Ok(a_events), Ok(b_events)) => {
-                tokio::select! {
-                    result = async { tokio::try_join!(forward.run(a_events), backward.run(b_events)) } => result.err(),
-                    reason = stop => Some(relay::revoked(reason)),
-                }
-            }
-            (Err(e), _) | (_, Err(e)) => Some(e),
+        let Joining { cookies: (ca, cb), acked_before: (a_acked, b_acked), events: (a_events, b_events) } = joining;
+        let way = |source, cookie, target, acked_before| Way {
+            splicer: &splicer,
+            source,
+            cookie,
+            target,
+            acked_before,
+            fin: false.into(),
+            relayed: false.into(),
+        };
+        let (forward, backward) = (way(&a, ca, &b, b_acked), way(&b, cb, &a, a_acked));
+        let (a_failure, b_failure) = (failure(&a, a_events.clone()), failure(&b, b_events.clone()));
+        let error = tokio::select! {
+            result = async { tokio::try_join!(forward.run(a_events), backward.run(b_events)) } => result.err(),
+            // A socket's error ends the connection even after its own
+            // direction is done: the program can no longer deliver to it.
+            e = a_failure => Some(e),
+            e = b_failure => Some(e),
+            reason = stop => Some(relay::revoked(reason)),
         };
         {
             let mut maps = splicer.maps.lock().expect("splice maps lock");
@@ -226,6 +281,7 @@ impl Spliced {
         splicer.watcher.unwatch(&a, ca);
         splicer.watcher.unwatch(&b, cb);
         let (a_to_b, b_to_a) = (forward.received(), backward.received());
+        let relayed = forward.relayed.load(Ordering::Relaxed) || backward.relayed.load(Ordering::Relaxed);
         if error.is_some() {
             for socket in [&a, &b] {
                 let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
@@ -234,7 +290,7 @@ impl Spliced {
         // Closing takes the sockets out of the sockmaps.
         drop((a, b));
         splicer.maps.lock().expect("splice maps lock").forget_counts(ca, cb);
-        RelayOutcome { a_to_b, b_to_a, error }
+        (RelayOutcome { a_to_b, b_to_a, error }, relayed)
     }
 }
 
@@ -291,6 +347,7 @@ impl Way<'_> {
     /// is delivered (so none can be overtaken), copies the rest, which the
     /// program left on the source, to its end, and passes the half-close on.
     async fn relay_rest(&self) -> io::Result<()> {
+        self.relayed.store(true, Ordering::Relaxed);
         let (forwarded, _) = self.splicer.forwarded(self.cookie);
         let mut pause = Duration::from_millis(1);
         while self.acked()? < forwarded {
@@ -307,6 +364,14 @@ impl Way<'_> {
         self.fin.store(true, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Resolves with the error once the watcher says `socket` failed.
+async fn failure(socket: &StdTcpStream, mut events: watch::Receiver<u32>) -> io::Error {
+    if events.wait_for(|e| e & FAILED != 0).await.is_err() {
+        return gone();
+    }
+    socket.take_error().ok().flatten().unwrap_or_else(|| io::ErrorKind::ConnectionReset.into())
 }
 
 fn gone() -> io::Error {
@@ -363,15 +428,22 @@ impl Watcher {
         Ok(Self { epoll, watched })
     }
 
-    fn watch(&self, way: &Way<'_>) -> io::Result<watch::Receiver<u32>> {
+    /// Watches `source`, whose bytes go to `target` (with its count of
+    /// acknowledged bytes when joined).
+    fn watch(
+        &self,
+        source: &StdTcpStream,
+        cookie: u64,
+        (target, acked_before): (&StdTcpStream, u64),
+    ) -> io::Result<watch::Receiver<u32>> {
         let (sender, receiver) = watch::channel(0);
-        let target = way.target.as_fd().try_clone_to_owned()?;
-        let entry = Watched { events: sender, target, acked_before: way.acked_before };
-        self.watched.lock().expect("splice watcher lock").insert(way.cookie, entry);
+        let target = target.as_fd().try_clone_to_owned()?;
+        let entry = Watched { events: sender, target, acked_before };
+        self.watched.lock().expect("splice watcher lock").insert(cookie, entry);
         // Edge-triggered: each change is said once; an end already there is
         // said at once.
         let interest = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-        self.epoll.add(way.source, EpollEvent::new(interest, way.cookie)).map_err(io::Error::from)?;
+        self.epoll.add(source, EpollEvent::new(interest, cookie)).map_err(io::Error::from)?;
         Ok(receiver)
     }
 

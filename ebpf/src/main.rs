@@ -20,8 +20,8 @@ use core::ptr::{read_volatile, write_volatile};
 
 use ambit_abi::{
     ConnKey, Counter, DNS_PORT, DeliveryKey, EnrolledPod, HBONE_PORT, INBOUND_PORT, IpKey, ListenerKey, MAX_PODS,
-    ORIG_DST_CAPACITY, OrigDst, PodAddress, SPLICE_ASKED, SPLICE_BUDGET, SPLICE_CAPACITY, SPLICE_EVENTS_BYTES,
-    SPLICE_RELAYED, SockAddrKey, SpliceEvent, is_agent_mark,
+    ORIG_DST_CAPACITY, OrigDst, PodAddress, SPLICE_BUDGET, SPLICE_CAPACITY, SPLICE_EVENTS_BYTES, SPLICE_RELAYED,
+    SockAddrKey, SpliceEvent, is_agent_mark,
 };
 use aya_ebpf::{
     EbpfContext,
@@ -83,8 +83,8 @@ static SPLICE_TARGETS: SockHash<u64> = SockHash::with_max_entries(SPLICE_CAPACIT
 #[map(name = "SPLICE_PEERS")]
 static SPLICE_PEERS: HashMap<u64, u64> = HashMap::with_max_entries(SPLICE_CAPACITY, 0);
 
-/// For each source: bytes forwarded (written only here), with the flags
-/// [`SPLICE_RELAYED`] and [`SPLICE_ASKED`].
+/// For each source: bytes forwarded (written only here), with the flag
+/// [`SPLICE_RELAYED`].
 #[map(name = "SPLICE_FORWARDED")]
 static SPLICE_FORWARDED: HashMap<u64, u64> = HashMap::with_max_entries(SPLICE_CAPACITY, 0);
 
@@ -371,10 +371,9 @@ pub fn ambit_splice(ctx: SkBuffContext) -> u32 {
     if state & SPLICE_RELAYED != 0 {
         return SK_PASS;
     }
-    let bytes = state & !(SPLICE_RELAYED | SPLICE_ASKED);
     // SAFETY: a plain read of a u64 value.
     let delivered = unsafe { SPLICE_DELIVERED.get(&cookie) }.copied().unwrap_or(0);
-    let in_flight = bytes.saturating_sub(delivered) + len;
+    let in_flight = state.saturating_sub(delivered) + len;
     if in_flight > SPLICE_BUDGET {
         // SAFETY: as above.
         unsafe { *forwarded = state | SPLICE_RELAYED };
@@ -384,19 +383,15 @@ pub fn ambit_splice(ctx: SkBuffContext) -> u32 {
     let mut target = *peer;
     let verdict = SPLICE_TARGETS.redirect_skb(&ctx, &mut target, 0) as u32;
     if verdict == SK_PASS {
-        // Half the budget in flight: the agent is asked, once, to read
-        // what has been delivered since.
-        let mut flags = state & SPLICE_ASKED;
-        if in_flight > SPLICE_BUDGET / 2 {
-            if flags == 0 {
-                let _ = SPLICE_EVENTS.output::<SpliceEvent>(&SpliceEvent { source: cookie, kind: SpliceEvent::DELIVERED }, 0);
-            }
-            flags = SPLICE_ASKED;
-        } else {
-            flags = 0;
+        // More than half the budget in flight: the agent is asked what
+        // has been delivered, again each time another quarter goes out.
+        let quarter = SPLICE_BUDGET / 4;
+        if in_flight > SPLICE_BUDGET / 2 && state / quarter != (state + len) / quarter {
+            let _ =
+                SPLICE_EVENTS.output::<SpliceEvent>(&SpliceEvent { source: cookie, kind: SpliceEvent::DELIVERED }, 0);
         }
         // SAFETY: as above.
-        unsafe { *forwarded = (bytes + len) | flags };
+        unsafe { *forwarded = state + len };
     }
     verdict
 }

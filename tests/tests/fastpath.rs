@@ -50,8 +50,10 @@ fn outbound(n1: &mut Agent, n: usize) -> Vec<ConnectionRecord> {
     n1.wait_connections(n, |c| c.direction == "outbound" && c.dst_workload == "shop/web").unwrap()
 }
 
-/// Bytes the agent's own sockets hold in the kernel (`ss -tm`: receive
-/// and send queues' memory) in `pod`, for connections on `port`.
+/// Bytes the agent's sockets on `port` hold in `pod`'s kernel (`ss -tm`:
+/// receive queue `r` and send queue `w`). Only the joined sockets count:
+/// the one accepted on 15001 (client side), or the one connected to the
+/// server's `port` (server side).
 fn agent_socket_memory(bed: &Bed, pod: &str, port: u16) -> u64 {
     let out = bed.pod(pod).command("ss").args(["-tmnH"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -59,8 +61,14 @@ fn agent_socket_memory(bed: &Bed, pod: &str, port: u16) -> u64 {
     let mut lines = text.lines().peekable();
     while let Some(line) = lines.next() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let agent_side = fields.iter().any(|f| f.ends_with(":15001")) || fields.get(4).is_some_and(|peer| peer.ends_with(&format!(":{port}")));
-        let skmem = if line.contains("skmem:") { line.to_string() } else { lines.peek().map(|l| l.to_string()).unwrap_or_default() };
+        let local = fields.get(3).copied().unwrap_or_default();
+        let peer = fields.get(4).copied().unwrap_or_default();
+        let agent_side = local.ends_with(":15001") || peer.ends_with(&format!(":{port}"));
+        let skmem = if line.contains("skmem:") {
+            line.to_string()
+        } else {
+            lines.peek().map(|l| l.to_string()).unwrap_or_default()
+        };
         if !agent_side {
             continue;
         }
@@ -71,7 +79,7 @@ fn agent_socket_memory(bed: &Bed, pod: &str, port: u16) -> u64 {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        total += field("r") + field("t");
+        total += field("r") + field("w");
     }
     total
 }
@@ -86,10 +94,16 @@ fn the_first_bytes_arrive_in_order_both_ways_and_are_counted() {
     let (mut n1, web) = client_and_web(&mut bed);
     let to = format!("{web}:{PORT}");
     const SIZES: [u64; 4] = [1, 1000, 100_000, 4_000_000];
-    let (mut srv, _) = server(&bed, "shop/web", "seq-1", &["sequence-server", "--listen", &format!("0.0.0.0:{PORT}"), "--bytes", "1000000"]);
+    let (mut srv, _) = server(
+        &bed,
+        "shop/web",
+        "seq-1",
+        &["sequence-server", "--listen", &format!("0.0.0.0:{PORT}"), "--bytes", "1000000"],
+    );
     for round in 0..5 {
         for bytes in SIZES {
-            let out = bed.run_ok("shop/client", BENCH, &["sequence-client", "--to", &to, "--bytes", &bytes.to_string()]);
+            let out =
+                bed.run_ok("shop/client", BENCH, &["sequence-client", "--to", &to, "--bytes", &bytes.to_string()]);
             let out = out.unwrap_or_else(|e| panic!("round {round}, {bytes} bytes: {e:#}\n{}", n1.log_text()));
             let report = &json_lines(&out)[0];
             assert_eq!(report["read"], 1_000_000, "{out}");
@@ -98,10 +112,12 @@ fn the_first_bytes_arrive_in_order_both_ways_and_are_counted() {
     let _ = srv.kill();
     let records = outbound(&mut n1, 20);
     // A client that half-closes before its connection is joined is
-    // relayed in user space: the kernel joins established sockets only.
-    let joined = records.iter().filter(|r| r.fast_path == "kernel").count();
-    assert!(joined >= 10, "{joined} of 20 joined in the kernel: {records:?}");
+    // relayed in user space (the kernel joins established sockets only);
+    // one that writes 4 MB cannot have: the agent reads nothing before.
     for (i, record) in records.iter().enumerate() {
+        if SIZES[i % SIZES.len()] == 4_000_000 {
+            assert!(record.fast_path.starts_with("kernel"), "{record:?}");
+        }
         assert!(record.mtls && record.decision == "allow" && record.error.is_none(), "{record:?}");
         assert_eq!(record.bytes_sent, SIZES[i % SIZES.len()], "{record:?}");
         assert_eq!(record.bytes_received, 1_000_000, "{record:?}");
@@ -121,8 +137,12 @@ fn the_first_bytes_arrive_in_order_both_ways_and_are_counted() {
 fn a_slow_reader_holds_back_a_fast_writer_with_bounded_memory() {
     let Some(mut bed) = bed() else { return };
     let (mut n1, web) = client_and_web(&mut bed);
-    let (mut sink, sink_out) =
-        server(&bed, "shop/web", "sink", &["sink", "--listen", &format!("0.0.0.0:{PORT}"), "--rcvbuf", "65536", "--hold-ms", "6000"]);
+    let (mut sink, sink_out) = server(
+        &bed,
+        "shop/web",
+        "sink",
+        &["sink", "--listen", &format!("0.0.0.0:{PORT}"), "--rcvbuf", "65536", "--hold-ms", "6000"],
+    );
     let flood = bed
         .pod("shop/client")
         .command(BENCH)
@@ -147,8 +167,10 @@ fn a_slow_reader_holds_back_a_fast_writer_with_bounded_memory() {
     let read = json_lines(&std::fs::read_to_string(&sink_out).unwrap())[0]["read"].as_u64().unwrap();
     assert_eq!(read, taken, "every byte taken arrives, in order");
     assert!(started.elapsed() < Duration::from_secs(15));
+    // Past its budget the direction was handed to the agent, which moved
+    // the rest once the reader read.
     let record = &outbound(&mut n1, 1)[0];
-    assert_eq!((record.fast_path.as_str(), record.bytes_sent), ("kernel", taken), "{record:?}");
+    assert_eq!((record.fast_path.as_str(), record.bytes_sent), ("kernel, then relay", taken), "{record:?}");
 }
 
 /// A policy change that denies an open fast-path connection cuts it, as
@@ -177,11 +199,18 @@ fn revoking_access_cuts_a_fast_path_connection() {
     let status = transfer.wait().unwrap();
     assert!(!status.success(), "the open transfer is cut");
     assert!(denied.elapsed() < Duration::from_secs(5), "cut promptly: {:?}", denied.elapsed());
-    // The data connection (iperf3's control connection may close first).
-    let cut = n1
-        .wait_connections(1, |c| c.direction == "outbound" && c.decision == "deny" && c.bytes_sent > 10_000_000)
-        .unwrap();
-    assert_eq!(cut[0].fast_path, "kernel", "{cut:?}");
-    assert!(cut[0].error.as_deref().unwrap().starts_with("access revoked: denied"), "{cut:?}");
-    assert!(curl(&bed, "shop/client", &format!("http://{web}:{IPERF_PORT}/")).is_err(), "new connections are denied");
+    // iperf3's two connections are both cut; when one is, iperf3 may
+    // reset the other before its own revocation is handled.
+    let revoked = |c: &ConnectionRecord| c.error.as_deref().is_some_and(|e| e.starts_with("access revoked: denied"));
+    let cut = n1.wait_connections(1, |c| c.direction == "outbound" && c.decision == "deny" && revoked(c)).unwrap();
+    assert!(cut[0].fast_path.starts_with("kernel"), "{cut:?}");
+    let data = n1.wait_connections(1, |c| c.direction == "outbound" && c.bytes_sent > 10_000_000).unwrap();
+    assert!(data[0].decision != "allow" && data[0].fast_path.starts_with("kernel"), "{data:?}");
+    // A new connection is refused before it reaches the server.
+    let refused =
+        bed.run("shop/client", BENCH, &["sequence-client", "--to", &format!("{web}:{IPERF_PORT}"), "--bytes", "1"]);
+    assert!(!refused.unwrap().status.success(), "a new connection is denied");
+    let denied =
+        n1.wait_connections(1, |c| c.direction == "outbound" && c.decision == "deny" && c.bytes_sent == 0).unwrap();
+    assert!(denied[0].error.as_deref().unwrap_or_default().contains("deny-client"), "{denied:?}");
 }

@@ -506,7 +506,11 @@ impl Report<'_> {
             machine("direct")
         ));
         for scenario in compared() {
-            out.push_str(&format!(" {:.2} | {:.2}× |", machine(scenario.name), machine(scenario.name) / machine("direct")));
+            out.push_str(&format!(
+                " {:.2} | {:.2}× |",
+                machine(scenario.name),
+                machine(scenario.name) / machine("direct")
+            ));
         }
         out.push('\n');
         out.push_str(&format!(

@@ -18,7 +18,7 @@ use std::{
 
 use ambit_authz::{Connection, Peer};
 use ambit_hbone::{HBONE_PORT, relay};
-use ambit_identity::Identity;
+use ambit_identity::{Identity, tls};
 use tokio::net::TcpStream;
 
 use super::{ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext};
@@ -64,25 +64,31 @@ impl LocalPods {
         by_ip.retain(|_, local| !Arc::ptr_eq(local, pod));
     }
 
-    /// The pod of this node at `ip`, if it is the identity the
-    /// configuration expects there; otherwise the HBONE path decides.
-    pub fn get(&self, ip: IpAddr, expected: &Identity) -> Option<Arc<PodContext>> {
+    /// The pod of this node at `ip`, if it is the workload and identity the
+    /// configuration expects there (not a pod that held the address
+    /// before); otherwise the HBONE path decides.
+    pub fn get(&self, ip: IpAddr, workload: &str, expected: &Identity) -> Option<Arc<PodContext>> {
         let by_ip = self.by_ip.read().expect("local pods lock");
-        by_ip.get(&ip).filter(|pod| pod.identity == *expected).cloned()
+        by_ip.get(&ip).filter(|pod| pod.id == workload && pod.identity == *expected).cloned()
     }
 }
 
-/// Connects `app` (captured in `pod`) to `dst` in `dst_pod`. Gives the app
-/// back when the destination cannot be reached, so the next endpoint is
-/// tried; a denial ends the connection.
+/// Connects `app` (captured in `pod`, from `source_ip`) to `dst` in
+/// `dst_pod`. Gives the app back when the destination cannot be reached,
+/// so the next endpoint is tried; a denial ends the connection.
 pub(super) async fn connect(
     app: TcpStream,
-    dst: SocketAddr,
+    (source_ip, dst): (Option<IpAddr>, SocketAddr),
     pod: &PodContext,
     dst_pod: &PodContext,
     ctx: &ProxyContext,
     log: &mut ConnectionLog,
 ) -> Result<(), (TcpStream, String)> {
+    // As over HBONE: the caller must have an address of the destination's
+    // family, or the app would see a loopback caller.
+    let Some(source_ip) = source_ip else {
+        return Err((app, format!("pod {} has no address of the family of {dst}", pod.id)));
+    };
     log.fast_path = Some(ctx.same_node.name());
     let mut inbound = ConnectionLog::new(ctx, Direction::Inbound, log.src_addr, dst);
     inbound.src_workload = Some(pod.id.clone());
@@ -97,11 +103,21 @@ pub(super) async fn connect(
         inbound.finish(0, 0, Some(&why));
         log.finish(0, 0, Some(&why));
     };
-    // Both SVIDs must be valid, as both handshakes would require.
-    let (Some(svid), Some(_)) = (pod.svid().await, dst_pod.svid().await) else {
+    // Both SVIDs must be valid and trusted now, as both handshakes would
+    // require (a root withdrawn since they were issued fails them).
+    let (Some(svid), Some(dst_svid)) = (pod.svid().await, dst_pod.svid().await) else {
         let why = format!("no valid certificate for {} or {} yet", pod.identity, dst_pod.identity);
+        log.fast_path = None;
         return Err((app, why));
     };
+    for svid in [&svid, &dst_svid] {
+        let trusted =
+            ctx.trust.bundle_for(&svid.identity.trust_domain).and_then(|b| tls::verify_issued(&b, &svid.chain));
+        if let Err(e) = trusted {
+            log.fast_path = None;
+            return Err((app, format!("the certificate of {}: {e}", svid.identity)));
+        }
+    }
     let peer_id = svid.identity.spiffe_id();
     inbound.src_identity = Some(peer_id.to_string());
     if [HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT].contains(&dst.port()) {
@@ -110,7 +126,7 @@ pub(super) async fn connect(
     }
     let conn = Connection {
         peer: Some(Peer::from_spiffe_id(&peer_id)),
-        src_ip: Some(log.src_addr.ip()),
+        src_ip: Some(source_ip),
         dst_ip: Some(dst.ip()),
         dst_port: Some(dst.port()),
         request: None,
@@ -123,12 +139,13 @@ pub(super) async fn connect(
         log.finish(0, 0, Some(&why));
         return Ok(());
     }
-    let server = match dst_pod.deliver(&ctx.deliveries, log.src_addr.ip(), dst).await {
+    let server = match dst_pod.deliver(&ctx.deliveries, source_ip, dst).await {
         Ok(server) => server,
         Err(e) => {
             inbound.flag = Flag::ConnectFailure;
             let why = format!("deliver to {dst}: {e}");
             inbound.finish(0, 0, Some(&why));
+            log.fast_path = None;
             return Err((app, why));
         }
     };
@@ -137,7 +154,15 @@ pub(super) async fn connect(
     let stop = ctx.revoked(&dst_pod.id, &conn);
     let outcome = match &ctx.same_node {
         SameNode::Kernel(splicer) => match splicer.join(app, server) {
-            Ok(Joined::Spliced(spliced)) => spliced.run(stop).await,
+            Ok(Joined::Spliced(spliced)) => {
+                let (outcome, relayed) = spliced.run(stop).await;
+                // Past its budget, a direction went on in user space.
+                if relayed {
+                    log.fast_path = Some("kernel, then relay");
+                    inbound.fast_path = log.fast_path;
+                }
+                outcome
+            }
             Ok(Joined::NotJoined(app, server, why)) => {
                 tracing::debug!(src_workload = %pod.id, dst = %dst, why, "not joined in the kernel; relaying");
                 log.fast_path = Some("relay");

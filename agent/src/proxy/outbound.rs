@@ -86,9 +86,9 @@ pub async fn handle(mut app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContex
             Some(expected)
                 if waypoint.is_none()
                     && !matches!(ctx.same_node, SameNode::Hbone)
-                    && let Some(dst_pod) = ctx.local_pods.get(endpoint.addr.ip(), expected) =>
+                    && let Some(dst_pod) = ctx.local_pods.get(endpoint.addr.ip(), &endpoint.workload, expected) =>
             {
-                match local::connect(app, endpoint.addr, &pod, &dst_pod, &ctx, &mut log).await {
+                match local::connect(app, (source_ip, endpoint.addr), &pod, &dst_pod, &ctx, &mut log).await {
                     Ok(()) => return,
                     Err((returned, e)) => {
                         app = returned;

@@ -76,11 +76,9 @@ pub const SPLICE_CAPACITY: u32 = 65_536;
 pub const SPLICE_BUDGET: u64 = 1024 * 1024;
 /// In a SPLICE_FORWARDED value: the direction is relayed by the agent.
 pub const SPLICE_RELAYED: u64 = 1 << 63;
-/// In a SPLICE_FORWARDED value: the agent was asked to update
-/// SPLICE_DELIVERED, and has not answered below half the budget yet.
-pub const SPLICE_ASKED: u64 = 1 << 62;
-/// Size of the SPLICE_EVENTS ring buffer.
-pub const SPLICE_EVENTS_BYTES: u32 = 256 * 1024;
+/// Size of the SPLICE_EVENTS ring buffer: about 40,000 events, so it fills only
+/// if the agent's watcher thread stops reading.
+pub const SPLICE_EVENTS_BYTES: u32 = 1024 * 1024;
 
 /// What `ambit_splice` asks of the agent about one source.
 #[repr(C)]

@@ -183,7 +183,9 @@ fn crypto_providers() -> Vec<(&'static str, rustls::crypto::CryptoProvider)> {
 }
 
 fn tls_throughput(megabytes: usize) -> anyhow::Result<()> {
-    use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, pki_types::ServerName};
+    use rustls::{
+        ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, pki_types::ServerName,
+    };
     use std::io::{Read, Write};
     use std::sync::Arc;
     let cert = rcgen::generate_simple_self_signed(vec!["bench.local".to_string()])?;
@@ -235,7 +237,10 @@ fn tls_throughput(megabytes: usize) -> anyhow::Result<()> {
             }
             let seconds = started.elapsed().as_secs_f64();
             let gbytes_per_s = (records * record.len()) as f64 / seconds / 1e9;
-            println!("{}", serde_json::json!({ "provider": name, "suite": suite, "seal_and_open_gbytes_per_s": gbytes_per_s }));
+            println!(
+                "{}",
+                serde_json::json!({ "provider": name, "suite": suite, "seal_and_open_gbytes_per_s": gbytes_per_s })
+            );
         }
     }
     Ok(())
@@ -276,7 +281,12 @@ async fn read_pattern(reader: &mut (impl AsyncReadExt + Unpin)) -> anyhow::Resul
             return Ok(read);
         }
         if let Some(i) = (0..n).find(|&i| buf[i] != pattern_byte(read + i as u64)) {
-            anyhow::bail!("byte {} out of order: {} where {} belongs", read + i as u64, buf[i], pattern_byte(read + i as u64));
+            anyhow::bail!(
+                "byte {} out of order: {} where {} belongs",
+                read + i as u64,
+                buf[i],
+                pattern_byte(read + i as u64)
+            );
         }
         read += n as u64;
     }

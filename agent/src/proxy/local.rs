@@ -18,7 +18,10 @@ use std::{
 
 use ambit_authz::{Connection, Peer};
 use ambit_hbone::{HBONE_PORT, relay};
-use ambit_identity::{Identity, tls};
+use ambit_identity::{
+    Identity, Svid,
+    tls::{self, TrustStore},
+};
 use tokio::net::TcpStream;
 
 use super::{ConnectionLog, Direction, Flag, INBOUND_PORT, OUTBOUND_PORT, PodContext, ProxyContext};
@@ -73,6 +76,21 @@ impl LocalPods {
     }
 }
 
+impl PodContext {
+    /// Whether `svid` is signed by a bundle trusted now: verified once per
+    /// certificate and version of the trust store, not per connection.
+    fn check_trusted(&self, svid: &Svid, trust: &TrustStore) -> Result<(), String> {
+        let version = trust.version();
+        let mut trusted = self.trusted.lock().expect("trusted lock");
+        if trusted.as_ref().is_some_and(|(serial, at)| *serial == svid.serial && *at == version) {
+            return Ok(());
+        }
+        trust.bundle_for(&svid.identity.trust_domain).and_then(|bundle| tls::verify_issued(&bundle, &svid.chain))?;
+        *trusted = Some((svid.serial.clone(), version));
+        Ok(())
+    }
+}
+
 /// Connects `app` (captured in `pod`, from `source_ip`) to `dst` in
 /// `dst_pod`. Gives the app back when the destination cannot be reached,
 /// so the next endpoint is tried; a denial ends the connection.
@@ -110,10 +128,8 @@ pub(super) async fn connect(
         log.fast_path = None;
         return Err((app, why));
     };
-    for svid in [&svid, &dst_svid] {
-        let trusted =
-            ctx.trust.bundle_for(&svid.identity.trust_domain).and_then(|b| tls::verify_issued(&b, &svid.chain));
-        if let Err(e) = trusted {
+    for (owner, svid) in [(pod, &svid), (dst_pod, &dst_svid)] {
+        if let Err(e) = owner.check_trusted(svid, &ctx.trust) {
             log.fast_path = None;
             return Err((app, format!("the certificate of {}: {e}", svid.identity)));
         }

@@ -177,6 +177,9 @@ pub struct PodContext {
     pub svid: watch::Receiver<Option<Arc<Svid>>>,
     /// Server TLS configuration for the current SVID, rebuilt on rotation.
     server_tls: Mutex<Option<(String, Arc<rustls::ServerConfig>)>>,
+    /// The serial of the SVID last found trusted, and the trust store's
+    /// version then ([`local`]: checked once per certificate and bundle).
+    trusted: Mutex<Option<(String, u64)>>,
     /// The pod's routing for deliveries from the client's address, set up
     /// once, at enrolment or first use; `None` if that failed.
     delivery_routing: tokio::sync::OnceCell<Option<DeliveryRouting>>,
@@ -203,6 +206,7 @@ impl PodContext {
             identity,
             svid,
             server_tls: Mutex::new(None),
+            trusted: Mutex::new(None),
             delivery_routing: tokio::sync::OnceCell::new(),
             previous_cleanup: Mutex::new(previous_cleanup),
         }

@@ -191,6 +191,11 @@ impl TrustStore {
         self.changes.send_modify(|version| *version += 1);
     }
 
+    /// Moves on at every change of the bundles.
+    pub fn version(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     /// Wakes at every change of the bundles.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()

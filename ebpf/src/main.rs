@@ -374,10 +374,13 @@ pub fn ambit_splice(ctx: SkBuffContext) -> u32 {
     // SAFETY: a plain read of a u64 value.
     let delivered = unsafe { SPLICE_DELIVERED.get(&cookie) }.copied().unwrap_or(0);
     let in_flight = state.saturating_sub(delivered) + len;
-    if in_flight > SPLICE_BUDGET {
+    // Handed over only once the agent has been told; while its ring is
+    // full, forwarding goes on past the budget rather than leave bytes on
+    // the source that nobody would read.
+    let relay = SpliceEvent { source: cookie, kind: SpliceEvent::RELAY };
+    if in_flight > SPLICE_BUDGET && SPLICE_EVENTS.output::<SpliceEvent>(&relay, 0).is_ok() {
         // SAFETY: as above.
         unsafe { *forwarded = state | SPLICE_RELAYED };
-        let _ = SPLICE_EVENTS.output::<SpliceEvent>(&SpliceEvent { source: cookie, kind: SpliceEvent::RELAY }, 0);
         return SK_PASS;
     }
     let mut target = *peer;

@@ -168,16 +168,19 @@ fn agent_traffic_does_not_loop() {
     n1.wait_connections(5, |c| c.direction == "inbound" && c.dst_addr == dst).unwrap();
     let counters = stop_and_read_counters(&mut n1);
     assert_eq!(counter(&counters, "connect4_captured"), 6, "{counters:?}\n{}", n1.log_text());
-    // Both pods are meshed, so the hop is HBONE to port 15008, steered to
-    // the HBONE listener: nothing is steered to the plaintext listener.
+    // Both pods are meshed and on this node: the agent applies the
+    // destination's policy itself and joins its two sockets, so no HBONE
+    // connection is made and nothing is steered to a listener.
     assert_eq!(counter(&counters, "inbound_steered"), 0, "{counters:?}");
-    assert_eq!(counter(&counters, "hbone_steered"), 1, "one pooled HBONE connection: {counters:?}");
+    assert_eq!(counter(&counters, "hbone_steered"), 0, "same node, no tunnel: {counters:?}");
     let records = n1.connections();
     assert_eq!(records.iter().filter(|c| c.direction == "outbound").count(), 6, "{records:#?}");
     assert_eq!(records.iter().filter(|c| c.direction == "inbound").count(), 6, "{records:#?}");
+    let served = records.iter().filter(|c| c.dst_addr == dst && c.decision == "allow");
+    assert!(served.clone().count() == 10 && served.into_iter().all(|c| c.fast_path == "kernel"), "{records:#?}");
     let delivery_failure = records.iter().find(|c| c.direction == "inbound" && c.dst_addr.ends_with(":9")).unwrap();
     assert!(delivery_failure.error.as_deref().unwrap_or_default().contains("refused"), "{delivery_failure:?}");
-    // Over HBONE too, the app sees the client pod's address, not its own.
+    // On the fast path too, the app sees the client pod's address, not its own.
     let access = std::fs::read_to_string(bed.scratch().join("server.log")).unwrap();
     assert_eq!(access.lines().filter(|l| l.starts_with(&format!("{} - -", client.ip))).count(), 5, "{access}");
 }

@@ -456,7 +456,7 @@ fn an_agent_stopped_as_its_daemonset_is_deleted_removes_the_capture() {
 /// annotation is not believed in a cluster.
 #[test]
 fn a_trust_domain_federation_applied_through_the_api_is_followed_and_withdrawn() {
-    let Some((mut bed, n1, _n2)) = cluster() else { return };
+    let Some((mut bed, mut n1, _n2)) = cluster() else { return };
     let partner = ambit_identity::ca::CertificateAuthority::create("partner.example").unwrap();
     let bundle = partner.bundle_json(Duration::from_secs(300)).to_string();
     bed.api()
@@ -493,6 +493,8 @@ fn a_trust_domain_federation_applied_through_the_api_is_followed_and_withdrawn()
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(curl(&bed, "shop/client", &format!("{url}index.html")).unwrap(), "hello from the web pod\n");
     let web = format!("{}:{HTTP_PORT}", bed.pod("shop/web").ip);
+    // Logged when the agent has seen the connection close, after curl has.
+    n1.wait_connections(1, |c| c.dst_addr == web).unwrap();
     assert_mutual_tls(&n1, &web, &spiffe("shop", "client"), &spiffe("shop", "web"));
 
     assert!(bed.api().remove("trustdomainfederations", None, "partner"));

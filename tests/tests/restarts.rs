@@ -113,7 +113,8 @@ fn an_agent_killed_mid_transfer_fails_closed_until_the_next_one_takes_over() {
     let before = objects_of(first.pid());
     let links = links_of(&bed, "n1");
     assert_eq!(attach_types(&links), ONE_POD);
-    assert_eq!(before.programs.len(), 4, "{before:?}");
+    // connect4, connect6, sock_ops and sk_lookup, and the same-node splice.
+    assert_eq!(before.programs.len(), 5, "{before:?}");
     assert!(programs(&links).is_subset(&before.programs));
 
     // A download at 4 MB/s, killed under it.
@@ -145,7 +146,10 @@ fn an_agent_killed_mid_transfer_fails_closed_until_the_next_one_takes_over() {
     curl(&bed, "shop/app", &url).unwrap();
     second.wait_connections(1, |c| c.src_workload == "shop/app" && c.error.is_none()).unwrap();
     let after = objects_of(second.pid());
-    assert_eq!(after.maps, before.maps, "the pinned maps are adopted, not made again");
+    // The seven pinned maps are adopted, not made again; the six of the
+    // same-node splice are each agent's own (they hold its sockets).
+    assert_eq!(after.maps.intersection(&before.maps).count(), 7, "{before:?} {after:?}");
+    assert_eq!((before.maps.len(), after.maps.len()), (13, 13), "{before:?} {after:?}");
     assert!(after.programs.is_disjoint(&before.programs));
     let relinked = links_of(&bed, "n1");
     assert_eq!(attach_types(&relinked), ONE_POD, "the same links, none added");

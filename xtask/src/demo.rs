@@ -463,7 +463,10 @@ fn print_record(node: &str, r: &ConnectionRecord) {
         bytes(r.bytes_sent),
         bytes(r.bytes_received)
     );
-    let security = if r.mtls {
+    let security = if r.mtls && r.fast_path != "-" {
+        // Both pods on one node: the agent checked both identities itself.
+        format!("same node, no tunnel ({}): {} -> {}", r.fast_path, r.src_identity, r.dst_identity)
+    } else if r.mtls {
         format!("mTLS: {} -> {}", r.src_identity, r.dst_identity)
     } else {
         "plain TCP (no mTLS)".to_string()

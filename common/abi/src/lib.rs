@@ -76,9 +76,9 @@ pub const SPLICE_CAPACITY: u32 = 65_536;
 pub const SPLICE_BUDGET: u64 = 1024 * 1024;
 /// In a SPLICE_FORWARDED value: the direction is relayed by the agent.
 pub const SPLICE_RELAYED: u64 = 1 << 63;
-/// Size of the SPLICE_EVENTS ring buffer: about 40,000 events, so it fills only
-/// if the agent's watcher thread stops reading.
-pub const SPLICE_EVENTS_BYTES: u32 = 1024 * 1024;
+/// Size of the SPLICE_EVENTS ring buffer: about 2,700 events. Its pages
+/// are mapped into the agent (twice) and count in its resident memory.
+pub const SPLICE_EVENTS_BYTES: u32 = 64 * 1024;
 
 /// What `ambit_splice` asks of the agent about one source.
 #[repr(C)]

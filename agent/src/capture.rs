@@ -333,7 +333,10 @@ impl Capture {
         let splice: &mut SkSkb = program(&mut self.ebpf, names::PROG_SPLICE)?;
         splice.load().map_err(err)?;
         splice.attach(maps.sources.fd()).map_err(err)?;
-        crate::splice::Splicer::new(maps, events)
+        crate::splice::Splicer::new(maps, events).map_err(|source| CaptureError::Map {
+            name: names::SPLICE_EVENTS,
+            source: aya::maps::MapError::from(source),
+        })
     }
 
     /// The kernel-side counters, shareable with the admin endpoint.

@@ -42,13 +42,12 @@ use std::{
     time::Duration,
 };
 
-use ambit_abi::{SPLICE_RELAYED, SpliceEvent, names};
+use ambit_abi::{SPLICE_RELAYED, SpliceEvent};
 use ambit_hbone::relay::{self, RelayOutcome};
 use aya::maps::{HashMap, MapData, MapError, RingBuf, SockHash};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::{net::TcpStream, sync::watch};
 
-use crate::capture::CaptureError;
 use crate::netns::{set_rcvlowat, socket_cookie, tcp_info};
 
 /// Receive and send buffer of each joined socket (the kernel doubles it).
@@ -85,14 +84,12 @@ pub enum Joined {
 }
 
 impl Splicer {
-    /// Takes the (unpinned) maps; `ambit_splice` is attached to the
-    /// sources map by [`crate::capture::Capture::splicer`].
-    pub(crate) fn new(maps: SpliceMaps, events: RingBuf<MapData>) -> Result<Self, CaptureError> {
+    /// Takes the (unpinned) maps, and starts the watcher thread;
+    /// `ambit_splice` is attached to the sources map by
+    /// `Capture::splicer`.
+    pub fn new(maps: SpliceMaps, events: RingBuf<MapData>) -> io::Result<Self> {
         let maps = Arc::new(Mutex::new(maps));
-        let watcher = Watcher::start(events, maps.clone()).map_err(|source| CaptureError::Map {
-            name: names::SPLICE_EVENTS,
-            source: MapError::from(io::Error::from(source)),
-        })?;
+        let watcher = Watcher::start(events, maps.clone())?;
         Ok(Self { maps, watcher })
     }
 
@@ -396,7 +393,7 @@ struct Watched {
 }
 
 impl Watcher {
-    fn start(mut events: RingBuf<MapData>, maps: Arc<Mutex<SpliceMaps>>) -> nix::Result<Self> {
+    fn start(mut events: RingBuf<MapData>, maps: Arc<Mutex<SpliceMaps>>) -> io::Result<Self> {
         let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
         epoll.add(events.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, EVENTS_TOKEN))?;
         let watched: Arc<Mutex<StdHashMap<u64, Watched>>> = Arc::default();
@@ -424,7 +421,7 @@ impl Watcher {
                 }
             }
         });
-        spawned.map_err(|_| nix::errno::Errno::EAGAIN)?;
+        spawned?;
         Ok(Self { epoll, watched })
     }
 

@@ -296,7 +296,7 @@ impl Way<'_> {
     async fn run(&self, mut events: watch::Receiver<u32>) -> io::Result<()> {
         let seen = *events.wait_for(|e| *e != 0).await.map_err(|_| gone())?;
         if seen & FAILED != 0 {
-            return Err(self.source.take_error()?.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()));
+            return Err(socket_error(self.source));
         }
         if seen & RELAY == 0 {
             // The source's FIN arrived (no error). The program may still
@@ -307,6 +307,22 @@ impl Way<'_> {
             }
         }
         self.relay_rest().await
+    }
+
+    /// Polls `done` (no event says when the target's kernel acknowledges),
+    /// backing off to 100 ms, until it answers or the target fails.
+    async fn poll<T>(&self, mut done: impl FnMut() -> io::Result<Option<T>>) -> io::Result<T> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if let Some(answer) = done()? {
+                return Ok(answer);
+            }
+            if let Some(e) = self.target.take_error()? {
+                return Err(e);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
     }
 
     /// Data bytes the source received (`tcpi_bytes_received` counts a FIN).
@@ -324,20 +340,13 @@ impl Way<'_> {
     /// acknowledged every byte the source received, so the half-close may
     /// follow them. False if the program handed the direction over instead.
     async fn delivered(&self) -> io::Result<bool> {
-        let mut pause = Duration::from_millis(1);
-        loop {
+        self.poll(|| {
             if self.acked()? >= self.received() {
-                return Ok(true);
+                return Ok(Some(true));
             }
-            if self.splicer.forwarded(self.cookie).1 {
-                return Ok(false);
-            }
-            if let Some(e) = self.target.take_error()? {
-                return Err(e);
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
+            Ok(self.splicer.forwarded(self.cookie).1.then_some(false))
+        })
+        .await
     }
 
     /// The program handed this direction over: once every forwarded byte
@@ -346,14 +355,7 @@ impl Way<'_> {
     async fn relay_rest(&self) -> io::Result<()> {
         self.relayed.store(true, Ordering::Relaxed);
         let (forwarded, _) = self.splicer.forwarded(self.cookie);
-        let mut pause = Duration::from_millis(1);
-        while self.acked()? < forwarded {
-            if let Some(e) = self.target.take_error()? {
-                return Err(e);
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
-        }
+        self.poll(|| Ok((self.acked()? >= forwarded).then_some(()))).await?;
         let mut source = TcpStream::from_std(self.source.try_clone()?)?;
         let mut target = TcpStream::from_std(self.target.try_clone()?)?;
         relay::copy_then_shutdown(&mut source, &mut target, &mut 0).await?;
@@ -368,6 +370,11 @@ async fn failure(socket: &StdTcpStream, mut events: watch::Receiver<u32>) -> io:
     if events.wait_for(|e| e & FAILED != 0).await.is_err() {
         return gone();
     }
+    socket_error(socket)
+}
+
+/// The error a failed socket holds (a reset if it says none).
+fn socket_error(socket: &StdTcpStream) -> io::Error {
     socket.take_error().ok().flatten().unwrap_or_else(|| io::ErrorKind::ConnectionReset.into())
 }
 

@@ -93,7 +93,8 @@ impl PodContext {
 
 /// Connects `app` (captured in `pod`, from `source_ip`) to `dst` in
 /// `dst_pod`. Gives the app back when the destination cannot be reached,
-/// so the next endpoint is tried; a denial ends the connection.
+/// so the next endpoint is tried (the caller forgets `log.fast_path`); a
+/// denial ends the connection.
 pub(super) async fn connect(
     app: TcpStream,
     (source_ip, dst): (Option<IpAddr>, SocketAddr),
@@ -114,32 +115,19 @@ pub(super) async fn connect(
     inbound.dst_identity = Some(dst_pod.identity.to_string());
     inbound.mtls = true;
     inbound.fast_path = log.fast_path;
-    let deny = |app: &TcpStream, log: &mut ConnectionLog, inbound: &mut ConnectionLog, why: String| {
-        relay::reset(app);
-        log.flag = Flag::Denied;
-        inbound.flag = Flag::Denied;
-        inbound.finish(0, 0, Some(&why));
-        log.finish(0, 0, Some(&why));
-    };
     // Both SVIDs must be valid and trusted now, as both handshakes would
     // require (a root withdrawn since they were issued fails them).
     let (Some(svid), Some(dst_svid)) = (pod.svid().await, dst_pod.svid().await) else {
         let why = format!("no valid certificate for {} or {} yet", pod.identity, dst_pod.identity);
-        log.fast_path = None;
         return Err((app, why));
     };
     for (owner, svid) in [(pod, &svid), (dst_pod, &dst_svid)] {
         if let Err(e) = owner.check_trusted(svid, &ctx.trust) {
-            log.fast_path = None;
             return Err((app, format!("the certificate of {}: {e}", svid.identity)));
         }
     }
     let peer_id = svid.identity.spiffe_id();
     inbound.src_identity = Some(peer_id.to_string());
-    if [HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT].contains(&dst.port()) {
-        deny(&app, log, &mut inbound, format!("{dst} is not an application address of this pod"));
-        return Ok(());
-    }
     let conn = Connection {
         peer: Some(Peer::from_spiffe_id(&peer_id)),
         src_ip: Some(source_ip),
@@ -147,7 +135,14 @@ pub(super) async fn connect(
         dst_port: Some(dst.port()),
         request: None,
     };
-    if !ctx.authorize(dst_pod, &conn, &mut inbound) {
+    let allowed = if [HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT].contains(&dst.port()) {
+        inbound.flag = Flag::Denied;
+        inbound.denial = Some(format!("{dst} is not an application address of this pod"));
+        false
+    } else {
+        ctx.authorize(dst_pod, &conn, &mut inbound)
+    };
+    if !allowed {
         relay::reset(&app);
         log.flag = Flag::Denied;
         inbound.finish(0, 0, None);
@@ -161,7 +156,6 @@ pub(super) async fn connect(
             inbound.flag = Flag::ConnectFailure;
             let why = format!("deliver to {dst}: {e}");
             inbound.finish(0, 0, Some(&why));
-            log.fast_path = None;
             return Err((app, why));
         }
     };

@@ -92,6 +92,7 @@ pub async fn handle(mut app: TcpStream, app_addr: SocketAddr, pod: Arc<PodContex
                     Ok(()) => return,
                     Err((returned, e)) => {
                         app = returned;
+                        log.fast_path = None;
                         Err(e)
                     }
                 }
